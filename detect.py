@@ -1,0 +1,167 @@
+"""Run a trained detector on images and save them annotated.
+
+    python detect.py --weights runs/train/exp/weights/best.pt --source path/to/images
+    python detect.py --weights best.pt --source 'data/*.jpg' --save-txt --save-conf
+
+Uses the checkpoint's EMA weights (--raw for the model weights). Inference only: no loss,
+EMA or optimizer code is imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from utils.augment import letterbox
+from utils.boxes import letterbox_to_original
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.device import amp_dtype_for, autocast, select_device, to_model_input
+from utils.errors import UserError, run_cli
+from utils.labels import IMAGE_SUFFIXES
+from utils.log import LOGGER, setup_logging
+from utils.nms import non_max_suppression
+from utils.run_dir import next_run_dir
+
+
+def list_sources(source: str) -> list[Path]:
+    """An image file, a folder of images, or a glob pattern -> sorted image paths."""
+    path = Path(source)
+    if any(ch in source for ch in "*?["):
+        files = [Path(p) for p in glob.glob(source, recursive=True)]
+    elif path.is_dir():
+        files = list(path.iterdir())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"--source {source} is not an image, a folder or a glob pattern that exists")
+    images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise UserError(f"--source {source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """A distinct, stable BGR colour per class (golden-angle hue steps)."""
+    hue = int(index * 137.508) % 180
+    bgr = cv2.cvtColor(np.uint8([[[hue, 200, 230]]]), cv2.COLOR_HSV2BGR)[0, 0]
+    return tuple(int(c) for c in bgr)
+
+
+def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, names: list[str], line_width: int | None = None,
+                    hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
+    """Boxes with 'name 0.87' captions on a copy of the image; detections (n, 6) xyxy, conf, class."""
+    canvas = image_bgr.copy()
+    lw = line_width or max(round(sum(canvas.shape[:2]) / 2 * 0.003), 2)
+    for x1, y1, x2, y2, conf, cls in detections.tolist():
+        colour = class_colour(int(cls))
+        p1, p2 = (int(x1), int(y1)), (int(x2), int(y2))
+        cv2.rectangle(canvas, p1, p2, colour, thickness=lw, lineType=cv2.LINE_AA)
+        if hide_labels:
+            continue
+        caption = names[int(cls)] if hide_conf else f"{names[int(cls)]} {conf:.2f}"
+        font_scale, font_thickness = lw / 3, max(lw - 1, 1)
+        (w, h), _ = cv2.getTextSize(caption, 0, fontScale=font_scale, thickness=font_thickness)
+        above = p1[1] - h - 3 >= 0  # caption above the box if it fits
+        q1 = (p1[0], p1[1] - h - 3 if above else p1[1])
+        q2 = (p1[0] + w, p1[1] if above else p1[1] + h + 3)
+        cv2.rectangle(canvas, q1, q2, colour, -1, cv2.LINE_AA)
+        cv2.putText(canvas, caption, (p1[0], q2[1] - 2), 0, font_scale, (255, 255, 255), font_thickness, cv2.LINE_AA)
+    return canvas
+
+
+def yolo_label_lines(detections: np.ndarray, width: int, height: int, save_conf: bool) -> list[str]:
+    """Detections in original pixels -> 'cls cx cy w h [conf]' lines, normalised."""
+    lines = []
+    for x1, y1, x2, y2, conf, cls in detections.tolist():
+        values = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
+        text = f"{int(cls)} " + " ".join(f"{v:.6f}" for v in values)
+        lines.append(text + (f" {conf:.6f}" if save_conf else ""))
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Detect objects in images with a trained checkpoint.")
+    p.add_argument("--weights", required=True, help="checkpoint (.pt) written by train.py")
+    p.add_argument("--source", required=True, help="image file, folder, or glob pattern (quote it)")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                   help="inference size (default: the checkpoint's training size)")
+    p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
+    p.add_argument("--classes", nargs="+", type=int, help="keep only these class ids")
+    p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
+    p.add_argument("--raw", action="store_true", help="use the raw model weights instead of the EMA")
+    p.add_argument("--no-amp", action="store_true", help="run in fp32")
+    p.add_argument("--save-txt", action="store_true", help="save results as YOLO label files")
+    p.add_argument("--save-conf", action="store_true", help="add confidences to --save-txt labels")
+    p.add_argument("--nosave", action="store_true", help="do not save annotated images")
+    p.add_argument("--line-thickness", type=int, default=None, help="box line width in pixels")
+    p.add_argument("--hide-labels", action="store_true", help="draw boxes without captions")
+    p.add_argument("--hide-conf", action="store_true", help="captions without confidences")
+    p.add_argument("--project", default="runs/detect", help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_args(argv)
+    setup_logging()
+    checkpoint = load_checkpoint(opt.weights)
+    device = select_device(opt.device)
+    model = model_from_checkpoint(checkpoint, "model" if opt.raw else "ema", source=opt.weights).fuse().eval()
+    model.to(device, memory_format=torch.channels_last)
+    names = list(model.names)
+    stride = int(model.stride.max())
+    img_size = opt.imgsz or int(checkpoint.get("opt", {}).get("imgsz", 640))
+    if img_size % stride:
+        raise UserError(f"--imgsz {img_size} must be a multiple of the model's max stride {stride}")
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
+    images = list_sources(opt.source)
+    run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
+    if opt.save_txt:
+        (run_dir / "labels").mkdir(exist_ok=True)
+
+    total_detections, started = 0, time.perf_counter()
+    for path in images:
+        original = cv2.imread(str(path))
+        if original is None:
+            LOGGER.warning(f"WARNING: skipped {path}: not a readable image")
+            continue
+        h0, w0 = original.shape[:2]
+        rgb = cv2.cvtColor(original, cv2.COLOR_BGR2RGB)
+        boxed, scale_xy, pad_xy = letterbox(rgb, (img_size, img_size), auto=True, stride=stride)
+        tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device)
+        with autocast(device, amp_dtype):
+            decoded, _ = model(tensor)
+        (det,), _ = non_max_suppression(decoded, opt.conf_thres, opt.iou_thres, max_det=opt.max_det,
+                                        classes=opt.classes, agnostic=opt.agnostic_nms)
+        det = det.cpu()
+        det[:, :4] = letterbox_to_original(det[:, :4], (h0, w0), scale_xy, pad_xy)
+        detections = det.numpy()
+        total_detections += len(detections)
+        counts = np.bincount(detections[:, 5].astype(int), minlength=len(names)) if len(detections) else []
+        summary = ", ".join(f"{n} {names[c]}" for c, n in enumerate(counts) if n) or "no detections"
+        LOGGER.info(f"{path}: {tuple(tensor.shape[2:])} {summary}")
+        if not opt.nosave:
+            annotated = draw_detections(original, detections, names, opt.line_thickness, opt.hide_labels, opt.hide_conf)
+            cv2.imwrite(str(run_dir / path.name), annotated)
+        if opt.save_txt:
+            lines = yolo_label_lines(detections, w0, h0, opt.save_conf)
+            (run_dir / "labels" / f"{path.stem}.txt").write_text("".join(f"{line}\n" for line in lines))
+    elapsed = time.perf_counter() - started
+    LOGGER.info(f"{len(images)} images, {total_detections} detections, {elapsed / max(len(images), 1) * 1e3:.1f} ms per image")
+    LOGGER.info(f"Results saved to {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, "detect.py")

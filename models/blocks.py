@@ -1,0 +1,96 @@
+"""YOLOv5 building blocks: plain nn.Modules whose attribute names match YOLOv5's state dicts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def same_padding(kernel_size: int, dilation: int = 1) -> int:
+    """Padding that keeps the spatial size for stride 1 (odd kernels)."""
+    return dilation * (kernel_size - 1) // 2
+
+
+class Conv(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d -> SiLU. After `fuse()` the BN is folded into the conv."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int | None = None, groups: int = 1, dilation: int = 1, act: bool = True):
+        super().__init__()
+        if padding is None:
+            padding = same_padding(kernel_size, dilation)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, groups=groups,
+                              dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def fuse(self) -> None:
+        """Fold the BatchNorm into the convolution (inference only)."""
+        if isinstance(self.bn, nn.Identity):
+            return
+        self.conv = nn.utils.fusion.fuse_conv_bn_eval(self.conv.eval(), self.bn.eval())
+        self.bn = nn.Identity()
+
+
+class Bottleneck(nn.Module):
+    """1x1 then 3x3 convolution, with a residual connection when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, groups: int = 1,
+                 expansion: float = 0.5):
+        super().__init__()
+        c_hidden = int(c_out * expansion)
+        self.cv1 = Conv(c_in, c_hidden, 1, 1)
+        self.cv2 = Conv(c_hidden, c_out, 3, 1, groups=groups)
+        self.add = shortcut and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3(nn.Module):
+    """CSP block with three convolutions: two 1x1 branches, n bottlenecks on one, then a 1x1 merge."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, groups: int = 1,
+                 expansion: float = 0.5):
+        super().__init__()
+        c_hidden = int(c_out * expansion)
+        self.cv1 = Conv(c_in, c_hidden, 1, 1)
+        self.cv2 = Conv(c_in, c_hidden, 1, 1)
+        self.cv3 = Conv(2 * c_hidden, c_out, 1)
+        self.m = nn.Sequential(*(Bottleneck(c_hidden, c_hidden, shortcut, groups, expansion=1.0)
+                                 for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast form: three chained max-pools concatenated with the input."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 5):
+        super().__init__()
+        c_hidden = c_in // 2
+        self.cv1 = Conv(c_in, c_hidden, 1, 1)
+        self.cv2 = Conv(c_hidden * 4, c_out, 1, 1)
+        self.m = nn.MaxPool2d(kernel_size, stride=1, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        y1 = self.m(x)
+        y2 = self.m(y1)
+        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), dim=1))
+
+
+class Concat(nn.Module):
+    """Concatenate a list of tensors along one dimension (channels by default)."""
+
+    def __init__(self, dimension: int = 1):
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs, self.d)

@@ -1,0 +1,67 @@
+"""Augmentation geometry: letterbox, perspective, flips and the mosaic keep boxes on their objects."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from utils.augment import (PAD_VALUE, box_candidates, flip_left_right, flip_up_down, letterbox, mosaic_canvas,
+                           random_perspective)
+
+
+def image_with_box(h=60, w=100, box=(20, 10, 50, 40)):
+    image = np.full((h, w, 3), 30, np.uint8)
+    x1, y1, x2, y2 = box
+    image[y1:y2, x1:x2] = 220
+    return image, np.array([[1, *box]], np.float32)
+
+
+def bright_extent(image) -> list[float]:
+    ys, xs = np.nonzero(image[..., 0] > 128)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_letterbox_pads_centred_and_reports_geometry():
+    image, _ = image_with_box()
+    out, (sx, sy), (px, py) = letterbox(image, (128, 128))
+    assert out.shape == (128, 128, 3)
+    assert (sx, sy) == (128 / 100, 77 / 60) and (px, py) == (0, 25)
+    assert (out[:25, :, 0] == PAD_VALUE).all() and (out[-26:, :, 0] == PAD_VALUE).all()  # 51 px split 25 / 26
+    assert (out[25:25 + 77, :, 0] != PAD_VALUE).all()
+    auto, _, (px, py) = letterbox(image, (128, 128), auto=True, stride=32)
+    assert auto.shape == (96, 128, 3) and py == 9
+    small, (sx, _), _ = letterbox(image, (256, 256), scaleup=False)
+    assert sx == 1.0 and small.shape == (256, 256, 3)
+
+
+def test_perspective_moves_boxes_with_the_pixels():
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        image, labels = image_with_box()
+        out, out_labels = random_perspective(image, labels, rng, degrees=0, translate=0.1, scale=0.3)
+        if len(out_labels):
+            np.testing.assert_allclose(out_labels[0, 1:], bright_extent(out), atol=2)
+
+
+def test_flips_mirror_boxes():
+    image, labels = image_with_box()
+    flipped, flipped_labels = flip_left_right(image, labels)
+    np.testing.assert_allclose(flipped_labels[0, 1:], bright_extent(flipped))
+    flipped, flipped_labels = flip_up_down(image, labels)
+    np.testing.assert_allclose(flipped_labels[0, 1:], bright_extent(flipped))
+
+
+def test_mosaic_places_every_box_on_its_object():
+    rng = np.random.default_rng(1)
+    images, labels = zip(*(image_with_box(box=(10 + 5 * k, 8, 40 + 5 * k, 30)) for k in range(4)))
+    canvas, canvas_labels = mosaic_canvas(list(images), list(labels), 100, rng)
+    assert canvas.shape == (200, 200, 3)
+    for _, x1, y1, x2, y2 in canvas_labels:
+        if x2 - x1 > 2 and y2 - y1 > 2:
+            patch = canvas[int(y1):int(y2), int(x1):int(x2), 0]
+            assert (patch > 128).all()
+
+
+def test_box_candidates_drop_slivers_and_lost_boxes():
+    before = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 100, 100]], float)
+    after = np.array([[0, 0, 10, 10], [0, 0, 1, 10], [0, 0, 3, 3], [0, 0, 5, 5]], float)
+    assert box_candidates(before, after).tolist() == [True, False, False, False]

@@ -1,0 +1,144 @@
+"""Checkpoints: exact round trip under weights_only=True, atomic writes, clear refusals."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from models.yolo import build_model
+from utils.checkpoint import (FORMAT_VERSION, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                              restore_rng_state, rng_state, save_checkpoint, transfer_matching_weights)
+from utils.ema import ModelEMA
+from utils.errors import UserError
+from utils.hyp import load_hyp
+from utils.loss import DetectionLoss
+from utils.optim import build_optimizer
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint():
+    """A checkpoint after two real optimizer steps (momentum buffers, EMA updates, moved BN stats)."""
+    torch.manual_seed(0)
+    model = build_model("yolov5n.yaml", nc=3)
+    hyp = load_hyp("scratch-low.yaml")
+    model.names, model.hyp = ["a", "b", "c"], hyp
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    ema = ModelEMA(model)
+    criterion = DetectionLoss(model.detect_head, hyp, 64)
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]])
+    for _ in range(2):
+        loss, _ = criterion(model(torch.rand(1, 3, 64, 64)), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=256.0)
+    checkpoint = make_checkpoint(epoch=4, best_fitness=0.25, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
+                                 names=model.names, hyp=hyp, opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"})
+    return model, ema, optimizer, checkpoint
+
+
+def test_round_trip_with_weights_only(tmp_path, trained_checkpoint):
+    model, ema, optimizer, checkpoint = trained_checkpoint
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, checkpoint)
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # the plain library call users make
+    loaded = load_checkpoint(path)
+    assert raw.keys() == loaded.keys() == checkpoint.keys()
+    for key in ("model", "ema"):
+        source = (model if key == "model" else ema.module).state_dict()
+        assert loaded[key].keys() == source.keys()
+        for name, tensor in source.items():
+            assert torch.equal(loaded[key][name], tensor) and loaded[key][name].dtype == tensor.dtype, name
+    assert loaded["updates"] == 2 and loaded["epoch"] == 4 and loaded["best_fitness"] == 0.25
+    assert loaded["format_version"] == FORMAT_VERSION and loaded["names"] == ["a", "b", "c"]
+    assert loaded["scaler"]["scale"] == 256.0
+    restored = build_optimizer(build_model("yolov5n.yaml", nc=3), "SGD", 0.01, 0.937, 5e-4)
+    restored.load_state_dict(loaded["optimizer"])
+    for a, b in zip(restored.state.values(), optimizer.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_rebuilt_model_gives_the_same_outputs(tmp_path, trained_checkpoint):
+    _, ema, _, checkpoint = trained_checkpoint
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, checkpoint)
+    rebuilt = model_from_checkpoint(load_checkpoint(path), "ema").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x)[0], ema.module(x)[0], rtol=0, atol=0)
+    assert rebuilt.names == ["a", "b", "c"] and rebuilt.nc == 3
+
+
+def test_rng_state_round_trip(tmp_path, trained_checkpoint):
+    *_, checkpoint = trained_checkpoint
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    save_checkpoint(tmp_path / "rng.pt", {**checkpoint, "rng": rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, trained_checkpoint, monkeypatch):
+    *_, checkpoint = trained_checkpoint
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, checkpoint)
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {**checkpoint, "epoch": 5})
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*tmp"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_refuses_foreign_and_broken_files(tmp_path, trained_checkpoint, capsys):
+    *_, checkpoint = trained_checkpoint
+    pickled = tmp_path / "yolov5s.pt"
+    torch.save({"model": Payload()}, pickled, pickle_protocol=2)
+    with pytest.raises(UserError, match="full unpickling"):
+        load_checkpoint(pickled)
+    assert "unpickled!" not in capsys.readouterr().out
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(UserError, match="plain.pkl"):
+        load_checkpoint(plain)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, checkpoint)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="unreadable"):
+        load_checkpoint(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(UserError, match="format marker"):
+        load_checkpoint(other)
+    newer = tmp_path / "newer.pt"
+    torch.save({**checkpoint, "format_version": FORMAT_VERSION + 1}, newer)
+    with pytest.raises(UserError, match="format version"):
+        load_checkpoint(newer)
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_transfer_matches_by_name_and_shape(trained_checkpoint):
+    *_, checkpoint = trained_checkpoint
+    other_classes = build_model("yolov5n.yaml", nc=5)
+    moved, total = transfer_matching_weights(other_classes, checkpoint)
+    # Everything but the three Detect convolutions' weights and biases (their class count differs).
+    assert moved == total - 6
+    assert torch.equal(other_classes.state_dict()["model.0.conv.weight"], checkpoint["ema"]["model.0.conv.weight"])

@@ -1,0 +1,95 @@
+"""Dataset and loader: reproducible whatever the workers, epoch-keyed order, exact val geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from utils.boxes import xywhn_to_xyxy
+from utils.data_config import load_dataset_config
+from utils.dataset import DetectionDataset, EpochSampler, build_dataloader
+from utils.hyp import load_hyp
+from utils.labels import list_image_files, scan_labels
+
+
+@pytest.fixture(scope="module")
+def train_scan(tiny_dataset):
+    data = load_dataset_config(tiny_dataset)
+    return scan_labels(list_image_files(data.train), data.nc, cache_path=None)
+
+
+def all_batches(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return [batch for batch in loader]
+
+
+def test_batches_do_not_depend_on_worker_count(train_scan):
+    hyp = {**load_hyp("scratch-high.yaml"), "blur": 0.5, "to_gray": 0.5}  # exercise every random branch
+    dataset = DetectionDataset(train_scan, 96, hyp, augment=True, seed=3)
+    reference = all_batches(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3), epoch=2)
+    with_workers = all_batches(build_dataloader(dataset, 4, workers=2, shuffle=True, seed=3), epoch=2)
+    for a, b in zip(reference, with_workers):
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and torch.equal(a.indices, b.indices)
+    other_epoch = all_batches(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3), epoch=3)
+    assert not torch.equal(reference[0].images, other_epoch[0].images)
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(50, shuffle=True, seed=1), EpochSampler(50, shuffle=True, seed=1)
+    a.set_epoch(4)
+    b.set_epoch(4)
+    assert list(a) == list(b) and sorted(i for _, i in a) == list(range(50))
+    b.set_epoch(5)
+    assert [i for _, i in a] != [i for _, i in b]
+    ranks = [EpochSampler(50, shuffle=True, seed=1, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(4)
+    assert sorted(i for r in ranks for _, i in r) == list(range(50))
+
+
+def test_training_samples_are_well_formed(train_scan):
+    dataset = DetectionDataset(train_scan, 96, load_hyp("scratch-low.yaml"), augment=True, seed=0)
+    for index in range(len(dataset)):
+        image, targets, _, _ = dataset[(0, index)]
+        assert image.shape == (3, 96, 96) and image.dtype == torch.uint8
+        if len(targets):
+            assert ((targets[:, 2:] >= 0) & (targets[:, 2:] <= 1)).all()
+            assert (targets[:, 4:] > 0).all() and (targets[:, 1] < 6).all()
+
+
+def test_validation_letterbox_maps_back_to_the_original_boxes(train_scan):
+    """Without augmentation, a sample's targets are its labels moved by the letterbox, exactly."""
+    dataset = DetectionDataset(train_scan, 128, load_hyp("scratch-low.yaml"), augment=False, rect=True, batch_size=4)
+    for index in range(len(dataset)):
+        image, targets, _, (scale_x, scale_y, pad_x, pad_y) = dataset[index]
+        h, w = image.shape[1:]
+        assert h % 32 == 0 and w % 32 == 0 and max(h, w) <= 128 + 32
+        boxes = xywhn_to_xyxy(targets[:, 2:].numpy().astype(np.float64), w, h)
+        restored = (boxes - [pad_x, pad_y, pad_x, pad_y]) / [scale_x, scale_y, scale_x, scale_y]
+        original, classes = dataset.original_boxes_xyxy(index)
+        np.testing.assert_allclose(restored, original, atol=1e-3)
+        assert classes.tolist() == targets[:, 1].long().tolist()
+
+
+def test_rect_batches_share_one_shape(train_scan):
+    dataset = DetectionDataset(train_scan, 128, load_hyp("scratch-low.yaml"), augment=False, rect=True, batch_size=4)
+    loader = build_dataloader(dataset, 4, workers=0, shuffle=False)
+    aspect = [h / w for h, w in dataset.shapes]
+    assert aspect == sorted(aspect)
+    for number, batch in enumerate(loader):
+        assert tuple(batch.images.shape[2:]) == tuple(dataset.batch_shapes[number])
+        # The batch shape fits every image of the batch at img_size on its long side.
+        for h, w in dataset.shapes[number * 4:(number + 1) * 4]:
+            scale = 128 / max(h, w)
+            assert round(h * scale) <= batch.images.shape[2] and round(w * scale) <= batch.images.shape[3]
+
+
+def test_ram_cache_gives_the_same_samples(train_scan):
+    hyp = load_hyp("scratch-low.yaml")
+    from_disk = DetectionDataset(train_scan, 96, hyp, augment=True, seed=5)
+    cached = DetectionDataset(train_scan, 96, hyp, augment=True, seed=5)
+    assert cached.cache_images_in_ram()
+    for index in range(4):
+        a, b = from_disk[(1, index)], cached[(1, index)]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -1,0 +1,116 @@
+"""ModelEMA against its formula computed directly, and the step-skipping rules around it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from utils.ema import ModelEMA
+from utils.optim import optimizer_step
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 2, 1))
+
+
+def perturb(model: nn.Module, seed: int) -> None:
+    """Change parameters and BatchNorm statistics as a training step would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    model.train()(torch.randn(8, 3, 6, 6, generator=generator))  # BN running stats and num_batches_tracked
+
+
+def test_update_matches_the_formula():
+    model = small_net()
+    ema = ModelEMA(model, decay=0.9999, tau=2000)
+    expected = {k: v.clone().double() for k, v in model.state_dict().items()}
+    for n in range(1, 6):
+        perturb(model, seed=n)
+        ema.update(model)
+        d = 0.9999 * (1 - math.exp(-n / 2000))  # the counter is incremented before d is computed
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                expected[key] = d * expected[key] + (1 - d) * value.double()
+            else:
+                expected[key] = value.clone()
+        assert ema.updates == n
+        assert ema.current_decay() == pytest.approx(d, rel=1e-12)
+    ema_state = ema.module.state_dict()
+    for key, value in expected.items():
+        if value.dtype == torch.float64:
+            torch.testing.assert_close(ema_state[key].double(), value, rtol=0, atol=1e-6, msg=key)
+        else:  # num_batches_tracked is copied, not averaged
+            assert torch.equal(ema_state[key], value), key
+    assert any("running_mean" in k for k in expected) and ema_state["1.num_batches_tracked"].item() == 5
+
+
+def test_ema_module_is_a_frozen_eval_copy():
+    model = small_net()
+    ema = ModelEMA(model)
+    assert not ema.module.training
+    assert all(not p.requires_grad for p in ema.module.parameters())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ema.module.parameters(), model.parameters()))
+
+
+def test_attributes_copied():
+    model = small_net()
+    model.names, model.nc, model.stride, model.hyp, model.yaml = ["a", "b"], 2, torch.tensor([8.0]), {"lr0": 0.01}, {"nc": 2}
+    ema = ModelEMA(model)
+    model.names = ["x", "y"]
+    ema.copy_attributes(model)
+    assert ema.module.names == ["x", "y"] and ema.module.nc == 2 and ema.module.hyp == {"lr0": 0.01}
+
+
+def test_state_dict_round_trip():
+    model = small_net()
+    ema = ModelEMA(model, decay=0.999, tau=100)
+    for n in range(3):
+        perturb(model, n)
+        ema.update(model)
+    restored = ModelEMA(small_net())
+    restored.load_state_dict(ema.state_dict())
+    assert (restored.updates, restored.decay, restored.tau) == (3, 0.999, 100)
+    for (k, a), b in zip(ema.module.state_dict().items(), restored.module.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def backward_with_an_inf_gradient(model: nn.Module, scaler: torch.amp.GradScaler) -> None:
+    scaler.scale(model(torch.randn(2, 3, 6, 6)).sum()).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+
+
+@pytest.mark.parametrize("scaler_enabled", [True, False], ids=["GradScaler", "bf16-no-scaler"])
+def test_skipped_step_leaves_weights_and_ema_alone(scaler_enabled):
+    """An inf/NaN gradient skips the optimizer step; the loop then does not update the EMA."""
+    model = small_net()
+    ema = ModelEMA(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled, init_scale=1024.0)
+    backward_with_an_inf_gradient(model, scaler)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    stepped = optimizer_step(optimizer, scaler, model)
+    if stepped:  # what train.py does: the EMA follows optimizer steps only
+        ema.update(model)
+    assert stepped is False
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, ema_before[k]) for k, v in ema.module.state_dict().items())
+    assert ema.updates == 0
+    if scaler_enabled:
+        assert scaler.get_scale() == 512.0  # backed off, as after any skipped fp16 step
+    assert all(p.grad is None for p in model.parameters())  # the bad gradients are not carried over
+
+
+def test_finite_step_is_taken():
+    model = small_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    before = model[0].weight.clone()
+    assert optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), model) is True
+    assert not torch.equal(model[0].weight, before)

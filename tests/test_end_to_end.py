@@ -1,0 +1,120 @@
+"""End to end, as a user runs it: train.py -> val.py / detect.py, and kill + --resume == uninterrupted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, run_script
+
+pytestmark = pytest.mark.slow
+TINY = ("--imgsz", "64", "--batch-size", "8", "--workers", "2", "--cfg", "yolov5n.yaml")
+
+
+def train_args(data: Path, project: Path, name: str, epochs: int) -> list[str]:
+    return ["--data", str(data), "--epochs", str(epochs), *TINY, "--project", str(project), "--name", name]
+
+
+def read_results(run_dir: Path) -> list[dict]:
+    with open(run_dir / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def printed_all_row(output: str) -> list[float]:
+    """P, R, mAP50, mAP50-95 of the 'all' row of val.py's table."""
+    row = next(line.split() for line in output.splitlines() if line.split()[:1] == ["all"])
+    return [float(v) for v in row[3:7]]
+
+
+def three_significant(value: str) -> float:
+    return float(f"{float(value):.3g}")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("runs")
+    result = run_script("train.py", *train_args(tiny_dataset, project, "exp", epochs=3))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return project / "exp"
+
+
+def test_training_writes_the_run_folder(trained_run):
+    for name in ("weights/last.pt", "weights/best.pt", "results.csv", "opt.yaml", "hyp.yaml"):
+        assert (trained_run / name).is_file(), name
+    rows = read_results(trained_run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert {"metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "train/box_loss", "val/obj_loss", "x/lr0"} <= set(rows[0])
+    last = torch.load(trained_run / "weights" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["finished"] and last["updates"] == int(float(rows[-1]["ema/updates"]))
+    assert list(trained_run.glob("events.out.tfevents.*"))  # TensorBoard scalars
+
+
+def test_val_reproduces_results_csv(trained_run, tiny_dataset):
+    rows = read_results(trained_run)
+    last = run_script("val.py", "--weights", str(trained_run / "weights" / "last.pt"), "--data", str(tiny_dataset),
+                      "--save-json", "--project", str(trained_run.parent / "val"))
+    assert last.returncode == 0, last.stderr
+    records = json.loads((trained_run.parent / "val" / "exp" / "predictions.json").read_text())
+    assert records and {"image_id", "category_id", "bbox", "score"} == set(records[0])
+    expected = [three_significant(rows[-1][k]) for k in
+                ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")]
+    assert printed_all_row(last.stdout) == expected
+    fitness = [0.1 * float(r["metrics/mAP_0.5"]) + 0.9 * float(r["metrics/mAP_0.5:0.95"]) for r in rows]
+    best_row = rows[max(i for i, f in enumerate(fitness) if f == max(fitness))]
+    best = run_script("val.py", "--weights", str(trained_run / "weights" / "best.pt"), "--data", str(tiny_dataset))
+    assert best.returncode == 0, best.stderr
+    assert printed_all_row(best.stdout)[2:] == [three_significant(best_row["metrics/mAP_0.5"]),
+                                                three_significant(best_row["metrics/mAP_0.5:0.95"])]
+
+
+def test_detect_writes_annotated_images_and_labels(trained_run, tiny_dataset, tmp_path):
+    val_images = tiny_dataset.parent / "shapes" / "images" / "val"
+    result = run_script("detect.py", "--weights", str(trained_run / "weights" / "best.pt"), "--source", str(val_images),
+                        "--conf-thres", "0.001", "--save-txt", "--save-conf", "--project", str(tmp_path), "--name", "d")
+    assert result.returncode == 0, result.stderr
+    sources = sorted(val_images.glob("*.jpg"))
+    written = sorted((tmp_path / "d").glob("*.jpg"))
+    assert [p.name for p in written] == [p.name for p in sources]
+    single = run_script("detect.py", "--weights", str(trained_run / "weights" / "best.pt"),
+                        "--source", str(val_images / "*.jpg"), "--nosave", "--project", str(tmp_path), "--name", "glob")
+    assert single.returncode == 0 and f"{len(sources)} images" in single.stdout
+    label_lines = [line.split() for p in (tmp_path / "d" / "labels").glob("*.txt") for line in p.read_text().splitlines()]
+    assert label_lines and all(len(v) == 6 and 0 <= float(v[1]) <= 1 and 0 < float(v[5]) <= 1 for v in label_lines)
+
+
+def test_resuming_a_finished_run_says_so(trained_run):
+    result = run_script("train.py", "--resume", str(trained_run / "weights" / "last.pt"))
+    assert result.returncode == 0 and "nothing to resume" in result.stdout
+
+
+def test_kill_and_resume_equals_uninterrupted(trained_run, tiny_dataset, tmp_path):
+    """SIGKILL after the first epoch's checkpoint, then --resume: same EMA, updates and results as straight through."""
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *train_args(tiny_dataset, tmp_path, "killed", epochs=3)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "weights" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted = torch.load(last, weights_only=True)
+    assert interrupted["epoch"] < 2, "the run finished before it could be interrupted"
+
+    resumed = run_script("train.py", "--resume", str(last))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    straight = torch.load(trained_run / "weights" / "last.pt", weights_only=True)
+    final = torch.load(last, weights_only=True)
+    assert final["updates"] == straight["updates"] and final["epoch"] == straight["epoch"]
+    for key, tensor in straight["ema"].items():
+        assert (final["ema"][key].double() - tensor.double()).abs().max() < 1e-6, key
+    columns = ("train/box_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "ema/updates")
+    assert [[r[c] for c in columns] for r in read_results(tmp_path / "killed")] == \
+           [[r[c] for c in columns] for r in read_results(trained_run)]

@@ -1,0 +1,46 @@
+"""Hyperparameter files: YOLOv5's three recipes load unchanged; mistakes are named."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from utils.errors import UserError
+from utils.hyp import OPTIONAL_DEFAULTS, REQUIRED_KEYS, load_hyp
+
+
+@pytest.mark.parametrize("name", ["scratch-low.yaml", "scratch-med.yaml", "scratch-high.yaml", "hyp.scratch-low.yaml"])
+def test_shipped_recipes_load(name):
+    hyp = load_hyp(name)
+    assert set(hyp) == set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS)
+    assert hyp["ema_decay"] == 0.9999 and hyp["ema_tau"] == 2000
+
+
+def test_scratch_low_has_yolov5_values():
+    hyp = load_hyp("scratch-low.yaml")
+    assert (hyp["lr0"], hyp["lrf"], hyp["momentum"], hyp["weight_decay"]) == (0.01, 0.01, 0.937, 0.0005)
+    assert (hyp["box"], hyp["cls"], hyp["obj"], hyp["anchor_t"], hyp["mosaic"], hyp["fliplr"]) == (0.05, 0.5, 1.0, 4.0, 1.0, 0.5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr0": None}, "lr0 must be a non-negative number"),
+    ({"mosaic": 1.5}, "mosaic is a probability"),
+    ({"lr_zero": 0.01}, "unknown key(s) lr_zero"),
+    ({"anchors": 3}, "automatic anchor fitting"),
+    ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
+])
+def test_bad_values_are_named(tmp_path, change, message):
+    hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())
+    path = tmp_path / "hyp.yaml"
+    path.write_text(yaml.safe_dump({**hyp, **change}))
+    with pytest.raises(UserError) as error:
+        load_hyp(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_missing_keys_are_listed(tmp_path):
+    path = tmp_path / "hyp.yaml"
+    path.write_text("lr0: 0.01\n")
+    with pytest.raises(UserError, match="missing lrf, momentum"):
+        load_hyp(path)

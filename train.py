@@ -1,0 +1,303 @@
+"""Train a YOLOv5-style detector with a ModelEMA updated after every optimizer step.
+
+    python train.py                                   # yolov5n on the embedded shapes dataset
+    python train.py --data coco.yaml --cfg yolov5s.yaml --imgsz 640 --epochs 300
+    python train.py --resume [runs/train/exp/weights/last.pt]
+
+Each epoch validates the EMA weights, appends a row to results.csv and writes
+weights/last.pt (and best.pt) holding everything needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from models.parse import read_model_yaml
+from models.yolo import DetectionModel, resolve_model_yaml
+from utils.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, restore_rng_state,
+                              save_checkpoint, transfer_matching_weights)
+from utils.data_config import DatasetConfig, load_dataset_config
+from utils.dataset import DetectionDataset, build_dataloader
+from utils.device import amp_dtype_for, autocast, describe_precision, interactive, select_device, to_model_input
+from utils.ema import ModelEMA
+from utils.errors import UserError, run_cli
+from utils.hyp import load_hyp
+from utils.labels import cache_path_for, list_image_files, scan_labels
+from utils.log import LOGGER, RunLogger, setup_logging
+from utils.loss import DetectionLoss
+from utils.optim import (NOMINAL_BATCH_SIZE, OPTIMIZERS, TrainSchedule, accumulation_steps, build_optimizer,
+                         optimizer_step)
+from utils.run_dir import newest_last_checkpoint, next_run_dir
+from val import build_val_loader, evaluate, results_table
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_CFG = "yolov5n.yaml"
+LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a YOLOv5-style detector with EMA weight averaging.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default="", help="initial weights: a checkpoint of this framework ('' = from scratch)")
+    p.add_argument("--cfg", default="", help=f"model YAML (default: the --weights checkpoint's, else {DEFAULT_CFG})")
+    p.add_argument("--data", default="data/shapes.yaml", help="dataset YAML (shapes.yaml is generated on first use)")
+    p.add_argument("--hyp", default="hyp/scratch-low.yaml", help="hyperparameter YAML")
+    p.add_argument("--epochs", type=int, default=30, help="total training epochs")
+    p.add_argument("--batch-size", type=int, default=16, help="images per micro-batch (gradients accumulate to 64)")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (pixels)")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="resume the newest run under --project, or the given last.pt")
+    p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate the final epoch")
+    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=("ram",),
+                   help="cache decoded images in RAM")
+    p.add_argument("--device", default=None, help="cuda device, i.e. 0, or cpu (default: CUDA if available)")
+    p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="optimizer")
+    p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
+    p.add_argument("--project", default="runs/train", help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
+    p.add_argument("--cos-lr", action="store_true", help="cosine learning-rate schedule")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    p.add_argument("--patience", type=int, default=100, help="early stopping: epochs without improvement")
+    p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: first N, or a list of indices")
+    p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    if args.resume:
+        checkpoint_path = Path(args.resume) if isinstance(args.resume, str) else newest_last_checkpoint(Path(args.project))
+        checkpoint = load_checkpoint(checkpoint_path)
+        opt = argparse.Namespace(**{**checkpoint["opt"], "resume": False})
+        for runtime_only in ("device", "workers"):  # settings that do not change the results
+            if getattr(args, runtime_only) is not None:
+                setattr(opt, runtime_only, getattr(args, runtime_only))
+        if checkpoint.get("finished") or checkpoint["epoch"] + 1 >= opt.epochs:
+            LOGGER.info(f"{checkpoint_path} is from a finished run ({checkpoint['epoch'] + 1} epochs); nothing to resume")
+            return 0
+        hyp, run_dir = checkpoint["hyp"], checkpoint_path.resolve().parent.parent
+        data = load_dataset_config(opt.data)
+        LOGGER.info(f"Resuming {run_dir} from epoch {checkpoint['epoch'] + 1} of {opt.epochs}")
+    else:
+        opt, checkpoint = args, None
+        opt.device = "" if opt.device is None else opt.device
+        opt.workers = 8 if opt.workers is None else opt.workers
+        if opt.epochs < 1 or opt.batch_size < 1 or opt.imgsz < 32:
+            raise UserError("--epochs and --batch-size must be at least 1 and --imgsz at least 32")
+        hyp = load_hyp(opt.hyp)
+        data = load_dataset_config(opt.data)  # before the run folder exists: a missing dataset leaves no trace
+        run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
+        (run_dir / "opt.yaml").write_text(yaml.safe_dump(vars(opt), sort_keys=False))
+        (run_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+    try:
+        train(opt, hyp, data, run_dir, checkpoint)
+    except KeyboardInterrupt:
+        LOGGER.info(f"\nInterrupted. Continue with: python train.py --resume {run_dir / 'weights' / 'last.pt'}")
+        return 130
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(opt: argparse.Namespace, nc: int, checkpoint: dict | None) -> DetectionModel:
+    """The model for this run: from the resumed checkpoint, else --cfg (or --weights' YAML) plus --weights."""
+    if checkpoint is not None:
+        return DetectionModel(checkpoint["model_yaml"], nc=nc)
+    initial = load_checkpoint(opt.weights) if opt.weights else None
+    if opt.cfg or initial is None:
+        model = DetectionModel(read_model_yaml(resolve_model_yaml(opt.cfg or DEFAULT_CFG)), nc=nc)
+    else:
+        model = DetectionModel(initial["model_yaml"], nc=nc)
+    if initial is not None:
+        # Anchors come from the model YAML when one is named explicitly, as in YOLOv5.
+        moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else ())
+        LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights}")
+    return model
+
+
+def freeze_layers(model: DetectionModel, freeze: list[int]) -> None:
+    """--freeze N freezes layers 0..N-1; a list freezes those layer indices."""
+    layers = freeze if len(freeze) > 1 else range(freeze[0])
+    prefixes = tuple(f"model.{i}." for i in layers)
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+    if prefixes:
+        LOGGER.info(f"Froze layers {', '.join(str(i) for i in layers)}")
+
+
+def build_train_loader(opt: argparse.Namespace, data: DatasetConfig, hyp: dict, pin_memory: bool):
+    image_files = list_image_files(data.train)
+    scan = scan_labels(image_files, data.nc, cache_path_for(image_files), prefix="train: ")
+    LOGGER.info(f"train: {scan.summary()}")
+    for message in scan.messages[:10]:
+        LOGGER.warning(f"train: WARNING: {message}")
+    if not scan.image_files:
+        raise UserError(f"train: no usable images in {', '.join(str(s) for s in data.train)}")
+    dataset = DetectionDataset(scan, opt.imgsz, hyp, augment=True, seed=opt.seed, single_cls=opt.single_cls)
+    if opt.cache == "ram":
+        dataset.cache_images_in_ram()
+    return build_dataloader(dataset, opt.batch_size, opt.workers, shuffle=True, seed=opt.seed, pin_memory=pin_memory)
+
+
+def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, run_dir: Path, checkpoint: dict | None) -> None:
+    device = select_device(opt.device)
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
+    seed_everything(opt.seed)
+    weights_dir = run_dir / "weights"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = weights_dir / "last.pt", weights_dir / "best.pt"
+
+    # Model
+    nc = 1 if opt.single_cls else data.nc
+    names = ["item"] if opt.single_cls else list(data.names)
+    model = build_model(opt, nc, checkpoint)
+    model.names, model.hyp = names, hyp
+    stride = int(model.stride.max())
+    if opt.imgsz % stride:
+        raise UserError(f"--imgsz {opt.imgsz} is not a multiple of the model's max stride {stride}; "
+                        f"use {math.ceil(opt.imgsz / stride) * stride}")
+    model.to(device, memory_format=torch.channels_last)
+    freeze_layers(model, opt.freeze)
+    LOGGER.info(f"Model: {model.summary(opt.imgsz)}")
+
+    # Data
+    pin_memory = device.type == "cuda"
+    train_loader = build_train_loader(opt, data, hyp, pin_memory)
+    val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp, stride,
+                                  single_cls=opt.single_cls, pin_memory=pin_memory)
+    batches_per_epoch = len(train_loader)
+
+    # Optimisation
+    accumulate = accumulation_steps(opt.batch_size)
+    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / NOMINAL_BATCH_SIZE
+    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+    schedule = TrainSchedule(hyp, opt.epochs, batches_per_epoch, accumulate, cos_lr=opt.cos_lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
+    criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
+    start_epoch, best_fitness, best_epoch = 0, 0.0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict({"module": checkpoint["ema"], "updates": checkpoint["updates"],
+                             "decay": checkpoint["ema_decay"], "tau": checkpoint["ema_tau"]})
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"] is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"] + 1
+        best_fitness, best_epoch = checkpoint["best_fitness"], checkpoint["best_epoch"]
+    logger = RunLogger(run_dir, start_epoch)
+    LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size} x {accumulate} accumulated, "
+                f"{batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
+                f"Logging to {run_dir}; training for {opt.epochs} epochs...")
+
+    started = time.time()
+    for epoch in range(start_epoch, opt.epochs):
+        skipped_steps = 0
+        model.train()
+        train_loader.sampler.set_epoch(epoch)
+        loss_sum = torch.zeros(3, device=device)
+        optimizer.zero_grad(set_to_none=True)
+        window = 0  # micro-batches accumulated since the last optimizer step
+        bar = tqdm(train_loader, total=batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}", disable=not interactive())
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
+        for i, batch in enumerate(bar):
+            step = i + batches_per_epoch * epoch  # micro-batches since the start of training
+            images = to_model_input(batch.images, device)
+            with autocast(device, amp_dtype):
+                raw = model(images)
+            loss, loss_items = criterion(raw, batch.targets)
+            scaler.scale(loss).backward()
+            window += 1
+            # Step once the window is full; the last window of an epoch steps with what it has.
+            if window >= schedule.accumulate(step) or i + 1 == batches_per_epoch:
+                window = 0
+                schedule.apply(optimizer, epoch, step)
+                if optimizer_step(optimizer, scaler, model):
+                    ema.update(model)
+                else:
+                    skipped_steps += 1
+            loss_sum += loss_items
+            mean_loss = (loss_sum / (i + 1)).tolist()
+            memory = f"{torch.cuda.memory_reserved(device) / 2**30:.3g}G" if device.type == "cuda" else "cpu"
+            progress = ("%11s" * 2 + "%11.4g" * 5) % (f"{epoch}/{opt.epochs - 1}", memory, *mean_loss,
+                                                     len(batch.targets), images.shape[-1])
+            bar.set_description(progress)
+        bar.close()
+        if not interactive():
+            LOGGER.info(progress)
+        if skipped_steps:
+            LOGGER.warning(f"WARNING: {skipped_steps} optimizer step(s) of this epoch skipped for non-finite "
+                           "gradients; the EMA did not move on those")
+
+        # Validate what we ship: the EMA, carrying the model's attributes.
+        ema.copy_attributes(model)
+        final_epoch = epoch + 1 == opt.epochs
+        row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
+        if not opt.noval or final_epoch:
+            result = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, loss_fn=criterion)
+            metrics = result.metrics
+            LOGGER.info(results_table(result, names))
+            row.update({"metrics/precision": metrics.precision, "metrics/recall": metrics.recall,
+                        "metrics/mAP_0.5": metrics.map50, "metrics/mAP_0.5:0.95": metrics.map50_95,
+                        **{f"val/{n}": v for n, v in zip(LOSS_NAMES, result.loss.tolist())}})
+            fitness = metrics.fitness
+        else:
+            row.update({k: 0.0 for k in ("metrics/precision", "metrics/recall", "metrics/mAP_0.5",
+                                         "metrics/mAP_0.5:0.95", *(f"val/{n}" for n in LOSS_NAMES))})
+            fitness = 0.0
+        row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
+        row["ema/updates"] = ema.updates
+        is_best = fitness >= best_fitness
+        if is_best:
+            best_fitness, best_epoch = fitness, epoch
+        logger.log_epoch(epoch, row)
+
+        stop_early = epoch - best_epoch >= opt.patience and not final_epoch
+        if not opt.nosave or final_epoch or stop_early:
+            state = make_checkpoint(epoch=epoch, best_fitness=best_fitness, model=model, ema=ema, optimizer=optimizer,
+                                    scaler=scaler, names=names, hyp=hyp, opt=vars(opt))
+            state.update(best_epoch=best_epoch, finished=final_epoch or stop_early)
+            save_checkpoint(last_path, state)
+            if is_best:
+                save_checkpoint(best_path, state)
+            if opt.save_period > 0 and epoch % opt.save_period == 0:
+                save_checkpoint(weights_dir / f"epoch{epoch}.pt", state)
+        if stop_early:
+            LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {best_epoch}")
+            break
+
+    logger.close()
+    LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
+    if best_path.exists():
+        best = load_checkpoint(best_path)
+        LOGGER.info(f"Validating {best_path} (epoch {best['epoch']})...")
+        best_model = model_from_checkpoint(best, "ema", str(best_path)).to(device, memory_format=torch.channels_last)
+        result = evaluate(best_model, val_loader,
+                          device=device, amp_dtype=amp_dtype)
+        LOGGER.info(results_table(result, names, verbose=True))
+    LOGGER.info(f"Results saved to {run_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main, "train.py")

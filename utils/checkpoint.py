@@ -1,0 +1,158 @@
+"""Checkpoints: a plain versioned dict that torch.load(..., weights_only=True) reads, written atomically.
+
+Keys: format, format_version, epoch (last completed, 0-based), best_fitness, model (fp32
+state dict of the raw model: training resumes from it), ema (fp32 state dict), updates,
+ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt (the run's options),
+rng (python, numpy, torch, cuda), date, versions.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.yolo import DetectionModel
+from utils.dist import unwrap
+from utils.errors import UserError
+
+FORMAT = "ema-yolo-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write atomically: a temporary file in the same folder, flush + fsync, then os.replace.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the file itself is already on disk
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read one of our checkpoints with weights_only=True; any other file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle is reported below as one clear error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(f"{path} is not a checkpoint of this framework: loading it would need full unpickling "
+                        f"(arbitrary code), which is refused. It may come from YOLOv5/ultralytics. ({str(error).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or not a PyTorch file): {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this framework (no '{FORMAT}' format marker)")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {checkpoint.get('format_version')}; "
+                        f"this version reads {FORMAT_VERSION}")
+    return checkpoint
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states in weights_only-loadable form."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": numpy_state[1].tolist(), "pos": numpy_state[2], "has_gauss": numpy_state[3],
+                  "cached_gaussian": numpy_state[4]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", np.array(numpy_state["key"], dtype=np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """random.setstate needs the nested tuples that a save/load round trip may turn into lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = "checkpoint") -> DetectionModel:
+    """Rebuild the detector from a checkpoint's model YAML and load the `ema` or `model` weights."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    state = checkpoint.get(weights)
+    if state is None:
+        raise UserError(f"{source} holds no '{weights}' weights")
+    model = DetectionModel(checkpoint["model_yaml"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UserError(f"{source}: its '{weights}' weights do not fit its model YAML: {str(error).splitlines()[0]}") from None
+    model.names = list(checkpoint["names"])
+    model.hyp = dict(checkpoint.get("hyp") or {})
+    return model
+
+
+def make_checkpoint(*, epoch: int, best_fitness: float, model: torch.nn.Module, ema, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, names: list[str], hyp: dict, opt: dict) -> dict:
+    """Everything needed to resume exactly, as plain types and fp32 tensors."""
+    bare = unwrap(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "best_fitness": float(best_fitness),
+        "model": bare.state_dict(),  # saved at once, so the live tensors need no copy
+        "ema": ema.module.state_dict(),
+        "updates": ema.updates,
+        "ema_decay": ema.decay,
+        "ema_tau": ema.tau,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "model_yaml": bare.yaml,
+        "names": list(names),
+        "hyp": dict(hyp),
+        "opt": dict(opt),
+        "rng": rng_state(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
+    }
+
+
+def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Load the checkpoint's EMA weights (else its model weights) wherever name and shape match.
+
+    Returns (tensors transferred, tensors in the model)."""
+    source = checkpoint.get("ema") or checkpoint.get("model") or {}
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items()
+               if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)}
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(own)

@@ -1,0 +1,75 @@
+"""Device selection and mixed precision: fp16 + GradScaler on CUDA, bfloat16 autocast on CPUs that support it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+
+def select_device(spec: str | None) -> torch.device:
+    """'' or None: CUDA 0 if available else CPU; 'cpu'; '0' / 'cuda:0'. Several ids ('0,1') need torchrun."""
+    spec = (spec or "").strip().lower().replace("cuda:", "")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    ids = spec.split(",")
+    if not all(i.isdigit() for i in ids):
+        raise UserError(f"--device {spec!r} is not 'cpu', a CUDA id like '0', or a list like '0,1'")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {spec} asks for CUDA, but no CUDA device is available here (use --device cpu)")
+    if len(ids) > 1 and int(os.environ.get("LOCAL_RANK", -1)) < 0:
+        raise UserError(f"--device {spec} names several GPUs: launch with torchrun --nproc_per_node {len(ids)}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    index = int(ids[local_rank] if len(ids) > 1 else ids[0])
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device("cuda", index)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype to train and validate with, or None for full fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast for `dtype`, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def describe_precision(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bfloat16 autocast"}[dtype]
+
+
+def to_model_input(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, H, W) uint8 batch -> float in [0, 1] on `device`, channels_last (faster convolutions
+    on CPU and on CUDA tensor cores; the model is converted to match)."""
+    return images_uint8.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+
+
+def interactive() -> bool:
+    """Progress bars only on a terminal: in logs and CI they would print every refresh."""
+    return sys.stderr.isatty()

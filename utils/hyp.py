@@ -1,0 +1,72 @@
+"""Hyperparameters: YOLOv5's hyp YAML keys plus a few of ours with defaults, validated once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Keys every YOLOv5 hyp file has. `iou_t` is kept for file compatibility; YOLOv5 does not use it either.
+REQUIRED_KEYS = (
+    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+    "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma",
+    "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
+    "flipud", "fliplr", "mosaic", "mixup", "copy_paste",
+)
+# Ours, optional in the file: albumentations probabilities (YOLOv5 hard-codes 0.01) and the EMA.
+OPTIONAL_DEFAULTS = {
+    "blur": 0.01, "median_blur": 0.01, "to_gray": 0.01, "clahe": 0.01,
+    "ema_decay": 0.9999, "ema_tau": 2000.0,
+}
+PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
+
+
+def resolve_hyp_path(name_or_path: str | Path) -> Path:
+    """A hyp YAML as given, or a bare name such as 'scratch-low.yaml' looked up in hyp/."""
+    path = Path(name_or_path)
+    if path.exists() or path.is_absolute():
+        return path
+    for candidate in (REPO_ROOT / "hyp" / path.name, REPO_ROOT / "hyp" / path.name.removeprefix("hyp.")):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def load_hyp(name_or_path: str | Path) -> dict:
+    """Read a hyp YAML, fill our optional keys, validate; UserError names the file and the key."""
+    path = resolve_hyp_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read hyperparameter file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"hyperparameter file {path} is not valid YAML: {error}") from None
+    return validate_hyp(raw, source=str(path))
+
+
+def validate_hyp(raw: object, source: str) -> dict:
+    """Check a hyp mapping and return it with the optional keys filled in."""
+    if not isinstance(raw, dict):
+        raise UserError(f"hyperparameter file {source}: expected a mapping of names to numbers")
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise UserError(f"hyperparameter file {source}: missing {', '.join(missing)}")
+    if "anchors" in raw:
+        raise UserError(f"hyperparameter file {source}: 'anchors' asks for automatic anchor fitting, "
+                        "which is not supported; set anchors in the model YAML instead")
+    unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_DEFAULTS))
+    if unknown:
+        raise UserError(f"hyperparameter file {source}: unknown key(s) {', '.join(unknown)}")
+    hyp = {**OPTIONAL_DEFAULTS, **raw}
+    for key, value in hyp.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise UserError(f"hyperparameter file {source}: {key} must be a non-negative number, got {value!r}")
+        if key in PROBABILITY_KEYS and value > 1:
+            raise UserError(f"hyperparameter file {source}: {key} is a probability, got {value}")
+    if not 0 < hyp["ema_decay"] < 1 or hyp["ema_tau"] <= 0:
+        raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
+    return {k: float(v) for k, v in hyp.items()}

@@ -1,0 +1,112 @@
+"""Optimizer with YOLOv5's three parameter groups, and the learning-rate / momentum schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+NOMINAL_BATCH_SIZE = 64  # gradients are accumulated to about this many images per step
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+BIAS_GROUP = 0  # index of the bias group, whose warmup starts from warmup_bias_lr
+
+
+def accumulation_steps(batch_size: int) -> int:
+    """Micro-batches per optimizer step: max(round(64 / batch), 1)."""
+    return max(round(NOMINAL_BATCH_SIZE / batch_size), 1)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Groups: 0 biases (no decay), 1 conv/linear weights (decay), 2 normalisation weights (no decay)."""
+    biases, decayed, norm_weights = [], [], []
+    for module in model.modules():
+        for name_, param in module.named_parameters(recurse=False):
+            if name_ == "bias":
+                biases.append(param)
+            elif isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, nn.LayerNorm):
+                norm_weights.append(param)
+            else:
+                decayed.append(param)
+    if name == "SGD":
+        optimizer = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
+    elif name == "Adam":
+        optimizer = torch.optim.Adam(biases, lr=lr, betas=(momentum, 0.999))
+    elif name == "AdamW":
+        optimizer = torch.optim.AdamW(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    optimizer.add_param_group({"params": decayed, "weight_decay": weight_decay})
+    optimizer.add_param_group({"params": norm_weights, "weight_decay": 0.0})
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    return optimizer
+
+
+class TrainSchedule:
+    """YOLOv5's schedule as a pure function of the position: no state to save.
+
+    After warmup, epoch e trains at lr0 * f(e), f linear from 1 to lrf (or a cosine with
+    cos_lr), accumulating `accumulate` micro-batches per step. During the first `warmup_steps`
+    micro-batches every group's lr rises linearly from 0 (the bias group falls from
+    warmup_bias_lr) to its epoch value, momentum rises from warmup_momentum to momentum, and
+    the accumulation window grows from 1 to `accumulate`.
+    """
+
+    def __init__(self, hyp: dict, epochs: int, batches_per_epoch: int, accumulate: int, cos_lr: bool = False):
+        self.lr0, self.lrf, self.epochs, self.cos_lr = hyp["lr0"], hyp["lrf"], epochs, cos_lr
+        self.full_accumulate = accumulate
+        self.momentum, self.warmup_momentum, self.warmup_bias_lr = hyp["momentum"], hyp["warmup_momentum"], hyp["warmup_bias_lr"]
+        # At least 100 micro-batches of warmup, as YOLOv5 (0 turns warmup off).
+        self.warmup_steps = max(round(hyp["warmup_epochs"] * batches_per_epoch), 100) if hyp["warmup_epochs"] > 0 else 0
+
+    def accumulate(self, step: int) -> int:
+        """Micro-batches per optimizer step at micro-batch `step` (YOLOv5's warmup ramp, numpy rounding)."""
+        if step >= self.warmup_steps:
+            return self.full_accumulate
+        return max(1, int(np.interp(step, [0, self.warmup_steps], [1, self.full_accumulate]).round()))
+
+    def factor(self, epoch: int) -> float:
+        if self.cos_lr:
+            return ((1 - math.cos(epoch * math.pi / self.epochs)) / 2) * (self.lrf - 1) + 1
+        return (1 - epoch / self.epochs) * (1.0 - self.lrf) + self.lrf
+
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+        """Set lr (and momentum during warmup) for micro-batch `step` counted from the start of training."""
+        target = self.lr0 * self.factor(epoch)
+        warming = step < self.warmup_steps
+        for index, group in enumerate(optimizer.param_groups):
+            if warming:
+                start = self.warmup_bias_lr if index == BIAS_GROUP else 0.0
+                group["lr"] = float(np.interp(step, [0, self.warmup_steps], [start, target]))
+                momentum = float(np.interp(step, [0, self.warmup_steps], [self.warmup_momentum, self.momentum]))
+                if "momentum" in group:
+                    group["momentum"] = momentum
+                elif "betas" in group:
+                    group["betas"] = (momentum, group["betas"][1])
+            else:
+                group["lr"] = target
+                if "momentum" in group:
+                    group["momentum"] = self.momentum
+                elif "betas" in group:
+                    group["betas"] = (self.momentum, group["betas"][1])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+                   max_grad_norm: float = 10.0) -> bool:
+    """Unscale, clip to max_grad_norm, step, zero the grads. False when the step was skipped
+    because a gradient was inf/NaN (the GradScaler's verdict under fp16, the gradient norm otherwise)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_grad_norm)
+    if scaler.is_enabled():
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # skips internally on inf/NaN
+        scaler.update()
+        stepped = scaler.get_scale() >= scale_before  # the scale only shrinks after a skipped step
+    else:
+        stepped = bool(torch.isfinite(grad_norm))
+        if stepped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped

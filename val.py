@@ -1,0 +1,200 @@
+"""Evaluate a detector: `evaluate(model, loader)` for train.py, and the val.py command line.
+
+    python val.py --weights runs/train/exp/weights/best.pt --data data/shapes.yaml
+
+evaluates the checkpoint's EMA weights (the model weights with --raw) and prints YOLOv5's
+table: Class, Images, Instances, P, R, mAP50, mAP50-95 (per class with --verbose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils.boxes import letterbox_to_original
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.coco_json import category_ids, prediction_records, write_json
+from utils.data_config import load_dataset_config
+from utils.dataset import DetectionDataset, build_dataloader
+from utils.device import amp_dtype_for, autocast, describe_precision, interactive, select_device, to_model_input
+from utils.errors import UserError, run_cli
+from utils.labels import cache_path_for, list_image_files, scan_labels
+from utils.log import LOGGER, setup_logging
+from utils.metrics import DetectionEvaluator, DetectionMetrics
+from utils.nms import non_max_suppression
+from utils.run_dir import next_run_dir
+
+TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+
+
+@dataclass
+class EvalResult:
+    metrics: DetectionMetrics
+    images_per_class: np.ndarray      # (nc,) images holding at least one box of the class
+    loss: np.ndarray | None           # mean [box, obj, cls] loss when a loss function was given
+    speed_ms: tuple[float, float, float]  # per image: pre-process, inference, NMS
+    input_shape: tuple[int, ...]      # shape of the last batch
+    records: list[dict]               # COCO-format predictions when asked for
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch.dtype | None,
+             conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300, loss_fn=None,
+             coco_ids: list[int] | None = None) -> EvalResult:
+    """mAP of `model` on `loader` (no augmentation), in original-image coordinates.
+
+    Runs under autocast with the given dtype; the model's own weights are never cast.
+    """
+    dataset: DetectionDataset = loader.dataset
+    was_training = model.training
+    model.eval()
+    nc = model.nc
+    evaluator = DetectionEvaluator(nc)
+    images_per_class = np.zeros(nc, dtype=np.int64)
+    loss_sum, num_batches = torch.zeros(3, device=device), 0
+    times, num_images, num_truncated, records = np.zeros(3), 0, 0, []
+    input_shape: tuple[int, ...] = ()
+    bar = tqdm(loader, desc=_row(*TABLE_HEADER), leave=False, disable=not interactive(), bar_format="{l_bar}{bar:10}{r_bar}")
+    for batch in bar:
+        t0 = time.perf_counter()
+        images = to_model_input(batch.images, device)
+        input_shape = tuple(images.shape)
+        t1 = time.perf_counter()
+        with autocast(device, amp_dtype):
+            decoded, raw = model(images)
+        if loss_fn is not None:
+            loss_sum += loss_fn(raw, batch.targets)[1]
+            num_batches += 1
+        t2 = time.perf_counter()
+        detections, truncated = non_max_suppression(decoded, conf_thres, iou_thres, max_det=max_det, multi_label=True)
+        num_truncated += truncated
+        t3 = time.perf_counter()
+        times += (t1 - t0, t2 - t1, t3 - t2)
+        num_images += len(images)
+        for det, index, (scale_x, scale_y, pad_x, pad_y) in zip(detections, batch.indices.tolist(), batch.letterbox.tolist()):
+            boxes = letterbox_to_original(det[:, :4].double().cpu(), tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y))
+            gt_boxes, gt_classes = dataset.original_boxes_xyxy(index)
+            scores, classes = det[:, 4].cpu().numpy(), det[:, 5].cpu().numpy().astype(np.int64)
+            evaluator.add_image(boxes.numpy(), scores, classes, gt_boxes, gt_classes)
+            images_per_class[np.unique(gt_classes)] += 1
+            if coco_ids is not None:
+                records += prediction_records(dataset.image_files[index], boxes.numpy(), scores, classes, coco_ids)
+    if num_truncated:
+        LOGGER.warning(f"WARNING: {num_truncated} image(s) had more than the NMS candidate limit; "
+                       "their lowest-scoring candidates were not considered")
+    model.train(was_training)
+    return EvalResult(metrics=evaluator.compute(), images_per_class=images_per_class,
+                      loss=(loss_sum / max(num_batches, 1)).cpu().numpy() if loss_fn is not None else None,
+                      speed_ms=tuple(times / max(num_images, 1) * 1e3), input_shape=input_shape, records=records)
+
+
+def _row(*cells) -> str:
+    return f"{cells[0]:>22}" + "".join(f"{c:>11}" for c in cells[1:])
+
+
+def results_table(result: EvalResult, names: list[str], verbose: bool = False) -> str:
+    """YOLOv5's table: an 'all' row, then one row per class with ground truth when verbose."""
+    m = result.metrics
+    lines = [_row(*TABLE_HEADER),
+             _row("all", m.num_images, int(m.instances_per_class.sum()), f"{m.precision:.3g}", f"{m.recall:.3g}",
+                  f"{m.map50:.3g}", f"{m.map50_95:.3g}")]
+    if verbose and len(names) > 1:
+        for c in np.flatnonzero(m.instances_per_class):
+            lines.append(_row(names[c], int(result.images_per_class[c]), int(m.instances_per_class[c]),
+                              f"{m.precision_per_class[c]:.3g}", f"{m.recall_per_class[c]:.3g}",
+                              f"{m.ap50_per_class[c]:.3g}", f"{m.ap50_95_per_class[c]:.3g}"))
+    return "\n".join(lines)
+
+
+def build_val_loader(image_sources, names_count: int, img_size: int, batch_size: int, workers: int, hyp: dict,
+                     stride: int, single_cls: bool = False, prefix: str = "val: ", pin_memory: bool = False):
+    """Scan a split and build its rectangular, non-augmented loader; logs the split summary."""
+    image_files = list_image_files(image_sources)
+    scan = scan_labels(image_files, names_count, cache_path_for(image_files), prefix=prefix)
+    LOGGER.info(f"{prefix}{scan.summary()}")
+    for message in scan.messages[:10]:
+        LOGGER.warning(f"{prefix}WARNING: {message}")
+    if len(scan.messages) > 10:
+        LOGGER.warning(f"{prefix}... and {len(scan.messages) - 10} more warnings")
+    if not scan.image_files:
+        raise UserError(f"{prefix}no usable images in {', '.join(str(s) for s in image_sources)}")
+    dataset = DetectionDataset(scan, img_size, hyp, augment=False, rect=True, batch_size=batch_size, stride=stride,
+                               single_cls=single_cls)
+    return build_dataloader(dataset, batch_size, workers, shuffle=False, pin_memory=pin_memory)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint's EMA weights on a dataset split.")
+    parser.add_argument("--weights", required=True, help="checkpoint (.pt) written by train.py")
+    parser.add_argument("--data", default="data/shapes.yaml", help="dataset YAML")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                        help="inference size in pixels (default: the checkpoint's training size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size (default: twice the training batch, as train.py validates)")
+    parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    parser.add_argument("--task", default="val", choices=("train", "val", "test"), help="which split to evaluate")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
+    parser.add_argument("--single-cls", action="store_true", help="treat the dataset as single-class")
+    parser.add_argument("--verbose", action="store_true", help="print mAP per class")
+    parser.add_argument("--save-json", action="store_true", help="write COCO-format predictions.json")
+    parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
+    parser.add_argument("--no-amp", action="store_true", help="run in fp32 (default: the training precision)")
+    parser.add_argument("--project", default="runs/val", help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_args(argv)
+    setup_logging()
+    checkpoint = load_checkpoint(opt.weights)
+    train_opt = checkpoint.get("opt", {})
+    device = select_device(opt.device)
+    model = model_from_checkpoint(checkpoint, "model" if opt.raw else "ema", source=opt.weights)
+    model.to(device, memory_format=torch.channels_last)
+    data = load_dataset_config(opt.data)
+    nc = 1 if opt.single_cls else data.nc
+    if nc != model.nc:
+        raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
+    img_size = opt.imgsz or int(train_opt.get("imgsz", 640))
+    stride = int(model.stride.max())
+    if img_size % stride:
+        raise UserError(f"--imgsz {img_size} must be a multiple of the model's max stride {stride}")
+    batch_size = opt.batch_size or 2 * int(train_opt.get("batch_size", 16))
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp and not train_opt.get("no_amp", False))
+    split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
+    if not split:
+        raise UserError(f"{data.source} defines no {opt.task} split")
+    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint["hyp"], stride,
+                              single_cls=opt.single_cls, prefix=f"{opt.task}: ", pin_memory=device.type == "cuda")
+    is_coco = data.source.name == "coco.yaml" and nc == 80
+    result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, conf_thres=opt.conf_thres,
+                      iou_thres=opt.iou_thres, max_det=opt.max_det,
+                      coco_ids=category_ids(nc, is_coco) if opt.save_json else None)
+    weights_used = "raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)"
+    LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype)}")
+    LOGGER.info(results_table(result, list(model.names), verbose=opt.verbose))
+    pre, infer, nms = result.speed_ms
+    LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
+                f"at shape {result.input_shape}")
+    if opt.save_json:
+        run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
+        json_path = run_dir / "predictions.json"
+        write_json(json_path, result.records)
+        LOGGER.info(f"Saved {len(result.records)} predictions to {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, "val.py")
