@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
+    """detect.py's command line: detect, draw and save for every source image."""
     opt = parse_args(argv)
     setup_logging()
     checkpoint = load_checkpoint(opt.weights)
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device, memory_format=torch.channels_last)
     names = list(model.names)
     stride = int(model.stride.max())
-    img_size = opt.imgsz or int(checkpoint.get("opt", {}).get("imgsz", 640))
-    if img_size % stride:
+    img_size = int(checkpoint.get("opt", {}).get("imgsz", 640)) if opt.imgsz is None else opt.imgsz
+    if img_size < 32 or img_size % stride:
         raise UserError(f"--imgsz {img_size} must be a multiple of the model's max stride {stride}")
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
     images = list_sources(opt.source)

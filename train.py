@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -22,29 +23,29 @@ import yaml
 from tqdm import tqdm
 
 from models.parse import read_model_yaml
-from models.yolo import DetectionModel, resolve_model_yaml
-from utils.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, restore_rng_state,
+from models.yolo import DetectionModel
+from utils.checkpoint import (ema_state, load_checkpoint, make_checkpoint, model_from_checkpoint, restore_rng_state,
                               save_checkpoint, transfer_matching_weights)
+from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
-from utils.device import amp_dtype_for, autocast, describe_precision, interactive, select_device, to_model_input
+from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
 from utils.ema import ModelEMA
 from utils.errors import UserError, run_cli
 from utils.hyp import load_hyp
-from utils.labels import cache_path_for, list_image_files, scan_labels
-from utils.log import LOGGER, RunLogger, setup_logging
+from utils.labels import scan_split
+from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
-from utils.optim import (NOMINAL_BATCH_SIZE, OPTIMIZERS, TrainSchedule, accumulation_steps, build_optimizer,
-                         optimizer_step)
+from utils.optim import NOMINAL_BATCH_SIZE, OPTIMIZERS, TrainSchedule, accumulation_steps, build_optimizer, optimizer_step
 from utils.run_dir import newest_last_checkpoint, next_run_dir
 from val import build_val_loader, evaluate, results_table
 
-REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CFG = "yolov5n.yaml"
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
+RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a YOLOv5-style detector with EMA weight averaging.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="", help="initial weights: a checkpoint of this framework ('' = from scratch)")
@@ -69,74 +70,111 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
     p.add_argument("--cos-lr", action="store_true", help="cosine learning-rate schedule")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
-    p.add_argument("--patience", type=int, default=100, help="early stopping: epochs without improvement")
+    p.add_argument("--patience", type=int, default=100, help="early stopping: epochs without improvement (0: off)")
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: first N, or a list of indices")
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("distributed training (torchrun) is not supported yet: run one process per machine")
     if args.resume:
         checkpoint_path = Path(args.resume) if isinstance(args.resume, str) else newest_last_checkpoint(Path(args.project))
         checkpoint = load_checkpoint(checkpoint_path)
-        opt = argparse.Namespace(**{**checkpoint["opt"], "resume": False})
-        for runtime_only in ("device", "workers"):  # settings that do not change the results
-            if getattr(args, runtime_only) is not None:
-                setattr(opt, runtime_only, getattr(args, runtime_only))
+        opt = resumed_options(args, parser, checkpoint)
         if checkpoint.get("finished") or checkpoint["epoch"] + 1 >= opt.epochs:
             LOGGER.info(f"{checkpoint_path} is from a finished run ({checkpoint['epoch'] + 1} epochs); nothing to resume")
             return 0
-        hyp, run_dir = checkpoint["hyp"], checkpoint_path.resolve().parent.parent
-        data = load_dataset_config(opt.data)
-        LOGGER.info(f"Resuming {run_dir} from epoch {checkpoint['epoch'] + 1} of {opt.epochs}")
+        hyp = checkpoint["hyp"]
     else:
         opt, checkpoint = args, None
         opt.device = "" if opt.device is None else opt.device
         opt.workers = 8 if opt.workers is None else opt.workers
-        if opt.epochs < 1 or opt.batch_size < 1 or opt.imgsz < 32:
-            raise UserError("--epochs and --batch-size must be at least 1 and --imgsz at least 32")
         hyp = load_hyp(opt.hyp)
-        data = load_dataset_config(opt.data)  # before the run folder exists: a missing dataset leaves no trace
+    check_options(opt)
+    seed_everything(opt.seed)  # before the model exists: its initial weights come from this seed
+    data = load_dataset_config(opt.data)
+    model = model_for_run(opt, data, checkpoint)
+    # Everything the user gave is checked before the run folder exists: a mistake leaves no trace.
+    if checkpoint is not None:
+        run_dir = checkpoint_path.resolve().parent.parent
+        LOGGER.info(f"Resuming {run_dir} from epoch {checkpoint['epoch'] + 1} of {opt.epochs}")
+    else:
         run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
         (run_dir / "opt.yaml").write_text(yaml.safe_dump(vars(opt), sort_keys=False))
         (run_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
     try:
-        train(opt, hyp, data, run_dir, checkpoint)
+        train(opt, hyp, data, model, run_dir, checkpoint)
     except KeyboardInterrupt:
-        LOGGER.info(f"\nInterrupted. Continue with: python train.py --resume {run_dir / 'weights' / 'last.pt'}")
+        last = run_dir / "weights" / "last.pt"
+        LOGGER.info(f"\nInterrupted. Continue with: python train.py --resume {last}" if last.exists()
+                    else "\nInterrupted before the first checkpoint was written.")
         return 130
     return 0
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def resumed_options(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: dict) -> argparse.Namespace:
+    """The original run's options; only runtime-only ones may be overridden, others are reported as ignored."""
+    opt = argparse.Namespace(**{**checkpoint["opt"], "resume": False})
+    ignored = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+               if k not in (*RUNTIME_ONLY_OPTIONS, "resume", "project") and v != parser.get_default(k)]
+    if ignored:
+        LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
+    for name in RUNTIME_ONLY_OPTIONS:
+        if getattr(args, name) is not None:
+            setattr(opt, name, getattr(args, name))
+    return opt
 
 
-def build_model(opt: argparse.Namespace, nc: int, checkpoint: dict | None) -> DetectionModel:
-    """The model for this run: from the resumed checkpoint, else --cfg (or --weights' YAML) plus --weights."""
+def check_options(opt: argparse.Namespace) -> None:
+    if opt.epochs < 1 or opt.batch_size < 1 or opt.imgsz < 32:
+        raise UserError("--epochs and --batch-size must be at least 1, --imgsz at least 32")
+    if opt.workers < 0 or opt.patience < 0:
+        raise UserError("--workers and --patience must not be negative")
+    if any(f < 0 for f in opt.freeze):
+        raise UserError("--freeze takes layer counts or indices, which are not negative")
+
+
+def model_for_run(opt: argparse.Namespace, data: DatasetConfig, checkpoint: dict | None) -> DetectionModel:
+    """The run's model: the resumed checkpoint's, else --cfg (or the --weights checkpoint's YAML)
+    with --weights transferred; checked against the dataset, --imgsz and --freeze."""
+    nc = 1 if opt.single_cls else data.nc
     if checkpoint is not None:
-        return DetectionModel(checkpoint["model_yaml"], nc=nc)
-    initial = load_checkpoint(opt.weights) if opt.weights else None
-    if opt.cfg or initial is None:
-        model = DetectionModel(read_model_yaml(resolve_model_yaml(opt.cfg or DEFAULT_CFG)), nc=nc)
+        if checkpoint["model_yaml"]["nc"] != nc:
+            raise UserError(f"the resumed run trained {checkpoint['model_yaml']['nc']} classes, but {data.source} "
+                            f"now has {nc}; start a new run with --weights instead")
+        model = DetectionModel(checkpoint["model_yaml"], nc=nc)
     else:
-        model = DetectionModel(initial["model_yaml"], nc=nc)
-    if initial is not None:
-        # Anchors come from the model YAML when one is named explicitly, as in YOLOv5.
-        moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else ())
-        LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights}")
+        initial = load_checkpoint(opt.weights) if opt.weights else None
+        if opt.cfg or initial is None:
+            model = DetectionModel(read_model_yaml(resolve_config_path(opt.cfg or DEFAULT_CFG, "models")), nc=nc)
+        else:
+            model = DetectionModel(initial["model_yaml"], nc=nc)
+        if initial is not None:
+            # Anchors come from the model YAML when one is named explicitly, as in YOLOv5.
+            moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else ())
+            LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights}")
+    stride = int(model.stride.max())
+    if opt.imgsz % stride:
+        raise UserError(f"--imgsz {opt.imgsz} is not a multiple of the model's max stride {stride}; "
+                        f"use {math.ceil(opt.imgsz / stride) * stride}")
+    head_index = len(model.model) - 1
+    frozen = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
+    if any(i >= head_index for i in frozen):
+        raise UserError(f"--freeze {' '.join(map(str, opt.freeze))} would freeze the Detect head (layer {head_index}); "
+                        f"freeze at most the first {head_index} layers")
+    freeze_layers(model, frozen)
     return model
 
 
-def freeze_layers(model: DetectionModel, freeze: list[int]) -> None:
-    """--freeze N freezes layers 0..N-1; a list freezes those layer indices."""
-    layers = freeze if len(freeze) > 1 else range(freeze[0])
+def freeze_layers(model: DetectionModel, layers: list[int]) -> None:
+    """Stop gradients for the parameters of the given layer indices."""
     prefixes = tuple(f"model.{i}." for i in layers)
     for name, param in model.named_parameters():
         if name.startswith(prefixes):
@@ -145,67 +183,65 @@ def freeze_layers(model: DetectionModel, freeze: list[int]) -> None:
         LOGGER.info(f"Froze layers {', '.join(str(i) for i in layers)}")
 
 
-def build_train_loader(opt: argparse.Namespace, data: DatasetConfig, hyp: dict, pin_memory: bool):
-    image_files = list_image_files(data.train)
-    scan = scan_labels(image_files, data.nc, cache_path_for(image_files), prefix="train: ")
-    LOGGER.info(f"train: {scan.summary()}")
-    for message in scan.messages[:10]:
-        LOGGER.warning(f"train: WARNING: {message}")
-    if not scan.image_files:
-        raise UserError(f"train: no usable images in {', '.join(str(s) for s in data.train)}")
-    dataset = DetectionDataset(scan, opt.imgsz, hyp, augment=True, seed=opt.seed, single_cls=opt.single_cls)
-    if opt.cache == "ram":
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (model initialisation draws from torch's generator)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
+                       single_cls: bool, cache_ram: bool, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The augmenting training loader over the verified train split."""
+    scan = scan_split(data.train, data.nc, prefix="train: ")
+    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls)
+    if cache_ram:
         dataset.cache_images_in_ram()
-    return build_dataloader(dataset, opt.batch_size, opt.workers, shuffle=True, seed=opt.seed, pin_memory=pin_memory)
+    return build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed, pin_memory=pin_memory)
 
 
-def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, run_dir: Path, checkpoint: dict | None) -> None:
+def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: DetectionModel, run_dir: Path,
+          checkpoint: dict | None) -> None:
+    """The training loop: epochs of accumulated AMP steps with an EMA, validated and checkpointed."""
     device = select_device(opt.device)
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
-    seed_everything(opt.seed)
     weights_dir = run_dir / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = weights_dir / "last.pt", weights_dir / "best.pt"
-
-    # Model
-    nc = 1 if opt.single_cls else data.nc
     names = ["item"] if opt.single_cls else list(data.names)
-    model = build_model(opt, nc, checkpoint)
     model.names, model.hyp = names, hyp
-    stride = int(model.stride.max())
-    if opt.imgsz % stride:
-        raise UserError(f"--imgsz {opt.imgsz} is not a multiple of the model's max stride {stride}; "
-                        f"use {math.ceil(opt.imgsz / stride) * stride}")
     model.to(device, memory_format=torch.channels_last)
-    freeze_layers(model, opt.freeze)
     LOGGER.info(f"Model: {model.summary(opt.imgsz)}")
+    if hyp["copy_paste"] > 0:
+        LOGGER.warning("WARNING: copy_paste needs segment labels; with box labels it has no effect (as in YOLOv5)")
 
     # Data
     pin_memory = device.type == "cuda"
-    train_loader = build_train_loader(opt, data, hyp, pin_memory)
-    val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp, stride,
-                                  single_cls=opt.single_cls, pin_memory=pin_memory)
+    train_loader = build_train_loader(data, hyp, opt.imgsz, opt.batch_size, opt.workers, opt.seed, opt.single_cls,
+                                      opt.cache == "ram", pin_memory)
+    val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
+                                  int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory)
     batches_per_epoch = len(train_loader)
 
     # Optimisation
     accumulate = accumulation_steps(opt.batch_size)
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / NOMINAL_BATCH_SIZE
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
-    schedule = TrainSchedule(hyp, opt.epochs, batches_per_epoch, accumulate, cos_lr=opt.cos_lr)
+    schedule = TrainSchedule(hyp, opt.epochs, batches_per_epoch, opt.batch_size, cos_lr=opt.cos_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
     criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
     start_epoch, best_fitness, best_epoch = 0, 0.0, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict({"module": checkpoint["ema"], "updates": checkpoint["updates"],
-                             "decay": checkpoint["ema_decay"], "tau": checkpoint["ema_tau"]})
+        ema.load_state_dict(ema_state(checkpoint))
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
         best_fitness, best_epoch = checkpoint["best_fitness"], checkpoint["best_epoch"]
+    patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
     logger = RunLogger(run_dir, start_epoch)
     LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size} x {accumulate} accumulated, "
                 f"{batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
@@ -213,12 +249,11 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, run_dir: Path
 
     started = time.time()
     for epoch in range(start_epoch, opt.epochs):
-        skipped_steps = 0
         model.train()
         train_loader.sampler.set_epoch(epoch)
         loss_sum = torch.zeros(3, device=device)
         optimizer.zero_grad(set_to_none=True)
-        window = 0  # micro-batches accumulated since the last optimizer step
+        window, skipped_steps = 0, 0  # micro-batches accumulated since the last step; steps skipped for inf/NaN
         bar = tqdm(train_loader, total=batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}", disable=not interactive())
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
         for i, batch in enumerate(bar):
@@ -233,9 +268,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, run_dir: Path
             if window >= schedule.accumulate(step) or i + 1 == batches_per_epoch:
                 window = 0
                 schedule.apply(optimizer, epoch, step)
-                if optimizer_step(optimizer, scaler, model):
-                    ema.update(model)
-                else:
+                if not optimizer_step(optimizer, scaler, model, ema):  # the EMA moves with each taken step
                     skipped_steps += 1
             loss_sum += loss_items
             mean_loss = (loss_sum / (i + 1)).tolist()
@@ -273,16 +306,17 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, run_dir: Path
             best_fitness, best_epoch = fitness, epoch
         logger.log_epoch(epoch, row)
 
-        stop_early = epoch - best_epoch >= opt.patience and not final_epoch
+        stop_early = epoch - best_epoch >= patience and not final_epoch
         if not opt.nosave or final_epoch or stop_early:
-            state = make_checkpoint(epoch=epoch, best_fitness=best_fitness, model=model, ema=ema, optimizer=optimizer,
+            state = make_checkpoint(epoch=epoch, best_fitness=best_fitness, best_epoch=best_epoch,
+                                    finished=final_epoch or stop_early, model=model, ema=ema, optimizer=optimizer,
                                     scaler=scaler, names=names, hyp=hyp, opt=vars(opt))
-            state.update(best_epoch=best_epoch, finished=final_epoch or stop_early)
-            save_checkpoint(last_path, state)
+            # last.pt goes last: once it names this epoch, best.pt and epochN.pt are already on disk.
             if is_best:
                 save_checkpoint(best_path, state)
             if opt.save_period > 0 and epoch % opt.save_period == 0:
                 save_checkpoint(weights_dir / f"epoch{epoch}.pt", state)
+            save_checkpoint(last_path, state)
         if stop_early:
             LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {best_epoch}")
             break
@@ -293,8 +327,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, run_dir: Path
         best = load_checkpoint(best_path)
         LOGGER.info(f"Validating {best_path} (epoch {best['epoch']})...")
         best_model = model_from_checkpoint(best, "ema", str(best_path)).to(device, memory_format=torch.channels_last)
-        result = evaluate(best_model, val_loader,
-                          device=device, amp_dtype=amp_dtype)
+        result = evaluate(best_model, val_loader, device=device, amp_dtype=amp_dtype)
         LOGGER.info(results_table(result, names, verbose=True))
     LOGGER.info(f"Results saved to {run_dir}")
 

@@ -23,10 +23,11 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.coco_json import category_ids, prediction_records, write_json
 from utils.data_config import load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
-from utils.device import amp_dtype_for, autocast, describe_precision, interactive, select_device, to_model_input
+from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
 from utils.errors import UserError, run_cli
-from utils.labels import cache_path_for, list_image_files, scan_labels
-from utils.log import LOGGER, setup_logging
+from utils.labels import scan_split
+from utils.log import LOGGER, interactive, setup_logging
+from utils.loss import DetectionLoss
 from utils.metrics import DetectionEvaluator, DetectionMetrics
 from utils.nms import non_max_suppression
 from utils.run_dir import next_run_dir
@@ -45,9 +46,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, amp_dtype: torch.dtype | None,
-             conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300, loss_fn=None,
-             coco_ids: list[int] | None = None) -> EvalResult:
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: torch.device,
+             amp_dtype: torch.dtype | None, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
+             loss_fn: DetectionLoss | None = None, coco_ids: list[int] | None = None) -> EvalResult:
     """mAP of `model` on `loader` (no augmentation), in original-image coordinates.
 
     Runs under autocast with the given dtype; the model's own weights are never cast.
@@ -100,7 +101,7 @@ def _row(*cells) -> str:
 
 
 def results_table(result: EvalResult, names: list[str], verbose: bool = False) -> str:
-    """YOLOv5's table: an 'all' row, then one row per class with ground truth when verbose."""
+    """YOLOv5's table: an 'all' row, then (verbose) one row per class that has ground truth."""
     m = result.metrics
     lines = [_row(*TABLE_HEADER),
              _row("all", m.num_images, int(m.instances_per_class.sum()), f"{m.precision:.3g}", f"{m.recall:.3g}",
@@ -113,18 +114,11 @@ def results_table(result: EvalResult, names: list[str], verbose: bool = False) -
     return "\n".join(lines)
 
 
-def build_val_loader(image_sources, names_count: int, img_size: int, batch_size: int, workers: int, hyp: dict,
-                     stride: int, single_cls: bool = False, prefix: str = "val: ", pin_memory: bool = False):
-    """Scan a split and build its rectangular, non-augmented loader; logs the split summary."""
-    image_files = list_image_files(image_sources)
-    scan = scan_labels(image_files, names_count, cache_path_for(image_files), prefix=prefix)
-    LOGGER.info(f"{prefix}{scan.summary()}")
-    for message in scan.messages[:10]:
-        LOGGER.warning(f"{prefix}WARNING: {message}")
-    if len(scan.messages) > 10:
-        LOGGER.warning(f"{prefix}... and {len(scan.messages) - 10} more warnings")
-    if not scan.image_files:
-        raise UserError(f"{prefix}no usable images in {', '.join(str(s) for s in image_sources)}")
+def build_val_loader(sources: tuple[Path, ...], num_classes: int, img_size: int, batch_size: int, workers: int,
+                     hyp: dict, stride: int, single_cls: bool = False, prefix: str = "val: ",
+                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The rectangular, non-augmented loader of a verified split (images ordered by aspect ratio)."""
+    scan = scan_split(sources, num_classes, prefix=prefix)
     dataset = DetectionDataset(scan, img_size, hyp, augment=False, rect=True, batch_size=batch_size, stride=stride,
                                single_cls=single_cls)
     return build_dataloader(dataset, batch_size, workers, shuffle=False, pin_memory=pin_memory)
@@ -145,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
     parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat the dataset as single-class")
-    parser.add_argument("--verbose", action="store_true", help="print mAP per class")
+    parser.add_argument("--verbose", action="store_true", help="print mAP per class (always when nc < 50)")
     parser.add_argument("--save-json", action="store_true", help="write COCO-format predictions.json")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
     parser.add_argument("--no-amp", action="store_true", help="run in fp32 (default: the training precision)")
@@ -156,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """val.py's command line: evaluate a checkpoint on a split and print the table."""
     opt = parse_args(argv)
     setup_logging()
     checkpoint = load_checkpoint(opt.weights)
@@ -167,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     nc = 1 if opt.single_cls else data.nc
     if nc != model.nc:
         raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
-    img_size = opt.imgsz or int(train_opt.get("imgsz", 640))
+    img_size = int(train_opt.get("imgsz", 640)) if opt.imgsz is None else opt.imgsz
     stride = int(model.stride.max())
     if img_size % stride:
         raise UserError(f"--imgsz {img_size} must be a multiple of the model's max stride {stride}")
-    batch_size = opt.batch_size or 2 * int(train_opt.get("batch_size", 16))
+    batch_size = 2 * int(train_opt.get("batch_size", 16)) if opt.batch_size is None else opt.batch_size
+    if batch_size < 1 or img_size < 32 or opt.workers < 0:
+        raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp and not train_opt.get("no_amp", False))
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
@@ -184,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                       coco_ids=category_ids(nc, is_coco) if opt.save_json else None)
     weights_used = "raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)"
     LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype)}")
-    LOGGER.info(results_table(result, list(model.names), verbose=opt.verbose))
+    LOGGER.info(results_table(result, list(model.names), verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
                 f"at shape {result.input_shape}")

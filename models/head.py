@@ -30,7 +30,8 @@ class Detect(nn.Module):
         self.stride = torch.zeros(self.nl)  # set by DetectionModel
         self._grids: dict[tuple, torch.Tensor] = {}
 
-    def forward(self, xs: list[torch.Tensor]):
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Feature maps (small strides first) -> raw outputs (training) or (decoded, raw) (eval)."""
         raw = []
         for i, x in enumerate(xs):
             b, _, h, w = x.shape
@@ -67,12 +68,9 @@ class Detect(nn.Module):
         self._grids = {}  # a device change invalidates the cached grids
         return super()._apply(fn, *args, **kwargs)
 
-    def initialize_biases(self, class_frequency: torch.Tensor | None = None) -> None:
-        """YOLOv5 priors: objectness for ~8 objects per 640x640 image, classes from nc (or frequencies)."""
+    def initialize_biases(self) -> None:
+        """YOLOv5's priors: objectness for ~8 objects per 640x640 image, class probability 0.6 / nc."""
         for conv, stride in zip(self.m, self.stride.tolist()):
             bias = conv.bias.detach().view(self.na, -1)
             bias[:, 4] += math.log(8 / (640 / stride) ** 2)
-            if class_frequency is None:
-                bias[:, 5:5 + self.nc] += math.log(0.6 / (self.nc - 0.99999))
-            else:
-                bias[:, 5:5 + self.nc] += torch.log(class_frequency / class_frequency.sum())
+            bias[:, 5:5 + self.nc] += math.log(0.6 / (self.nc - 0.99999))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from models.blocks import C3, SPPF, Bottleneck, Concat, Conv
 from models.head import Detect
+from utils.config_files import read_yaml
 from utils.errors import UserError
 
 BLOCKS: dict[str, type[nn.Module]] = {
@@ -38,12 +38,7 @@ def round_up_to_multiple(x: float, divisor: int) -> int:
 
 def read_model_yaml(path: Path) -> dict:
     """Read and validate a model YAML file; every problem is a UserError naming the file."""
-    try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise UserError(f"cannot read model YAML {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"model YAML {path} is not valid YAML: {error}") from None
+    cfg = read_yaml(path, "model YAML")
     validate_model_config(cfg, source=str(path))
     return cfg
 
@@ -93,6 +88,13 @@ def validate_model_config(cfg: object, source: str) -> None:
             fail(f"layer {i}: unknown block {module!r} (known: {', '.join(BLOCKS)})")
         if not isinstance(args, list):
             fail(f"layer {i}: args must be a list, got {args!r}")
+        block = BLOCKS[module]
+        if block in (Concat, Detect) and not isinstance(sources, list):
+            fail(f"layer {i}: {module} takes a list of inputs in 'from', got {sources!r}")
+        if block not in (Concat, Detect) and not isinstance(sources, int):
+            fail(f"layer {i}: {module} takes one input in 'from', got {sources!r}")
+        if issubclass(block, CHANNEL_BLOCKS) and not (args and isinstance(args[0], int) and args[0] > 0):
+            fail(f"layer {i}: {module} args must start with the output channel count, got {args!r}")
         if BLOCKS[module] is Detect and i != len(layers) - 1:
             fail(f"layer {i}: Detect must be the last layer")
     if layers[-1][2] != "Detect":

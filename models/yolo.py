@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.blocks import Conv
 from models.head import Detect
 from models.parse import build_layers, read_model_yaml, validate_model_config
+from utils.config_files import resolve_config_path
 
 LOGGER = logging.getLogger(__name__)
-MODELS_DIR = Path(__file__).resolve().parent
 
 
 class DetectionModel(nn.Module):
@@ -103,15 +103,6 @@ class DetectionModel(nn.Module):
         return counter.get_total_flops() / 1e9 * (img_size / probe) ** 2
 
 
-def resolve_model_yaml(name_or_path: str | Path) -> Path:
-    """A model YAML path as given, or a bare name such as 'yolov5s.yaml' looked up in models/."""
-    path = Path(name_or_path)
-    if path.exists() or path.is_absolute():
-        return path
-    shipped = MODELS_DIR / path.name
-    return shipped if shipped.exists() else path
-
-
 def build_model(cfg_path: str | Path, nc: int | None = None) -> DetectionModel:
-    """Read a model YAML (path or shipped name) and build the detector."""
-    return DetectionModel(read_model_yaml(resolve_model_yaml(cfg_path)), nc=nc)
+    """Read a model YAML (a path, or a shipped name such as 'yolov5s.yaml') and build the detector."""
+    return DetectionModel(read_model_yaml(resolve_config_path(cfg_path, "models")), nc=nc)

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from utils.config_files import REPO_ROOT
 from utils.synthetic_shapes import CLASS_NAMES, generate_shapes_dataset
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

@@ -35,11 +35,14 @@ def test_letterbox_pads_centred_and_reports_geometry():
 
 def test_perspective_moves_boxes_with_the_pixels():
     rng = np.random.default_rng(0)
+    checked = 0
     for _ in range(10):
         image, labels = image_with_box()
         out, out_labels = random_perspective(image, labels, rng, degrees=0, translate=0.1, scale=0.3)
-        if len(out_labels):
+        if len(out_labels):  # a box pushed out of the frame is dropped
             np.testing.assert_allclose(out_labels[0, 1:], bright_extent(out), atol=2)
+            checked += 1
+    assert checked >= 5
 
 
 def test_flips_mirror_boxes():
@@ -54,11 +57,12 @@ def test_mosaic_places_every_box_on_its_object():
     rng = np.random.default_rng(1)
     images, labels = zip(*(image_with_box(box=(10 + 5 * k, 8, 40 + 5 * k, 30)) for k in range(4)))
     canvas, canvas_labels = mosaic_canvas(list(images), list(labels), 100, rng)
-    assert canvas.shape == (200, 200, 3)
-    for _, x1, y1, x2, y2 in canvas_labels:
-        if x2 - x1 > 2 and y2 - y1 > 2:
-            patch = canvas[int(y1):int(y2), int(x1):int(x2), 0]
-            assert (patch > 128).all()
+    assert canvas.shape == (200, 200, 3) and len(canvas_labels) == 4
+    visible = [box for box in canvas_labels if box[3] - box[1] > 2 and box[4] - box[2] > 2]
+    assert len(visible) >= 2
+    for _, x1, y1, x2, y2 in visible:
+        patch = canvas[int(y1):int(y2), int(x1):int(x2), 0]
+        assert (patch > 128).all()
 
 
 def test_box_candidates_drop_slivers_and_lost_boxes():

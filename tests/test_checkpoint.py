@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from models.yolo import build_model
-from utils.checkpoint import (FORMAT_VERSION, load_checkpoint, make_checkpoint, model_from_checkpoint,
+from utils.checkpoint import (FORMAT_VERSION, ema_state, load_checkpoint, make_checkpoint, model_from_checkpoint,
                               restore_rng_state, rng_state, save_checkpoint, transfer_matching_weights)
 from utils.ema import ModelEMA
 from utils.errors import UserError
 from utils.hyp import load_hyp
 from utils.loss import DetectionLoss
-from utils.optim import build_optimizer
+from utils.optim import build_optimizer, optimizer_step
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +32,14 @@ def trained_checkpoint():
     ema = ModelEMA(model)
     criterion = DetectionLoss(model.detect_head, hyp, 64)
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.3, 0.3]])
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=256.0)
     for _ in range(2):
         loss, _ = criterion(model(torch.rand(1, 3, 64, 64)), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update(model)
-    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=256.0)
-    checkpoint = make_checkpoint(epoch=4, best_fitness=0.25, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
-                                 names=model.names, hyp=hyp, opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"})
+        scaler.scale(loss).backward()
+        assert optimizer_step(optimizer, scaler, model, ema)
+    checkpoint = make_checkpoint(epoch=4, best_fitness=0.25, best_epoch=3, finished=False, model=model, ema=ema,
+                                 optimizer=optimizer, scaler=scaler, names=model.names, hyp=hyp,
+                                 opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"})
     return model, ema, optimizer, checkpoint
 
 
@@ -56,11 +55,14 @@ def test_round_trip_with_weights_only(tmp_path, trained_checkpoint):
         assert loaded[key].keys() == source.keys()
         for name, tensor in source.items():
             assert torch.equal(loaded[key][name], tensor) and loaded[key][name].dtype == tensor.dtype, name
-    assert loaded["updates"] == 2 and loaded["epoch"] == 4 and loaded["best_fitness"] == 0.25
+    assert loaded["updates"] == 2 and loaded["epoch"] == 4 and loaded["best_fitness"] == 0.25 and loaded["best_epoch"] == 3
     assert loaded["format_version"] == FORMAT_VERSION and loaded["names"] == ["a", "b", "c"]
-    assert loaded["scaler"]["scale"] == 256.0
+    assert loaded["scaler"]["scale"] == 256.0 and loaded["scaler"]["_growth_tracker"] == 2
     restored = build_optimizer(build_model("yolov5n.yaml", nc=3), "SGD", 0.01, 0.937, 5e-4)
     restored.load_state_dict(loaded["optimizer"])
+    restored_ema = ModelEMA(build_model("yolov5n.yaml", nc=3))
+    restored_ema.load_state_dict(ema_state(loaded))
+    assert restored_ema.updates == 2 and restored_ema.decay == ema.decay
     for a, b in zip(restored.state.values(), optimizer.state.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.boxes import xywhn_to_xyxy
+from utils.boxes import letterbox_to_original, xywhn_to_xyxy
 from utils.data_config import load_dataset_config
 from utils.dataset import DetectionDataset, EpochSampler, build_dataloader
 from utils.hyp import load_hyp
@@ -65,10 +65,10 @@ def test_validation_letterbox_maps_back_to_the_original_boxes(train_scan):
         image, targets, _, (scale_x, scale_y, pad_x, pad_y) = dataset[index]
         h, w = image.shape[1:]
         assert h % 32 == 0 and w % 32 == 0 and max(h, w) <= 128 + 32
-        boxes = xywhn_to_xyxy(targets[:, 2:].numpy().astype(np.float64), w, h)
-        restored = (boxes - [pad_x, pad_y, pad_x, pad_y]) / [scale_x, scale_y, scale_x, scale_y]
+        boxes = torch.from_numpy(xywhn_to_xyxy(targets[:, 2:].numpy(), w, h)).double()
+        restored = letterbox_to_original(boxes, tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y))
         original, classes = dataset.original_boxes_xyxy(index)
-        np.testing.assert_allclose(restored, original, atol=1e-3)
+        np.testing.assert_allclose(restored.numpy(), original, atol=1e-3)
         assert classes.tolist() == targets[:, 1].long().tolist()
 
 

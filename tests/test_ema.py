@@ -87,7 +87,7 @@ def backward_with_an_inf_gradient(model: nn.Module, scaler: torch.amp.GradScaler
 
 @pytest.mark.parametrize("scaler_enabled", [True, False], ids=["GradScaler", "bf16-no-scaler"])
 def test_skipped_step_leaves_weights_and_ema_alone(scaler_enabled):
-    """An inf/NaN gradient skips the optimizer step; the loop then does not update the EMA."""
+    """An inf/NaN gradient skips the optimizer step, and with it the EMA update and its counter."""
     model = small_net()
     ema = ModelEMA(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -95,10 +95,7 @@ def test_skipped_step_leaves_weights_and_ema_alone(scaler_enabled):
     backward_with_an_inf_gradient(model, scaler)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    stepped = optimizer_step(optimizer, scaler, model)
-    if stepped:  # what train.py does: the EMA follows optimizer steps only
-        ema.update(model)
-    assert stepped is False
+    assert optimizer_step(optimizer, scaler, model, ema) is False
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, ema_before[k]) for k, v in ema.module.state_dict().items())
     assert ema.updates == 0
@@ -107,10 +104,13 @@ def test_skipped_step_leaves_weights_and_ema_alone(scaler_enabled):
     assert all(p.grad is None for p in model.parameters())  # the bad gradients are not carried over
 
 
-def test_finite_step_is_taken():
+def test_finite_step_is_taken_and_averaged():
     model = small_net()
+    ema = ModelEMA(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(2, 3, 6, 6)).sum().backward()
     before = model[0].weight.clone()
-    assert optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), model) is True
-    assert not torch.equal(model[0].weight, before)
+    assert optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), model, ema) is True
+    assert not torch.equal(model[0].weight, before) and ema.updates == 1
+    d = ema.current_decay()
+    torch.testing.assert_close(ema.module[0].weight, d * before + (1 - d) * model[0].weight)

@@ -10,7 +10,7 @@ import pytest
 
 from utils import labels as labels_module
 from utils.errors import UserError
-from utils.labels import cache_path_for, label_path_for, list_image_files, scan_labels
+from utils.labels import cache_path_for, label_path_for, list_image_files, scan_labels, scan_split
 
 
 def write_image(path: Path, size=(48, 64), suffix=".jpg") -> Path:
@@ -61,6 +61,9 @@ def test_counts_on_planted_files(planted):
     scan = scan_labels(files, num_classes=3, cache_path=None)
     assert (scan.num_found, scan.num_missing, scan.num_empty, scan.num_corrupt) == (7, 1, 1, 9)
     assert scan.summary() == "18 images, 7 labels found, 1 missing, 1 empty, 9 corrupt (skipped)"
+    assert scan.problems == {"unreadable image": 2, "image under 10 px": 1, "truncated JPEG": 1,
+                             "malformed label row": 2, "coordinates outside [0, 1]": 1, "class id out of range": 1,
+                             "non-finite value": 1, "duplicate rows removed": 1}
     kept = {p.stem: lb for p, lb in zip(scan.image_files, scan.labels)}
     assert set(kept) == {"good0", "good1", "good2", "good3", "png_ok", "duplicates", "polygon", "no_label", "empty_label"}
     assert len(kept["duplicates"]) == 1
@@ -96,12 +99,25 @@ def test_cache_is_reused_and_invalidated(planted, monkeypatch):
     assert len(changed.labels[changed.image_files.index(planted / "good0.jpg")]) == 3
 
 
-def test_read_only_dataset_still_scans(planted, monkeypatch, capsys):
+def test_unwritable_cache_location_still_scans(planted, caplog):
+    caplog.set_level("INFO")
     files = list_image_files([planted])
     cache = planted.parent.parent / "labels" / "no_such_dir" / "train.cache"
     scan = scan_labels(files, 3, cache)
     assert scan.num_found == 7 and not cache.exists()
-    assert "label cache not written" in capsys.readouterr().out
+    assert "label cache not written" in caplog.text
+
+
+def test_scan_split_reports_problems_and_refuses_an_empty_split(planted, tmp_path, caplog):
+    caplog.set_level("INFO")
+    scan_split((planted,), 3, prefix="train: ")
+    assert "train: 18 images, 7 labels found" in caplog.text and "1 class id out of range" in caplog.text
+    assert "names in the dataset YAML" in caplog.text and "... and" not in caplog.text
+    bad_only = tmp_path / "bad" / "images"
+    bad_only.mkdir(parents=True)
+    (bad_only / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="no usable images"):
+        scan_split((bad_only,), 3, prefix="val: ")
 
 
 def test_image_list_txt_and_errors(tmp_path, planted):

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from models.parse import read_model_yaml
-from models.yolo import MODELS_DIR, DetectionModel, build_model
+from models.yolo import DetectionModel, build_model
+from utils.config_files import REPO_ROOT
 from utils.errors import UserError
 
 # Parameter counts of YOLOv5 v7.0's model YAMLs at nc=80 (yolov5 repository README and model summaries).
@@ -89,7 +90,7 @@ def write_yaml(tmp_path, cfg) -> str:
 
 
 def base_cfg() -> dict:
-    return yaml.safe_load((MODELS_DIR / "yolov5n.yaml").read_text())
+    return yaml.safe_load((REPO_ROOT / "models" / "yolov5n.yaml").read_text())
 
 
 @pytest.mark.parametrize("mutate, message", [

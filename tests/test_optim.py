@@ -32,7 +32,7 @@ def test_schedule_warmup_then_linear_decay():
     hyp = load_hyp("scratch-low.yaml")
     model = build_model("yolov5n.yaml", nc=3)
     optimizer = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], 5e-4)
-    schedule = TrainSchedule(hyp, epochs=10, batches_per_epoch=20, accumulate=4)
+    schedule = TrainSchedule(hyp, epochs=10, batches_per_epoch=20, batch_size=16)
     assert schedule.warmup_steps == 100  # 3 epochs x 20 = 60, raised to YOLOv5's minimum of 100
     schedule.apply(optimizer, epoch=0, step=0)
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]
@@ -48,12 +48,19 @@ def test_schedule_warmup_then_linear_decay():
 
 def test_cosine_schedule_ends_at_lrf():
     hyp = load_hyp("scratch-low.yaml")
-    schedule = TrainSchedule(hyp, epochs=10, batches_per_epoch=20, accumulate=4, cos_lr=True)
+    schedule = TrainSchedule(hyp, epochs=10, batches_per_epoch=20, batch_size=16, cos_lr=True)
     assert schedule.factor(0) == pytest.approx(1.0) and schedule.factor(10) == pytest.approx(0.01)
     assert schedule.factor(5) == pytest.approx((1 + 0.01) / 2)
 
 
 def test_accumulation_ramps_up_during_warmup():
     """YOLOv5: accumulate = round(interp(step, [0, warmup], [1, 64 / batch])) while warming up."""
-    schedule = TrainSchedule(load_hyp("scratch-low.yaml"), epochs=10, batches_per_epoch=20, accumulate=4)
+    schedule = TrainSchedule(load_hyp("scratch-low.yaml"), epochs=10, batches_per_epoch=20, batch_size=16)
     assert [schedule.accumulate(s) for s in (0, 16, 17, 49, 50, 83, 84, 99, 100, 500)] == [1, 1, 2, 2, 2, 3, 4, 4, 4, 4]
+
+
+def test_accumulation_ramp_targets_the_unrounded_nominal_ratio():
+    """Batch 24: YOLOv5 ramps towards 64 / 24 = 2.67 (3 only from step 91; a ramp to 3 would reach it at 76),
+    then uses round(2.67) = 3. numpy rounds halves to even: 1.5 -> 2 at step 30, 2.5 -> 2 at step 90."""
+    schedule = TrainSchedule(load_hyp("scratch-low.yaml"), epochs=10, batches_per_epoch=20, batch_size=24)
+    assert [schedule.accumulate(s) for s in (0, 29, 30, 90, 91, 100)] == [1, 1, 2, 2, 3, 3]

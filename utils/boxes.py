@@ -7,6 +7,8 @@ Torch tensors use torchvision.ops.box_convert; the numpy versions serve the data
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torchvision.ops import box_convert
@@ -43,11 +45,31 @@ def clip_boxes_(boxes: np.ndarray | torch.Tensor, height: float, width: float) -
 
 
 def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) centre/size -> (N, 4) corners."""
     return box_convert(boxes, "cxcywh", "xyxy")
 
 
-def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(boxes, "xyxy", "cxcywh")
+def complete_iou(boxes1_xywh: torch.Tensor, boxes2_xywh: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Element-wise CIoU of two (N, 4) centre/size box sets -> (N,).
+
+    Same value as torchvision.ops.complete_box_iou_loss (as 1 - loss), but computed from the
+    centre/size form with sizes clamped to eps: a predicted box whose height rounds to zero
+    (from corners it can, by cancellation) would otherwise give NaN gradients through w / h.
+    """
+    x1, y1, w1, h1 = boxes1_xywh.unbind(-1)
+    x2, y2, w2, h2 = boxes2_xywh.unbind(-1)
+    w1, h1, w2, h2 = w1.clamp(min=eps), h1.clamp(min=eps), w2.clamp(min=eps), h2.clamp(min=eps)
+    left, right = torch.max(x1 - w1 / 2, x2 - w2 / 2), torch.min(x1 + w1 / 2, x2 + w2 / 2)
+    top, bottom = torch.max(y1 - h1 / 2, y2 - h2 / 2), torch.min(y1 + h1 / 2, y2 + h2 / 2)
+    intersection = (right - left).clamp(min=0) * (bottom - top).clamp(min=0)
+    iou = intersection / (w1 * h1 + w2 * h2 - intersection + eps)
+    enclosing_w = torch.max(x1 + w1 / 2, x2 + w2 / 2) - torch.min(x1 - w1 / 2, x2 - w2 / 2)
+    enclosing_h = torch.max(y1 + h1 / 2, y2 + h2 / 2) - torch.min(y1 - h1 / 2, y2 - h2 / 2)
+    centre_distance = ((x2 - x1) ** 2 + (y2 - y1) ** 2) / (enclosing_w ** 2 + enclosing_h ** 2 + eps)
+    aspect = (4 / math.pi ** 2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    with torch.no_grad():
+        alpha = aspect / (1 - iou + aspect + eps)
+    return iou - centre_distance - alpha * aspect
 
 
 def letterbox_to_original(boxes_xyxy: torch.Tensor, original_hw: tuple[int, int],

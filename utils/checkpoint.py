@@ -1,9 +1,9 @@
 """Checkpoints: a plain versioned dict that torch.load(..., weights_only=True) reads, written atomically.
 
-Keys: format, format_version, epoch (last completed, 0-based), best_fitness, model (fp32
-state dict of the raw model: training resumes from it), ema (fp32 state dict), updates,
-ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt (the run's options),
-rng (python, numpy, torch, cuda), date, versions.
+Keys: format, format_version, epoch (last completed, 0-based), best_fitness, best_epoch,
+finished, model (fp32 state dict of the raw model: training resumes from it), ema (fp32
+state dict), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
+(the run's options), rng (python, numpy, torch, cuda), date, versions.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from models.yolo import DetectionModel
 from utils.dist import unwrap
+from utils.ema import ModelEMA
 from utils.errors import UserError
 
 FORMAT = "ema-yolo-checkpoint"
@@ -89,6 +90,7 @@ def rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
+    """Put back the RNG states that rng_state() recorded."""
     random.setstate(_as_tuples(state["python"]))
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", np.array(numpy_state["key"], dtype=np.uint32), numpy_state["pos"],
@@ -120,20 +122,24 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
     return model
 
 
-def make_checkpoint(*, epoch: int, best_fitness: float, model: torch.nn.Module, ema, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, names: list[str], hyp: dict, opt: dict) -> dict:
-    """Everything needed to resume exactly, as plain types and fp32 tensors."""
+def make_checkpoint(*, epoch: int, best_fitness: float, best_epoch: int, finished: bool, model: torch.nn.Module,
+                    ema: ModelEMA, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    names: list[str], hyp: dict, opt: dict) -> dict:
+    """Everything needed to resume exactly, as plain types and fp32 tensors (see the module docstring)."""
     bare = unwrap(model)
+    ema_state = ema.state_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
         "best_fitness": float(best_fitness),
+        "best_epoch": best_epoch,
+        "finished": finished,
         "model": bare.state_dict(),  # saved at once, so the live tensors need no copy
-        "ema": ema.module.state_dict(),
-        "updates": ema.updates,
-        "ema_decay": ema.decay,
-        "ema_tau": ema.tau,
+        "ema": ema_state["module"],
+        "updates": ema_state["updates"],
+        "ema_decay": ema_state["decay"],
+        "ema_tau": ema_state["tau"],
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "model_yaml": bare.yaml,
@@ -144,6 +150,12 @@ def make_checkpoint(*, epoch: int, best_fitness: float, model: torch.nn.Module, 
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
     }
+
+
+def ema_state(checkpoint: dict) -> dict:
+    """The checkpoint's EMA entries in the form ModelEMA.load_state_dict takes."""
+    return {"module": checkpoint["ema"], "updates": checkpoint["updates"], "decay": checkpoint["ema_decay"],
+            "tau": checkpoint["ema_tau"]}
 
 
 def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = ()) -> tuple[int, int]:

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from utils.config_files import REPO_ROOT, read_yaml, resolve_config_path
 from utils.errors import UserError
+from utils.log import LOGGER
 from utils.synthetic_shapes import ensure_shapes_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 GENERATORS: dict[str, Callable[[Path], bool]] = {"shapes": ensure_shapes_dataset}
 
 
@@ -35,31 +34,12 @@ class DatasetConfig:
     def nc(self) -> int:
         return len(self.names)
 
-    def to_dict(self) -> dict:
-        """Plain form for opt.yaml and checkpoints."""
-        return {"source": str(self.source), "root": str(self.root), "train": [str(p) for p in self.train],
-                "val": [str(p) for p in self.val], "test": [str(p) for p in self.test], "names": list(self.names)}
-
-
-def resolve_data_yaml(name_or_path: str | Path) -> Path:
-    """A dataset YAML as given, or a bare name such as 'coco.yaml' looked up in data/."""
-    path = Path(name_or_path)
-    if path.exists() or path.is_absolute():
-        return path
-    shipped = REPO_ROOT / "data" / path.name
-    return shipped if shipped.exists() else path
-
 
 def load_dataset_config(name_or_path: str | Path, prepare: bool = True) -> DatasetConfig:
     """Read and check a dataset YAML. With `prepare`, generate a built-in dataset if it is absent,
     and fail with the download recipe if the images of train/val are missing."""
-    path = resolve_data_yaml(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise UserError(f"cannot read dataset YAML {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"dataset YAML {path} is not valid YAML: {error}") from None
+    path = resolve_config_path(name_or_path, "data")
+    raw = read_yaml(path, "dataset YAML")
     if not isinstance(raw, dict):
         raise UserError(f"dataset YAML {path}: expected a mapping with train, val and names")
     missing = [k for k in ("train", "val", "names") if k not in raw]
@@ -108,7 +88,7 @@ def _prepare(config: DatasetConfig, raw: dict, path: Path) -> None:
         except FileExistsError as error:  # a folder of the user's is in the way: never overwrite it
             raise UserError(f"dataset YAML {path}: {error}") from None
         if generated:
-            print(f"Generated the {generator} dataset in {config.root}")
+            LOGGER.info(f"Generated the {generator} dataset in {config.root}")
     absent = [p for p in config.train + config.val if not p.exists()]
     if absent:
         recipe = raw.get("download")

@@ -23,6 +23,7 @@ from utils.augment import (augment_hsv, flip_left_right, flip_up_down, letterbox
 from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
 from utils.errors import UserError
 from utils.labels import LabelScan
+from utils.log import LOGGER
 
 # Stream tags keep the sample-order generator apart from the per-sample generators.
 ORDER_STREAM, SAMPLE_STREAM = 0, 1
@@ -81,11 +82,12 @@ class DetectionDataset(Dataset):
         needed = sum(self._resized_hw(h, w)[0] * self._resized_hw(h, w)[1] * 3 for h, w in self.shapes)
         available = _available_memory_bytes()
         if available is not None and needed > 0.7 * available:
-            print(f"Note: --cache ram needs {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available: not caching")
+            LOGGER.warning(f"WARNING: --cache ram needs {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are "
+                           "available: images are read from disk instead")
             return False
         with ThreadPoolExecutor(threads) as pool:
             self.ram_cache = list(pool.map(self._read_resized, range(len(self))))
-        print(f"Cached {len(self)} images in RAM ({needed / 2**20:.0f} MiB)")
+        LOGGER.info(f"Cached {len(self)} images in RAM ({needed / 2**20:.0f} MiB)")
         return True
 
     def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
@@ -124,12 +126,14 @@ class DetectionDataset(Dataset):
         border = -self.img_size // 2
         return self._random_perspective(canvas, canvas_labels, rng, border=(border, border))
 
-    def _random_perspective(self, image, labels, rng, border=(0, 0)):
+    def _random_perspective(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                            border: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
         h = self.hyp
         return random_perspective(image, labels, rng, degrees=h["degrees"], translate=h["translate"],
                                   scale=h["scale"], shear=h["shear"], perspective=h["perspective"], border=border)
 
-    def __getitem__(self, key: tuple[int, int] | int):
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor, int, tuple[float, ...]]:
+        """(epoch, index) -> (image (3, H, W) uint8 RGB, targets (n, 6), index, letterbox scale_x, scale_y, pad_x, pad_y)."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index))
         hyp = self.hyp
@@ -178,7 +182,8 @@ class DetectionDataset(Dataset):
         return np.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), axis=1), labels[:, 0].astype(np.int64)
 
 
-def collate(samples: list) -> Batch:
+def collate(samples: list[tuple]) -> Batch:
+    """Stack images and letterbox data; concatenate targets with their image's batch index in column 0."""
     images, targets, indices, letterbox_info = zip(*samples)
     for i, t in enumerate(targets):
         t[:, 0] = i  # image index within the batch, for the loss

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -68,8 +67,3 @@ def to_model_input(images_uint8: torch.Tensor, device: torch.device) -> torch.Te
     """(B, 3, H, W) uint8 batch -> float in [0, 1] on `device`, channels_last (faster convolutions
     on CPU and on CUDA tensor cores; the model is converted to match)."""
     return images_uint8.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
-
-
-def interactive() -> bool:
-    """Progress bars only on a terminal: in logs and CI they would print every refresh."""
-    return sys.stderr.isatty()

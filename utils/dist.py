@@ -1,8 +1,7 @@
-"""Process-group facts (rank, world size) and unwrapping of parallel / compiled models."""
+"""Unwrapping of parallel and compiled models (the distributed helpers live here too)."""
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 
 
@@ -15,15 +14,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return rank() == 0

@@ -27,13 +27,9 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
-        state = self.module.state_dict()
-        self._float_keys = [k for k, v in state.items() if v.dtype.is_floating_point]
-        self._other_keys = [k for k, v in state.items() if not v.dtype.is_floating_point]
-        self._ema_floats = [state[k] for k in self._float_keys]
-        self._ema_others = [state[k] for k in self._other_keys]
 
     def current_decay(self) -> float:
+        """d for the current update count: decay * (1 - exp(-updates / tau))."""
         return self.decay * (1 - math.exp(-self.updates / self.tau))
 
     @torch.no_grad()
@@ -41,11 +37,13 @@ class ModelEMA:
         """Fold in the model's current weights; call once after each optimizer step."""
         self.updates += 1
         weight = 1.0 - self.current_decay()
-        state = unwrap(model).state_dict()
-        model_floats = [state[k] for k in self._float_keys]
-        torch._foreach_lerp_(self._ema_floats, model_floats, weight)  # ema += (model - ema) * (1 - d)
-        for ema_tensor, key in zip(self._ema_others, self._other_keys):
-            ema_tensor.copy_(state[key])
+        # Both state dicts are read afresh: they are views of the live tensors, whatever moved them.
+        ema_state, model_state = self.module.state_dict(), unwrap(model).state_dict()
+        floats = [k for k, v in ema_state.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([ema_state[k] for k in floats], [model_state[k] for k in floats], weight)  # ema += (model - ema) * (1 - d)
+        for key, value in ema_state.items():
+            if not value.dtype.is_floating_point:
+                value.copy_(model_state[key])
 
     def copy_attributes(self, model: nn.Module) -> None:
         """Give the average the model's yaml, nc, hyp, names and stride (before validating or saving)."""
@@ -55,8 +53,10 @@ class ModelEMA:
                 setattr(self.module, name, getattr(source, name))
 
     def state_dict(self) -> dict:
+        """The averaged weights, the update count and the decay settings."""
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
         self.module.load_state_dict(state["module"])
         self.updates, self.decay, self.tau = int(state["updates"]), float(state["decay"]), float(state["tau"])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from utils.config_files import read_yaml, resolve_config_path
 from utils.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Keys every YOLOv5 hyp file has. `iou_t` is kept for file compatibility; YOLOv5 does not use it either.
 REQUIRED_KEYS = (
@@ -25,27 +22,10 @@ OPTIONAL_DEFAULTS = {
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
 
-def resolve_hyp_path(name_or_path: str | Path) -> Path:
-    """A hyp YAML as given, or a bare name such as 'scratch-low.yaml' looked up in hyp/."""
-    path = Path(name_or_path)
-    if path.exists() or path.is_absolute():
-        return path
-    for candidate in (REPO_ROOT / "hyp" / path.name, REPO_ROOT / "hyp" / path.name.removeprefix("hyp.")):
-        if candidate.exists():
-            return candidate
-    return path
-
-
 def load_hyp(name_or_path: str | Path) -> dict:
     """Read a hyp YAML, fill our optional keys, validate; UserError names the file and the key."""
-    path = resolve_hyp_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise UserError(f"cannot read hyperparameter file {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"hyperparameter file {path} is not valid YAML: {error}") from None
-    return validate_hyp(raw, source=str(path))
+    path = resolve_config_path(name_or_path, "hyp", strip_prefix="hyp.")
+    return validate_hyp(read_yaml(path, "hyperparameter file"), source=str(path))
 
 
 def validate_hyp(raw: object, source: str) -> dict:

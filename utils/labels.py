@@ -18,13 +18,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.device import interactive
 from utils.errors import UserError
+from utils.log import LOGGER, interactive
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
@@ -72,7 +72,8 @@ class LabelScan:
     num_missing: int = 0
     num_empty: int = 0
     num_corrupt: int = 0
-    messages: list[str] = field(default_factory=list)
+    problems: dict[str, int] = field(default_factory=dict)  # problem kind -> number of images
+    messages: list[str] = field(default_factory=list)       # one line per affected file
 
     def summary(self) -> str:
         total = self.num_found + self.num_missing + self.num_empty + self.num_corrupt
@@ -80,9 +81,29 @@ class LabelScan:
                 f"{self.num_empty} empty, {self.num_corrupt} corrupt (skipped)")
 
 
-def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int) -> tuple[int, np.ndarray, tuple[int, int], str]:
-    """Check one image and its labels -> (status, labels (n, 5), (height, width), message)."""
-    no_labels = np.zeros((0, 5), dtype=np.float32)
+# Problem kinds, as counted in LabelScan.problems. All but DUPLICATES make the image unusable.
+UNREADABLE_IMAGE, UNSUPPORTED_FORMAT, TOO_SMALL, TRUNCATED_JPEG = ("unreadable image", "unsupported format",
+                                                                   "image under 10 px", "truncated JPEG")
+UNREADABLE_LABEL, MALFORMED_ROW, NON_FINITE = "unreadable label file", "malformed label row", "non-finite value"
+BAD_CLASS, BAD_COORDINATES, DUPLICATES = "class id out of range", "coordinates outside [0, 1]", "duplicate rows removed"
+
+
+@dataclass
+class Verified:
+    """Verification of one image and its label file."""
+
+    status: int
+    labels: np.ndarray            # (n, 5) float32 [class, cx, cy, w, h]
+    shape: tuple[int, int]        # (height, width), EXIF orientation applied
+    problem: str = ""             # one of the kinds above, "" when none
+    message: str = ""
+
+
+def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int) -> Verified:
+    """Check one image and its YOLO label file."""
+    def corrupt(problem: str, message: str) -> Verified:
+        return Verified(CORRUPT, np.zeros((0, 5), np.float32), (0, 0), problem, message)
+
     try:
         with Image.open(image_file) as image:
             image.verify()
@@ -92,40 +113,43 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
             if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
                 width, height = height, width
     except Exception as error:  # PIL raises many types for a bad file; all mean "unreadable"
-        return CORRUPT, no_labels, (0, 0), f"{image_file}: unreadable image ({type(error).__name__}: {error})"
+        return corrupt(UNREADABLE_IMAGE, f"{image_file}: unreadable image ({type(error).__name__}: {error})")
     if image_format not in IMAGE_FORMATS:
-        return CORRUPT, no_labels, (0, 0), f"{image_file}: unsupported image format {image_format!r}"
+        return corrupt(UNSUPPORTED_FORMAT, f"{image_file}: unsupported image format {image_format!r}")
     if width < MIN_IMAGE_SIZE or height < MIN_IMAGE_SIZE:
-        return CORRUPT, no_labels, (0, 0), f"{image_file}: image is {width}x{height}, under {MIN_IMAGE_SIZE} px"
+        return corrupt(TOO_SMALL, f"{image_file}: image is {width}x{height}, under {MIN_IMAGE_SIZE} px")
     if image_format in ("jpeg", "mpo"):
         with open(image_file, "rb") as f:
             f.seek(-2, os.SEEK_END)
             if f.read() != b"\xff\xd9":
-                return CORRUPT, no_labels, (0, 0), f"{image_file}: truncated JPEG (no end marker)"
+                return corrupt(TRUNCATED_JPEG, f"{image_file}: truncated JPEG (no end marker)")
 
+    no_labels = np.zeros((0, 5), dtype=np.float32)
     if not label_file.is_file():
-        return MISSING, no_labels, (height, width), ""
+        return Verified(MISSING, no_labels, (height, width))
     try:
         rows = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
-        return CORRUPT, no_labels, (0, 0), f"{label_file}: unreadable label file ({error})"
+        return corrupt(UNREADABLE_LABEL, f"{label_file}: unreadable label file ({error})")
     if not rows:
-        return EMPTY, no_labels, (height, width), ""
+        return Verified(EMPTY, no_labels, (height, width))
     try:
         labels = np.array([_row_to_box(row) for row in rows], dtype=np.float64)
     except ValueError as error:
-        return CORRUPT, no_labels, (0, 0), f"{label_file}: {error}"
+        return corrupt(MALFORMED_ROW, f"{label_file}: {error}")
     if not np.isfinite(labels).all():
-        return CORRUPT, no_labels, (0, 0), f"{label_file}: non-finite values"
+        return corrupt(NON_FINITE, f"{label_file}: non-finite values")
     classes = labels[:, 0]
-    if (classes != np.round(classes)).any() or (classes < 0).any() or (classes >= num_classes).any():
-        bad = classes[(classes != np.round(classes)) | (classes < 0) | (classes >= num_classes)][0]
-        return CORRUPT, no_labels, (0, 0), f"{label_file}: class {bad:g} is not an integer in 0..{num_classes - 1}"
+    bad_class = (classes != np.round(classes)) | (classes < 0) | (classes >= num_classes)
+    if bad_class.any():
+        return corrupt(BAD_CLASS, f"{label_file}: class {classes[bad_class][0]:g} is not an integer in 0..{num_classes - 1}")
     if (labels[:, 1:] < 0).any() or (labels[:, 1:] > 1).any() or (labels[:, 3:] <= 0).any():
-        return CORRUPT, no_labels, (0, 0), f"{label_file}: coordinates must be normalised to [0, 1] with w, h > 0"
+        return corrupt(BAD_COORDINATES, f"{label_file}: coordinates must be normalised to [0, 1] with w, h > 0")
     unique = np.unique(labels, axis=0)
-    message = f"{label_file}: {len(labels) - len(unique)} duplicate rows removed" if len(unique) < len(labels) else ""
-    return FOUND, unique.astype(np.float32), (height, width), message
+    if len(unique) < len(labels):
+        return Verified(FOUND, unique.astype(np.float32), (height, width), DUPLICATES,
+                        f"{label_file}: {len(labels) - len(unique)} duplicate rows removed")
+    return Verified(FOUND, labels.astype(np.float32), (height, width))
 
 
 def _row_to_box(row: list[str]) -> list[float]:
@@ -166,11 +190,12 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
                                 total=len(image_files), desc=f"{prefix}scanning {len(image_files)} images", leave=False,
                                 disable=not interactive()))
         cached = {
-            "status": np.array([r[0] for r in results], dtype=np.int8),
-            "shapes": np.array([r[2] for r in results], dtype=np.int64).reshape(-1, 2),
-            "counts": np.array([len(r[1]) for r in results], dtype=np.int64),
-            "labels": np.concatenate([r[1] for r in results] + [np.zeros((0, 5), np.float32)], axis=0),
-            "messages": np.array([r[3] for r in results if r[3]], dtype=str),
+            "status": np.array([r.status for r in results], dtype=np.int8),
+            "shapes": np.array([r.shape for r in results], dtype=np.int64).reshape(-1, 2),
+            "counts": np.array([len(r.labels) for r in results], dtype=np.int64),
+            "labels": np.concatenate([r.labels for r in results] + [np.zeros((0, 5), np.float32)], axis=0),
+            "problems": np.array([r.problem for r in results], dtype=str),
+            "messages": np.array([r.message for r in results if r.message], dtype=str),
         }
         if cache_path:
             _write_cache(cache_path, key, cached)
@@ -182,6 +207,7 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
         shapes=cached["shapes"][keep],
         num_found=int((status == FOUND).sum()), num_missing=int((status == MISSING).sum()),
         num_empty=int((status == EMPTY).sum()), num_corrupt=int((status == CORRUPT).sum()),
+        problems={str(kind): int(n) for kind, n in zip(*np.unique(cached["problems"], return_counts=True)) if kind},
         messages=[str(m) for m in cached["messages"]],
     )
 
@@ -191,7 +217,7 @@ def _read_cache(cache_path: Path, key: str) -> dict | None:
         with np.load(cache_path, allow_pickle=False) as data:
             if str(data["key"]) != key:
                 return None
-            return {name: data[name] for name in ("status", "shapes", "counts", "labels", "messages")}
+            return {name: data[name] for name in ("status", "shapes", "counts", "labels", "problems", "messages")}
     except (OSError, KeyError, ValueError):
         return None  # absent, stale format or damaged: scan again
 
@@ -205,10 +231,29 @@ def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
         os.replace(tmp, cache_path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        print(f"Note: label cache not written to {cache_path} ({error.strerror}); the scan will run again next time")
+        LOGGER.info(f"Note: label cache not written to {cache_path} ({error.strerror}); the scan will run again next time")
 
 
 def cache_path_for(image_files: list[Path]) -> Path:
     """YOLOv5's place for the cache: labels/<split>.cache beside the split's label folder."""
     label_dir = label_path_for(image_files[0]).parent
     return label_dir.with_suffix(".cache")
+
+
+def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, max_messages: int = 10) -> LabelScan:
+    """List, verify (through the cache) and report one split; a split without usable images is a UserError."""
+    image_files = list_image_files(sources)
+    scan = scan_labels(image_files, num_classes, cache_path_for(image_files), prefix=prefix)
+    LOGGER.info(f"{prefix}{scan.summary()}")
+    if scan.problems:
+        LOGGER.warning(f"{prefix}problems: " + ", ".join(f"{n} {kind}" for kind, n in sorted(scan.problems.items())))
+    for message in scan.messages[:max_messages]:
+        LOGGER.warning(f"{prefix}  {message}")
+    if len(scan.messages) > max_messages:
+        LOGGER.warning(f"{prefix}  ... and {len(scan.messages) - max_messages} more")
+    if scan.problems.get(BAD_CLASS):
+        LOGGER.warning(f"{prefix}WARNING: {scan.problems[BAD_CLASS]} label files use class ids outside 0..{num_classes - 1}; "
+                       "check that names in the dataset YAML lists every class")
+    if not scan.image_files:
+        raise UserError(f"{prefix}no usable images in {', '.join(str(s) for s in sources)}")
+    return scan

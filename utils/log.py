@@ -11,10 +11,14 @@ from pathlib import Path
 LOGGER = logging.getLogger("emayolo")
 
 
-def setup_logging(main_process: bool = True) -> None:
-    """Plain messages on stdout; other ranks only warn."""
-    logging.basicConfig(format="%(message)s", level=logging.INFO if main_process else logging.WARNING,
-                        stream=sys.stdout, force=True)
+def setup_logging() -> None:
+    """Plain messages on stdout, as the command-line tools print them."""
+    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stdout, force=True)
+
+
+def interactive() -> bool:
+    """Progress bars only on a terminal: in logs and CI they would print every refresh."""
+    return sys.stderr.isatty()
 
 
 class RunLogger:

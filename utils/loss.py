@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import complete_box_iou_loss
 
 from models.head import Detect
-from utils.boxes import xywh_to_xyxy
+from utils.boxes import complete_iou
 
 # Objectness weight per level, small strides first (YOLOv5's values for 3 and 5 levels).
 LEVEL_BALANCE = {3: [4.0, 1.0, 0.4]}
@@ -66,9 +65,9 @@ class DetectionLoss:
                 p_xy = p_xy.sigmoid() * 2 - 0.5
                 p_wh = (p_wh.sigmoid() * 2) ** 2 * anchor_wh
                 p_box = torch.cat((p_xy, p_wh), dim=1)
-                box_loss = complete_box_iou_loss(xywh_to_xyxy(p_box), xywh_to_xyxy(box), reduction="none")
-                loss_box += box_loss.mean()
-                ciou = (1.0 - box_loss).detach().clamp(0)
+                ciou = complete_iou(p_box, box)
+                loss_box += (1.0 - ciou).mean()
+                ciou = ciou.detach().clamp(0)
                 target_obj[image, anchor, gy, gx] = ciou  # objectness target: how well the box fits
                 if self.nc > 1:
                     target_cls = torch.full_like(p_cls, self.negative)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.ema import ModelEMA
+
 NOMINAL_BATCH_SIZE = 64  # gradients are accumulated to about this many images per step
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 BIAS_GROUP = 0  # index of the bias group, whose warmup starts from warmup_bias_lr
@@ -39,8 +41,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     optimizer.add_param_group({"params": decayed, "weight_decay": weight_decay})
     optimizer.add_param_group({"params": norm_weights, "weight_decay": 0.0})
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
     return optimizer
 
 
@@ -54,9 +54,9 @@ class TrainSchedule:
     the accumulation window grows from 1 to `accumulate`.
     """
 
-    def __init__(self, hyp: dict, epochs: int, batches_per_epoch: int, accumulate: int, cos_lr: bool = False):
+    def __init__(self, hyp: dict, epochs: int, batches_per_epoch: int, batch_size: int, cos_lr: bool = False):
         self.lr0, self.lrf, self.epochs, self.cos_lr = hyp["lr0"], hyp["lrf"], epochs, cos_lr
-        self.full_accumulate = accumulate
+        self.batch_size = batch_size
         self.momentum, self.warmup_momentum, self.warmup_bias_lr = hyp["momentum"], hyp["warmup_momentum"], hyp["warmup_bias_lr"]
         # At least 100 micro-batches of warmup, as YOLOv5 (0 turns warmup off).
         self.warmup_steps = max(round(hyp["warmup_epochs"] * batches_per_epoch), 100) if hyp["warmup_epochs"] > 0 else 0
@@ -64,10 +64,12 @@ class TrainSchedule:
     def accumulate(self, step: int) -> int:
         """Micro-batches per optimizer step at micro-batch `step` (YOLOv5's warmup ramp, numpy rounding)."""
         if step >= self.warmup_steps:
-            return self.full_accumulate
-        return max(1, int(np.interp(step, [0, self.warmup_steps], [1, self.full_accumulate]).round()))
+            return accumulation_steps(self.batch_size)
+        ramp = np.interp(step, [0, self.warmup_steps], [1, NOMINAL_BATCH_SIZE / self.batch_size])
+        return max(1, int(ramp.round()))
 
     def factor(self, epoch: int) -> float:
+        """Learning-rate multiplier of an epoch after warmup: 1 at the start, lrf at the end."""
         if self.cos_lr:
             return ((1 - math.cos(epoch * math.pi / self.epochs)) / 2) * (self.lrf - 1) + 1
         return (1 - epoch / self.epochs) * (1.0 - self.lrf) + self.lrf
@@ -76,27 +78,24 @@ class TrainSchedule:
         """Set lr (and momentum during warmup) for micro-batch `step` counted from the start of training."""
         target = self.lr0 * self.factor(epoch)
         warming = step < self.warmup_steps
+        momentum = float(np.interp(step, [0, self.warmup_steps], [self.warmup_momentum, self.momentum])) if warming \
+            else self.momentum
         for index, group in enumerate(optimizer.param_groups):
             if warming:
                 start = self.warmup_bias_lr if index == BIAS_GROUP else 0.0
                 group["lr"] = float(np.interp(step, [0, self.warmup_steps], [start, target]))
-                momentum = float(np.interp(step, [0, self.warmup_steps], [self.warmup_momentum, self.momentum]))
-                if "momentum" in group:
-                    group["momentum"] = momentum
-                elif "betas" in group:
-                    group["betas"] = (momentum, group["betas"][1])
             else:
                 group["lr"] = target
-                if "momentum" in group:
-                    group["momentum"] = self.momentum
-                elif "betas" in group:
-                    group["betas"] = (self.momentum, group["betas"][1])
+            if "momentum" in group:  # SGD only: Adam's betas stay fixed, as in YOLOv5
+                group["momentum"] = momentum
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
-                   max_grad_norm: float = 10.0) -> bool:
-    """Unscale, clip to max_grad_norm, step, zero the grads. False when the step was skipped
-    because a gradient was inf/NaN (the GradScaler's verdict under fp16, the gradient norm otherwise)."""
+                   ema: ModelEMA, max_grad_norm: float = 10.0) -> bool:
+    """One optimizer step: unscale, clip to max_grad_norm, step, fold the new weights into the
+    EMA, zero the grads. Returns False when the step was skipped because a gradient was inf/NaN
+    (the GradScaler's verdict under fp16, the gradient norm otherwise): then neither the
+    weights nor the EMA nor its counter move."""
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_grad_norm)
     if scaler.is_enabled():
@@ -108,5 +107,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
         stepped = bool(torch.isfinite(grad_norm))
         if stepped:
             optimizer.step()
+    if stepped:
+        ema.update(model)
     optimizer.zero_grad(set_to_none=True)
     return stepped
