@@ -18,15 +18,15 @@ import cv2
 import numpy as np
 import torch
 
-from utils.augment import letterbox
+from utils.augment import letterbox, round_image_size
 from utils.boxes import letterbox_to_original
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import load_for_inference
 from utils.device import amp_dtype_for, autocast, select_device, to_model_input
 from utils.errors import UserError, run_cli
 from utils.labels import IMAGE_SUFFIXES
 from utils.log import LOGGER, setup_logging
 from utils.nms import non_max_suppression
-from utils.run_dir import next_run_dir
+from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 
 def list_sources(source: str) -> list[Path]:
@@ -67,11 +67,12 @@ def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, names: list[s
         caption = names[int(cls)] if hide_conf else f"{names[int(cls)]} {conf:.2f}"
         font_scale, font_thickness = lw / 3, max(lw - 1, 1)
         (w, h), _ = cv2.getTextSize(caption, 0, fontScale=font_scale, thickness=font_thickness)
-        above = p1[1] - h - 3 >= 0  # caption above the box if it fits
-        q1 = (p1[0], p1[1] - h - 3 if above else p1[1])
-        q2 = (p1[0] + w, p1[1] if above else p1[1] + h + 3)
+        above = p1[1] - h - 3 >= 0  # caption above the box if it fits, else inside its top
+        left = max(min(p1[0], canvas.shape[1] - w), 0)  # kept inside the image at the right edge
+        q1 = (left, p1[1] - h - 3 if above else p1[1])
+        q2 = (left + w, p1[1] if above else p1[1] + h + 3)
         cv2.rectangle(canvas, q1, q2, colour, -1, cv2.LINE_AA)
-        cv2.putText(canvas, caption, (p1[0], q2[1] - 2), 0, font_scale, (255, 255, 255), font_thickness, cv2.LINE_AA)
+        cv2.putText(canvas, caption, (left, q2[1] - 2), 0, font_scale, (255, 255, 255), font_thickness, cv2.LINE_AA)
     return canvas
 
 
@@ -105,9 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--line-thickness", type=int, default=None, help="box line width in pixels")
     p.add_argument("--hide-labels", action="store_true", help="draw boxes without captions")
     p.add_argument("--hide-conf", action="store_true", help="captions without confidences")
-    p.add_argument("--project", default="runs/detect", help="save to project/name")
-    p.add_argument("--name", default="exp", help="save to project/name")
-    p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
+    add_run_dir_arguments(p, "runs/detect")
     return p.parse_args(argv)
 
 
@@ -116,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     """detect.py's command line: detect, draw and save for every source image."""
     opt = parse_args(argv)
     setup_logging()
-    checkpoint = load_checkpoint(opt.weights)
     device = select_device(opt.device)
-    model = model_from_checkpoint(checkpoint, "model" if opt.raw else "ema", source=opt.weights).fuse().eval()
-    model.to(device, memory_format=torch.channels_last)
+    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device)
+    model.fuse().to(memory_format=torch.channels_last)  # fusing makes new weights
     names = list(model.names)
     stride = int(model.stride.max())
     img_size = int(checkpoint.get("opt", {}).get("imgsz", 640)) if opt.imgsz is None else opt.imgsz
-    if img_size < 32 or img_size % stride:
-        raise UserError(f"--imgsz {img_size} must be a multiple of the model's max stride {stride}")
+    if img_size < 32:
+        raise UserError(f"--imgsz {img_size} is too small; use at least {stride}")
+    img_size = round_image_size(img_size, stride)
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
     images = list_sources(opt.source)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
-from utils.checkpoint import (ema_state, load_checkpoint, make_checkpoint, model_from_checkpoint, restore_rng_state,
+from utils.augment import round_image_size
+from utils.checkpoint import (ema_state, load_checkpoint, load_for_inference, make_checkpoint, restore_rng_state,
                               save_checkpoint, transfer_matching_weights)
 from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
@@ -37,7 +38,7 @@ from utils.labels import scan_split
 from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
 from utils.optim import NOMINAL_BATCH_SIZE, OPTIMIZERS, TrainSchedule, accumulation_steps, build_optimizer, optimizer_step
-from utils.run_dir import newest_last_checkpoint, next_run_dir
+from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
 from val import build_val_loader, evaluate, results_table
 
 DEFAULT_CFG = "yolov5n.yaml"
@@ -65,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
     p.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="optimizer")
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
-    p.add_argument("--project", default="runs/train", help="save to project/name")
-    p.add_argument("--name", default="exp", help="save to project/name")
-    p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
+    add_run_dir_arguments(p, "runs/train")
     p.add_argument("--cos-lr", action="store_true", help="cosine learning-rate schedule")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
     p.add_argument("--patience", type=int, default=100, help="early stopping: epochs without improvement (0: off)")
@@ -101,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(opt.seed)  # before the model exists: its initial weights come from this seed
     data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, checkpoint)
+    opt.imgsz = round_image_size(opt.imgsz, int(model.stride.max()))  # decided here, before opt.yaml is written
     # Everything the user gave is checked before the run folder exists: a mistake leaves no trace.
     if checkpoint is not None:
         run_dir = checkpoint_path.resolve().parent.parent
@@ -143,7 +143,7 @@ def check_options(opt: argparse.Namespace) -> None:
 
 def model_for_run(opt: argparse.Namespace, data: DatasetConfig, checkpoint: dict | None) -> DetectionModel:
     """The run's model: the resumed checkpoint's, else --cfg (or the --weights checkpoint's YAML)
-    with --weights transferred; checked against the dataset, --imgsz and --freeze."""
+    with --weights transferred; checked against the dataset and --freeze."""
     nc = 1 if opt.single_cls else data.nc
     if checkpoint is not None:
         if checkpoint["model_yaml"]["nc"] != nc:
@@ -160,10 +160,6 @@ def model_for_run(opt: argparse.Namespace, data: DatasetConfig, checkpoint: dict
             # Anchors come from the model YAML when one is named explicitly, as in YOLOv5.
             moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else ())
             LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights}")
-    stride = int(model.stride.max())
-    if opt.imgsz % stride:
-        raise UserError(f"--imgsz {opt.imgsz} is not a multiple of the model's max stride {stride}; "
-                        f"use {math.ceil(opt.imgsz / stride) * stride}")
     head_index = len(model.model) - 1
     frozen = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
     if any(i >= head_index for i in frozen):
@@ -242,6 +238,12 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         start_epoch = checkpoint["epoch"] + 1
         best_fitness, best_epoch = checkpoint["best_fitness"], checkpoint["best_epoch"]
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
+    planned_steps = (opt.epochs - start_epoch) * math.ceil(batches_per_epoch / accumulate)  # warmup adds a few
+    final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
+    LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more optimizer "
+                f"steps are planned, ending near d={final_decay:.3g}"
+                + (" (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
+                   "file to average more)" if final_decay < 0.5 else ""))
     logger = RunLogger(run_dir, start_epoch)
     LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size} x {accumulate} accumulated, "
                 f"{batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
@@ -324,9 +326,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     logger.close()
     LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
     if best_path.exists():
-        best = load_checkpoint(best_path)
-        LOGGER.info(f"Validating {best_path} (epoch {best['epoch']})...")
-        best_model = model_from_checkpoint(best, "ema", str(best_path)).to(device, memory_format=torch.channels_last)
+        LOGGER.info(f"Validating {best_path}...")
+        _, best_model = load_for_inference(best_path, "ema", device)
         result = evaluate(best_model, val_loader, device=device, amp_dtype=amp_dtype)
         LOGGER.info(results_table(result, names, verbose=True))
     LOGGER.info(f"Results saved to {run_dir}")

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from utils.augment import round_image_size
 from utils.boxes import letterbox_to_original
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import load_for_inference
 from utils.coco_json import category_ids, prediction_records, write_json
 from utils.data_config import load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
@@ -30,7 +31,7 @@ from utils.log import LOGGER, interactive, setup_logging
 from utils.loss import DetectionLoss
 from utils.metrics import DetectionEvaluator, DetectionMetrics
 from utils.nms import non_max_suppression
-from utils.run_dir import next_run_dir
+from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 
@@ -143,9 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-json", action="store_true", help="write COCO-format predictions.json")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
     parser.add_argument("--no-amp", action="store_true", help="run in fp32 (default: the training precision)")
-    parser.add_argument("--project", default="runs/val", help="save to project/name")
-    parser.add_argument("--name", default="exp", help="save to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
+    add_run_dir_arguments(parser, "runs/val")
     return parser.parse_args(argv)
 
 
@@ -153,22 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     """val.py's command line: evaluate a checkpoint on a split and print the table."""
     opt = parse_args(argv)
     setup_logging()
-    checkpoint = load_checkpoint(opt.weights)
-    train_opt = checkpoint.get("opt", {})
     device = select_device(opt.device)
-    model = model_from_checkpoint(checkpoint, "model" if opt.raw else "ema", source=opt.weights)
-    model.to(device, memory_format=torch.channels_last)
+    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device)
+    train_opt = checkpoint.get("opt", {})
     data = load_dataset_config(opt.data)
     nc = 1 if opt.single_cls else data.nc
     if nc != model.nc:
         raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
     img_size = int(train_opt.get("imgsz", 640)) if opt.imgsz is None else opt.imgsz
     stride = int(model.stride.max())
-    if img_size % stride:
-        raise UserError(f"--imgsz {img_size} must be a multiple of the model's max stride {stride}")
     batch_size = 2 * int(train_opt.get("batch_size", 16)) if opt.batch_size is None else opt.batch_size
     if batch_size < 1 or img_size < 32 or opt.workers < 0:
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
+    img_size = round_image_size(img_size, stride)
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp and not train_opt.get("no_amp", False))
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:

@@ -158,6 +158,13 @@ def ema_state(checkpoint: dict) -> dict:
             "tau": checkpoint["ema_tau"]}
 
 
+def load_for_inference(path: str | Path, weights: str, device: torch.device) -> tuple[dict, DetectionModel]:
+    """A checkpoint and its `ema` (or `model`) weights as an eval-mode, channels_last model on `device`."""
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, weights, source=str(path)).eval()
+    return checkpoint, model.to(device, memory_format=torch.channels_last)
+
+
 def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
     """Load the checkpoint's EMA weights (else its model weights) wherever name and shape match.
 

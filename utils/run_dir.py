@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from utils.errors import UserError
@@ -30,3 +31,10 @@ def newest_last_checkpoint(search_dir: Path) -> Path:
     if not candidates:
         raise UserError(f"--resume: no last.pt found under {search_dir}; pass the checkpoint path")
     return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def add_run_dir_arguments(parser: argparse.ArgumentParser, default_project: str) -> None:
+    """YOLOv5's --project / --name / --exist-ok, shared by train.py, val.py and detect.py."""
+    parser.add_argument("--project", default=default_project, help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name")
