@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not opt.nosave:
             annotated = draw_detections(original, detections, names, opt.line_thickness, opt.hide_labels, opt.hide_conf)
             cv2.imwrite(str(run_dir / path.name), annotated)
-        if opt.save_txt:
+        if opt.save_txt and len(detections):  # as YOLOv5: no file for an image without detections
             lines = yolo_label_lines(detections, w0, h0, opt.save_conf)
             (run_dir / "labels" / f"{path.stem}.txt").write_text("".join(f"{line}\n" for line in lines))
     elapsed = time.perf_counter() - started
