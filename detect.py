@@ -26,6 +26,7 @@ from utils.errors import UserError, run_cli
 from utils.labels import IMAGE_SUFFIXES
 from utils.log import LOGGER, setup_logging
 from utils.nms import non_max_suppression
+from utils.plots import class_colour, draw_box
 from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 
@@ -46,33 +47,15 @@ def list_sources(source: str) -> list[Path]:
     return images
 
 
-def class_colour(index: int) -> tuple[int, int, int]:
-    """A distinct, stable BGR colour per class (golden-angle hue steps)."""
-    hue = int(index * 137.508) % 180
-    bgr = cv2.cvtColor(np.uint8([[[hue, 200, 230]]]), cv2.COLOR_HSV2BGR)[0, 0]
-    return tuple(int(c) for c in bgr)
-
-
 def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, names: list[str], line_width: int | None = None,
                     hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
     """Boxes with 'name 0.87' captions on a copy of the image; detections (n, 6) xyxy, conf, class."""
     canvas = image_bgr.copy()
     lw = line_width or max(round(sum(canvas.shape[:2]) / 2 * 0.003), 2)
     for x1, y1, x2, y2, conf, cls in detections.tolist():
-        colour = class_colour(int(cls))
-        p1, p2 = (int(x1), int(y1)), (int(x2), int(y2))
-        cv2.rectangle(canvas, p1, p2, colour, thickness=lw, lineType=cv2.LINE_AA)
-        if hide_labels:
-            continue
-        caption = names[int(cls)] if hide_conf else f"{names[int(cls)]} {conf:.2f}"
-        font_scale, font_thickness = lw / 3, max(lw - 1, 1)
-        (w, h), _ = cv2.getTextSize(caption, 0, fontScale=font_scale, thickness=font_thickness)
-        above = p1[1] - h - 3 >= 0  # caption above the box if it fits, else inside its top
-        left = max(min(p1[0], canvas.shape[1] - w), 0)  # kept inside the image at the right edge
-        q1 = (left, p1[1] - h - 3 if above else p1[1])
-        q2 = (left + w, p1[1] if above else p1[1] + h + 3)
-        cv2.rectangle(canvas, q1, q2, colour, -1, cv2.LINE_AA)
-        cv2.putText(canvas, caption, (left, q2[1] - 2), 0, font_scale, (255, 255, 255), font_thickness, cv2.LINE_AA)
+        name = names[int(cls)]
+        caption = "" if hide_labels else name if hide_conf else f"{name} {conf:.2f}"
+        draw_box(canvas, (int(x1), int(y1), int(x2), int(y2)), class_colour(int(cls)), caption, lw, lw / 3)
     return canvas
 
 

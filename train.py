@@ -39,7 +39,8 @@ from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
 from utils.optim import NOMINAL_BATCH_SIZE, OPTIMIZERS, TrainSchedule, accumulation_steps, build_optimizer, optimizer_step
 from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
-from val import build_val_loader, evaluate, results_table
+from utils.plots import plot_image_batch, plot_labels, plot_results
+from val import build_val_loader, evaluate, results_table, save_validation_plots
 
 DEFAULT_CFG = "yolov5n.yaml"
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)")
+    p.add_argument("--no-plots", action="store_true", help="do not save plots")
     return p
 
 
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def resumed_options(args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint: dict) -> argparse.Namespace:
     """The original run's options; only runtime-only ones may be overridden, others are reported as ignored."""
-    opt = argparse.Namespace(**{**checkpoint["opt"], "resume": False})
+    # Defaults first: options added since the checkpoint was written take their default value.
+    opt = argparse.Namespace(**{**vars(parser.parse_args([])), **checkpoint["opt"], "resume": False})
     ignored = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
                if k not in (*RUNTIME_ONLY_OPTIONS, "resume", "project") and v != parser.get_default(k)]
     if ignored:
@@ -218,6 +221,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
                                   int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory)
     batches_per_epoch = len(train_loader)
+    plots = not opt.no_plots
+    if plots and checkpoint is None:
+        plot_labels(np.concatenate(train_loader.dataset.labels), names, run_dir / "labels.jpg")
 
     # Optimisation
     accumulate = accumulation_steps(opt.batch_size)
@@ -272,6 +278,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
                 schedule.apply(optimizer, epoch, step)
                 if not optimizer_step(optimizer, scaler, model, ema):  # the EMA moves with each taken step
                     skipped_steps += 1
+            if plots and step < 3:  # the first batches exactly as the model saw them
+                plot_image_batch(batch.images, batch.targets.numpy(), names, run_dir / f"train_batch{step}.jpg")
             loss_sum += loss_items
             mean_loss = (loss_sum / (i + 1)).tolist()
             memory = f"{torch.cuda.memory_reserved(device) / 2**30:.3g}G" if device.type == "cuda" else "cpu"
@@ -325,11 +333,15 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
 
     logger.close()
     LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
+    if plots:
+        plot_results(logger.csv_path, run_dir / "results.png")
     if best_path.exists():
         LOGGER.info(f"Validating {best_path}...")
         _, best_model = load_for_inference(best_path, "ema", device)
-        result = evaluate(best_model, val_loader, device=device, amp_dtype=amp_dtype)
+        result = evaluate(best_model, val_loader, device=device, amp_dtype=amp_dtype, plot_dir=run_dir if plots else None)
         LOGGER.info(results_table(result, names, verbose=True))
+        if plots:
+            save_validation_plots(result, names, run_dir)
     LOGGER.info(f"Results saved to {run_dir}")
 
 

@@ -21,16 +21,19 @@ from tqdm import tqdm
 from utils.augment import round_image_size
 from utils.boxes import letterbox_to_original
 from utils.checkpoint import load_for_inference
-from utils.coco_json import category_ids, prediction_records, write_json
-from utils.data_config import load_dataset_config
-from utils.dataset import DetectionDataset, build_dataloader
+from utils.coco_json import (category_ids, cached_ground_truth, image_ids, prediction_records, pycocotools_stats,
+                             write_json)
+from utils.confusion import ConfusionMatrix
+from utils.data_config import DatasetConfig, load_dataset_config
+from utils.dataset import Batch, DetectionDataset, build_dataloader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
 from utils.errors import UserError, run_cli
-from utils.labels import scan_split
 from utils.log import LOGGER, interactive, setup_logging
 from utils.loss import DetectionLoss
 from utils.metrics import DetectionEvaluator, DetectionMetrics
+from utils.labels import cache_path_for, scan_split
 from utils.nms import non_max_suppression
+from utils.plots import plot_confusion_matrix, plot_image_batch, plot_metric_vs_conf, plot_pr_curve
 from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
@@ -39,32 +42,38 @@ TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 @dataclass
 class EvalResult:
     metrics: DetectionMetrics
+    confusion: ConfusionMatrix
     images_per_class: np.ndarray      # (nc,) images holding at least one box of the class
     loss: np.ndarray | None           # mean [box, obj, cls] loss when a loss function was given
     speed_ms: tuple[float, float, float]  # per image: pre-process, inference, NMS
     input_shape: tuple[int, ...]      # shape of the last batch
-    records: list[dict]               # COCO-format predictions when asked for
+    predictions: dict[int, np.ndarray]  # dataset index -> (n, 6) x1, y1, x2, y2, score, class in original
+                                      # pixels, when asked for (keep_predictions)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: torch.device,
              amp_dtype: torch.dtype | None, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
-             loss_fn: DetectionLoss | None = None, coco_ids: list[int] | None = None) -> EvalResult:
+             loss_fn: DetectionLoss | None = None, keep_predictions: bool = False,
+             plot_dir: Path | None = None) -> EvalResult:
     """mAP of `model` on `loader` (no augmentation), in original-image coordinates.
 
-    Runs under autocast with the given dtype; the model's own weights are never cast.
+    Runs under autocast with the given dtype; the model's own weights are never cast. With
+    plot_dir, the first three batches are drawn there with their labels and predictions.
     """
     dataset: DetectionDataset = loader.dataset
     was_training = model.training
     model.eval()
     nc = model.nc
     evaluator = DetectionEvaluator(nc)
+    confusion = ConfusionMatrix(nc)
+    coco_ids = image_ids(dataset.image_files)  # the ids pycocotools would see, for its tie order
     images_per_class = np.zeros(nc, dtype=np.int64)
     loss_sum, num_batches = torch.zeros(3, device=device), 0
-    times, num_images, num_truncated, records = np.zeros(3), 0, 0, []
+    times, num_images, num_truncated, predictions = np.zeros(3), 0, 0, {}
     input_shape: tuple[int, ...] = ()
     bar = tqdm(loader, desc=_row(*TABLE_HEADER), leave=False, disable=not interactive(), bar_format="{l_bar}{bar:10}{r_bar}")
-    for batch in bar:
+    for batch_number, batch in enumerate(bar):
         t0 = time.perf_counter()
         images = to_model_input(batch.images, device)
         input_shape = tuple(images.shape)
@@ -80,21 +89,51 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
         t3 = time.perf_counter()
         times += (t1 - t0, t2 - t1, t3 - t2)
         num_images += len(images)
+        if plot_dir is not None and batch_number < 3:
+            plot_validation_batch(batch, detections, list(model.names), plot_dir / f"val_batch{batch_number}")
         for det, index, (scale_x, scale_y, pad_x, pad_y) in zip(detections, batch.indices.tolist(), batch.letterbox.tolist()):
-            boxes = letterbox_to_original(det[:, :4].double().cpu(), tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y))
+            det = det.cpu()
+            boxes = letterbox_to_original(det[:, :4].double(), tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y))
             gt_boxes, gt_classes = dataset.original_boxes_xyxy(index)
-            scores, classes = det[:, 4].cpu().numpy(), det[:, 5].cpu().numpy().astype(np.int64)
-            evaluator.add_image(boxes.numpy(), scores, classes, gt_boxes, gt_classes)
+            evaluator.add_image(boxes.numpy(), det[:, 4].numpy(), det[:, 5].numpy(), gt_boxes, gt_classes,
+                                image_id=coco_ids[dataset.image_files[index]])
+            confusion.add_image(boxes, det[:, 4], det[:, 5], torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes))
             images_per_class[np.unique(gt_classes)] += 1
-            if coco_ids is not None:
-                records += prediction_records(dataset.image_files[index], boxes.numpy(), scores, classes, coco_ids)
+            if keep_predictions:
+                predictions[index] = torch.cat((boxes, det[:, 4:].double()), dim=1).numpy()
     if num_truncated:
         LOGGER.warning(f"WARNING: {num_truncated} image(s) had more than the NMS candidate limit; "
                        "their lowest-scoring candidates were not considered")
     model.train(was_training)
-    return EvalResult(metrics=evaluator.compute(), images_per_class=images_per_class,
+    return EvalResult(metrics=evaluator.compute(), confusion=confusion, images_per_class=images_per_class,
                       loss=(loss_sum / max(num_batches, 1)).cpu().numpy() if loss_fn is not None else None,
-                      speed_ms=tuple(times / max(num_images, 1) * 1e3), input_shape=input_shape, records=records)
+                      speed_ms=tuple(times / max(num_images, 1) * 1e3), input_shape=input_shape, predictions=predictions)
+
+
+def plot_validation_batch(batch: Batch, detections: list[torch.Tensor], names: list[str], stem: Path) -> None:
+    """<stem>_labels.jpg and <stem>_pred.jpg: the batch as the model saw it, with ground truth / predictions."""
+    plot_image_batch(batch.images, batch.targets.numpy(), names, stem.with_name(stem.name + "_labels.jpg"))
+    height, width = batch.images.shape[2:]
+    rows = []
+    for i, det in enumerate(detections):
+        det = det.cpu().double()
+        xyxy = det[:, :4]
+        centre_size = torch.stack(((xyxy[:, 0] + xyxy[:, 2]) / 2 / width, (xyxy[:, 1] + xyxy[:, 3]) / 2 / height,
+                                   (xyxy[:, 2] - xyxy[:, 0]) / width, (xyxy[:, 3] - xyxy[:, 1]) / height), dim=1)
+        rows.append(torch.cat((torch.full((len(det), 1), float(i)), det[:, 5:6], centre_size, det[:, 4:5]), dim=1))
+    targets = torch.cat(rows).numpy() if rows else np.zeros((0, 7))
+    plot_image_batch(batch.images, targets, names, stem.with_name(stem.name + "_pred.jpg"))
+
+
+def save_validation_plots(result: EvalResult, names: list[str], out_dir: Path) -> None:
+    """PR curve, F1 / P / R against confidence, and the confusion matrix (counts and normalised)."""
+    m = result.metrics
+    plot_pr_curve(m.recall_grid, m.pr_curve_50, m.ap50_per_class, names, out_dir / "PR_curve.png")
+    for values, label, name in ((m.f1_vs_conf, "F1", "F1_curve.png"), (m.precision_vs_conf, "Precision", "P_curve.png"),
+                                (m.recall_vs_conf, "Recall", "R_curve.png")):
+        plot_metric_vs_conf(m.conf_grid, values, names, label, out_dir / name)
+    plot_confusion_matrix(result.confusion.matrix, names, out_dir / "confusion_matrix.png", normalize=False)
+    plot_confusion_matrix(result.confusion.matrix, names, out_dir / "confusion_matrix_normalized.png", normalize=True)
 
 
 def _row(*cells) -> str:
@@ -141,7 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat the dataset as single-class")
     parser.add_argument("--verbose", action="store_true", help="print mAP per class (always when nc < 50)")
-    parser.add_argument("--save-json", action="store_true", help="write COCO-format predictions.json")
+    parser.add_argument("--save-json", action="store_true",
+                        help="write COCO-format predictions.json and cross-check the mAP with pycocotools")
+    parser.add_argument("--no-plots", action="store_true", help="do not save plots")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
     parser.add_argument("--no-amp", action="store_true", help="run in fp32 (default: the training precision)")
     add_run_dir_arguments(parser, "runs/val")
@@ -171,22 +212,53 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{data.source} defines no {opt.task} split")
     loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint["hyp"], stride,
                               single_cls=opt.single_cls, prefix=f"{opt.task}: ", pin_memory=device.type == "cuda")
-    is_coco = data.source.name == "coco.yaml" and nc == 80
+    names = list(model.names)
+    run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok) if not opt.no_plots or opt.save_json else None
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, conf_thres=opt.conf_thres,
-                      iou_thres=opt.iou_thres, max_det=opt.max_det,
-                      coco_ids=category_ids(nc, is_coco) if opt.save_json else None)
+                      iou_thres=opt.iou_thres, max_det=opt.max_det, keep_predictions=opt.save_json,
+                      plot_dir=None if opt.no_plots else run_dir)
     weights_used = "raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)"
     LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype)}")
-    LOGGER.info(results_table(result, list(model.names), verbose=opt.verbose or nc < 50))
+    LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
                 f"at shape {result.input_shape}")
+    if not opt.no_plots:
+        save_validation_plots(result, names, run_dir)
     if opt.save_json:
-        run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
-        json_path = run_dir / "predictions.json"
-        write_json(json_path, result.records)
-        LOGGER.info(f"Saved {len(result.records)} predictions to {json_path}")
+        cross_check_with_pycocotools(result, loader.dataset, data, names, run_dir)
+    if run_dir is not None:
+        LOGGER.info(f"Results saved to {run_dir}")
     return 0
+
+
+def cross_check_with_pycocotools(result: EvalResult, dataset: DetectionDataset, data: DatasetConfig,
+                                 names: list[str], run_dir: Path) -> None:
+    """Write predictions.json, evaluate it with pycocotools against the ground truth and print both mAPs.
+
+    The ground truth is COCO's official instances_val2017.json when a COCO dataset has it (then
+    crowd boxes make the numbers differ, as in YOLOv5), else the YOLO labels converted to JSON.
+    """
+    is_coco = data.source.name == "coco.yaml" and len(names) == 80
+    cat_ids = category_ids(len(names), is_coco)
+    ids = image_ids(dataset.image_files)
+    records = [record for index, det in sorted(result.predictions.items())
+               for record in prediction_records(ids[dataset.image_files[index]], det[:, :4], det[:, 4], det[:, 5], cat_ids)]
+    write_json(run_dir / "predictions.json", records)
+    official = data.root / "annotations" / "instances_val2017.json"
+    gt_path = official if is_coco and official.exists() else cached_ground_truth(
+        dataset, ids, cat_ids, names, cache_path_for(dataset.image_files).with_suffix(".coco.json"), run_dir)
+    checked = pycocotools_stats(gt_path, records, sorted(ids.values()))
+    if checked is None:
+        LOGGER.info("pycocotools: no predictions, nothing to evaluate")
+        return
+    stats, summary = checked
+    m = result.metrics
+    agree = abs(stats[1] - m.map50) <= 1e-6 and abs(stats[0] - m.map50_95) <= 1e-6
+    LOGGER.info(f"pycocotools COCOeval against {gt_path}:\n{summary}")
+    LOGGER.info(f"mAP@0.5 {m.map50:.6f} (table) vs {stats[1]:.6f} (pycocotools); "
+                f"mAP@0.5:0.95 {m.map50_95:.6f} vs {stats[0]:.6f}: "
+                + ("equal" if agree else "DIFFERENT (the ground truth differs from the YOLO labels, or a bug: please report)"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,10 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def test_training_writes_the_run_folder(trained_run):
-    for name in ("weights/last.pt", "weights/best.pt", "results.csv", "opt.yaml", "hyp.yaml"):
+    for name in ("weights/last.pt", "weights/best.pt", "results.csv", "opt.yaml", "hyp.yaml", "results.png",
+                 "labels.jpg", "train_batch0.jpg", "train_batch2.jpg", "val_batch0_labels.jpg", "val_batch0_pred.jpg",
+                 "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
+                 "confusion_matrix_normalized.png"):
         assert (trained_run / name).is_file(), name
     rows = read_results(trained_run)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
@@ -66,6 +70,13 @@ def test_val_reproduces_results_csv(trained_run, tiny_dataset):
     assert last.returncode == 0, last.stderr
     records = json.loads((trained_run.parent / "val" / "exp" / "predictions.json").read_text())
     assert records and {"image_id", "category_id", "bbox", "score"} == set(records[0])
+    # The table's mAP and pycocotools' on the JSON files agree (printed to 6 decimals).
+    check = re.search(r"mAP@0.5 ([\d.]+) \(table\) vs ([\d.]+) \(pycocotools\); mAP@0.5:0.95 ([\d.]+) vs ([\d.]+): equal",
+                      last.stdout)
+    assert check, last.stdout
+    table50, coco50, table, coco = map(float, check.groups())
+    assert abs(table50 - coco50) <= 1e-6 and abs(table - coco) <= 1e-6
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in last.stdout
     expected = [three_significant(rows[-1][k]) for k in
                 ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")]
     assert printed_all_row(last.stdout) == expected

@@ -47,6 +47,7 @@ class DetectionDataset(Dataset):
                  rect: bool = False, batch_size: int = 16, stride: int = 32, single_cls: bool = False):
         self.img_size, self.hyp, self.augment, self.seed = img_size, hyp, augment, seed
         self.image_files, self.labels, self.shapes = list(scan.image_files), list(scan.labels), scan.shapes
+        self.scan_key, self.single_cls = scan.cache_key, single_cls
         if single_cls:
             self.labels = [np.concatenate((np.zeros_like(lb[:, :1]), lb[:, 1:]), axis=1) for lb in self.labels]
         self.batch_shapes: np.ndarray | None = None

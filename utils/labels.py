@@ -73,6 +73,7 @@ class LabelScan:
     num_empty: int = 0
     num_corrupt: int = 0
     problems: dict[str, int] = field(default_factory=dict)  # problem kind -> number of images
+    cache_key: str = ""                                     # hash of the files and settings scanned
     messages: list[str] = field(default_factory=list)       # one line per affected file
 
     def summary(self) -> str:
@@ -209,6 +210,7 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
         num_empty=int((status == EMPTY).sum()), num_corrupt=int((status == CORRUPT).sum()),
         problems={str(kind): int(n) for kind, n in zip(*np.unique(cached["problems"], return_counts=True)) if kind},
         messages=[str(m) for m in cached["messages"]],
+        cache_key=key,
     )
 
 

@@ -76,15 +76,17 @@ class DetectionEvaluator:
         self._pred_classes: list[np.ndarray] = []
         self._gt_boxes: list[np.ndarray] = []
         self._gt_classes: list[np.ndarray] = []
+        self._image_ids: list[int] = []
 
     @property
     def num_images(self) -> int:
         return len(self._gt_boxes)
 
     def add_image(self, pred_boxes_xyxy: np.ndarray, pred_scores: np.ndarray, pred_classes: np.ndarray,
-                  gt_boxes_xyxy: np.ndarray, gt_classes: np.ndarray) -> None:
+                  gt_boxes_xyxy: np.ndarray, gt_classes: np.ndarray, image_id: int | None = None) -> None:
         """One image: predictions (N,4) xyxy pixels, (N,), (N,) int; ground truth (M,4) xyxy, (M,) int.
-        Accepts numpy arrays or CPU torch tensors; N or M may be 0."""
+        Accepts numpy arrays or CPU torch tensors; N or M may be 0. `image_id` (default: the order of
+        the calls) is the COCO image id: COCOeval breaks score ties between images by sorted id."""
         pred_boxes = _as_array(pred_boxes_xyxy, np.float64).reshape(-1, 4)
         scores = _as_array(pred_scores, np.float64).reshape(-1)
         pred_cls = self._as_classes(pred_classes, "pred_classes")
@@ -100,6 +102,7 @@ class DetectionEvaluator:
         self._pred_classes.append(pred_cls)
         self._gt_boxes.append(gt_boxes)
         self._gt_classes.append(gt_cls)
+        self._image_ids.append(len(self._image_ids) if image_id is None else int(image_id))
 
     def _as_classes(self, classes: np.ndarray, name: str) -> np.ndarray:
         values = _as_array(classes, None).reshape(-1)
@@ -113,6 +116,10 @@ class DetectionEvaluator:
     def compute(self) -> DetectionMetrics:
         """COCO AP for every class and IoU threshold, then YOLOv5's P/R/F1 from the IoU-0.5 matches."""
         num_classes, num_images = self.num_classes, self.num_images
+        order = np.argsort(self._image_ids, kind="stable")  # COCOeval walks images in sorted id order
+        for parts in (self._pred_boxes, self._pred_scores, self._pred_classes, self._gt_boxes, self._gt_classes):
+            parts[:] = [parts[i] for i in order]
+        self._image_ids = sorted(self._image_ids)
         pred_image = np.repeat(np.arange(num_images), [len(s) for s in self._pred_scores])
         gt_image = np.repeat(np.arange(num_images), [len(c) for c in self._gt_classes])
         pred_boxes = _xyxy_to_coco_xywh(_concat(self._pred_boxes, (0, 4), np.float64))
