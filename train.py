@@ -190,9 +190,9 @@ def seed_everything(seed: int) -> None:
 
 
 def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
-                       single_cls: bool, cache_ram: bool, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The augmenting training loader over the verified train split."""
-    scan = scan_split(data.train, data.nc, prefix="train: ")
+                       single_cls: bool, cache_ram: bool, pin_memory: bool, report_path: Path) -> torch.utils.data.DataLoader:
+    """The augmenting training loader over the verified train split; problem files go to report_path."""
+    scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
     dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls)
     if cache_ram:
         dataset.cache_images_in_ram()
@@ -216,10 +216,13 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
 
     # Data
     pin_memory = device.type == "cuda"
+    report_path = run_dir / "data_report.txt"  # every skipped or repaired file, rewritten at each start
+    report_path.unlink(missing_ok=True)
     train_loader = build_train_loader(data, hyp, opt.imgsz, opt.batch_size, opt.workers, opt.seed, opt.single_cls,
-                                      opt.cache == "ram", pin_memory)
+                                      opt.cache == "ram", pin_memory, report_path)
     val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
-                                  int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory)
+                                  int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory,
+                                  report_path=report_path)
     batches_per_epoch = len(train_loader)
     plots = not opt.no_plots
     if plots and checkpoint is None:

@@ -156,9 +156,10 @@ def results_table(result: EvalResult, names: list[str], verbose: bool = False) -
 
 def build_val_loader(sources: tuple[Path, ...], num_classes: int, img_size: int, batch_size: int, workers: int,
                      hyp: dict, stride: int, single_cls: bool = False, prefix: str = "val: ",
-                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """The rectangular, non-augmented loader of a verified split (images ordered by aspect ratio)."""
-    scan = scan_split(sources, num_classes, prefix=prefix)
+                     pin_memory: bool = False, report_path: Path | None = None) -> torch.utils.data.DataLoader:
+    """The rectangular, non-augmented loader of a verified split (images ordered by aspect ratio);
+    problem files are listed in report_path."""
+    scan = scan_split(sources, num_classes, prefix=prefix, report_path=report_path)
     dataset = DetectionDataset(scan, img_size, hyp, augment=False, rect=True, batch_size=batch_size, stride=stride,
                                single_cls=single_cls)
     return build_dataloader(dataset, batch_size, workers, shuffle=False, pin_memory=pin_memory)
@@ -210,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")
-    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint["hyp"], stride,
-                              single_cls=opt.single_cls, prefix=f"{opt.task}: ", pin_memory=device.type == "cuda")
     names = list(model.names)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok) if not opt.no_plots or opt.save_json else None
+    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint["hyp"], stride,
+                              single_cls=opt.single_cls, prefix=f"{opt.task}: ", pin_memory=device.type == "cuda",
+                              report_path=run_dir / "data_report.txt" if run_dir else None)
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, conf_thres=opt.conf_thres,
                       iou_thres=opt.iou_thres, max_det=opt.max_det, keep_predictions=opt.save_json,
                       plot_dir=None if opt.no_plots else run_dir)

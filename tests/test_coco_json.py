@@ -28,7 +28,7 @@ def test_coco_category_mapping():
 
 def test_ground_truth_scores_perfectly_against_itself(tiny_dataset, tmp_path):
     data = load_dataset_config(tiny_dataset)
-    scan = scan_labels(list_image_files(data.val), data.nc, cache_path=None)
+    scan = scan_labels(list_image_files(data.val)[0], data.nc, cache_path=None)
     dataset = DetectionDataset(scan, 64, load_hyp("scratch-low.yaml"), augment=False)
     ids = image_ids(dataset.image_files)
     cat_ids = category_ids(data.nc, is_coco=False)

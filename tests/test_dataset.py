@@ -16,7 +16,7 @@ from utils.labels import list_image_files, scan_labels
 @pytest.fixture(scope="module")
 def train_scan(tiny_dataset):
     data = load_dataset_config(tiny_dataset)
-    return scan_labels(list_image_files(data.train), data.nc, cache_path=None)
+    return scan_labels(list_image_files(data.train)[0], data.nc, cache_path=None)
 
 
 def all_batches(loader, epoch):

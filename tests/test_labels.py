@@ -1,7 +1,8 @@
-"""Label verification: counts per category on a folder with planted bad files, the cache, image listing."""
+"""Label verification: every kind of bad file counted and reported, repairs in memory, the cache."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -22,64 +23,148 @@ def write_image(path: Path, size=(48, 64), suffix=".jpg") -> Path:
     return path
 
 
-def write_label(image: Path, text: str | None) -> None:
+def write_label(image: Path, text: str | bytes | None) -> None:
     if text is None:
         return
     label = label_path_for(image)
     label.parent.mkdir(parents=True, exist_ok=True)
-    label.write_text(text)
+    label.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+GOOD = "0 0.5 0.5 0.2 0.3\n1 0.25 0.25 0.1 0.1\n"
+# stem -> (how the image is made, label text, expected problem kind or status)
+PLANTED = {
+    "zero_byte": ("empty file", GOOD, "unreadable image"),
+    "text_as_jpg": ("text", GOOD, "unreadable image"),
+    "truncated_jpg": ("truncated jpg", GOOD, "truncated image"),
+    "truncated_png": ("truncated png", GOOD, "unreadable image"),
+    "gif": ("gif", GOOD, "unsupported format"),
+    "tiny": ("tiny", GOOD, "image under 10 px"),
+    "four_columns": ("ok", "0 0.5 0.5 0.2\n", "wrong number of columns"),
+    "six_columns": ("ok", "0 0.5 0.5 0.2 0.2 0.9\n", "wrong number of columns"),
+    "word": ("ok", "0 0.5 abc 0.2 0.2\n", "non-numeric value"),
+    "nan": ("ok", "0 nan 0.5 0.2 0.2\n", "NaN or infinite value"),
+    "class_id": ("ok", "7 0.5 0.5 0.2 0.2\n", "class id out of range"),
+    "fractional_class": ("ok", "1.5 0.5 0.5 0.2 0.2\n", "class id out of range"),
+    "negative_size": ("ok", "0 0.5 0.5 -0.2 0.2\n", "negative or zero size"),
+    "outside": ("ok", "0 0.5 0.5 1.2 0.2\n", "coordinates outside [0, 1]"),
+    "binary_label": ("ok", b"\xff\xfe\x00\x01garbage", "unreadable label file"),
+    "duplicates": ("ok", "0 0.5 0.5 0.2 0.3\n0 0.5 0.5 0.2 0.3\n", "duplicate rows removed"),
+    "overflow": ("ok", "0 0.9 0.5 0.204 0.2\n", "boxes clipped to the image"),
+    "polygon": ("ok", "1 0.1 0.1 0.5 0.1 0.5 0.6 0.1 0.6\n", "found"),
+    "no_label": ("ok", None, "missing"),
+    "empty_label": ("ok", "\n", "empty"),
+}
+
+
+def plant(images: Path, stem: str, how: str, label) -> None:
+    if how == "ok":
+        path = write_image(images / stem)
+    elif how == "empty file":
+        path = images / f"{stem}.jpg"
+        path.write_bytes(b"")
+    elif how == "text":
+        path = images / f"{stem}.jpg"
+        path.write_text("this is not an image")
+    elif how == "truncated jpg":
+        path = write_image(images / stem)
+        path.write_bytes(path.read_bytes()[:-200])
+    elif how == "truncated png":
+        path = write_image(images / stem, suffix=".png")
+        path.write_bytes(path.read_bytes()[:-40])
+    elif how == "gif":
+        from PIL import Image
+        path = images / f"{stem}.jpg"  # a GIF behind a .jpg name
+        Image.new("RGB", (40, 40)).save(path, format="GIF")
+    elif how == "tiny":
+        path = write_image(images / stem, size=(8, 8))
+    write_label(path, label)
 
 
 @pytest.fixture
 def planted(tmp_path) -> Path:
-    """A split with good images beside one planted problem of each kind; returns images/train."""
+    """images/train with four good images beside one planted case of each kind; returns the folder."""
     images = tmp_path / "images" / "train"
-    good = "0 0.5 0.5 0.2 0.3\n1 0.25 0.25 0.1 0.1\n"
+    images.mkdir(parents=True)
     for i in range(4):
-        write_label(write_image(images / f"good{i}"), good)
-    write_label(write_image(images / "png_ok", suffix=".png"), "2 0.5 0.5 0.5 0.5\n")
-    write_label(write_image(images / "duplicates"), "0 0.5 0.5 0.2 0.3\n0 0.5 0.5 0.2 0.3\n")  # kept, deduplicated
-    write_label(write_image(images / "polygon"), "1 0.1 0.1 0.5 0.1 0.5 0.6 0.1 0.6\n")  # segment -> its box
-    write_image(images / "no_label")                                         # missing
-    write_label(write_image(images / "empty_label"), "\n")                     # empty
-    write_label(write_image(images / "tiny", size=(8, 8)), good)               # corrupt: under 10 px
-    (images / "garbage.jpg").write_bytes(b"this is not an image")              # corrupt
-    truncated = write_image(images / "truncated")
-    truncated.write_bytes(truncated.read_bytes()[:-200])                       # corrupt: no JPEG end marker
-    write_label(truncated, good)
-    (images / "zero.png").write_bytes(b"")                                     # corrupt
-    write_label(write_image(images / "four_columns"), "0 0.5 0.5 0.2\n")       # corrupt label
-    write_label(write_image(images / "word"), "0 0.5 abc 0.2 0.2\n")           # corrupt label
-    write_label(write_image(images / "outside"), "0 0.5 0.5 1.2 0.2\n")        # corrupt label
-    write_label(write_image(images / "class_id"), "7 0.5 0.5 0.2 0.2\n")       # corrupt: class >= nc
-    write_label(write_image(images / "nan"), "0 nan 0.5 0.2 0.2\n")            # corrupt label
+        write_label(write_image(images / f"good{i}"), GOOD)
+    for stem, (how, label, _) in PLANTED.items():
+        plant(images, stem, how, label)
     return images
 
 
-def test_counts_on_planted_files(planted):
-    files = list_image_files([planted])
+def test_every_kind_is_counted_and_named(planted):
+    files, unreadable = list_image_files([planted])
     scan = scan_labels(files, num_classes=3, cache_path=None)
-    assert (scan.num_found, scan.num_missing, scan.num_empty, scan.num_corrupt) == (7, 1, 1, 9)
-    assert scan.summary() == "18 images, 7 labels found, 1 missing, 1 empty, 9 corrupt (skipped)"
-    assert scan.problems == {"unreadable image": 2, "image under 10 px": 1, "truncated JPEG": 1,
-                             "malformed label row": 2, "coordinates outside [0, 1]": 1, "class id out of range": 1,
-                             "non-finite value": 1, "duplicate rows removed": 1}
+    corrupt = [v[2] for v in PLANTED.values() if v[2] not in ("found", "missing", "empty", "duplicate rows removed",
+                                                              "boxes clipped to the image")]
+    assert (scan.num_corrupt, scan.num_missing, scan.num_empty) == (len(corrupt), 1, 1)
+    assert scan.num_found == 4 + 3  # good ones, the repaired ones and the polygon
+    expected = {}
+    for kind in [v[2] for v in PLANTED.values() if v[2] not in ("found", "missing", "empty")]:
+        expected[kind] = expected.get(kind, 0) + 1
+    assert scan.problems == expected
+    for stem, (_, _, kind) in PLANTED.items():
+        if kind not in ("found", "missing", "empty"):
+            assert any(k == kind and stem in message for k, message in scan.messages), (stem, kind)
     kept = {p.stem: lb for p, lb in zip(scan.image_files, scan.labels)}
-    assert set(kept) == {"good0", "good1", "good2", "good3", "png_ok", "duplicates", "polygon", "no_label", "empty_label"}
+    assert set(kept) == {f"good{i}" for i in range(4)} | {"duplicates", "overflow", "polygon", "no_label", "empty_label"}
     assert len(kept["duplicates"]) == 1
     np.testing.assert_allclose(kept["polygon"], [[1, 0.3, 0.35, 0.4, 0.5]], atol=1e-6)
-    assert kept["no_label"].shape == (0, 5)
-    messages = "\n".join(scan.messages)
-    for stem, reason in [("tiny", "under 10 px"), ("truncated", "truncated JPEG"), ("four_columns", "4 columns"),
-                         ("word", "non-numeric"), ("outside", "normalised"), ("class_id", "class 7"), ("nan", "non-finite"),
-                         ("duplicates", "1 duplicate rows removed")]:
-        assert any(stem in line and reason in line for line in scan.messages), (stem, reason, messages)
-    shapes = dict(zip((p.stem for p in scan.image_files), scan.shapes.tolist()))
-    assert shapes["good0"] == [48, 64]
+    np.testing.assert_allclose(kept["overflow"], [[0, 0.899, 0.5, 0.202, 0.2]], atol=1e-6)  # x2 1.002 -> 1.0
+    assert unreadable == []
+
+
+def test_summary_line_counts_each_problem(planted):
+    scan = scan_labels(list_image_files([planted])[0], 3, cache_path=None)
+    summary = scan.summary()
+    assert summary.startswith("24 images, 7 labels found, 1 missing, 1 empty, 15 corrupt (skipped); skipped: ")
+    assert "2 class id out of range" in summary and "1 truncated image" in summary
+    assert summary.endswith("repaired: 1 boxes clipped to the image, 1 duplicate rows removed")
+
+
+def test_unreadable_folder_is_counted(planted, monkeypatch):
+    blocked = planted / "blocked"
+    write_label(write_image(blocked / "inside"), GOOD)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as if the folder had no read permission (root can read anything)
+        if Path(path) == blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    files, unreadable = list_image_files([planted])
+    assert not any(p.parent == blocked for p in files)
+    assert len(unreadable) == 1 and str(blocked) in unreadable[0] and "Permission denied" in unreadable[0]
+
+
+def test_scan_split_reports_every_file(planted, tmp_path, caplog):
+    caplog.set_level("INFO")
+    report = tmp_path / "data_report.txt"
+    scan_split((planted,), 3, prefix="train: ", report_path=report)
+    lines = report.read_text().splitlines()
+    assert len(lines) == 17 and all(line.startswith("train\t") for line in lines)
+    assert any(line.split("\t")[1] == "truncated image" and "truncated_jpg" in line for line in lines)
+    assert "train: 24 images, 7 labels found" in caplog.text and "names in the dataset YAML" in caplog.text
+    assert f"... and 7 more, listed in {report}" in caplog.text
+    bad_only = tmp_path / "bad" / "images"
+    bad_only.mkdir(parents=True)
+    (bad_only / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="no usable images"):
+        scan_split((bad_only,), 3, prefix="val: ")
+
+
+def test_user_files_are_never_modified(planted):
+    root = planted.parent.parent
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    scan_labels(list_image_files([planted])[0], 3, cache_path_for(list_image_files([planted])[0]))
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".cache"}
+    assert after == before
 
 
 def test_cache_is_reused_and_invalidated(planted, monkeypatch):
-    files = list_image_files([planted])
+    files = list_image_files([planted])[0]
     cache = cache_path_for(files)
     assert cache == planted.parent.parent / "labels" / "train.cache"
     first = scan_labels(files, 3, cache)
@@ -90,7 +175,7 @@ def test_cache_is_reused_and_invalidated(planted, monkeypatch):
 
     monkeypatch.setattr(labels_module, "verify_image_and_label", fail)
     again = scan_labels(files, 3, cache)
-    assert again.summary() == first.summary()
+    assert again.summary() == first.summary() and again.messages == first.messages
     assert all(np.array_equal(a, b) for a, b in zip(again.labels, first.labels))
     monkeypatch.undo()
 
@@ -101,29 +186,17 @@ def test_cache_is_reused_and_invalidated(planted, monkeypatch):
 
 def test_unwritable_cache_location_still_scans(planted, caplog):
     caplog.set_level("INFO")
-    files = list_image_files([planted])
+    files = list_image_files([planted])[0]
     cache = planted.parent.parent / "labels" / "no_such_dir" / "train.cache"
     scan = scan_labels(files, 3, cache)
     assert scan.num_found == 7 and not cache.exists()
     assert "label cache not written" in caplog.text
 
 
-def test_scan_split_reports_problems_and_refuses_an_empty_split(planted, tmp_path, caplog):
-    caplog.set_level("INFO")
-    scan_split((planted,), 3, prefix="train: ")
-    assert "train: 18 images, 7 labels found" in caplog.text and "1 class id out of range" in caplog.text
-    assert "names in the dataset YAML" in caplog.text and "... and" not in caplog.text
-    bad_only = tmp_path / "bad" / "images"
-    bad_only.mkdir(parents=True)
-    (bad_only / "x.jpg").write_bytes(b"not an image")
-    with pytest.raises(UserError, match="no usable images"):
-        scan_split((bad_only,), 3, prefix="val: ")
-
-
 def test_image_list_txt_and_errors(tmp_path, planted):
     listing = tmp_path / "list.txt"
     listing.write_text("images/train/good0.jpg\n\n" + str(planted / "good1.jpg") + "\n")
-    assert list_image_files([listing]) == sorted([planted / "good0.jpg", planted / "good1.jpg"])
+    assert list_image_files([listing])[0] == sorted([planted / "good0.jpg", planted / "good1.jpg"])
     with pytest.raises(UserError, match="no images found"):
         list_image_files([tmp_path / "labels"])
     with pytest.raises(UserError, match="is not a folder"):

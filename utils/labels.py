@@ -1,9 +1,11 @@
 """Image listing, label verification and the label cache.
 
-Each image is checked once (readable, a supported format, at least 10 px, JPEG not
-truncated) with its YOLO label file (`cls cx cy w h` per line, normalised; polygon rows
-are reduced to their box). The result is cached beside the labels folder, keyed by a hash
-of the file list, sizes, modification times and the class count, so later runs skip the scan.
+Each image is checked once (readable, a supported format, at least 10 px, not truncated) with
+its YOLO label file (`cls cx cy w h` per line, normalised; polygon rows are reduced to their
+box). A problem either skips the image (corrupt) or is repaired in memory (duplicate rows
+dropped, boxes overflowing the image by at most 1% clipped); the user's files are never
+touched. The result is cached beside the labels folder, keyed by a hash of the file list,
+sizes, modification times and the class count, so later runs skip the scan.
 """
 
 from __future__ import annotations
@@ -24,17 +26,35 @@ from utils.log import LOGGER, interactive
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
-CACHE_VERSION = 2
+CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
+CACHE_VERSION = 3
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
+# Problem kinds, as counted in LabelScan.problems. An image with one of the first kinds is skipped.
+UNREADABLE_IMAGE, UNSUPPORTED_FORMAT, TOO_SMALL, TRUNCATED_IMAGE = ("unreadable image", "unsupported format",
+                                                                    "image under 10 px", "truncated image")
+UNREADABLE_LABEL, WRONG_COLUMNS, NON_NUMERIC, NON_FINITE = ("unreadable label file", "wrong number of columns",
+                                                            "non-numeric value", "NaN or infinite value")
+BAD_CLASS, OUTSIDE_IMAGE, NON_POSITIVE_SIZE = "class id out of range", "coordinates outside [0, 1]", "negative or zero size"
+# Repaired in memory; the image is kept.
+DUPLICATES, CLIPPED = "duplicate rows removed", "boxes clipped to the image"
+REPAIRS = (DUPLICATES, CLIPPED)
+# Not an image: a folder the scan could not enter.
+UNREADABLE_FOLDER = "unreadable folder"
 
-def list_image_files(sources: tuple[Path, ...] | list[Path]) -> list[Path]:
-    """Image files from folders (searched recursively), image-list .txt files or single images."""
+
+def list_image_files(sources: tuple[Path, ...] | list[Path]) -> tuple[list[Path], list[str]]:
+    """Image files from folders (searched recursively), image-list .txt files or single images,
+    and a message for each folder that could not be read (those are skipped, not fatal)."""
     files: list[Path] = []
+    unreadable: list[str] = []
     for source in sources:
         if source.is_dir():
-            files += [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+            def note(error: OSError) -> None:
+                unreadable.append(f"{error.filename}: unreadable folder ({error.strerror})")
+            for folder, _, names in os.walk(source, onerror=note, followlinks=True):
+                files += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
         elif source.suffix == ".txt" and source.is_file():
             for line in source.read_text().splitlines():
                 line = line.strip()
@@ -48,7 +68,7 @@ def list_image_files(sources: tuple[Path, ...] | list[Path]) -> list[Path]:
     files = sorted(set(files))
     if not files:
         raise UserError(f"no images found in {', '.join(str(s) for s in sources)}")
-    return files
+    return files, unreadable
 
 
 def label_path_for(image_file: Path) -> Path:
@@ -72,21 +92,19 @@ class LabelScan:
     num_missing: int = 0
     num_empty: int = 0
     num_corrupt: int = 0
-    problems: dict[str, int] = field(default_factory=dict)  # problem kind -> number of images
+    problems: dict[str, int] = field(default_factory=dict)  # problem kind -> number of files or folders
     cache_key: str = ""                                     # hash of the files and settings scanned
-    messages: list[str] = field(default_factory=list)       # one line per affected file
+    messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
 
     def summary(self) -> str:
+        """'N images, N labels found, N missing, N empty, N corrupt (skipped)', then the count per problem."""
         total = self.num_found + self.num_missing + self.num_empty + self.num_corrupt
-        return (f"{total} images, {self.num_found} labels found, {self.num_missing} missing, "
+        line = (f"{total} images, {self.num_found} labels found, {self.num_missing} missing, "
                 f"{self.num_empty} empty, {self.num_corrupt} corrupt (skipped)")
-
-
-# Problem kinds, as counted in LabelScan.problems. All but DUPLICATES make the image unusable.
-UNREADABLE_IMAGE, UNSUPPORTED_FORMAT, TOO_SMALL, TRUNCATED_JPEG = ("unreadable image", "unsupported format",
-                                                                   "image under 10 px", "truncated JPEG")
-UNREADABLE_LABEL, MALFORMED_ROW, NON_FINITE = "unreadable label file", "malformed label row", "non-finite value"
-BAD_CLASS, BAD_COORDINATES, DUPLICATES = "class id out of range", "coordinates outside [0, 1]", "duplicate rows removed"
+        skipped = [f"{n} {kind}" for kind, n in sorted(self.problems.items()) if kind not in REPAIRS]
+        repaired = [f"{n} {kind}" for kind, n in sorted(self.problems.items()) if kind in REPAIRS]
+        return line + "".join(f"; {label}: {', '.join(items)}"
+                              for label, items in (("skipped", skipped), ("repaired", repaired)) if items)
 
 
 @dataclass
@@ -96,14 +114,13 @@ class Verified:
     status: int
     labels: np.ndarray            # (n, 5) float32 [class, cx, cy, w, h]
     shape: tuple[int, int]        # (height, width), EXIF orientation applied
-    problem: str = ""             # one of the kinds above, "" when none
-    message: str = ""
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (kind, message)
 
 
 def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int) -> Verified:
-    """Check one image and its YOLO label file."""
-    def corrupt(problem: str, message: str) -> Verified:
-        return Verified(CORRUPT, np.zeros((0, 5), np.float32), (0, 0), problem, message)
+    """Check one image and its YOLO label file; repairs happen on the returned labels only."""
+    def corrupt(kind: str, message: str) -> Verified:
+        return Verified(CORRUPT, np.zeros((0, 5), np.float32), (0, 0), [(kind, message)])
 
     try:
         with Image.open(image_file) as image:
@@ -123,49 +140,54 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
         with open(image_file, "rb") as f:
             f.seek(-2, os.SEEK_END)
             if f.read() != b"\xff\xd9":
-                return corrupt(TRUNCATED_JPEG, f"{image_file}: truncated JPEG (no end marker)")
+                return corrupt(TRUNCATED_IMAGE, f"{image_file}: truncated JPEG (no end marker)")
 
     no_labels = np.zeros((0, 5), dtype=np.float32)
     if not label_file.is_file():
         return Verified(MISSING, no_labels, (height, width))
     try:
-        rows = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
+        rows = [line.split() for line in label_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         return corrupt(UNREADABLE_LABEL, f"{label_file}: unreadable label file ({error})")
     if not rows:
         return Verified(EMPTY, no_labels, (height, width))
+    bad_row = next((r for r in rows if len(r) != 5 and not (len(r) >= 7 and len(r) % 2 == 1)), None)
+    if bad_row is not None:
+        return corrupt(WRONG_COLUMNS, f"{label_file}: row {' '.join(bad_row)!r} has {len(bad_row)} columns, "
+                                      "expected 5 (cls cx cy w h)")
     try:
-        labels = np.array([_row_to_box(row) for row in rows], dtype=np.float64)
-    except ValueError as error:
-        return corrupt(MALFORMED_ROW, f"{label_file}: {error}")
+        labels = np.array([_row_to_box([float(v) for v in row]) for row in rows], dtype=np.float64)
+    except ValueError:
+        return corrupt(NON_NUMERIC, f"{label_file}: a value is not a number")
     if not np.isfinite(labels).all():
-        return corrupt(NON_FINITE, f"{label_file}: non-finite values")
+        return corrupt(NON_FINITE, f"{label_file}: NaN or infinite value")
     classes = labels[:, 0]
     bad_class = (classes != np.round(classes)) | (classes < 0) | (classes >= num_classes)
     if bad_class.any():
         return corrupt(BAD_CLASS, f"{label_file}: class {classes[bad_class][0]:g} is not an integer in 0..{num_classes - 1}")
-    if (labels[:, 1:] < 0).any() or (labels[:, 1:] > 1).any() or (labels[:, 3:] <= 0).any():
-        return corrupt(BAD_COORDINATES, f"{label_file}: coordinates must be normalised to [0, 1] with w, h > 0")
+    if (labels[:, 3:] <= 0).any():
+        return corrupt(NON_POSITIVE_SIZE, f"{label_file}: a box has a negative or zero width or height")
+    corners = np.concatenate((labels[:, 1:3] - labels[:, 3:] / 2, labels[:, 1:3] + labels[:, 3:] / 2), axis=1)
+    if (corners < -CLIP_TOLERANCE).any() or (corners > 1 + CLIP_TOLERANCE).any():
+        return corrupt(OUTSIDE_IMAGE, f"{label_file}: a box lies outside the image (coordinates outside [0, 1])")
+    problems = []
+    if (corners < 0).any() or (corners > 1).any():
+        corners = corners.clip(0, 1)
+        labels[:, 1:3], labels[:, 3:] = (corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]
+        problems.append((CLIPPED, f"{label_file}: boxes overflowing the image by up to {CLIP_TOLERANCE:.0%} clipped"))
     unique = np.unique(labels, axis=0)
     if len(unique) < len(labels):
-        return Verified(FOUND, unique.astype(np.float32), (height, width), DUPLICATES,
-                        f"{label_file}: {len(labels) - len(unique)} duplicate rows removed")
-    return Verified(FOUND, labels.astype(np.float32), (height, width))
+        problems.append((DUPLICATES, f"{label_file}: {len(labels) - len(unique)} duplicate rows removed"))
+    return Verified(FOUND, unique.astype(np.float32), (height, width), problems)
 
 
-def _row_to_box(row: list[str]) -> list[float]:
+def _row_to_box(values: list[float]) -> list[float]:
     """One label row -> [cls, cx, cy, w, h]; a polygon row (cls x1 y1 x2 y2 ...) becomes its box."""
-    try:
-        values = [float(v) for v in row]
-    except ValueError:
-        raise ValueError(f"non-numeric value in row {' '.join(row)!r}") from None
     if len(values) == 5:
         return values
-    if len(values) >= 7 and len(values) % 2 == 1:
-        xs, ys = values[1::2], values[2::2]
-        x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
-        return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
-    raise ValueError(f"row {' '.join(row)!r} has {len(values)} columns, expected 5 (cls cx cy w h)")
+    xs, ys = values[1::2], values[2::2]
+    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
+    return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
 def _files_hash(image_files: list[Path], label_files: list[Path], num_classes: int) -> str:
@@ -195,8 +217,8 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
             "shapes": np.array([r.shape for r in results], dtype=np.int64).reshape(-1, 2),
             "counts": np.array([len(r.labels) for r in results], dtype=np.int64),
             "labels": np.concatenate([r.labels for r in results] + [np.zeros((0, 5), np.float32)], axis=0),
-            "problems": np.array([r.problem for r in results], dtype=str),
-            "messages": np.array([r.message for r in results if r.message], dtype=str),
+            "problem_kinds": np.array([kind for r in results for kind, _ in r.problems], dtype=str),
+            "problem_messages": np.array([message for r in results for _, message in r.problems], dtype=str),
         }
         if cache_path:
             _write_cache(cache_path, key, cached)
@@ -208,8 +230,8 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
         shapes=cached["shapes"][keep],
         num_found=int((status == FOUND).sum()), num_missing=int((status == MISSING).sum()),
         num_empty=int((status == EMPTY).sum()), num_corrupt=int((status == CORRUPT).sum()),
-        problems={str(kind): int(n) for kind, n in zip(*np.unique(cached["problems"], return_counts=True)) if kind},
-        messages=[str(m) for m in cached["messages"]],
+        problems={str(kind): int(n) for kind, n in zip(*np.unique(cached["problem_kinds"], return_counts=True))},
+        messages=[(str(k), str(m)) for k, m in zip(cached["problem_kinds"], cached["problem_messages"])],
         cache_key=key,
     )
 
@@ -219,7 +241,8 @@ def _read_cache(cache_path: Path, key: str) -> dict | None:
         with np.load(cache_path, allow_pickle=False) as data:
             if str(data["key"]) != key:
                 return None
-            return {name: data[name] for name in ("status", "shapes", "counts", "labels", "problems", "messages")}
+            return {name: data[name] for name in ("status", "shapes", "counts", "labels", "problem_kinds",
+                                                  "problem_messages")}
     except (OSError, KeyError, ValueError):
         return None  # absent, stale format or damaged: scan again
 
@@ -242,17 +265,25 @@ def cache_path_for(image_files: list[Path]) -> Path:
     return label_dir.with_suffix(".cache")
 
 
-def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, max_messages: int = 10) -> LabelScan:
-    """List, verify (through the cache) and report one split; a split without usable images is a UserError."""
-    image_files = list_image_files(sources)
+def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, report_path: Path | None = None,
+               max_messages: int = 10) -> LabelScan:
+    """List, verify (through the cache) and report one split: the summary line with a count per
+    problem, the first messages, and every affected file in `report_path` (appended).
+    A split without usable images is a UserError."""
+    image_files, unreadable_folders = list_image_files(sources)
     scan = scan_labels(image_files, num_classes, cache_path_for(image_files), prefix=prefix)
+    if unreadable_folders:
+        scan.problems[UNREADABLE_FOLDER] = len(unreadable_folders)
+        scan.messages = [(UNREADABLE_FOLDER, m) for m in unreadable_folders] + scan.messages
     LOGGER.info(f"{prefix}{scan.summary()}")
-    if scan.problems:
-        LOGGER.warning(f"{prefix}problems: " + ", ".join(f"{n} {kind}" for kind, n in sorted(scan.problems.items())))
-    for message in scan.messages[:max_messages]:
+    for _, message in scan.messages[:max_messages]:
         LOGGER.warning(f"{prefix}  {message}")
     if len(scan.messages) > max_messages:
-        LOGGER.warning(f"{prefix}  ... and {len(scan.messages) - max_messages} more")
+        LOGGER.warning(f"{prefix}  ... and {len(scan.messages) - max_messages} more"
+                       + (f", listed in {report_path}" if report_path else ""))
+    if report_path is not None and scan.messages:
+        with open(report_path, "a") as report:
+            report.writelines(f"{prefix.rstrip(': ')}\t{kind}\t{message}\n" for kind, message in scan.messages)
     if scan.problems.get(BAD_CLASS):
         LOGGER.warning(f"{prefix}WARNING: {scan.problems[BAD_CLASS]} label files use class ids outside 0..{num_classes - 1}; "
                        "check that names in the dataset YAML lists every class")
