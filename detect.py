@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", nargs="+", type=int, help="keep only these class ids")
     p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
     p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
+    p.add_argument("--trust-pickle", action="store_true",
+                        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
     p.add_argument("--raw", action="store_true", help="use the raw model weights instead of the EMA")
     p.add_argument("--no-amp", action="store_true", help="run in fp32")
     p.add_argument("--save-txt", action="store_true", help="save results as YOLO label files")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     setup_logging()
     device = select_device(opt.device)
-    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device)
+    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device, opt.trust_pickle)
     model.fuse().to(memory_format=torch.channels_last)  # fusing makes new weights
     names = list(model.names)
     stride = int(model.stride.max())

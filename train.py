@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,20 @@ from tqdm import tqdm
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
 from utils.augment import round_image_size
-from utils.checkpoint import (ema_state, load_checkpoint, load_for_inference, make_checkpoint, restore_rng_state,
-                              save_checkpoint, transfer_matching_weights)
+from utils.checkpoint import (CheckpointWriter, ema_state, load_checkpoint, load_for_inference, make_checkpoint,
+                              restore_rng_state, transfer_matching_weights)
 from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
 from utils.ema import ModelEMA
-from utils.errors import UserError, run_cli
+from utils.errors import TrainingStopped, UserError, run_cli
 from utils.hyp import load_hyp
 from utils.labels import scan_split
 from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
-from utils.optim import NOMINAL_BATCH_SIZE, OPTIMIZERS, TrainSchedule, accumulation_steps, build_optimizer, optimizer_step
+from utils.optim import (NOMINAL_BATCH_SIZE, OPTIMIZERS, BufferSnapshot, TrainSchedule, accumulation_steps,
+                         build_optimizer, optimizer_step)
 from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
 from utils.plots import plot_image_batch, plot_labels, plot_results
 from val import build_val_loader, evaluate, results_table, save_validation_plots
@@ -47,10 +49,46 @@ LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
 RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
 
 
+@dataclass
+class LoopState:
+    """Where training stands: the next epoch and batch to run, and what that epoch has counted so far.
+
+    Saved in every checkpoint, so --resume continues at exactly that batch with the same totals."""
+
+    epoch: int = 0
+    batch: int = 0                  # next micro-batch of the epoch
+    optimizer_steps: int = 0        # steps taken or skipped since the start of training
+    window: int = 0                 # micro-batches accumulated since the last step (0 in a checkpoint)
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # the epoch's [box, obj, cls] so far
+    skipped_steps: int = 0          # of this epoch, for a non-finite loss or gradient
+    bad_streak: int = 0             # skipped steps in a row
+    best_fitness: float = 0.0
+    best_epoch: int = 0
+
+    def record_step(self, taken: bool) -> None:
+        self.optimizer_steps += 1
+        self.window = 0
+        self.skipped_steps += not taken
+        self.bad_streak = 0 if taken else self.bad_streak + 1
+
+    def start_next_epoch(self) -> None:
+        self.epoch, self.batch, self.skipped_steps = self.epoch + 1, 0, 0
+        self.loss_sum = torch.zeros_like(self.loss_sum)
+
+    def state_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "loss_sum": self.loss_sum.detach().cpu().clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "LoopState":
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a YOLOv5-style detector with EMA weight averaging.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="", help="initial weights: a checkpoint of this framework ('' = from scratch)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --weights to be a pickled YOLOv5 checkpoint (unpickling can run code: trusted files only)")
     p.add_argument("--cfg", default="", help=f"model YAML (default: the --weights checkpoint's, else {DEFAULT_CFG})")
     p.add_argument("--data", default="data/shapes.yaml", help="dataset YAML (shapes.yaml is generated on first use)")
     p.add_argument("--hyp", default="hyp/scratch-low.yaml", help="hyperparameter YAML")
@@ -76,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)")
     p.add_argument("--no-plots", action="store_true", help="do not save plots")
+    p.add_argument("--save-interval", type=float, default=10.0,
+                   help="also write last.pt every N minutes inside an epoch, at a step boundary (0: off)")
+    p.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only: a resumed run then equals an uninterrupted one bit for bit")
     return p
 
 
@@ -89,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_path = Path(args.resume) if isinstance(args.resume, str) else newest_last_checkpoint(Path(args.project))
         checkpoint = load_checkpoint(checkpoint_path)
         opt = resumed_options(args, parser, checkpoint)
-        if checkpoint.get("finished") or checkpoint["epoch"] + 1 >= opt.epochs:
+        if checkpoint.get("finished") or checkpoint["loop"]["epoch"] >= opt.epochs:
             LOGGER.info(f"{checkpoint_path} is from a finished run ({checkpoint['epoch'] + 1} epochs); nothing to resume")
             return 0
         hyp = checkpoint["hyp"]
@@ -99,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.workers = 8 if opt.workers is None else opt.workers
         hyp = load_hyp(opt.hyp)
     check_options(opt)
+    if opt.deterministic:
+        use_deterministic_algorithms()
     seed_everything(opt.seed)  # before the model exists: its initial weights come from this seed
     data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, checkpoint)
@@ -106,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     # Everything the user gave is checked before the run folder exists: a mistake leaves no trace.
     if checkpoint is not None:
         run_dir = checkpoint_path.resolve().parent.parent
-        LOGGER.info(f"Resuming {run_dir} from epoch {checkpoint['epoch'] + 1} of {opt.epochs}")
+        position = checkpoint["loop"]
+        LOGGER.info(f"Resuming {run_dir} at epoch {position['epoch']} of {opt.epochs}"
+                    + (f", batch {position['batch']}" if position["batch"] else ""))
     else:
         run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
         (run_dir / "opt.yaml").write_text(yaml.safe_dump(vars(opt), sort_keys=False))
@@ -138,8 +186,8 @@ def resumed_options(args: argparse.Namespace, parser: argparse.ArgumentParser, c
 def check_options(opt: argparse.Namespace) -> None:
     if opt.epochs < 1 or opt.batch_size < 1 or opt.imgsz < 32:
         raise UserError("--epochs and --batch-size must be at least 1, --imgsz at least 32")
-    if opt.workers < 0 or opt.patience < 0:
-        raise UserError("--workers and --patience must not be negative")
+    if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
+        raise UserError("--workers, --patience and --save-interval must not be negative, --max-bad-steps at least 1")
     if any(f < 0 for f in opt.freeze):
         raise UserError("--freeze takes layer counts or indices, which are not negative")
 
@@ -154,7 +202,7 @@ def model_for_run(opt: argparse.Namespace, data: DatasetConfig, checkpoint: dict
                             f"now has {nc}; start a new run with --weights instead")
         model = DetectionModel(checkpoint["model_yaml"], nc=nc)
     else:
-        initial = load_checkpoint(opt.weights) if opt.weights else None
+        initial = load_checkpoint(opt.weights, trust_pickle=opt.trust_pickle) if opt.weights else None
         if opt.cfg or initial is None:
             model = DetectionModel(read_model_yaml(resolve_config_path(opt.cfg or DEFAULT_CFG, "models")), nc=nc)
         else:
@@ -180,6 +228,13 @@ def freeze_layers(model: DetectionModel, layers: list[int]) -> None:
             param.requires_grad_(False)
     if prefixes:
         LOGGER.info(f"Froze layers {', '.join(str(i) for i in layers)}")
+
+
+def use_deterministic_algorithms() -> None:
+    """Only deterministic kernels (an op without one fails loudly instead of varying)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by CUDA's deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
@@ -236,7 +291,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
     criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
-    start_epoch, best_fitness, best_epoch = 0, 0.0, 0
+    loop = LoopState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(ema_state(checkpoint))
@@ -244,47 +299,73 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         if checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
-        start_epoch = checkpoint["epoch"] + 1
-        best_fitness, best_epoch = checkpoint["best_fitness"], checkpoint["best_epoch"]
+        loop = LoopState.from_state_dict(checkpoint["loop"])
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
-    planned_steps = (opt.epochs - start_epoch) * math.ceil(batches_per_epoch / accumulate)  # warmup adds a few
+    planned_steps = (opt.epochs - loop.epoch) * math.ceil(batches_per_epoch / accumulate)  # warmup adds a few
     final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
     LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more optimizer "
                 f"steps are planned, ending near d={final_decay:.3g}"
                 + (" (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
                    "file to average more)" if final_decay < 0.5 else ""))
-    logger = RunLogger(run_dir, start_epoch)
+    logger = RunLogger(run_dir, loop.epoch)
     LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size} x {accumulate} accumulated, "
                 f"{batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
                 f"Logging to {run_dir}; training for {opt.epochs} epochs...")
 
-    started = time.time()
-    for epoch in range(start_epoch, opt.epochs):
+    writer = CheckpointWriter(weights_dir, opt.save_interval)
+    buffers = BufferSnapshot(model)
+
+    def checkpoint_now(finished: bool = False) -> dict:
+        return make_checkpoint(loop=loop.state_dict(), finished=finished, model=model, ema=ema, optimizer=optimizer,
+                               scaler=scaler, names=names, hyp=hyp, opt=vars(opt))
+
+    started, first_epoch = time.time(), loop.epoch
+    while loop.epoch < opt.epochs:
+        epoch = loop.epoch
         model.train()
-        train_loader.sampler.set_epoch(epoch)
-        loss_sum = torch.zeros(3, device=device)
+        train_loader.sampler.set_epoch(epoch, skip=loop.batch * opt.batch_size)  # a resume may start mid-epoch
+        loop.loss_sum = loop.loss_sum.to(device)
         optimizer.zero_grad(set_to_none=True)
-        window, skipped_steps = 0, 0  # micro-batches accumulated since the last step; steps skipped for inf/NaN
-        bar = tqdm(train_loader, total=batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}", disable=not interactive())
+        bad_window = False  # a micro-batch of the current window had a non-finite loss
+        bar = tqdm(train_loader, initial=loop.batch, total=batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}",
+                   disable=not interactive())
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
-        for i, batch in enumerate(bar):
+        for i, batch in enumerate(bar, start=loop.batch):
             step = i + batches_per_epoch * epoch  # micro-batches since the start of training
             images = to_model_input(batch.images, device)
+            buffers.take()
             with autocast(device, amp_dtype):
                 raw = model(images)
             loss, loss_items = criterion(raw, batch.targets)
-            scaler.scale(loss).backward()
-            window += 1
+            if torch.isfinite(loss):
+                scaler.scale(loss).backward()
+                loop.loss_sum += loss_items
+            else:  # no backward; undo this forward's BatchNorm statistics; the window's step is skipped
+                buffers.restore()
+                bad_window = True
+            loop.window += 1
             # Step once the window is full; the last window of an epoch steps with what it has.
-            if window >= schedule.accumulate(step) or i + 1 == batches_per_epoch:
-                window = 0
-                schedule.apply(optimizer, epoch, step)
-                if not optimizer_step(optimizer, scaler, model, ema):  # the EMA moves with each taken step
-                    skipped_steps += 1
+            if loop.window >= schedule.accumulate(step) or i + 1 == batches_per_epoch:
+                if bad_window:
+                    optimizer.zero_grad(set_to_none=True)
+                    stepped = False
+                else:
+                    schedule.apply(optimizer, epoch, step)
+                    stepped = optimizer_step(optimizer, scaler, model, ema)  # the EMA moves with each taken step
+                loop.record_step(stepped)
+                bad_window = False
+                if loop.bad_streak >= opt.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{loop.bad_streak} optimizer steps in a row had a non-finite loss or gradient, so training "
+                        f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
+                        f"{writer.last_path if writer.last_path.exists() else 'none yet'}. Try a lower lr0, --no-amp, "
+                        f"or check the data (see data_report.txt)")
+                if writer.due() and i + 1 < batches_per_epoch:
+                    loop.batch = i + 1
+                    writer.write(checkpoint_now())
             if plots and step < 3:  # the first batches exactly as the model saw them
                 plot_image_batch(batch.images, batch.targets.numpy(), names, run_dir / f"train_batch{step}.jpg")
-            loss_sum += loss_items
-            mean_loss = (loss_sum / (i + 1)).tolist()
+            mean_loss = (loop.loss_sum / (i + 1)).tolist()
             memory = f"{torch.cuda.memory_reserved(device) / 2**30:.3g}G" if device.type == "cuda" else "cpu"
             progress = ("%11s" * 2 + "%11.4g" * 5) % (f"{epoch}/{opt.epochs - 1}", memory, *mean_loss,
                                                      len(batch.targets), images.shape[-1])
@@ -292,9 +373,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         bar.close()
         if not interactive():
             LOGGER.info(progress)
-        if skipped_steps:
-            LOGGER.warning(f"WARNING: {skipped_steps} optimizer step(s) of this epoch skipped for non-finite "
-                           "gradients; the EMA did not move on those")
+        if loop.skipped_steps:
+            LOGGER.warning(f"WARNING: {loop.skipped_steps} optimizer step(s) of this epoch skipped for a non-finite "
+                           "loss or gradient; the EMA did not move on those")
 
         # Validate what we ship: the EMA, carrying the model's attributes.
         ema.copy_attributes(model)
@@ -314,28 +395,23 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
             fitness = 0.0
         row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
         row["ema/updates"] = ema.updates
-        is_best = fitness >= best_fitness
+        is_best = fitness >= loop.best_fitness
         if is_best:
-            best_fitness, best_epoch = fitness, epoch
+            loop.best_fitness, loop.best_epoch = fitness, epoch
         logger.log_epoch(epoch, row)
 
-        stop_early = epoch - best_epoch >= patience and not final_epoch
+        stop_early = epoch - loop.best_epoch >= patience and not final_epoch
+        loop.start_next_epoch()
         if not opt.nosave or final_epoch or stop_early:
-            state = make_checkpoint(epoch=epoch, best_fitness=best_fitness, best_epoch=best_epoch,
-                                    finished=final_epoch or stop_early, model=model, ema=ema, optimizer=optimizer,
-                                    scaler=scaler, names=names, hyp=hyp, opt=vars(opt))
-            # last.pt goes last: once it names this epoch, best.pt and epochN.pt are already on disk.
-            if is_best:
-                save_checkpoint(best_path, state)
-            if opt.save_period > 0 and epoch % opt.save_period == 0:
-                save_checkpoint(weights_dir / f"epoch{epoch}.pt", state)
-            save_checkpoint(last_path, state)
+            save_copy = opt.save_period > 0 and epoch % opt.save_period == 0
+            writer.write(checkpoint_now(finished=final_epoch or stop_early), best=is_best,
+                         copy_name=f"epoch{epoch}.pt" if save_copy else None)
         if stop_early:
-            LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {best_epoch}")
+            LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
             break
 
     logger.close()
-    LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
+    LOGGER.info(f"\n{loop.epoch - first_epoch} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
     if plots:
         plot_results(logger.csv_path, run_dir / "results.png")
     if best_path.exists():

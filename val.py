@@ -184,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-json", action="store_true",
                         help="write COCO-format predictions.json and cross-check the mAP with pycocotools")
     parser.add_argument("--no-plots", action="store_true", help="do not save plots")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
     parser.add_argument("--no-amp", action="store_true", help="run in fp32 (default: the training precision)")
     add_run_dir_arguments(parser, "runs/val")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     setup_logging()
     device = select_device(opt.device)
-    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device)
+    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device, opt.trust_pickle)
     train_opt = checkpoint.get("opt", {})
     data = load_dataset_config(opt.data)
     nc = 1 if opt.single_cls else data.nc
@@ -213,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{data.source} defines no {opt.task} split")
     names = list(model.names)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok) if not opt.no_plots or opt.save_json else None
-    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint["hyp"], stride,
+    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint.get("hyp") or {}, stride,
                               single_cls=opt.single_cls, prefix=f"{opt.task}: ", pin_memory=device.type == "cuda",
                               report_path=run_dir / "data_report.txt" if run_dir else None)
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, conf_thres=opt.conf_thres,
                       iou_thres=opt.iou_thres, max_det=opt.max_det, keep_predictions=opt.save_json,
                       plot_dir=None if opt.no_plots else run_dir)
-    weights_used = "raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)"
+    weights_used = checkpoint.get("source") or ("raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)")
     LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype)}")
     LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms

@@ -14,15 +14,20 @@ from utils.config_files import REPO_ROOT
 from utils.synthetic_shapes import CLASS_NAMES, generate_shapes_dataset
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """16 train / 8 val generated images and their dataset YAML; returns the YAML path."""
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    generate_shapes_dataset(root, num_train=16, num_val=8, seed=1, image_size=(64, 128))
-    data_yaml = root.parent / "tiny.yaml"
+def make_shapes_dataset(folder: Path, num_train: int, num_val: int, seed: int) -> Path:
+    """Generate a small shapes dataset in folder/shapes and return its dataset YAML."""
+    root = folder / "shapes"
+    generate_shapes_dataset(root, num_train=num_train, num_val=num_val, seed=seed, image_size=(64, 128))
+    data_yaml = folder / "shapes.yaml"
     data_yaml.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
                                          "names": list(CLASS_NAMES)}))
     return data_yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """16 train / 8 val generated images and their dataset YAML; returns the YAML path."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("data"), num_train=16, num_val=8, seed=1)
 
 
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

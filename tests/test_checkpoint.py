@@ -14,6 +14,7 @@ import torch
 from models.yolo import build_model
 from utils.checkpoint import (FORMAT_VERSION, ema_state, load_checkpoint, make_checkpoint, model_from_checkpoint,
                               restore_rng_state, rng_state, save_checkpoint, transfer_matching_weights)
+from train import LoopState
 from utils.ema import ModelEMA
 from utils.errors import UserError
 from utils.hyp import load_hyp
@@ -37,9 +38,9 @@ def trained_checkpoint():
         loss, _ = criterion(model(torch.rand(1, 3, 64, 64)), targets)
         scaler.scale(loss).backward()
         assert optimizer_step(optimizer, scaler, model, ema)
-    checkpoint = make_checkpoint(epoch=4, best_fitness=0.25, best_epoch=3, finished=False, model=model, ema=ema,
-                                 optimizer=optimizer, scaler=scaler, names=model.names, hyp=hyp,
-                                 opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"})
+    loop = LoopState(epoch=5, batch=7, loss_sum=torch.tensor([0.1, 0.2, 0.3]), best_fitness=0.25, best_epoch=3)
+    checkpoint = make_checkpoint(loop=loop.state_dict(), finished=False, model=model, ema=ema, optimizer=optimizer,
+                                 scaler=scaler, names=model.names, hyp=hyp, opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"})
     return model, ema, optimizer, checkpoint
 
 
@@ -56,6 +57,9 @@ def test_round_trip_with_weights_only(tmp_path, trained_checkpoint):
         for name, tensor in source.items():
             assert torch.equal(loaded[key][name], tensor) and loaded[key][name].dtype == tensor.dtype, name
     assert loaded["updates"] == 2 and loaded["epoch"] == 4 and loaded["best_fitness"] == 0.25 and loaded["best_epoch"] == 3
+    restored_loop = LoopState.from_state_dict(loaded["loop"])
+    assert (restored_loop.epoch, restored_loop.batch) == (5, 7)
+    assert torch.equal(restored_loop.loss_sum, torch.tensor([0.1, 0.2, 0.3]))
     assert loaded["format_version"] == FORMAT_VERSION and loaded["names"] == ["a", "b", "c"]
     assert loaded["scaler"]["scale"] == 256.0 and loaded["scaler"]["_growth_tracker"] == 2
     restored = build_optimizer(build_model("yolov5n.yaml", nc=3), "SGD", 0.01, 0.937, 5e-4)

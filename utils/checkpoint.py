@@ -1,7 +1,8 @@
 """Checkpoints: a plain versioned dict that torch.load(..., weights_only=True) reads, written atomically.
 
 Keys: format, format_version, epoch (last completed, 0-based), best_fitness, best_epoch,
-finished, model (fp32 state dict of the raw model: training resumes from it), ema (fp32
+finished, loop (where training goes on: next epoch and batch, the epoch's loss sums and step
+counters), model (fp32 state dict of the raw model: training resumes from it), ema (fp32
 state dict), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
 (the run's options), rng (python, numpy, torch, cuda), date, versions.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import random
 import warnings
 import zipfile
@@ -22,7 +24,8 @@ import torch
 from models.yolo import DetectionModel
 from utils.dist import unwrap
 from utils.ema import ModelEMA
-from utils.errors import UserError
+from utils.errors import TrainingStopped, UserError
+from utils.foreign_weights import read_yolov5_checkpoint
 
 FORMAT = "ema-yolo-checkpoint"
 FORMAT_VERSION = 1
@@ -54,8 +57,11 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
         pass  # some filesystems cannot fsync a directory; the file itself is already on disk
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read one of our checkpoints with weights_only=True; any other file is a UserError naming it."""
+def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
+    """Read one of our checkpoints with weights_only=True; any other file is a UserError naming it.
+
+    With trust_pickle (the user's --trust-pickle), a file that needs full unpickling is read as a
+    YOLOv5 checkpoint instead, giving the model entries only (model_yaml, names, ema, model)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -63,9 +69,12 @@ def load_checkpoint(path: str | Path) -> dict:
         with warnings.catch_warnings():  # a foreign pickle is reported below as one clear error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(f"{path} is not a checkpoint of this framework: loading it would need full unpickling "
-                        f"(arbitrary code), which is refused. It may come from YOLOv5/ultralytics. ({str(error).splitlines()[0]})") from None
+    except pickle.UnpicklingError:
+        if trust_pickle:
+            return read_yolov5_checkpoint(path)
+        raise UserError(f"{path} is not a checkpoint of this framework: loading it would need full unpickling, "
+                        "which can run arbitrary code, so it is refused. If it is a YOLOv5 checkpoint you trust, "
+                        "add --trust-pickle to read its weights") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise UserError(f"checkpoint {path} is unreadable (truncated or not a PyTorch file): {str(error).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -122,19 +131,23 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
     return model
 
 
-def make_checkpoint(*, epoch: int, best_fitness: float, best_epoch: int, finished: bool, model: torch.nn.Module,
-                    ema: ModelEMA, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+def make_checkpoint(*, loop: dict, finished: bool, model: torch.nn.Module, ema: ModelEMA,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                     names: list[str], hyp: dict, opt: dict) -> dict:
-    """Everything needed to resume exactly, as plain types and fp32 tensors (see the module docstring)."""
+    """Everything needed to resume exactly, as plain types and fp32 tensors (see the module docstring).
+
+    `loop` is the loop position: the next epoch and batch to run and the running totals of that
+    epoch; `epoch` is the last completed epoch (-1 inside the first)."""
     bare = unwrap(model)
     ema_state = ema.state_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "epoch": epoch,
-        "best_fitness": float(best_fitness),
-        "best_epoch": best_epoch,
+        "epoch": loop["epoch"] - 1,
+        "best_fitness": float(loop["best_fitness"]),
+        "best_epoch": loop["best_epoch"],
         "finished": finished,
+        "loop": loop,
         "model": bare.state_dict(),  # saved at once, so the live tensors need no copy
         "ema": ema_state["module"],
         "updates": ema_state["updates"],
@@ -158,9 +171,10 @@ def ema_state(checkpoint: dict) -> dict:
             "tau": checkpoint["ema_tau"]}
 
 
-def load_for_inference(path: str | Path, weights: str, device: torch.device) -> tuple[dict, DetectionModel]:
+def load_for_inference(path: str | Path, weights: str, device: torch.device,
+                       trust_pickle: bool = False) -> tuple[dict, DetectionModel]:
     """A checkpoint and its `ema` (or `model`) weights as an eval-mode, channels_last model on `device`."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trust_pickle)
     model = model_from_checkpoint(checkpoint, weights, source=str(path)).eval()
     return checkpoint, model.to(device, memory_format=torch.channels_last)
 
@@ -175,3 +189,43 @@ def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude:
                if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)}
     model.load_state_dict(matched, strict=False)
     return len(matched), len(own)
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints: best.pt / epochN.pt first and last.pt last, each atomically,
+    and says when a mid-epoch last.pt is due. A write that fails (disk full, permissions) stops
+    training with TrainingStopped; the previous last.pt is still whole."""
+
+    def __init__(self, weights_dir: Path, interval_minutes: float):
+        self.weights_dir = weights_dir
+        self.last_path, self.best_path = weights_dir / "last.pt", weights_dir / "best.pt"
+        self.interval_s = interval_minutes * 60
+        self.last_write = time.monotonic()
+        for stale in weights_dir.glob(".*.pt.*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+
+    def due(self) -> bool:
+        """True when --save-interval minutes have passed since the last write (never when 0)."""
+        return self.interval_s > 0 and time.monotonic() - self.last_write >= self.interval_s
+
+    def write(self, checkpoint: dict, best: bool = False, copy_name: str | None = None) -> None:
+        _check_finite(checkpoint)
+        targets = ([self.best_path] if best else []) + ([self.weights_dir / copy_name] if copy_name else [])
+        for path in targets + [self.last_path]:
+            try:
+                save_checkpoint(path, checkpoint)
+            except OSError as error:
+                kept = (f"the previous {self.last_path} is intact; free space or fix permissions, then continue "
+                        f"with: python train.py --resume {self.last_path}" if self.last_path.exists()
+                        else "no checkpoint of this run exists yet")
+                raise TrainingStopped(f"could not write {path} ({error.strerror or error}); training stopped: {kept}") from None
+        self.last_write = time.monotonic()
+
+
+def _check_finite(checkpoint: dict) -> None:
+    """No NaN or inf ever reaches a checkpoint: refuse rather than write one."""
+    for key in ("model", "ema"):
+        for name, tensor in checkpoint[key].items():
+            if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+                raise TrainingStopped(f"the {key} weights hold a non-finite value in {name}; the checkpoint was not "
+                                      "written (this should not happen: please report it)")

@@ -32,4 +32,11 @@ def read_yaml(path: Path, what: str) -> object:
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
-        raise UserError(f"{what} {path} is not valid YAML: {error}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {_one_line(error)}") from None
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's error as 'problem at line L, column C' (its own text spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

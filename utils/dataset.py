@@ -202,10 +202,11 @@ class EpochSampler(Sampler):
     def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; `skip` leaves out this rank's first keys (a resume inside the epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def epoch_order(self) -> np.ndarray:
         if not self.shuffle:
@@ -215,11 +216,11 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order()
         per_rank = math.ceil(len(order) / self.world_size)
-        order = np.resize(order, per_rank * self.world_size)[self.rank::self.world_size]
+        order = np.resize(order, per_rank * self.world_size)[self.rank::self.world_size][self.skip:]
         return iter([(self.epoch, int(i)) for i in order])
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
+        return math.ceil(self.num_samples / self.world_size) - self.skip
 
 
 def _init_worker(_: int) -> None:

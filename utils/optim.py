@@ -111,3 +111,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
         ema.update(model)
     optimizer.zero_grad(set_to_none=True)
     return stepped
+
+
+class BufferSnapshot:
+    """The model's buffers (BatchNorm statistics) as they were before a forward pass, to put back
+    when that pass turns out non-finite: a skipped step must not leave NaN running statistics."""
+
+    def __init__(self, model: nn.Module):
+        self.buffers = [b for b in model.buffers()]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def take(self) -> None:
+        torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        torch._foreach_copy_(self.buffers, self.saved)

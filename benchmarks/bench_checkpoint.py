@@ -1,0 +1,65 @@
+"""What a checkpoint costs: size and time to write (atomically, with fsync) and to load, for
+yolov5n and yolov5s, and the share of training time that a --save-interval costs.
+
+    python benchmarks/bench_checkpoint.py [--repeats 5] [--dir /path/on/the/training/disk]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.yolo import build_model  # noqa: E402
+from train import LoopState  # noqa: E402
+from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
+from utils.ema import ModelEMA  # noqa: E402
+from utils.hyp import load_hyp  # noqa: E402
+from utils.optim import build_optimizer  # noqa: E402
+
+
+def checkpoint_for(cfg: str) -> dict:
+    """A checkpoint as train.py writes it mid-run: model, EMA, SGD with momentum buffers, nc=80."""
+    model = build_model(cfg, nc=80)
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    model(torch.rand(1, 3, 64, 64))[0].sum().backward()
+    optimizer.step()
+    ema = ModelEMA(model)
+    return make_checkpoint(loop=LoopState().state_dict(), finished=False, model=model, ema=ema, optimizer=optimizer,
+                           scaler=None, names=[str(i) for i in range(80)], hyp=load_hyp("scratch-low.yaml"), opt={})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {args.repeats} repeats, median times\n")
+    print("| model   | parameters | last.pt (MB) | write + fsync (ms) | load (ms) | cost at 10 min | at 1 min |")
+    print("|---------|-----------:|-------------:|-------------------:|----------:|---------------:|---------:|")
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        for name in ("yolov5n.yaml", "yolov5s.yaml"):
+            checkpoint = checkpoint_for(name)
+            path = Path(folder) / "last.pt"
+            writes, loads = [], []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                save_checkpoint(path, checkpoint)
+                writes.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                load_checkpoint(path)
+                loads.append(time.perf_counter() - started)
+            write_s = statistics.median(writes)
+            params = sum(t.numel() for t in checkpoint["model"].values())
+            print(f"| {name[:-5]:7s} | {params:10,d} | {path.stat().st_size / 1e6:12.1f} | {write_s * 1e3:18.0f} | "
+                  f"{statistics.median(loads) * 1e3:9.0f} | {write_s / 600:14.4%} | {write_s / 60:8.3%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Fault injection: SIGKILL at random moments during training and during checkpoint writes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.yolo import build_model
+from tests.conftest import REPO_ROOT, make_shapes_dataset
+from train import LoopState
+from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from utils.ema import ModelEMA
+from utils.hyp import load_hyp
+from utils.optim import build_optimizer
+
+pytestmark = pytest.mark.slow
+
+
+def train_command(data: Path, project: Path, name: str) -> list[str]:
+    # 16 images in batches of 4 for 3 epochs; a last.pt at nearly every optimizer step.
+    return [sys.executable, str(REPO_ROOT / "train.py"), "--data", str(data), "--epochs", "3", "--imgsz", "64",
+            "--batch-size", "4", "--workers", "2", "--cfg", "yolov5n.yaml", "--deterministic", "--save-interval",
+            "0.001", "--no-plots", "--project", str(project), "--name", name, "--exist-ok"]
+
+
+def wait_for_new_checkpoints(process: subprocess.Popen, path: Path, count: int, timeout: float = 120) -> None:
+    """Block until `path` has been replaced `count` times (or the process ends)."""
+    def stamp():
+        return path.stat().st_mtime_ns if path.exists() else None
+
+    seen, previous, deadline = 0, stamp(), time.time() + timeout
+    while seen < count and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+        current = stamp()
+        if current != previous:
+            seen, previous = seen + 1, current
+
+
+def read_rows(run_dir: Path) -> list[list[str]]:
+    with open(run_dir / "results.csv", newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    """48 train / 8 val images: 12 micro-batches an epoch, enough steps to be killed between."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("data"), num_train=48, num_val=8, seed=4)
+
+
+def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset, tmp_path):
+    reference = subprocess.run(train_command(small_dataset, tmp_path, "straight"), cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    rng = random.Random(7)
+    last = tmp_path / "killed" / "weights" / "last.pt"
+    positions = []
+    process = subprocess.Popen(train_command(small_dataset, tmp_path, "killed"), cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for kill in range(6):
+        # Mostly let the run write one or two new checkpoints first, so that it advances between kills;
+        # sometimes kill blind (start-up, data loading). Then a random extra delay: inside a forward pass,
+        # a validation or a checkpoint write.
+        if rng.random() < 0.8:
+            wait_for_new_checkpoints(process, last, count=rng.choice([1, 2]))
+        time.sleep(rng.uniform(0.0, 0.5))
+        assert process.poll() is None, f"the run finished after only {kill} kills"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if last.exists():
+            position = load_checkpoint(last)["loop"]
+            positions.append((position["epoch"], position["batch"]))
+            command = [sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(last)]
+        else:  # killed before its first checkpoint: start again
+            command = train_command(small_dataset, tmp_path, "killed")
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert process.wait(timeout=600) == 0
+    assert any(batch > 0 for _, batch in positions), f"never resumed inside an epoch: {positions}"
+    print(f"resumed at (epoch, batch): {positions}")
+
+    straight = torch.load(tmp_path / "straight" / "weights" / "last.pt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["updates"] == straight["updates"]
+    for key in ("model", "ema"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(resumed[key][name], tensor), (key, name)
+    for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert read_rows(tmp_path / "killed") == read_rows(tmp_path / "straight")
+
+
+def small_checkpoint() -> dict:
+    model = build_model("yolov5n.yaml", nc=3)
+    ema = ModelEMA(model)
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
+    return make_checkpoint(loop=LoopState().state_dict(), finished=False, model=model, ema=ema, optimizer=optimizer,
+                           scaler=None, names=["a", "b", "c"], hyp=load_hyp("scratch-low.yaml"), opt={})
+
+
+def test_kill_during_checkpoint_writes_always_leaves_a_loadable_file(tmp_path):
+    checkpoint = small_checkpoint()
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, checkpoint)
+    started = time.perf_counter()
+    save_checkpoint(path, checkpoint)
+    write_seconds = time.perf_counter() - started
+    rng = random.Random(3)
+    for attempt in range(50):
+        pid = os.fork()
+        if pid == 0:  # child: write the checkpoint over and over until killed
+            try:
+                while True:
+                    checkpoint["epoch"] = attempt
+                    save_checkpoint(path, checkpoint)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0, 2.5 * write_seconds))  # lands anywhere inside a write
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        loaded = load_checkpoint(path)  # old or new, never partial
+        assert loaded["epoch"] in (-1, *range(attempt + 1))
+    leftovers = list(tmp_path.glob(".last.pt.*.tmp"))
+    assert all(p.stat().st_size >= 0 for p in leftovers)  # interrupted temporaries only; last.pt itself is whole

@@ -1,0 +1,54 @@
+"""YOLOv5 checkpoints (pickled models): refused by default, read exactly with --trust-pickle,
+and even then a hostile pickle cannot run code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.yolo import DetectionModel, build_model
+from tests.test_hostile_inputs import Payload
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, transfer_matching_weights
+from utils.errors import UserError
+
+
+@pytest.fixture
+def yolov5_style_checkpoint(tmp_path):
+    """A checkpoint laid out as YOLOv5 writes one: the whole model object pickled, in fp16."""
+    torch.manual_seed(0)
+    model = build_model("yolov5n.yaml", nc=3)
+    model.train()(torch.rand(2, 3, 64, 64))  # non-trivial BatchNorm statistics
+    model.names = {0: "cat", 1: "dog", 2: "bird"}
+    path = tmp_path / "yolov5n_custom.pt"
+    torch.save({"epoch": 9, "best_fitness": 0.4, "model": None, "ema": model.half(), "updates": 123,
+                "optimizer": None, "opt": {"imgsz": 320, "epochs": 10}}, path)
+    return path, model.float()
+
+
+def test_refused_without_the_flag(yolov5_style_checkpoint):
+    path, _ = yolov5_style_checkpoint
+    with pytest.raises(UserError, match="add --trust-pickle"):
+        load_checkpoint(path)
+
+
+def test_read_exactly_with_the_flag(yolov5_style_checkpoint):
+    path, original = yolov5_style_checkpoint
+    checkpoint = load_checkpoint(path, trust_pickle=True)
+    assert checkpoint["names"] == ["cat", "dog", "bird"] and checkpoint["opt"] == {"imgsz": 320}
+    expected = original.state_dict()
+    assert checkpoint["ema"].keys() == expected.keys()
+    for name, tensor in expected.items():  # the fp16 values, widened back to fp32
+        assert torch.equal(checkpoint["ema"][name], tensor.half().float() if tensor.is_floating_point() else tensor), name
+    rebuilt = model_from_checkpoint(checkpoint, "ema").eval()
+    assert isinstance(rebuilt, DetectionModel) and rebuilt.nc == 3
+    moved, total = transfer_matching_weights(build_model("yolov5n.yaml", nc=3), checkpoint)
+    assert moved == total
+
+
+def test_a_hostile_pickle_runs_nothing_even_when_trusted(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(marker), "ema": Payload(marker)}, evil)
+    with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
+        load_checkpoint(evil, trust_pickle=True)
+    assert not marker.exists()

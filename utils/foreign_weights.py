@@ -1,0 +1,102 @@
+"""YOLOv5 checkpoints (pickled model objects) read on the user's explicit word: --trust-pickle.
+
+Our own checkpoints never need this. A YOLOv5 .pt stores its model as pickled Python objects,
+and unpickling can run code, hence the opt-in. Even then the other framework's code is never
+imported and no function outside a short allowlist is called: every other global becomes an
+inert placeholder that keeps its pickled state, from which the tensors, the model YAML and the
+class names are taken. YOLOv5's state-dict names equal ours, so the weights load one to one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import types
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+# The only globals that unpickle as themselves: what tensors and torch modules are rebuilt from.
+# Everything else - the other framework's classes, but also open, eval, os.system, torch.save -
+# becomes an inert placeholder, so even a hostile "trusted" file cannot run code through them.
+SAFE_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "dict", "list", "tuple", "int",
+                 "float", "str", "bool", "object"}
+
+
+def _allowed(module: str, name: str) -> bool:
+    if module in ("builtins", "__builtin__"):
+        return name in SAFE_BUILTINS
+    if module in ("collections", "_codecs"):
+        return name in ("OrderedDict", "encode")
+    if module == "torch._utils":
+        return name.startswith("_rebuild_")
+    if module.startswith("torch.nn.modules."):
+        return True
+    if module == "torch":
+        return name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)
+    if module.startswith("numpy"):
+        return name in ("_reconstruct", "scalar", "dtype", "ndarray")
+    return False
+
+
+class ForeignObject:
+    """Stands in for an object of another framework; keeps what it was pickled with."""
+
+    def __init__(self, *args, **kwargs):
+        self.pickled_args = args
+
+    def __setstate__(self, state):
+        self.__dict__["pickled_state"] = state
+
+    def __call__(self, *args, **kwargs):  # a pickled function of the other framework: never run it
+        return ForeignObject(*args, **kwargs)
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if _allowed(module, name):
+            return super().find_class(module, name)
+        return type(name, (ForeignObject,), {"__module__": module})
+
+
+_PICKLE_MODULE = types.ModuleType("foreign_pickle")  # what torch.load's pickle_module must look like
+_PICKLE_MODULE.Unpickler, _PICKLE_MODULE.load = _Unpickler, pickle.load
+
+
+def _module_state(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a pickled nn.Module tree, by dotted name (as state_dict() names them).
+    The tree mixes placeholders (the other framework's blocks) and real torch modules (Conv2d, ...)."""
+    state = obj.__dict__ if isinstance(obj, torch.nn.Module) else getattr(obj, "pickled_state", None)
+    if not isinstance(state, dict):
+        return {}
+    tensors = {}
+    for key in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(key) or {}).items():
+            if isinstance(tensor, torch.Tensor) and name not in state.get("_non_persistent_buffers_set", set()):
+                tensors[prefix + name] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+    for name, child in (state.get("_modules") or {}).items():
+        tensors.update(_module_state(child, f"{prefix}{name}."))
+    return tensors
+
+
+def read_yolov5_checkpoint(path: Path) -> dict:
+    """A YOLOv5 checkpoint as the parts of our format that describe a model: model_yaml, names,
+    ema and model (fp32 state dicts; YOLOv5 keeps one model, its EMA when it trained with one)."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULE)
+    except Exception as error:  # anything a foreign pickle can raise means: not readable as YOLOv5
+        raise UserError(f"{path} could not be read as a YOLOv5 checkpoint: {type(error).__name__}: {error}") from None
+    model = raw.get("ema") or raw.get("model") if isinstance(raw, dict) else None
+    state = getattr(model, "pickled_state", None)
+    if not isinstance(state, dict) or not isinstance(state.get("yaml"), dict):
+        raise UserError(f"{path} is not a YOLOv5 checkpoint (no pickled model with a model YAML inside)")
+    names = state.get("names") or [str(i) for i in range(state["yaml"].get("nc", 0))]
+    try:
+        weights = _module_state(model)
+    except Exception as error:  # a structure we do not know: say so rather than guess
+        raise UserError(f"{path}: its pickled model could not be read as YOLOv5's ({type(error).__name__}: {error})") from None
+    train_opt = raw.get("opt") if isinstance(raw.get("opt"), dict) else {}
+    opt = {"imgsz": train_opt["imgsz"]} if isinstance(train_opt.get("imgsz"), int) else {}  # its training size
+    return {"model_yaml": dict(state["yaml"]), "names": list(names.values()) if isinstance(names, dict) else list(names),
+            "ema": weights, "model": weights, "hyp": {}, "opt": opt, "updates": 0, "source": f"YOLOv5 checkpoint {path}"}
