@@ -53,7 +53,7 @@ def test_training_on_a_hostile_corpus_counts_everything_and_touches_nothing(host
     assert sum(kind != "found" for _, _, kind in PLANTED.values()) == 19  # kinds of bad file planted
     train_line = next(line for line in result.stdout.splitlines() if line.startswith("train: ") and "images," in line)
     assert train_line == (
-        f"train: 36 images, {16 - base_empty + 3} labels found, 1 missing, {base_empty + 1} empty, 15 corrupt (skipped); "
+        f"train: 37 images, {16 - base_empty + 4} labels found, 1 missing, {base_empty + 1} empty, 15 corrupt (skipped); "
         "skipped: 1 NaN or infinite value, 2 class id out of range, 1 coordinates outside [0, 1], 1 image under 10 px, "
         "1 negative or zero size, 1 non-numeric value, 1 truncated image, 3 unreadable image, 1 unreadable label file, "
         "1 unsupported format, 2 wrong number of columns; repaired: 1 boxes clipped to the image, 1 duplicate rows removed")

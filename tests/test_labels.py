@@ -51,6 +51,7 @@ PLANTED = {
     "binary_label": ("ok", b"\xff\xfe\x00\x01garbage", "unreadable label file"),
     "duplicates": ("ok", "0 0.5 0.5 0.2 0.3\n0 0.5 0.5 0.2 0.3\n", "duplicate rows removed"),
     "overflow": ("ok", "0 0.9 0.5 0.204 0.2\n", "boxes clipped to the image"),
+    "rounding": ("ok", "0 0.9 0.5 0.2000019 0.2\n", "found"),  # 1e-6 past the edge: label rounding, kept as is
     "polygon": ("ok", "1 0.1 0.1 0.5 0.1 0.5 0.6 0.1 0.6\n", "found"),
     "no_label": ("ok", None, "missing"),
     "empty_label": ("ok", "\n", "empty"),
@@ -99,7 +100,7 @@ def test_every_kind_is_counted_and_named(planted):
     corrupt = [v[2] for v in PLANTED.values() if v[2] not in ("found", "missing", "empty", "duplicate rows removed",
                                                               "boxes clipped to the image")]
     assert (scan.num_corrupt, scan.num_missing, scan.num_empty) == (len(corrupt), 1, 1)
-    assert scan.num_found == 4 + 3  # good ones, the repaired ones and the polygon
+    assert scan.num_found == 4 + 4  # good ones, the repaired ones, the rounding case and the polygon
     expected = {}
     for kind in [v[2] for v in PLANTED.values() if v[2] not in ("found", "missing", "empty")]:
         expected[kind] = expected.get(kind, 0) + 1
@@ -108,7 +109,9 @@ def test_every_kind_is_counted_and_named(planted):
         if kind not in ("found", "missing", "empty"):
             assert any(k == kind and stem in message for k, message in scan.messages), (stem, kind)
     kept = {p.stem: lb for p, lb in zip(scan.image_files, scan.labels)}
-    assert set(kept) == {f"good{i}" for i in range(4)} | {"duplicates", "overflow", "polygon", "no_label", "empty_label"}
+    assert set(kept) == {f"good{i}" for i in range(4)} | {"duplicates", "overflow", "rounding", "polygon", "no_label",
+                                                          "empty_label"}
+    np.testing.assert_array_equal(kept["rounding"], np.array([[0, 0.9, 0.5, 0.2000019, 0.2]], np.float32))
     assert len(kept["duplicates"]) == 1
     np.testing.assert_allclose(kept["polygon"], [[1, 0.3, 0.35, 0.4, 0.5]], atol=1e-6)
     np.testing.assert_allclose(kept["overflow"], [[0, 0.899, 0.5, 0.202, 0.2]], atol=1e-6)  # x2 1.002 -> 1.0
@@ -118,7 +121,7 @@ def test_every_kind_is_counted_and_named(planted):
 def test_summary_line_counts_each_problem(planted):
     scan = scan_labels(list_image_files([planted])[0], 3, cache_path=None)
     summary = scan.summary()
-    assert summary.startswith("24 images, 7 labels found, 1 missing, 1 empty, 15 corrupt (skipped); skipped: ")
+    assert summary.startswith("25 images, 8 labels found, 1 missing, 1 empty, 15 corrupt (skipped); skipped: ")
     assert "2 class id out of range" in summary and "1 truncated image" in summary
     assert summary.endswith("repaired: 1 boxes clipped to the image, 1 duplicate rows removed")
 
@@ -146,7 +149,7 @@ def test_scan_split_reports_every_file(planted, tmp_path, caplog):
     lines = report.read_text().splitlines()
     assert len(lines) == 17 and all(line.startswith("train\t") for line in lines)
     assert any(line.split("\t")[1] == "truncated image" and "truncated_jpg" in line for line in lines)
-    assert "train: 24 images, 7 labels found" in caplog.text and "names in the dataset YAML" in caplog.text
+    assert "train: 25 images, 8 labels found" in caplog.text and "names in the dataset YAML" in caplog.text
     assert f"... and 7 more, listed in {report}" in caplog.text
     bad_only = tmp_path / "bad" / "images"
     bad_only.mkdir(parents=True)
@@ -189,7 +192,7 @@ def test_unwritable_cache_location_still_scans(planted, caplog):
     files = list_image_files([planted])[0]
     cache = planted.parent.parent / "labels" / "no_such_dir" / "train.cache"
     scan = scan_labels(files, 3, cache)
-    assert scan.num_found == 7 and not cache.exists()
+    assert scan.num_found == 8 and not cache.exists()
     assert "label cache not written" in caplog.text
 
 

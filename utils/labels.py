@@ -27,7 +27,8 @@ IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
 CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
-CACHE_VERSION = 3
+ROUNDING_SLACK = 1e-5  # overflow from rounding labels to 6 decimals: accepted as written
+CACHE_VERSION = 4  # bump whenever verification changes: old caches are then rescanned
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
@@ -171,7 +172,7 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
     if (corners < -CLIP_TOLERANCE).any() or (corners > 1 + CLIP_TOLERANCE).any():
         return corrupt(OUTSIDE_IMAGE, f"{label_file}: a box lies outside the image (coordinates outside [0, 1])")
     problems = []
-    if (corners < 0).any() or (corners > 1).any():
+    if (corners < -ROUNDING_SLACK).any() or (corners > 1 + ROUNDING_SLACK).any():
         corners = corners.clip(0, 1)
         labels[:, 1:3], labels[:, 3:] = (corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]
         problems.append((CLIPPED, f"{label_file}: boxes overflowing the image by up to {CLIP_TOLERANCE:.0%} clipped"))
