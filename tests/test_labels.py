@@ -49,7 +49,7 @@ PLANTED = {
     "negative_size": ("ok", "0 0.5 0.5 -0.2 0.2\n", "negative or zero size"),
     "outside": ("ok", "0 0.5 0.5 1.2 0.2\n", "coordinates outside [0, 1]"),
     "binary_label": ("ok", b"\xff\xfe\x00\x01garbage", "unreadable label file"),
-    "duplicates": ("ok", "0 0.5 0.5 0.2 0.3\n0 0.5 0.5 0.2 0.3\n", "duplicate rows removed"),
+    "duplicates": ("ok", "2 0.5 0.5 0.2 0.3\n1 0.5 0.5 0.2 0.3\n2 0.5 0.5 0.2 0.3\n", "duplicate rows removed"),
     "overflow": ("ok", "0 0.9 0.5 0.204 0.2\n", "boxes clipped to the image"),
     "rounding": ("ok", "0 0.9 0.5 0.2000019 0.2\n", "found"),  # 1e-6 past the edge: label rounding, kept as is
     "polygon": ("ok", "1 0.1 0.1 0.5 0.1 0.5 0.6 0.1 0.6\n", "found"),
@@ -112,7 +112,8 @@ def test_every_kind_is_counted_and_named(planted):
     assert set(kept) == {f"good{i}" for i in range(4)} | {"duplicates", "overflow", "rounding", "polygon", "no_label",
                                                           "empty_label"}
     np.testing.assert_array_equal(kept["rounding"], np.array([[0, 0.9, 0.5, 0.2000019, 0.2]], np.float32))
-    assert len(kept["duplicates"]) == 1
+    np.testing.assert_allclose(kept["duplicates"][:, 0], [2, 1])  # file order kept, the later copy dropped
+    np.testing.assert_array_equal(kept["good0"][:, 0], [0, 1])  # rows stay in file order
     np.testing.assert_allclose(kept["polygon"], [[1, 0.3, 0.35, 0.4, 0.5]], atol=1e-6)
     np.testing.assert_allclose(kept["overflow"], [[0, 0.899, 0.5, 0.202, 0.2]], atol=1e-6)  # x2 1.002 -> 1.0
     assert unreadable == []

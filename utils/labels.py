@@ -28,7 +28,7 @@ IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
 CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
 ROUNDING_SLACK = 1e-5  # overflow from rounding labels to 6 decimals: accepted as written
-CACHE_VERSION = 4  # bump whenever verification changes: old caches are then rescanned
+CACHE_VERSION = 5  # bump whenever verification changes: old caches are then rescanned
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
@@ -176,10 +176,11 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
         corners = corners.clip(0, 1)
         labels[:, 1:3], labels[:, 3:] = (corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]
         problems.append((CLIPPED, f"{label_file}: boxes overflowing the image by up to {CLIP_TOLERANCE:.0%} clipped"))
-    unique = np.unique(labels, axis=0)
-    if len(unique) < len(labels):
-        problems.append((DUPLICATES, f"{label_file}: {len(labels) - len(unique)} duplicate rows removed"))
-    return Verified(FOUND, unique.astype(np.float32), (height, width), problems)
+    _, first_rows = np.unique(labels, axis=0, return_index=True)
+    if len(first_rows) < len(labels):  # keep the file's order, without the later copies
+        problems.append((DUPLICATES, f"{label_file}: {len(labels) - len(first_rows)} duplicate rows removed"))
+        labels = labels[np.sort(first_rows)]
+    return Verified(FOUND, labels.astype(np.float32), (height, width), problems)
 
 
 def _row_to_box(values: list[float]) -> list[float]:
