@@ -1,19 +1,20 @@
 """YOLOv5 checkpoints (pickled model objects) read on the user's explicit word: --trust-pickle.
 
 Our own checkpoints never need this. A YOLOv5 .pt stores its model as pickled Python objects,
-and unpickling can run code, hence the opt-in. Even then the other framework's code is never
-imported and no function outside a short allowlist is called: every other global becomes an
-inert placeholder that keeps its pickled state, from which the tensors, the model YAML and the
-class names are taken. YOLOv5's state-dict names equal ours, so the weights load one to one.
+hence the opt-in. Even then the file goes through torch's restricted (weights_only) unpickler:
+the other framework's code is never imported and no function outside a short allowlist is
+called, because every other global it names is mapped to an inert placeholder that keeps its
+pickled state. The tensors, the model YAML and the class names are taken from those. YOLOv5's
+state-dict names equal ours, so the weights load one to one.
 """
 
 from __future__ import annotations
 
-import pickle
-import types
+import importlib
 from pathlib import Path
 
 import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
 from utils.errors import UserError
 
@@ -53,15 +54,16 @@ class ForeignObject:
         return ForeignObject(*args, **kwargs)
 
 
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
+def _stand_ins(path: Path) -> list[tuple[object, str]]:
+    """For each global the pickle names: the real object when allowlisted, else a placeholder class."""
+    stand_ins = []
+    for full_name in get_unsafe_globals_in_checkpoint(path):
+        module, _, name = full_name.rpartition(".")
         if _allowed(module, name):
-            return super().find_class(module, name)
-        return type(name, (ForeignObject,), {"__module__": module})
-
-
-_PICKLE_MODULE = types.ModuleType("foreign_pickle")  # what torch.load's pickle_module must look like
-_PICKLE_MODULE.Unpickler, _PICKLE_MODULE.load = _Unpickler, pickle.load
+            stand_ins.append((getattr(importlib.import_module(module), name), full_name))
+        else:
+            stand_ins.append((type(name, (ForeignObject,), {"__module__": module}), full_name))
+    return stand_ins
 
 
 def _module_state(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -84,7 +86,8 @@ def read_yolov5_checkpoint(path: Path) -> dict:
     """A YOLOv5 checkpoint as the parts of our format that describe a model: model_yaml, names,
     ema and model (fp32 state dicts; YOLOv5 keeps one model, its EMA when it trained with one)."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE_MODULE)
+        with safe_globals(_stand_ins(path)):  # torch's restricted unpickler, told what each name stands for
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # anything a foreign pickle can raise means: not readable as YOLOv5
         raise UserError(f"{path} could not be read as a YOLOv5 checkpoint: {type(error).__name__}: {error}") from None
     model = raw.get("ema") or raw.get("model") if isinstance(raw, dict) else None
