@@ -15,7 +15,7 @@ import yaml
 import train
 import val
 from tests.conftest import run_script
-from tests.test_labels import GOOD, PLANTED, plant
+from tests.test_labels import PLANTED, plant
 from utils import checkpoint as checkpoint_module
 from utils.config_files import REPO_ROOT
 from utils.errors import TrainingStopped, run_cli
@@ -195,15 +195,15 @@ def test_a_run_of_bad_steps_stops_training_and_keeps_the_last_good_checkpoint(ti
 
 
 def test_failed_write_stops_training_and_keeps_the_previous_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    real_save, writes = checkpoint_module.save_checkpoint, {"n": 0}
+    real_write, writes = checkpoint_module.atomic_write, {"n": 0}
 
-    def save_until_the_disk_fills(path, state):
+    def write_until_the_disk_fills(path, data):
         writes["n"] += 1
         if writes["n"] > 2:  # epoch 0's best.pt and last.pt go through, then the disk is full
             raise OSError(28, "No space left on device")
-        real_save(path, state)
+        real_write(path, data)
 
-    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_until_the_disk_fills)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", write_until_the_disk_fills)
     with pytest.raises(TrainingStopped) as stopped:
         train.main(["--data", str(tiny_dataset), "--epochs", "3", "--imgsz", "64", "--workers", "0", "--no-plots",
                     "--project", str(tmp_path)])

@@ -9,10 +9,10 @@ state dict), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, 
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
-import time
 import random
+import time
 import warnings
 import zipfile
 from datetime import datetime, timezone
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from models.yolo import DetectionModel
+from utils.atomic_write import atomic_write
 from utils.dist import unwrap
 from utils.ema import ModelEMA
 from utils.errors import TrainingStopped, UserError
@@ -32,29 +33,14 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write atomically: a temporary file in the same folder, flush + fsync, then os.replace.
+    """Write atomically: a crash at any moment leaves either the old file or the new one."""
+    atomic_write(path, serialise(checkpoint))
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the file itself is already on disk
+
+def serialise(checkpoint: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict:
@@ -210,10 +196,11 @@ class CheckpointWriter:
 
     def write(self, checkpoint: dict, best: bool = False, copy_name: str | None = None) -> None:
         _check_finite(checkpoint)
+        data = serialise(checkpoint)  # once, however many files get it
         targets = ([self.best_path] if best else []) + ([self.weights_dir / copy_name] if copy_name else [])
         for path in targets + [self.last_path]:
             try:
-                save_checkpoint(path, checkpoint)
+                atomic_write(path, data)
             except OSError as error:
                 kept = (f"the previous {self.last_path} is intact; free space or fix permissions, then continue "
                         f"with: python train.py --resume {self.last_path}" if self.last_path.exists()
@@ -225,7 +212,10 @@ class CheckpointWriter:
 def _check_finite(checkpoint: dict) -> None:
     """No NaN or inf ever reaches a checkpoint: refuse rather than write one."""
     for key in ("model", "ema"):
-        for name, tensor in checkpoint[key].items():
-            if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+        floats = {name: t for name, t in checkpoint[key].items() if t.dtype.is_floating_point}
+        if torch.stack([t.isfinite().all() for t in floats.values()]).all():  # one check, one device sync
+            continue
+        for name, tensor in floats.items():
+            if not tensor.isfinite().all():
                 raise TrainingStopped(f"the {key} weights hold a non-finite value in {name}; the checkpoint was not "
                                       "written (this should not happen: please report it)")

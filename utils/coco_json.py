@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from utils.atomic_write import atomic_write
 from utils.dataset import DetectionDataset
 from utils.log import LOGGER
 
@@ -64,21 +64,21 @@ def cached_ground_truth(dataset: DetectionDataset, ids: dict[Path, int], cat_ids
     """The COCO ground truth written once beside the label cache (keyed like it), or into fallback_dir
     when the dataset folder is read-only."""
     key = f"{GT_FORMAT_VERSION}-{dataset.scan_key}-{dataset.single_cls}-{cat_ids[:3]}"
-    for path in (cache_path, fallback_dir / cache_path.name):
+    candidates = (cache_path, fallback_dir / cache_path.name)
+    for path in candidates:
         try:
             if json.loads(path.read_text()).get("info", {}).get("key") == key:
                 return path
         except (OSError, ValueError):
             pass
-        content = {"info": {"key": key, "description": "written by val.py from the YOLO labels"},
-                   **ground_truth(dataset, ids, cat_ids, names)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    content = json.dumps({"info": {"key": key, "description": "written by val.py from the YOLO labels"},
+                          **ground_truth(dataset, ids, cat_ids, names)}).encode()
+    for path in candidates:
         try:
-            tmp.write_text(json.dumps(content))
-            os.replace(tmp, path)
+            atomic_write(path, content)
             return path
         except OSError:
-            tmp.unlink(missing_ok=True)
+            continue
     raise OSError(f"could not write the COCO ground truth to {cache_path} or {fallback_dir}")
 
 

@@ -11,6 +11,7 @@ sizes, modification times and the class count, so later runs skip the scan.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils.atomic_write import atomic_write
 from utils.errors import UserError
 from utils.log import LOGGER, interactive
 
@@ -251,13 +253,11 @@ def _read_cache(cache_path: Path, key: str) -> dict | None:
 
 def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
     """Atomic write beside the labels; a read-only dataset folder only costs a rescan next time."""
-    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), **cached)
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), **cached)
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, buffer.getvalue())
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         LOGGER.info(f"Note: label cache not written to {cache_path} ({error.strerror}); the scan will run again next time")
 
 

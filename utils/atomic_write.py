@@ -1,0 +1,35 @@
+"""Writing a file so that a crash leaves either the old version or the new one, never a mix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (per process, in the same folder)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush + fsync, then os.replace; the folder is
+    fsynced too, so the rename itself survives a power cut. On any failure the temporary is removed."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a folder; the file itself is already on disk
