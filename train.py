@@ -38,8 +38,7 @@ from utils.hyp import load_hyp
 from utils.labels import scan_split
 from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
-from utils.optim import (NOMINAL_BATCH_SIZE, OPTIMIZERS, BufferSnapshot, TrainSchedule, accumulation_steps,
-                         build_optimizer, optimizer_step)
+from utils.optim import NOMINAL_BATCH_SIZE, OPTIMIZERS, BufferSnapshot, TrainSchedule, build_optimizer, optimizer_step
 from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
 from utils.plots import plot_image_batch, plot_labels, plot_results
 from val import build_val_loader, evaluate, results_table, save_validation_plots
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = load_checkpoint(checkpoint_path)
         opt = resumed_options(args, parser, checkpoint)
         if checkpoint.get("finished") or checkpoint["loop"]["epoch"] >= opt.epochs:
-            LOGGER.info(f"{checkpoint_path} is from a finished run ({checkpoint['epoch'] + 1} epochs); nothing to resume")
+            LOGGER.info(f"{checkpoint_path} is from a finished run ({checkpoint['loop']['epoch']} epochs); nothing to resume")
             return 0
         hyp = checkpoint["hyp"]
     else:
@@ -261,7 +260,6 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
     weights_dir = run_dir / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = weights_dir / "last.pt", weights_dir / "best.pt"
     names = ["item"] if opt.single_cls else list(data.names)
     model.names, model.hyp = names, hyp
     model.to(device, memory_format=torch.channels_last)
@@ -284,10 +282,10 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         plot_labels(np.concatenate(train_loader.dataset.labels), names, run_dir / "labels.jpg")
 
     # Optimisation
-    accumulate = accumulation_steps(opt.batch_size)
+    schedule = TrainSchedule(hyp, opt.epochs, batches_per_epoch, opt.batch_size, cos_lr=opt.cos_lr)
+    accumulate = schedule.full_accumulate
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / NOMINAL_BATCH_SIZE
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
-    schedule = TrainSchedule(hyp, opt.epochs, batches_per_epoch, opt.batch_size, cos_lr=opt.cos_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
     criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
@@ -414,9 +412,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     LOGGER.info(f"\n{loop.epoch - first_epoch} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
     if plots:
         plot_results(logger.csv_path, run_dir / "results.png")
-    if best_path.exists():
-        LOGGER.info(f"Validating {best_path}...")
-        _, best_model = load_for_inference(best_path, "ema", device)
+    if writer.best_path.exists():
+        LOGGER.info(f"Validating {writer.best_path}...")
+        _, best_model = load_for_inference(writer.best_path, "ema", device)
         result = evaluate(best_model, val_loader, device=device, amp_dtype=amp_dtype, plot_dir=run_dir if plots else None)
         LOGGER.info(results_table(result, names, verbose=True))
         if plots:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.augment import round_image_size
-from utils.boxes import letterbox_to_original
+from utils.boxes import letterbox_to_original, xyxy_to_xywhn
 from utils.checkpoint import load_for_inference
 from utils.coco_json import (category_ids, cached_ground_truth, image_ids, prediction_records, pycocotools_stats,
                              write_json)
@@ -42,7 +42,7 @@ TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 @dataclass
 class EvalResult:
     metrics: DetectionMetrics
-    confusion: ConfusionMatrix
+    confusion: ConfusionMatrix | None  # with plot_dir only: it is drawn, never logged
     images_per_class: np.ndarray      # (nc,) images holding at least one box of the class
     loss: np.ndarray | None           # mean [box, obj, cls] loss when a loss function was given
     speed_ms: tuple[float, float, float]  # per image: pre-process, inference, NMS
@@ -66,7 +66,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
     model.eval()
     nc = model.nc
     evaluator = DetectionEvaluator(nc)
-    confusion = ConfusionMatrix(nc)
+    confusion = ConfusionMatrix(nc) if plot_dir is not None else None
     coco_ids = image_ids(dataset.image_files)  # the ids pycocotools would see, for its tie order
     images_per_class = np.zeros(nc, dtype=np.int64)
     loss_sum, num_batches = torch.zeros(3, device=device), 0
@@ -97,7 +97,8 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
             gt_boxes, gt_classes = dataset.original_boxes_xyxy(index)
             evaluator.add_image(boxes.numpy(), det[:, 4].numpy(), det[:, 5].numpy(), gt_boxes, gt_classes,
                                 image_id=coco_ids[dataset.image_files[index]])
-            confusion.add_image(boxes, det[:, 4], det[:, 5], torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes))
+            if confusion is not None:
+                confusion.add_image(boxes, det[:, 4], det[:, 5], torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes))
             images_per_class[np.unique(gt_classes)] += 1
             if keep_predictions:
                 predictions[index] = torch.cat((boxes, det[:, 4:].double()), dim=1).numpy()
@@ -115,18 +116,17 @@ def plot_validation_batch(batch: Batch, detections: list[torch.Tensor], names: l
     plot_image_batch(batch.images, batch.targets.numpy(), names, stem.with_name(stem.name + "_labels.jpg"))
     height, width = batch.images.shape[2:]
     rows = []
-    for i, det in enumerate(detections):
-        det = det.cpu().double()
-        xyxy = det[:, :4]
-        centre_size = torch.stack(((xyxy[:, 0] + xyxy[:, 2]) / 2 / width, (xyxy[:, 1] + xyxy[:, 3]) / 2 / height,
-                                   (xyxy[:, 2] - xyxy[:, 0]) / width, (xyxy[:, 3] - xyxy[:, 1]) / height), dim=1)
-        rows.append(torch.cat((torch.full((len(det), 1), float(i)), det[:, 5:6], centre_size, det[:, 4:5]), dim=1))
-    targets = torch.cat(rows).numpy() if rows else np.zeros((0, 7))
+    for i, det in enumerate(detections):  # (n, 7) image index, class, cx, cy, w, h normalised, score
+        det = det.cpu().numpy()
+        rows.append(np.concatenate((np.full((len(det), 1), i), det[:, 5:6], xyxy_to_xywhn(det[:, :4], width, height),
+                                    det[:, 4:5]), axis=1))
+    targets = np.concatenate(rows) if rows else np.zeros((0, 7))
     plot_image_batch(batch.images, targets, names, stem.with_name(stem.name + "_pred.jpg"))
 
 
 def save_validation_plots(result: EvalResult, names: list[str], out_dir: Path) -> None:
-    """PR curve, F1 / P / R against confidence, and the confusion matrix (counts and normalised)."""
+    """PR curve, F1 / P / R against confidence, and the confusion matrix (counts and normalised);
+    `result` comes from evaluate() with a plot_dir."""
     m = result.metrics
     plot_pr_curve(m.recall_grid, m.pr_curve_50, m.ap50_per_class, names, out_dir / "PR_curve.png")
     for values, label, name in ((m.f1_vs_conf, "F1", "F1_curve.png"), (m.precision_vs_conf, "Precision", "P_curve.png"),
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{data.source} defines no {opt.task} split")
     names = list(model.names)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok) if not opt.no_plots or opt.save_json else None
-    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint.get("hyp") or {}, stride,
+    loader = build_val_loader(split, data.nc, img_size, batch_size, opt.workers, checkpoint["hyp"], stride,
                               single_cls=opt.single_cls, prefix=f"{opt.task}: ", pin_memory=device.type == "cuda",
                               report_path=run_dir / "data_report.txt" if run_dir else None)
     result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, conf_thres=opt.conf_thres,

@@ -89,13 +89,13 @@ def validate_model_config(cfg: object, source: str) -> None:
         if not isinstance(args, list):
             fail(f"layer {i}: args must be a list, got {args!r}")
         block = BLOCKS[module]
-        if block in (Concat, Detect) and not isinstance(sources, list):
-            fail(f"layer {i}: {module} takes a list of inputs in 'from', got {sources!r}")
-        if block not in (Concat, Detect) and not isinstance(sources, int):
-            fail(f"layer {i}: {module} takes one input in 'from', got {sources!r}")
+        takes_list = block in (Concat, Detect)
+        if takes_list != isinstance(sources, list):
+            fail(f"layer {i}: {module} takes {'a list of inputs' if takes_list else 'one input'} in 'from', "
+                 f"got {sources!r}")
         if issubclass(block, CHANNEL_BLOCKS) and not (args and isinstance(args[0], int) and args[0] > 0):
             fail(f"layer {i}: {module} args must start with the output channel count, got {args!r}")
-        if BLOCKS[module] is Detect and i != len(layers) - 1:
+        if block is Detect and i != len(layers) - 1:
             fail(f"layer {i}: Detect must be the last layer")
     if layers[-1][2] != "Detect":
         fail("the last layer must be Detect")

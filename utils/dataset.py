@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import cv2

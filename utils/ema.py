@@ -27,6 +27,9 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
+        state = self.module.state_dict()
+        self._float_keys = [k for k, v in state.items() if v.dtype.is_floating_point]
+        self._other_keys = [k for k, v in state.items() if not v.dtype.is_floating_point]
 
     def current_decay(self) -> float:
         """d for the current update count: decay * (1 - exp(-updates / tau))."""
@@ -39,11 +42,10 @@ class ModelEMA:
         weight = 1.0 - self.current_decay()
         # Both state dicts are read afresh: they are views of the live tensors, whatever moved them.
         ema_state, model_state = self.module.state_dict(), unwrap(model).state_dict()
-        floats = [k for k, v in ema_state.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([ema_state[k] for k in floats], [model_state[k] for k in floats], weight)  # ema += (model - ema) * (1 - d)
-        for key, value in ema_state.items():
-            if not value.dtype.is_floating_point:
-                value.copy_(model_state[key])
+        torch._foreach_lerp_([ema_state[k] for k in self._float_keys], [model_state[k] for k in self._float_keys],
+                             weight)  # ema += (model - ema) * (1 - d)
+        for key in self._other_keys:
+            ema_state[key].copy_(model_state[key])
 
     def copy_attributes(self, model: nn.Module) -> None:
         """Give the average the model's yaml, nc, hyp, names and stride (before validating or saving)."""

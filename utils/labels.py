@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +96,13 @@ class LabelScan:
     num_missing: int = 0
     num_empty: int = 0
     num_corrupt: int = 0
-    problems: dict[str, int] = field(default_factory=dict)  # problem kind -> number of files or folders
     cache_key: str = ""                                     # hash of the files and settings scanned
     messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
+
+    @property
+    def problems(self) -> dict[str, int]:
+        """Problem kind -> number of files (or folders) affected."""
+        return dict(Counter(kind for kind, _ in self.messages))
 
     def summary(self) -> str:
         """'N images, N labels found, N missing, N empty, N corrupt (skipped)', then the count per problem."""
@@ -234,7 +239,6 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
         shapes=cached["shapes"][keep],
         num_found=int((status == FOUND).sum()), num_missing=int((status == MISSING).sum()),
         num_empty=int((status == EMPTY).sum()), num_corrupt=int((status == CORRUPT).sum()),
-        problems={str(kind): int(n) for kind, n in zip(*np.unique(cached["problem_kinds"], return_counts=True))},
         messages=[(str(k), str(m)) for k, m in zip(cached["problem_kinds"], cached["problem_messages"])],
         cache_key=key,
     )
@@ -274,9 +278,7 @@ def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, report_
     A split without usable images is a UserError."""
     image_files, unreadable_folders = list_image_files(sources)
     scan = scan_labels(image_files, num_classes, cache_path_for(image_files), prefix=prefix)
-    if unreadable_folders:
-        scan.problems[UNREADABLE_FOLDER] = len(unreadable_folders)
-        scan.messages = [(UNREADABLE_FOLDER, m) for m in unreadable_folders] + scan.messages
+    scan.messages = [(UNREADABLE_FOLDER, m) for m in unreadable_folders] + scan.messages
     LOGGER.info(f"{prefix}{scan.summary()}")
     for _, message in scan.messages[:max_messages]:
         LOGGER.warning(f"{prefix}  {message}")

@@ -57,6 +57,7 @@ class TrainSchedule:
     def __init__(self, hyp: dict, epochs: int, batches_per_epoch: int, batch_size: int, cos_lr: bool = False):
         self.lr0, self.lrf, self.epochs, self.cos_lr = hyp["lr0"], hyp["lrf"], epochs, cos_lr
         self.batch_size = batch_size
+        self.full_accumulate = accumulation_steps(batch_size)  # after warmup
         self.momentum, self.warmup_momentum, self.warmup_bias_lr = hyp["momentum"], hyp["warmup_momentum"], hyp["warmup_bias_lr"]
         # At least 100 micro-batches of warmup, as YOLOv5 (0 turns warmup off).
         self.warmup_steps = max(round(hyp["warmup_epochs"] * batches_per_epoch), 100) if hyp["warmup_epochs"] > 0 else 0
@@ -64,7 +65,7 @@ class TrainSchedule:
     def accumulate(self, step: int) -> int:
         """Micro-batches per optimizer step at micro-batch `step` (YOLOv5's warmup ramp, numpy rounding)."""
         if step >= self.warmup_steps:
-            return accumulation_steps(self.batch_size)
+            return self.full_accumulate
         ramp = np.interp(step, [0, self.warmup_steps], [1, NOMINAL_BATCH_SIZE / self.batch_size])
         return max(1, int(ramp.round()))
 
