@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -28,6 +29,19 @@ def test_parameter_counts_equal_yolov5(size):
     assert count(model) == YOLOV5_PARAMS[size]
     if size in YOLOV5_FUSED_PARAMS:
         assert count(model.eval().fuse()) == YOLOV5_FUSED_PARAMS[size]
+
+
+# sha256 of "name shape" lines of yolov5 7.0.14's Model(yolov5{n,s}.yaml, nc=80).state_dict(), computed
+# with the PyPI package: a YOLOv5 state dict maps onto ours one to one.
+YOLOV5_STATE_DICT_SHA256 = {"n": "55db261712d5d4f847b5cf8ae1045ed4d94076aed0795e76aa5190cde6479e6f",
+                            "s": "cd7c2e5655f8ddb6553c2832d289b9009e7b7e82640ace7229a8ecb2f2741349"}
+
+
+@pytest.mark.parametrize("size", "ns")
+def test_state_dict_names_and_shapes_equal_yolov5(size):
+    state = build_model(f"yolov5{size}.yaml", nc=80).state_dict()
+    text = "\n".join(f"{name} {tuple(tensor.shape)}" for name, tensor in state.items())
+    assert hashlib.sha256(text.encode()).hexdigest() == YOLOV5_STATE_DICT_SHA256[size]
 
 
 def test_state_dict_names_follow_yolov5():
