@@ -32,13 +32,14 @@ from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
-from utils.ema import ModelEMA
+from utils.ema import ModelEMA, pack_float_state
 from utils.errors import TrainingStopped, UserError, run_cli
 from utils.hyp import load_hyp
-from utils.labels import scan_split
+from utils.labels import list_image_files, scan_split
 from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
-from utils.optim import NOMINAL_BATCH_SIZE, OPTIMIZERS, BufferSnapshot, TrainSchedule, build_optimizer, optimizer_step
+from utils.optim import (AUTO_SGD_MIN_STEPS, NOMINAL_BATCH_SIZE, OPTIMIZERS, BufferSnapshot, TrainSchedule,
+                         accumulation_steps, build_optimizer, optimizer_step, resolve_auto_optimizer)
 from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
 from utils.plots import plot_image_batch, plot_labels, plot_results
 from val import build_val_loader, evaluate, results_table, save_validation_plots
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache decoded images in RAM")
     p.add_argument("--device", default=None, help="cuda device, i.e. 0, or cpu (default: CUDA if available)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
-    p.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="optimizer")
+    p.add_argument("--optimizer", default="auto", choices=OPTIMIZERS,
+                   help="auto: AdamW (lr0 0.003) for runs under 10,000 optimizer steps, else SGD with the hyp's lr0")
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
     add_run_dir_arguments(p, "runs/train")
     p.add_argument("--cos-lr", action="store_true", help="cosine learning-rate schedule")
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, checkpoint)
     opt.imgsz = round_image_size(opt.imgsz, int(model.stride.max()))  # decided here, before opt.yaml is written
+    if checkpoint is None:
+        opt.optimizer, hyp = choose_optimizer(opt, hyp, data)
     # Everything the user gave is checked before the run folder exists: a mistake leaves no trace.
     if checkpoint is not None:
         run_dir = checkpoint_path.resolve().parent.parent
@@ -180,6 +184,19 @@ def resumed_options(args: argparse.Namespace, parser: argparse.ArgumentParser, c
         if getattr(args, name) is not None:
             setattr(opt, name, getattr(args, name))
     return opt
+
+
+def choose_optimizer(opt: argparse.Namespace, hyp: dict, data: DatasetConfig) -> tuple[str, dict]:
+    """--optimizer and hyp as the run will use them: 'auto' is resolved from the planned number of
+    optimizer steps, once, and the result recorded in opt.yaml, hyp.yaml and every checkpoint."""
+    if opt.optimizer != "auto":
+        return opt.optimizer, hyp
+    images = len(list_image_files(data.train)[0])
+    planned_steps = opt.epochs * math.ceil(math.ceil(images / opt.batch_size) / accumulation_steps(opt.batch_size))
+    name, hyp = resolve_auto_optimizer(opt.optimizer, hyp, planned_steps)
+    LOGGER.info(f"--optimizer auto: {name} with lr0 {hyp['lr0']:g} for about {planned_steps} optimizer steps "
+                f"(SGD from {AUTO_SGD_MIN_STEPS:,} steps on)")
+    return name, hyp
 
 
 def check_options(opt: argparse.Namespace) -> None:
@@ -244,10 +261,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
-                       single_cls: bool, cache_ram: bool, pin_memory: bool, report_path: Path) -> torch.utils.data.DataLoader:
-    """The augmenting training loader over the verified train split; problem files go to report_path."""
+                       single_cls: bool, cache_ram: bool, pin_memory: bool, report_path: Path | None,
+                       epochs: int) -> torch.utils.data.DataLoader:
+    """The augmenting training loader over the verified train split (mosaic closed for the last
+    hyp['close_mosaic'] of `epochs`); problem files go to report_path."""
     scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
-    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls)
+    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
+                               mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
     if cache_ram:
         dataset.cache_images_in_ram()
     return build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed, pin_memory=pin_memory)
@@ -263,6 +283,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     names = ["item"] if opt.single_cls else list(data.names)
     model.names, model.hyp = names, hyp
     model.to(device, memory_format=torch.channels_last)
+    pack_float_state(model)  # all float state in one tensor: the EMA update is then one lerp_ (utils/ema.py)
     LOGGER.info(f"Model: {model.summary(opt.imgsz)}")
     if hyp["copy_paste"] > 0:
         LOGGER.warning("WARNING: copy_paste needs segment labels; with box labels it has no effect (as in YOLOv5)")
@@ -272,7 +293,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     report_path = run_dir / "data_report.txt"  # every skipped or repaired file, rewritten at each start
     report_path.unlink(missing_ok=True)
     train_loader = build_train_loader(data, hyp, opt.imgsz, opt.batch_size, opt.workers, opt.seed, opt.single_cls,
-                                      opt.cache == "ram", pin_memory, report_path)
+                                      opt.cache == "ram", pin_memory, report_path, opt.epochs)
     val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
                                   int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory,
                                   report_path=report_path)
@@ -321,6 +342,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     while loop.epoch < opt.epochs:
         epoch = loop.epoch
         model.train()
+        if hyp["close_mosaic"] and epoch == opt.epochs - hyp["close_mosaic"]:
+            LOGGER.info(f"Closing mosaic (and mixup) for the last {int(hyp['close_mosaic'])} epochs")
         train_loader.sampler.set_epoch(epoch, skip=loop.batch * opt.batch_size)  # a resume may start mid-epoch
         loop.loss_sum = loop.loss_sum.to(device)
         optimizer.zero_grad(set_to_none=True)

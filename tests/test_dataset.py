@@ -93,3 +93,18 @@ def test_ram_cache_gives_the_same_samples(train_scan):
     for index in range(4):
         a, b = from_disk[(1, index)], cached[(1, index)]
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_close_mosaic_trains_the_last_epochs_on_single_images(train_scan):
+    """From mosaic_until_epoch on, a sample is its own image with exactly its own boxes."""
+    still = {"degrees": 0.0, "translate": 0.0, "scale": 0.0, "shear": 0.0, "perspective": 0.0, "fliplr": 0.0}
+    hyp = {**load_hyp("scratch-low.yaml"), **still, "mosaic": 1.0, "close_mosaic": 2}
+    dataset = DetectionDataset(train_scan, 96, hyp, augment=True, seed=0, mosaic_until_epoch=3)
+    single = DetectionDataset(train_scan, 96, {**hyp, "mosaic": 0.0}, augment=True, seed=0)
+    for index in range(len(dataset)):
+        _, closed_targets, _, _ = dataset[(3, index)]
+        _, single_targets, _, _ = single[(3, index)]
+        assert torch.equal(closed_targets, single_targets)
+    mosaic_counts = [len(dataset[(2, i)][1]) for i in range(len(dataset))]
+    own_counts = [len(lb) for lb in dataset.labels]
+    assert sum(mosaic_counts) > sum(own_counts)  # before: four images per sample

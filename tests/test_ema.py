@@ -114,3 +114,17 @@ def test_finite_step_is_taken_and_averaged():
     assert not torch.equal(model[0].weight, before) and ema.updates == 1
     d = ema.current_decay()
     torch.testing.assert_close(ema.module[0].weight, d * before + (1 - d) * model[0].weight)
+
+
+def test_update_follows_replaced_buffers_and_refuses_another_architecture():
+    """Tensors are looked up afresh each update: a buffer replaced after the first update (as
+    .to() does) is the one averaged; a model whose state differs from the copy is refused."""
+    model = small_net()
+    ema = ModelEMA(model, updates=10_000)
+    ema.update(model)
+    model[1].running_mean = torch.full((4,), 7.0)  # assignment replaces the buffer object
+    ema.update(model)
+    d = ema.current_decay()
+    assert torch.allclose(ema.module[1].running_mean, torch.zeros(4) * d + 7.0 * (1 - d), atol=1e-6)
+    with pytest.raises(ValueError, match="keys differ"):
+        ema.update(nn.Sequential(nn.Conv2d(3, 4, 3)))

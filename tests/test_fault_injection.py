@@ -94,7 +94,7 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset
         for name, tensor in straight[key].items():
             assert torch.equal(resumed[key][name], tensor), (key, name)
     for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
-        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     assert read_rows(tmp_path / "killed") == read_rows(tmp_path / "straight")
 
 

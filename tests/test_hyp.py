@@ -29,6 +29,7 @@ def test_scratch_low_has_yolov5_values():
     ({"lr_zero": 0.01}, "unknown key(s) lr_zero"),
     ({"anchors": 3}, "automatic anchor fitting"),
     ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
+    ({"close_mosaic": 2.5}, "close_mosaic is a number of epochs"),
 ])
 def test_bad_values_are_named(tmp_path, change, message):
     hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())

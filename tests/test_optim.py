@@ -7,7 +7,7 @@ import torch
 
 from models.yolo import build_model
 from utils.hyp import load_hyp
-from utils.optim import TrainSchedule, accumulation_steps, build_optimizer
+from utils.optim import AUTO_SGD_MIN_STEPS, TrainSchedule, accumulation_steps, build_optimizer, resolve_auto_optimizer
 
 
 @pytest.mark.parametrize("batch, expected", [(1, 64), (16, 4), (24, 3), (48, 1), (64, 1), (128, 1)])
@@ -64,3 +64,12 @@ def test_accumulation_ramp_targets_the_unrounded_nominal_ratio():
     then uses round(2.67) = 3. numpy rounds halves to even: 1.5 -> 2 at step 30, 2.5 -> 2 at step 90."""
     schedule = TrainSchedule(load_hyp("scratch-low.yaml"), epochs=10, batches_per_epoch=20, batch_size=24)
     assert [schedule.accumulate(s) for s in (0, 29, 30, 90, 91, 100)] == [1, 1, 2, 2, 3, 3]
+
+
+def test_auto_optimizer_is_adamw_for_short_runs_and_sgd_for_long_ones():
+    hyp = load_hyp("scratch-low.yaml")
+    name, short = resolve_auto_optimizer("auto", hyp, planned_steps=300)
+    assert name == "AdamW" and short["lr0"] == 0.003 and short["warmup_bias_lr"] == 0.0
+    assert hyp["lr0"] == 0.01  # the caller's hyp is not modified
+    assert resolve_auto_optimizer("auto", hyp, planned_steps=AUTO_SGD_MIN_STEPS) == ("SGD", hyp)
+    assert resolve_auto_optimizer("SGD", hyp, planned_steps=300) == ("SGD", hyp)  # an explicit choice stands

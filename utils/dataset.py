@@ -39,12 +39,15 @@ class DetectionDataset(Dataset):
     """Images and YOLO labels of one split, with YOLOv5's training augmentation when `augment`.
 
     With `rect` (validation), images are ordered by aspect ratio and each batch is
-    letterboxed to its own stride-aligned shape instead of a square.
+    letterboxed to its own stride-aligned shape instead of a square. Epochs from
+    `mosaic_until_epoch` on train without mosaic (and so without mixup): the hyp's close_mosaic.
     """
 
     def __init__(self, scan: LabelScan, img_size: int, hyp: dict, augment: bool, seed: int = 0,
-                 rect: bool = False, batch_size: int = 16, stride: int = 32, single_cls: bool = False):
+                 rect: bool = False, batch_size: int = 16, stride: int = 32, single_cls: bool = False,
+                 mosaic_until_epoch: int | None = None):
         self.img_size, self.hyp, self.augment, self.seed = img_size, hyp, augment, seed
+        self.mosaic_until_epoch = mosaic_until_epoch
         self.image_files, self.labels, self.shapes = list(scan.image_files), list(scan.labels), scan.shapes
         self.scan_key, self.single_cls = scan.cache_key, single_cls
         if single_cls:
@@ -138,7 +141,8 @@ class DetectionDataset(Dataset):
         rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index))
         hyp = self.hyp
         letterbox_info = (1.0, 1.0, 0.0, 0.0)
-        if self.augment and rng.random() < hyp["mosaic"]:
+        mosaic_open = self.mosaic_until_epoch is None or epoch < self.mosaic_until_epoch
+        if self.augment and rng.random() < hyp["mosaic"] and mosaic_open:
             image, labels = self._load_mosaic(index, rng)
             if rng.random() < hyp["mixup"]:
                 image2, labels2 = self._load_mosaic(int(rng.integers(0, len(self))), rng)

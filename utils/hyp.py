@@ -14,10 +14,11 @@ REQUIRED_KEYS = (
     "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
     "flipud", "fliplr", "mosaic", "mixup", "copy_paste",
 )
-# Ours, optional in the file: albumentations probabilities (YOLOv5 hard-codes 0.01) and the EMA.
+# Ours, optional in the file: albumentations probabilities (YOLOv5 hard-codes 0.01), the EMA, and
+# the number of final epochs trained without mosaic (0: mosaic to the end, as YOLOv5).
 OPTIONAL_DEFAULTS = {
     "blur": 0.01, "median_blur": 0.01, "to_gray": 0.01, "clahe": 0.01,
-    "ema_decay": 0.9999, "ema_tau": 2000.0,
+    "ema_decay": 0.9999, "ema_tau": 2000.0, "close_mosaic": 0,
 }
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
@@ -47,6 +48,8 @@ def validate_hyp(raw: object, source: str) -> dict:
             raise UserError(f"hyperparameter file {source}: {key} must be a non-negative number, got {value!r}")
         if key in PROBABILITY_KEYS and value > 1:
             raise UserError(f"hyperparameter file {source}: {key} is a probability, got {value}")
+    if hyp["close_mosaic"] != int(hyp["close_mosaic"]):
+        raise UserError(f"hyperparameter file {source}: close_mosaic is a number of epochs, got {hyp['close_mosaic']}")
     if not 0 < hyp["ema_decay"] < 1 or hyp["ema_tau"] <= 0:
         raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
     return {k: float(v) for k, v in hyp.items()}

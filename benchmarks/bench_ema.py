@@ -1,0 +1,121 @@
+"""What one EMA update costs: ours, a per-tensor loop as YOLOv5 writes it, and a single flat
+lerp_ over the same number of floats (the memory-bandwidth floor), for yolov5n and yolov5s,
+with the model prepared as train.py prepares it (channels_last, pack_float_state), plus the update
+as a share of one training step (an optimizer step of the default run:
+4 micro-batches of 16 images at 320 px, forward + loss + backward, then the optimizer).
+
+    python benchmarks/bench_ema.py [--repeats 200] [--step-repeats 3] [--imgsz 320] [--batch 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.yolo import build_model  # noqa: E402
+from utils.device import amp_dtype_for, autocast  # noqa: E402
+from utils.ema import ModelEMA, pack_float_state  # noqa: E402
+from utils.hyp import load_hyp  # noqa: E402
+from utils.loss import DetectionLoss  # noqa: E402
+from utils.optim import accumulation_steps, build_optimizer  # noqa: E402
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median time of each function, run in turn so that clock and cache drift hit all alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for repeat in range(repeats + 3):
+        for fn, fn_times in zip(fns, times):
+            started = time.perf_counter()
+            fn()
+            if repeat >= 3:
+                fn_times.append(time.perf_counter() - started)
+    return [statistics.median(t) for t in times]
+
+
+def per_tensor_update(ema_module: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """The straightforward update: a Python loop over the state dict, two kernels per tensor."""
+    with torch.no_grad():
+        model_state = model.state_dict()
+        for key, value in ema_module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value *= decay
+                value += (1 - decay) * model_state[key].detach()
+
+
+def training_step_seconds(model: torch.nn.Module, imgsz: int, batch: int, repeats: int) -> float:
+    """One optimizer step of the default recipe: accumulate x (forward + loss + backward) + step."""
+    dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
+    model = model.to(memory_format=torch.channels_last).train()
+    criterion = DetectionLoss(model.detect_head, load_hyp("scratch-low.yaml"), imgsz)
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, imgsz, imgsz, generator=generator).contiguous(memory_format=torch.channels_last)
+    per_image = 6
+    targets = torch.cat((torch.arange(batch).repeat_interleave(per_image)[:, None].float(),
+                         torch.randint(0, model.nc, (batch * per_image, 1), generator=generator).float(),
+                         0.2 + 0.6 * torch.rand(batch * per_image, 2, generator=generator),
+                         0.05 + 0.3 * torch.rand(batch * per_image, 2, generator=generator)), dim=1)
+
+    def step() -> None:
+        for _ in range(accumulation_steps(batch)):
+            with autocast(torch.device("cpu"), dtype):
+                raw = model(images)
+            loss, _ = criterion(raw, targets)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return median_seconds(step, repeats, warmup=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200, help="timed EMA updates per method")
+    parser.add_argument("--step-repeats", type=int, default=3, help="timed training steps per model")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of {args.repeats} updates; "
+          f"training step: {accumulation_steps(args.batch)} x {args.batch} images at {args.imgsz} px, "
+          f"{'bf16 autocast' if dtype else 'fp32'}\n")
+    print("| model   | floats averaged | ours (ms) | per-tensor loop (ms) | flat lerp floor (ms) | ours / floor "
+          "| training step (ms) | ours / step |")
+    print("|---------|----------------:|----------:|---------------------:|---------------------:|-------------:"
+          "|-------------------:|------------:|")
+    for cfg in ("yolov5n.yaml", "yolov5s.yaml"):
+        torch.manual_seed(0)
+        model = build_model(cfg, nc=80).to(memory_format=torch.channels_last)
+        pack_float_state(model)  # as train.py does
+        ema = ModelEMA(model, updates=10_000)  # d near its final value: the work does not depend on it
+        decay = ema.current_decay()
+        floats = sum(v.numel() for v in model.state_dict().values() if v.dtype.is_floating_point)
+        flat_ema, flat_model = torch.rand(floats), torch.rand(floats)
+        ours, loop, floor = interleaved_medians([lambda: ema.update(model),  # noqa: B023 (called right here)
+                                                 lambda: per_tensor_update(ema.module, model, decay),  # noqa: B023
+                                                 lambda: flat_ema.lerp_(flat_model, 1 - decay)], args.repeats)  # noqa: B023
+        step = training_step_seconds(model, args.imgsz, args.batch, args.step_repeats)
+        print(f"| {cfg[:-5]:7s} | {floats:15,d} | {ours * 1e3:9.2f} | {loop * 1e3:20.2f} | {floor * 1e3:20.2f} "
+              f"| {ours / floor:11.2f}x | {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |")
+
+
+if __name__ == "__main__":
+    main()
