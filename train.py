@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume the newest run under --project, or the given last.pt")
     p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
     p.add_argument("--noval", action="store_true", help="only validate the final epoch")
-    p.add_argument("--cache", nargs="?", const="ram", default=None, choices=("ram",),
-                   help="cache decoded images in RAM")
+    p.add_argument("--cache", nargs="?", const="ram", default="auto", choices=("auto", "ram", "off"),
+                   help="cache decoded train images in RAM; auto: when they take under 10%% of the available memory")
     p.add_argument("--device", default=None, help="cuda device, i.e. 0, or cpu (default: CUDA if available)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
     p.add_argument("--optimizer", default="auto", choices=OPTIMIZERS,
@@ -261,15 +261,17 @@ def seed_everything(seed: int) -> None:
 
 
 def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
-                       single_cls: bool, cache_ram: bool, pin_memory: bool, report_path: Path | None,
+                       single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
                        epochs: int) -> torch.utils.data.DataLoader:
     """The augmenting training loader over the verified train split (mosaic closed for the last
     hyp['close_mosaic'] of `epochs`); problem files go to report_path."""
     scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
     dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
                                mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
-    if cache_ram:
-        dataset.cache_images_in_ram()
+    if cache == "ram":
+        dataset.cache_images_in_ram(max_share=0.7)
+    elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
+        dataset.cache_images_in_ram(max_share=0.1, quiet=True)
     return build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed, pin_memory=pin_memory)
 
 
@@ -293,7 +295,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     report_path = run_dir / "data_report.txt"  # every skipped or repaired file, rewritten at each start
     report_path.unlink(missing_ok=True)
     train_loader = build_train_loader(data, hyp, opt.imgsz, opt.batch_size, opt.workers, opt.seed, opt.single_cls,
-                                      opt.cache == "ram", pin_memory, report_path, opt.epochs)
+                                      opt.cache or "auto", pin_memory, report_path, opt.epochs)
     val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
                                   int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory,
                                   report_path=report_path)

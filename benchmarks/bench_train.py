@@ -66,9 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="timed micro-batches per run (0: skip the step bench)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed micro-batches before them")
     parser.add_argument("--repeats", type=int, default=3, help="alternating A/B rounds of the step bench")
-    parser.add_argument("--ours-variants", nargs="*", default=["--no-amp"],
-                        help="more step-bench rows of ours, each a quoted set of harness_ours.py flags: --no-amp, "
-                             "--no-channels-last, --compile, --cache-ram, --threads N, --workers N")
+    parser.add_argument("--ours-variants", nargs="*", default=["no-amp", "cache=off"],
+                        help="more step-bench rows of ours, each harness_ours.py flags without the dashes, joined by "
+                             "commas: no-amp, no-channels-last, compile, cache=off, threads=N, workers=N")
     parser.add_argument("--epochs", type=int, default=0, help="also train whole runs of this many epochs")
     parser.add_argument("--fp32-run", action="store_true", help="with --epochs: also a whole run of ours in fp32")
     parser.add_argument("--skip-ultralytics", action="store_true")
@@ -115,11 +115,20 @@ def run_json(command: list[str], env: dict | None = None) -> dict:
     return json.loads(lines[-1])
 
 
+def variant_flags(variant: str) -> list[str]:
+    """'no-amp,workers=1' -> ['--no-amp', '--workers', '1']."""
+    flags = []
+    for item in variant.split(","):
+        name, _, value = item.partition("=")
+        flags += [f"--{name}", value] if value else [f"--{name}"]
+    return flags
+
+
 def step_bench(args: argparse.Namespace, ref_python: Path | None, ref_data: Path | None, nc: int, env: dict) -> None:
     common = ["--cfg", args.cfg, "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
               "--steps", str(args.steps), "--warmup", str(args.warmup)]
     ours = [sys.executable, "benchmarks/harness_ours.py", "steps", "--data", args.data, *common]
-    configs = {"ours": ours, **{f"ours {flags}": [*ours, *flags.split()] for flags in args.ours_variants}}
+    configs = {"ours": ours, **{f"ours {variant}": [*ours, *variant_flags(variant)] for variant in args.ours_variants}}
     if ref_python is not None:
         configs["yolov5"] = [str(ref_python), str(REPO / "benchmarks" / "harness_yolov5.py"), "steps",
                              "--data-dir", str(ref_data.parent), "--nc", str(nc), *common]
@@ -165,7 +174,9 @@ class CsvWatcher(threading.Thread):
 
 
 def timed_run(name: str, command: list[str], run_dir: Path, env: dict | None) -> dict:
-    """Run a training command; return its results.csv rows with the time each appeared."""
+    """Run a training command; return its results.csv rows with the time each appeared.
+    `name` starts with the framework: ours, yolov5 or ultralytics."""
+    framework = name.split()[0]
     log = run_dir.parent / f"{run_dir.name}.log"
     started = time.perf_counter()
     watcher = CsvWatcher(run_dir / "results.csv", started)
@@ -179,8 +190,8 @@ def timed_run(name: str, command: list[str], run_dir: Path, env: dict | None) ->
         raise SystemExit(f"{name} failed (exit {code}); see {log}")
     with open(run_dir / "results.csv") as f:
         rows = [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
-    map50_95 = [float(r[MAP_COLUMNS[name]]) for r in rows]
-    map50 = [float(r[MAP50_COLUMNS[name]]) for r in rows]
+    map50_95 = [float(r[MAP_COLUMNS[framework]]) for r in rows]
+    map50 = [float(r[MAP50_COLUMNS[framework]]) for r in rows]
     times = watcher.times + [total] * (len(rows) - len(watcher.times))
     print(f"  {name}: {len(rows)} epochs, {times[-1]:.0f} s to the last epoch's row, {total:.0f} s in all; "
           f"mAP@0.5:0.95 per epoch: {' '.join(f'{m:.3f}' for m in map50_95)}", flush=True)
@@ -209,7 +220,7 @@ def epoch_bench(args: argparse.Namespace, ref_venv: Path | None, ref_data: Path 
                  "plots=False"], runs_dir / "ultralytics", env)
     results = {}
     for name, (command, run_dir, run_env) in commands.items():
-        results[name] = timed_run(name.split()[0], command, run_dir, run_env)
+        results[name] = timed_run(name, command, run_dir, run_env)
 
     target = results["yolov5"]["map50_95"][-1] if "yolov5" in results else None
     print(f"\n{args.epochs} epochs from scratch, {args.cfg[:-5]} (ultralytics: {args.ultralytics_model}), {args.imgsz} px, "

@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="timed micro-batches")
     parser.add_argument("--warmup", type=int, default=8, help="untimed micro-batches first")
     parser.add_argument("--no-amp", action="store_true")
-    parser.add_argument("--cache-ram", action="store_true")
+    parser.add_argument("--cache", default="auto", choices=("auto", "ram", "off"))
     parser.add_argument("--compile", action="store_true", help="steps: run the forward through torch.compile")
     parser.add_argument("--no-channels-last", action="store_true", help="steps: keep the model and inputs NCHW")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
@@ -83,7 +83,7 @@ def time_steps(args: argparse.Namespace) -> dict:
     model.to(device, memory_format=memory_format)
     pack_float_state(model)
     loader = build_train_loader(data, hyp, args.imgsz, args.batch, args.workers, seed=0, single_cls=False,
-                                cache_ram=args.cache_ram, pin_memory=False, report_path=None, epochs=1000)
+                                cache=args.cache, pin_memory=False, report_path=None, epochs=1000)
     accumulate = accumulation_steps(args.batch)
     optimizer = build_optimizer(model, args.optimizer, hyp["lr0"], hyp["momentum"],
                                 hyp["weight_decay"] * args.batch * accumulate / NOMINAL_BATCH_SIZE)

@@ -41,9 +41,10 @@ def time_validation(args: argparse.Namespace) -> dict:
     import yolov5.val as v5val
 
     started = time.perf_counter()
-    (_, _, map50, map50_95, *_), _, _ = v5val.run(data=args.data_yaml, weights=args.weights, batch_size=args.batch,
-                                                 imgsz=args.imgsz, workers=args.workers, device="cpu", half=False,
-                                                 plots=False, project=str(Path(args.weights).parent / "val"))
+    metrics = v5val.run(data=args.data_yaml, weights=args.weights, batch_size=args.batch, imgsz=args.imgsz,
+                        workers=args.workers, device="cpu", half=False, plots=False,
+                        project=str(Path(args.weights).parent / "val"))[0]  # (P, R, mAP50, mAP50-95, *losses)
+    map50, map50_95 = metrics[2], metrics[3]
     images = sum(1 for _ in (Path(args.data_yaml).parent / "images" / "val").iterdir())
     return {"images": images, "seconds": time.perf_counter() - started, "map50": map50, "map50_95": map50_95}
 

@@ -80,13 +80,15 @@ class DetectionDataset(Dataset):
         self.batch_shapes = (np.ceil(shapes * self.img_size / stride + 0.5) * stride).astype(int)
         self.batch_size = batch_size
 
-    def cache_images_in_ram(self, threads: int = 4) -> bool:
-        """Decode and resize every image once; False (and a note) when memory is short."""
+    def cache_images_in_ram(self, threads: int = 4, max_share: float = 0.7, quiet: bool = False) -> bool:
+        """Decode and resize every image once; False (with a warning unless quiet) when that would
+        take more than max_share of the available memory."""
         needed = sum(self._resized_hw(h, w)[0] * self._resized_hw(h, w)[1] * 3 for h, w in self.shapes)
         available = _available_memory_bytes()
-        if available is not None and needed > 0.7 * available:
-            LOGGER.warning(f"WARNING: --cache ram needs {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB are "
-                           "available: images are read from disk instead")
+        if available is not None and needed > max_share * available:
+            if not quiet:
+                LOGGER.warning(f"WARNING: --cache ram needs {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB "
+                               "are available: images are read from disk instead")
             return False
         with ThreadPoolExecutor(threads) as pool:
             self.ram_cache = list(pool.map(self._read_resized, range(len(self))))
