@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA
+from utils.ema import ModelEMA, pack_float_state
 from utils.optim import optimizer_step
 
 
@@ -26,8 +26,11 @@ def perturb(model: nn.Module, seed: int) -> None:
     model.train()(torch.randn(8, 3, 6, 6, generator=generator))  # BN running stats and num_batches_tracked
 
 
-def test_update_matches_the_formula():
+@pytest.mark.parametrize("packed", [False, True], ids=["foreach", "packed"])
+def test_update_matches_the_formula(packed):
     model = small_net()
+    if packed:  # as train.py prepares the model: the update is then one lerp_ over the flat state
+        assert pack_float_state(model) is not None
     ema = ModelEMA(model, decay=0.9999, tau=2000)
     expected = {k: v.clone().double() for k, v in model.state_dict().items()}
     for n in range(1, 6):

@@ -79,16 +79,15 @@ def packed_pointers(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[int
     return pointers
 
 
-def find_packed(tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[int]]:
-    """The flat tensor that pack_float_state() made of `tensors` and their pointers, if they still
-    are its consecutive segments; else (None, [])."""
+def find_packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The flat tensor that pack_float_state() made of `tensors`, if they still are its
+    consecutive segments; else None."""
     first, total = tensors[0], sum(t.numel() for t in tensors)
     if (first.storage_offset() + total) * first.element_size() > first.untyped_storage().nbytes() or \
             len({t.dtype for t in tensors}) > 1:
-        return None, []
+        return None
     flat = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (total,))
-    pointers = packed_pointers(flat, tensors)
-    return (flat, pointers) if [t.data_ptr() for t in tensors] == pointers else (None, [])
+    return flat if [t.data_ptr() for t in tensors] == packed_pointers(flat, tensors) else None
 
 
 class ModelEMA:
@@ -104,12 +103,12 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
-        self._ema_slots = state_slots(self.module)
-        tensors = [_lookup(slot) for slot in self._ema_slots]
+        slots = state_slots(self.module)
+        tensors = [_lookup(slot) for slot in slots]
         self._floats = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point]
         self._others = [i for i, t in enumerate(tensors) if not t.dtype.is_floating_point]
-        self._ema_float_slots = [self._ema_slots[i] for i in self._floats]
-        self._ema_other_slots = [self._ema_slots[i] for i in self._others]
+        self._ema_float_slots = [slots[i] for i in self._floats]
+        self._ema_other_slots = [slots[i] for i in self._others]
         self._pack_average()
         self._model_ref: weakref.ref | None = None
         self._model_float_slots: list[Slot] = []
@@ -141,8 +140,9 @@ class ModelEMA:
         # SyncBatchNorm or an assignment is what gets averaged, never a stale one.
         if self._flat is not None and [o[k].data_ptr() for o, k in self._ema_float_slots] != self._pointers:
             self._pack_average()
-        if [o[k].data_ptr() for o, k in self._model_float_slots] != self._model_pointers:
-            self._model_flat, self._model_pointers = find_packed([o[k] for o, k in self._model_float_slots])
+        pointers = [o[k].data_ptr() for o, k in self._model_float_slots]
+        if pointers != self._model_pointers:  # first update, or a tensor was replaced: is the model packed?
+            self._model_flat, self._model_pointers = find_packed([o[k] for o, k in self._model_float_slots]), pointers
         # ema += (model - ema) * (1 - d): one kernel when both sides are packed alike (train.py packs the model)
         if self._flat is not None and self._model_flat is not None and self._model_flat.dtype == self._flat.dtype:
             self._flat.lerp_(self._model_flat, weight)
