@@ -32,7 +32,7 @@ from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
-from utils.ema import ModelEMA, pack_float_state
+from utils.ema import ModelEMA, pack_state
 from utils.errors import TrainingStopped, UserError, run_cli
 from utils.hyp import load_hyp
 from utils.labels import list_image_files, scan_split
@@ -285,7 +285,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     names = ["item"] if opt.single_cls else list(data.names)
     model.names, model.hyp = names, hyp
     model.to(device, memory_format=torch.channels_last)
-    pack_float_state(model)  # all float state in one tensor: the EMA update is then one lerp_ (utils/ema.py)
+    pack_state(model)  # state in two flat tensors: the EMA update is then one lerp_ and one copy_ (utils/ema.py)
     LOGGER.info(f"Model: {model.summary(opt.imgsz)}")
     if hyp["copy_paste"] > 0:
         LOGGER.warning("WARNING: copy_paste needs segment labels; with box labels it has no effect (as in YOLOv5)")

@@ -1,10 +1,13 @@
 """What one EMA update costs: ours, a per-tensor loop as YOLOv5 writes it, and a single flat
 lerp_ over the same number of floats (the memory-bandwidth floor), for yolov5n and yolov5s,
-with the model prepared as train.py prepares it (channels_last, pack_float_state), plus the update
+with the model prepared as train.py prepares it (channels_last, pack_state), plus the update
 as a share of one training step (an optimizer step of the default run:
 4 micro-batches of 16 images at 320 px, forward + loss + backward, then the optimizer).
 
-    python benchmarks/bench_ema.py [--repeats 200] [--step-repeats 3] [--imgsz 320] [--batch 16]
+    python benchmarks/bench_ema.py [--repeats 200] [--rounds 5] [--step-repeats 3] [--imgsz 320] [--batch 16]
+
+Memory bandwidth on a shared machine drifts between seconds, so the three are timed in turn,
+in several rounds; the table gives the median of the rounds and the range of ours / floor.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
 from utils.device import amp_dtype_for, autocast  # noqa: E402
-from utils.ema import ModelEMA, pack_float_state  # noqa: E402
+from utils.ema import ModelEMA, pack_state  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
 from utils.loss import DetectionLoss  # noqa: E402
 from utils.optim import accumulation_steps, build_optimizer  # noqa: E402
@@ -89,32 +92,38 @@ def training_step_seconds(model: torch.nn.Module, imgsz: int, batch: int, repeat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed EMA updates per method")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of interleaved medians")
     parser.add_argument("--step-repeats", type=int, default=3, help="timed training steps per model")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of {args.repeats} updates; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of {args.rounds} rounds "
+          f"of {args.repeats} updates each; "
           f"training step: {accumulation_steps(args.batch)} x {args.batch} images at {args.imgsz} px, "
           f"{'bf16 autocast' if dtype else 'fp32'}\n")
     print("| model   | floats averaged | ours (ms) | per-tensor loop (ms) | flat lerp floor (ms) | ours / floor "
-          "| training step (ms) | ours / step |")
+          "| ours / floor, range | training step (ms) | ours / step |")
     print("|---------|----------------:|----------:|---------------------:|---------------------:|-------------:"
-          "|-------------------:|------------:|")
+          "|--------------------:|-------------------:|------------:|")
     for cfg in ("yolov5n.yaml", "yolov5s.yaml"):
         torch.manual_seed(0)
         model = build_model(cfg, nc=80).to(memory_format=torch.channels_last)
-        pack_float_state(model)  # as train.py does
+        pack_state(model)  # as train.py does
         ema = ModelEMA(model, updates=10_000)  # d near its final value: the work does not depend on it
         decay = ema.current_decay()
         floats = sum(v.numel() for v in model.state_dict().values() if v.dtype.is_floating_point)
         flat_ema, flat_model = torch.rand(floats), torch.rand(floats)
-        ours, loop, floor = interleaved_medians([lambda: ema.update(model),  # noqa: B023 (called right here)
-                                                 lambda: per_tensor_update(ema.module, model, decay),  # noqa: B023
-                                                 lambda: flat_ema.lerp_(flat_model, 1 - decay)], args.repeats)  # noqa: B023
+        rounds = [interleaved_medians([lambda: ema.update(model),  # noqa: B023 (called right here)
+                                       lambda: per_tensor_update(ema.module, model, decay),  # noqa: B023
+                                       lambda: flat_ema.lerp_(flat_model, 1 - decay)], args.repeats)  # noqa: B023
+                  for _ in range(args.rounds)]
+        ours, loop, floor = (statistics.median(column) for column in zip(*rounds))
+        ratios = [round_ours / round_floor for round_ours, _, round_floor in rounds]
         step = training_step_seconds(model, args.imgsz, args.batch, args.step_repeats)
         print(f"| {cfg[:-5]:7s} | {floats:15,d} | {ours * 1e3:9.2f} | {loop * 1e3:20.2f} | {floor * 1e3:20.2f} "
-              f"| {ours / floor:11.2f}x | {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |")
+              f"| {statistics.median(ratios):11.2f}x | {min(ratios):8.2f}x - {max(ratios):.2f}x "
+              f"| {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |")
 
 
 if __name__ == "__main__":

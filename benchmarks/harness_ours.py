@@ -27,7 +27,7 @@ from utils.checkpoint import load_for_inference  # noqa: E402
 from utils.config_files import resolve_config_path  # noqa: E402
 from utils.data_config import load_dataset_config  # noqa: E402
 from utils.device import amp_dtype_for, autocast, describe_precision, to_model_input  # noqa: E402
-from utils.ema import ModelEMA, pack_float_state  # noqa: E402
+from utils.ema import ModelEMA, pack_state  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
 from utils.loss import DetectionLoss  # noqa: E402
 from utils.optim import (  # noqa: E402
@@ -81,7 +81,7 @@ def time_steps(args: argparse.Namespace) -> dict:
     model = DetectionModel(read_model_yaml(resolve_config_path(args.cfg, "models")), nc=data.nc)
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model.to(device, memory_format=memory_format)
-    pack_float_state(model)
+    pack_state(model)
     loader = build_train_loader(data, hyp, args.imgsz, args.batch, args.workers, seed=0, single_cls=False,
                                 cache=args.cache, pin_memory=False, report_path=None, epochs=1000)
     accumulate = accumulation_steps(args.batch)

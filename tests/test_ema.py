@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA, pack_float_state
+from utils.ema import ModelEMA, pack_state
 from utils.optim import optimizer_step
 
 
@@ -29,8 +29,12 @@ def perturb(model: nn.Module, seed: int) -> None:
 @pytest.mark.parametrize("packed", [False, True], ids=["foreach", "packed"])
 def test_update_matches_the_formula(packed):
     model = small_net()
-    if packed:  # as train.py prepares the model: the update is then one lerp_ over the flat state
-        assert pack_float_state(model) is not None
+    if packed:  # as train.py prepares the model: the update is then one lerp_ and one copy_
+        pack_state(model)
+        for is_float in (True, False):
+            storages = {v.untyped_storage().data_ptr() for v in model.state_dict().values()
+                        if v.dtype.is_floating_point == is_float}
+            assert len(storages) == 1
     ema = ModelEMA(model, decay=0.9999, tau=2000)
     expected = {k: v.clone().double() for k, v in model.state_dict().items()}
     for n in range(1, 6):
@@ -120,8 +124,8 @@ def test_finite_step_is_taken_and_averaged():
 
 
 def test_update_follows_replaced_buffers_and_refuses_another_architecture():
-    """Tensors are looked up afresh each update: a buffer replaced after the first update (as
-    .to() does) is the one averaged; a model whose state differs from the copy is refused."""
+    """An unpacked model's tensors are looked up afresh each update: a buffer replaced after the
+    first update is the one averaged; a model whose state differs from the copy is refused."""
     model = small_net()
     ema = ModelEMA(model, updates=10_000)
     ema.update(model)
@@ -131,3 +135,32 @@ def test_update_follows_replaced_buffers_and_refuses_another_architecture():
     assert torch.allclose(ema.module[1].running_mean, torch.zeros(4) * d + 7.0 * (1 - d), atol=1e-6)
     with pytest.raises(ValueError, match="keys differ"):
         ema.update(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_packed_model_converted_as_a_whole_is_followed():
+    """.to() replaces every tensor of a packed model: the next update averages the new ones."""
+    model = small_net()
+    pack_state(model)
+    ema = ModelEMA(model, updates=10_000)
+    ema.update(model)
+    model.to(torch.float64).to(torch.float32)  # new, unpacked tensors with the same values
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+    before = ema.module[0].weight.clone()
+    ema.update(model)
+    d = ema.current_decay()
+    torch.testing.assert_close(ema.module[0].weight, d * before + (1 - d) * 2.0)
+    ema.state_dict()  # nothing stale: no complaint
+
+
+def test_packed_tensor_replaced_on_its_own_is_refused_at_the_next_save():
+    """One tensor of a packed model replaced by assignment after the EMA paired with it would be
+    averaged from stale memory: state_dict() (every checkpoint) refuses, naming the tensor."""
+    model = small_net()
+    pack_state(model)
+    ema = ModelEMA(model)
+    ema.update(model)
+    model[1].running_var = torch.full((4,), 3.0)
+    ema.update(model)
+    with pytest.raises(RuntimeError, match=r"'1.running_var' of the model was replaced"):
+        ema.state_dict()

@@ -39,20 +39,20 @@ def _lookup(slot: Slot) -> torch.Tensor:
     return slot[0][slot[1]]
 
 
+def _pointers(slots: list[Slot]) -> list[int]:
+    return [owner[key].data_ptr() for owner, key in slots]
+
+
 def _packable(tensor: torch.Tensor) -> bool:
-    """Floating point and dense in a layout a flat segment can hold (contiguous or channels_last)."""
-    return tensor.dtype.is_floating_point and (
-        tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last)))
+    """Dense in a layout a flat segment can hold (contiguous or channels_last)."""
+    return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
 
 
-def pack_float_state(module: nn.Module) -> torch.Tensor | None:
-    """Move the module's float state_dict() entries into one flat tensor, in state_dict() order,
-    each entry becoming a view of its own segment with its own strides (Parameters keep their
-    identity, so optimizers are unaffected). Returns the flat tensor, or None when the entries
-    differ in dtype or device or one is not dense. The EMA then averages a packed model with
-    one lerp_ over one tensor: the memory-bandwidth floor (hundreds of small tensors otherwise
-    cost a kernel launch each)."""
-    slots = [slot for slot in state_slots(module) if _lookup(slot).dtype.is_floating_point]
+def _pack(slots: list[Slot]) -> torch.Tensor | None:
+    """Move the slots' tensors into one flat tensor, in order, each becoming a view of its own
+    segment with its own strides (Parameters keep their identity, so optimizers are unaffected).
+    Returns the flat tensor, or None when there are none, or they differ in dtype or device, or
+    one is not dense."""
     parts = [_lookup(slot) for slot in slots]
     if not parts or not all(_packable(t) for t in parts) or len({(t.dtype, t.device) for t in parts}) > 1:
         return None
@@ -70,6 +70,16 @@ def pack_float_state(module: nn.Module) -> torch.Tensor | None:
     return flat
 
 
+def pack_state(module: nn.Module) -> None:
+    """Put the module's floating-point state_dict() entries into one flat tensor, and the others
+    (integer buffers such as num_batches_tracked) into another. The EMA then updates a packed
+    model with one lerp_ and one copy_: the memory-bandwidth floor, where hundreds of small
+    tensors cost a kernel launch each. Entries that cannot be packed are left as they are."""
+    slots = state_slots(module)
+    for floating in (True, False):
+        _pack([slot for slot in slots if _lookup(slot).dtype.is_floating_point == floating])
+
+
 def packed_pointers(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[int]:
     """The data pointers `tensors` have while they are consecutive segments of `flat`."""
     pointers, pointer = [], flat.data_ptr()
@@ -80,11 +90,12 @@ def packed_pointers(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[int
 
 
 def find_packed(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The flat tensor that pack_float_state() made of `tensors`, if they still are its
-    consecutive segments; else None."""
+    """The flat tensor that pack_state() made of `tensors`, if they still are its consecutive
+    segments; else None."""
+    if not tensors or len({t.dtype for t in tensors}) > 1:
+        return None
     first, total = tensors[0], sum(t.numel() for t in tensors)
-    if (first.storage_offset() + total) * first.element_size() > first.untyped_storage().nbytes() or \
-            len({t.dtype for t in tensors}) > 1:
+    if (first.storage_offset() + total) * first.element_size() > first.untyped_storage().nbytes():
         return None
     flat = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (total,))
     return flat if [t.data_ptr() for t in tensors] == packed_pointers(flat, tensors) else None
@@ -103,22 +114,65 @@ class ModelEMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.tau, self.updates = decay, tau, updates
-        slots = state_slots(self.module)
-        tensors = [_lookup(slot) for slot in slots]
-        self._floats = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point]
-        self._others = [i for i, t in enumerate(tensors) if not t.dtype.is_floating_point]
-        self._ema_float_slots = [slots[i] for i in self._floats]
-        self._ema_other_slots = [slots[i] for i in self._others]
+        self._average_slots = state_slots(self.module)
+        self._is_float = [_lookup(slot).dtype.is_floating_point for slot in self._average_slots]
         self._pack_average()
         self._model_ref: weakref.ref | None = None
-        self._model_float_slots: list[Slot] = []
-        self._model_other_slots: list[Slot] = []
-        self._model_flat, self._model_pointers = None, []
+        self._model_slots: list[Slot] = []
+        self._model_pointers: list[int] = []
+        self._model_flats: tuple[torch.Tensor | None, ...] = (None, None)
+
+    def _by_kind(self, slots: list[Slot]) -> tuple[list[Slot], list[Slot]]:
+        """The floating-point entries (averaged) and the others (copied)."""
+        return [s for s, f in zip(slots, self._is_float) if f], [s for s, f in zip(slots, self._is_float) if not f]
 
     def _pack_average(self) -> None:
-        self._flat = pack_float_state(self.module)
-        floats = [owner[key] for owner, key in self._ema_float_slots]
-        self._pointers = packed_pointers(self._flat, floats) if self._flat is not None else []
+        self._average_flats = tuple(_pack(part) for part in self._by_kind(self._average_slots))
+        self._average_pointers = _pointers(self._average_slots)
+
+    def _follow(self, model: nn.Module) -> None:
+        """Find the model's tensors (once per model) and whether they are packed (once per change).
+
+        Per update this costs O(1): a conversion of a whole module (.to(), .half(), .float())
+        replaces its first tensor, which is checked here on both sides; a tensor replaced on its
+        own is found by _check_pairing() at the next state_dict(). Checking every data pointer
+        on every update would cost ~0.3 ms of cache misses on a CPU (~half the flat lerp_ of
+        yolov5s) and several times the update itself on a GPU."""
+        if self._model_ref is None or self._model_ref() is not model:
+            self._model_slots, self._model_ref = matching_slots(model, self.module), weakref.ref(model)
+            self._model_pointers = []
+        if self._average_slots and _lookup(self._average_slots[0]).data_ptr() != self._average_pointers[0]:
+            self._pack_average()
+        if self._model_slots and (not self._model_pointers or
+                                  _lookup(self._model_slots[0]).data_ptr() != self._model_pointers[0]):
+            self._model_flats = tuple(find_packed([_lookup(slot) for slot in part])
+                                      for part in self._by_kind(self._model_slots))
+            self._model_pointers = _pointers(self._model_slots)
+
+    def _check_pairing(self) -> None:
+        """Refuse to go on when a packed tensor was replaced on its own since the EMA paired with
+        it: the average has missed what happened to it since (a silent wrong result otherwise)."""
+        sides = [(self._average_slots, self._average_pointers, self._average_flats, "the average (ema.module)")]
+        if self._model_ref is not None and self._model_ref() is not None:
+            sides.append((self._model_slots, self._model_pointers, self._model_flats, "the model"))
+        for slots, pointers, flats, side in sides:
+            if any(flat is not None for flat in flats) and _pointers(slots) != pointers:
+                changed = next(i for i, (slot, pointer) in enumerate(zip(slots, pointers))
+                               if _lookup(slot).data_ptr() != pointer)
+                name = list(self.module.state_dict())[changed]
+                raise RuntimeError(
+                    f"ModelEMA: the tensor '{name}' of {side} was replaced after the EMA paired with it, so its "
+                    f"average is stale. Replace tensors before the first update, convert whole modules (.to()), "
+                    f"or change values in place (copy_, load_state_dict)")
+
+    def _paired(self, kind: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The average's tensors of one kind (0: floats, 1: the rest) and the model's: one flat
+        tensor each when both sides are packed alike."""
+        average_flat, model_flat = self._average_flats[kind], self._model_flats[kind]
+        if average_flat is not None and model_flat is not None and average_flat.dtype == model_flat.dtype:
+            return [average_flat], [model_flat]
+        average_slots, model_slots = self._by_kind(self._average_slots)[kind], self._by_kind(self._model_slots)[kind]
+        return [_lookup(slot) for slot in average_slots], [_lookup(slot) for slot in model_slots]
 
     def current_decay(self) -> float:
         """d for the current update count: decay * (1 - exp(-updates / tau))."""
@@ -127,31 +181,14 @@ class ModelEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold in the model's current weights; call once after each optimizer step."""
-        source = unwrap(model)
-        if self._model_ref is None or self._model_ref() is not source:  # a model's slots are found once
-            slots, self._model_ref = matching_slots(source, self.module), weakref.ref(source)
-            self._model_float_slots = [slots[i] for i in self._floats]
-            self._model_other_slots = [slots[i] for i in self._others]
-            self._model_flat, self._model_pointers = None, []
+        self._follow(unwrap(model))
         self.updates += 1
-        weight = 1.0 - self.current_decay()
-        # Tensors are read through their owners' dicts each time (microseconds, where state_dict()
-        # costs ~0.5 ms) and packing is re-checked by data pointer, so a tensor replaced by .to(),
-        # SyncBatchNorm or an assignment is what gets averaged, never a stale one.
-        if self._flat is not None and [o[k].data_ptr() for o, k in self._ema_float_slots] != self._pointers:
-            self._pack_average()
-        pointers = [o[k].data_ptr() for o, k in self._model_float_slots]
-        if pointers != self._model_pointers:  # first update, or a tensor was replaced: is the model packed?
-            self._model_flat, self._model_pointers = find_packed([o[k] for o, k in self._model_float_slots]), pointers
-        # ema += (model - ema) * (1 - d): one kernel when both sides are packed alike (train.py packs the model)
-        if self._flat is not None and self._model_flat is not None and self._model_flat.dtype == self._flat.dtype:
-            self._flat.lerp_(self._model_flat, weight)
-        else:
-            torch._foreach_lerp_([o[k] for o, k in self._ema_float_slots], [o[k] for o, k in self._model_float_slots],
-                                 weight)
-        if self._others:  # integer buffers (num_batches_tracked) are copied
-            torch._foreach_copy_([owner[key] for owner, key in self._ema_other_slots],
-                                 [owner[key] for owner, key in self._model_other_slots])
+        averaged, current = self._paired(0)
+        if averaged:  # ema += (model - ema) * (1 - d)
+            torch._foreach_lerp_(averaged, current, 1.0 - self.current_decay())
+        copies, sources = self._paired(1)
+        if copies:  # integer buffers (num_batches_tracked) are copied
+            torch._foreach_copy_(copies, sources)
 
     def copy_attributes(self, model: nn.Module) -> None:
         """Give the average the model's yaml, nc, hyp, names and stride (before validating or saving)."""
@@ -162,6 +199,7 @@ class ModelEMA:
 
     def state_dict(self) -> dict:
         """The averaged weights, the update count and the decay settings."""
+        self._check_pairing()
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
