@@ -3,6 +3,7 @@
     python train.py                                   # yolov5n on the embedded shapes dataset
     python train.py --data coco.yaml --cfg yolov5s.yaml --imgsz 640 --epochs 300
     python train.py --resume [runs/train/exp/weights/last.pt]
+    torchrun --nproc_per_node 2 train.py --batch-size 64 --sync-bn   # DDP; --batch-size is the global batch
 
 Each epoch validates the EMA weights, appends a row to results.csv and writes
 weights/last.pt (and best.pt) holding everything needed to resume exactly.
@@ -11,6 +12,7 @@ weights/last.pt (and best.pt) holding everything needed to resume exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.parse import read_model_yaml
@@ -32,6 +35,7 @@ from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
+from utils.dist import World, close_process_group, init_process_group, local_main_first, world_from_env
 from utils.ema import ModelEMA, pack_state
 from utils.errors import TrainingStopped, UserError, run_cli
 from utils.hyp import load_hyp
@@ -42,6 +46,7 @@ from utils.optim import (AUTO_SGD_MIN_STEPS, NOMINAL_BATCH_SIZE, OPTIMIZERS, Buf
                          accumulation_steps, build_optimizer, optimizer_step, resolve_auto_optimizer)
 from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
 from utils.plots import plot_image_batch, plot_labels, plot_results
+from utils.sync_bn import convert_sync_batchnorm
 from val import build_val_loader, evaluate, results_table, save_validation_plots
 
 DEFAULT_CFG = "yolov5n.yaml"
@@ -93,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/shapes.yaml", help="dataset YAML (shapes.yaml is generated on first use)")
     p.add_argument("--hyp", default="hyp/scratch-low.yaml", help="hyperparameter YAML")
     p.add_argument("--epochs", type=int, default=30, help="total training epochs")
-    p.add_argument("--batch-size", type=int, default=16, help="images per micro-batch (gradients accumulate to 64)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per micro-batch, over all ranks under torchrun (gradients accumulate to 64)")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (pixels)")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="resume the newest run under --project, or the given last.pt")
@@ -103,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache decoded train images in RAM; auto: when they take under 10%% of the available memory")
     p.add_argument("--device", default=None, help="cuda device, i.e. 0, or cpu (default: CUDA if available)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks' batches")
     p.add_argument("--optimizer", default="auto", choices=OPTIMIZERS,
                    help="auto: AdamW (lr0 0.003) for runs under 10,000 optimizer steps, else SGD with the hyp's lr0")
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
@@ -127,9 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("distributed training (torchrun) is not supported yet: run one process per machine")
+    world = world_from_env()
+    setup_logging(world.rank)
+    code = run(args, parser, world)
+    close_process_group()  # not after an exception: torchrun then ends the other ranks' processes
+    return code
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, world: World) -> int:
+    """Check the options, data and model, prepare the run folder, then train (under torchrun:
+    in every process, each of which finds the same options, data and checkpoint)."""
     if args.resume:
         checkpoint_path = Path(args.resume) if isinstance(args.resume, str) else newest_last_checkpoint(Path(args.project))
         checkpoint = load_checkpoint(checkpoint_path)
@@ -143,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         opt.device = "" if opt.device is None else opt.device
         opt.workers = 8 if opt.workers is None else opt.workers
         hyp = load_hyp(opt.hyp)
-    check_options(opt)
+    check_options(opt, world)
+    device = select_device(opt.device)
+    init_process_group(world, device)
     if opt.deterministic:
         use_deterministic_algorithms()
     seed_everything(opt.seed)  # before the model exists: its initial weights come from this seed
-    data = load_dataset_config(opt.data)
+    with local_main_first(world):  # the embedded dataset is generated once per machine
+        data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, checkpoint)
     opt.imgsz = round_image_size(opt.imgsz, int(model.stride.max()))  # decided here, before opt.yaml is written
     if checkpoint is None:
@@ -158,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         position = checkpoint["loop"]
         LOGGER.info(f"Resuming {run_dir} at epoch {position['epoch']} of {opt.epochs}"
                     + (f", batch {position['batch']}" if position["batch"] else ""))
-    else:
+    elif world.is_main:
         run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
         (run_dir / "opt.yaml").write_text(yaml.safe_dump(vars(opt), sort_keys=False))
         (run_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+    run_dir = world.from_main(run_dir if world.is_main else None)  # only rank 0 writes in it
     try:
-        train(opt, hyp, data, model, run_dir, checkpoint)
+        train(opt, hyp, data, model, run_dir, checkpoint, world, device)
     except KeyboardInterrupt:
         last = run_dir / "weights" / "last.pt"
         LOGGER.info(f"\nInterrupted. Continue with: python train.py --resume {last}" if last.exists()
@@ -199,9 +217,14 @@ def choose_optimizer(opt: argparse.Namespace, hyp: dict, data: DatasetConfig) ->
     return name, hyp
 
 
-def check_options(opt: argparse.Namespace) -> None:
+def check_options(opt: argparse.Namespace, world: World) -> None:
     if opt.epochs < 1 or opt.batch_size < 1 or opt.imgsz < 32:
         raise UserError("--epochs and --batch-size must be at least 1, --imgsz at least 32")
+    if opt.batch_size % world.size:
+        raise UserError(f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
+                        f"{world.size} processes (each takes an equal share)")
+    if opt.sync_bn and not world.distributed:
+        LOGGER.warning("WARNING: --sync-bn only acts under torchrun with several processes; ignored")
     if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
         raise UserError("--workers, --patience and --save-interval must not be negative, --max-bad-steps at least 1")
     if any(f < 0 for f in opt.freeze):
@@ -260,31 +283,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def last_checkpoint_name(writer: CheckpointWriter | None) -> str:
+    """The run's last.pt for messages, as far as this rank knows (rank 0 writes it)."""
+    if writer is None:
+        return "see rank 0's message"
+    return str(writer.last_path) if writer.last_path.exists() else "none yet"
+
+
 def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
                        single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
-                       epochs: int) -> torch.utils.data.DataLoader:
+                       epochs: int, world: World = World()) -> torch.utils.data.DataLoader:
     """The augmenting training loader over the verified train split (mosaic closed for the last
-    hyp['close_mosaic'] of `epochs`); problem files go to report_path."""
-    scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
+    hyp['close_mosaic'] of `epochs`); problem files go to report_path. Under torchrun it yields
+    this rank's batch_size / world.size images of each global batch."""
+    with local_main_first(world):  # one process per machine writes the label cache, the others read it
+        scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
     dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
                                mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
-    if cache == "ram":
-        dataset.cache_images_in_ram(max_share=0.7)
+    if cache == "ram":  # every process of the machine holds its own copy
+        dataset.cache_images_in_ram(max_share=0.7 / world.local_size)
     elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
-        dataset.cache_images_in_ram(max_share=0.1, quiet=True)
-    return build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed, pin_memory=pin_memory)
+        dataset.cache_images_in_ram(max_share=0.1 / world.local_size, quiet=True)
+    return build_dataloader(dataset, batch_size // world.size, workers, shuffle=True, seed=seed,
+                            pin_memory=pin_memory, rank=world.rank, world_size=world.size,
+                            processes_per_machine=world.local_size)
 
 
 def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: DetectionModel, run_dir: Path,
-          checkpoint: dict | None) -> None:
-    """The training loop: epochs of accumulated AMP steps with an EMA, validated and checkpointed."""
-    device = select_device(opt.device)
+          checkpoint: dict | None, world: World, device: torch.device) -> None:
+    """The training loop: epochs of accumulated AMP steps with an EMA, validated and checkpointed.
+
+    Under torchrun every rank runs it on its share of each global batch, through
+    DistributedDataParallel; rank 0 alone keeps the EMA, validates, logs, plots and writes
+    checkpoints while the others wait for its verdict on early stopping."""
     amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
     weights_dir = run_dir / "weights"
-    weights_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        weights_dir.mkdir(parents=True, exist_ok=True)
     names = ["item"] if opt.single_cls else list(data.names)
     model.names, model.hyp = names, hyp
     model.to(device, memory_format=torch.channels_last)
+    if opt.sync_bn and world.distributed:
+        model = convert_sync_batchnorm(model, device)
     pack_state(model)  # state in two flat tensors: the EMA update is then one lerp_ and one copy_ (utils/ema.py)
     LOGGER.info(f"Model: {model.summary(opt.imgsz)}")
     if hyp["copy_paste"] > 0:
@@ -292,15 +332,16 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
 
     # Data
     pin_memory = device.type == "cuda"
-    report_path = run_dir / "data_report.txt"  # every skipped or repaired file, rewritten at each start
-    report_path.unlink(missing_ok=True)
+    report_path = run_dir / "data_report.txt" if world.is_main else None  # every skipped or repaired file
+    if report_path is not None:
+        report_path.unlink(missing_ok=True)  # rewritten at each start
     train_loader = build_train_loader(data, hyp, opt.imgsz, opt.batch_size, opt.workers, opt.seed, opt.single_cls,
-                                      opt.cache or "auto", pin_memory, report_path, opt.epochs)
-    val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
+                                      opt.cache or "auto", pin_memory, report_path, opt.epochs, world)
+    val_loader = build_val_loader(data.val, data.nc, opt.imgsz, opt.batch_size // world.size * 2, opt.workers, hyp,
                                   int(model.stride.max()), single_cls=opt.single_cls, pin_memory=pin_memory,
-                                  report_path=report_path)
+                                  report_path=report_path) if world.is_main else None
     batches_per_epoch = len(train_loader)
-    plots = not opt.no_plots
+    plots = not opt.no_plots and world.is_main
     if plots and checkpoint is None:
         plot_labels(np.concatenate(train_loader.dataset.labels), names, run_dir / "labels.jpg")
 
@@ -310,12 +351,19 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / NOMINAL_BATCH_SIZE
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
-    criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
+    # The EMA lives on rank 0 alone, which validates and saves it. Parameters are equal on all ranks
+    # after every step (DDP averages the gradients); BatchNorm statistics are equal with --sync-bn,
+    # and without it rank 0's are the ones DDP broadcasts to every rank before each forward
+    # (broadcast_buffers). Averaging rank 0's model is therefore averaging the model every rank
+    # runs, with no collective and no copy of the EMA on the other ranks.
+    ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"]) if world.is_main else None
+    criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world)
+    val_criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
     loop = LoopState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(ema_state(checkpoint))
+        if ema is not None:
+            ema.load_state_dict(ema_state(checkpoint))
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -323,18 +371,26 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         loop = LoopState.from_state_dict(checkpoint["loop"])
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
     planned_steps = (opt.epochs - loop.epoch) * math.ceil(batches_per_epoch / accumulate)  # warmup adds a few
-    final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
-    LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more optimizer "
-                f"steps are planned, ending near d={final_decay:.3g}"
-                + (" (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
-                   "file to average more)" if final_decay < 0.5 else ""))
-    logger = RunLogger(run_dir, loop.epoch)
-    LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size} x {accumulate} accumulated, "
-                f"{batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
-                f"Logging to {run_dir}; training for {opt.epochs} epochs...")
+    if ema is not None:
+        final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
+        LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
+                    f"optimizer steps are planned, ending near d={final_decay:.3g}"
+                    + (" (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
+                       "file to average more)" if final_decay < 0.5 else ""))
+    logger = RunLogger(run_dir, loop.epoch) if world.is_main else None
+    ranks = (f" over {world.size} processes ({opt.batch_size // world.size} each"
+             f"{', SyncBatchNorm' if opt.sync_bn else ''})" if world.distributed else "")
+    if world.is_main:
+        LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size}{ranks} x {accumulate} "
+                    f"accumulated, {batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
+                    f"Logging to {run_dir}; training for {opt.epochs} epochs...")
 
-    writer = CheckpointWriter(weights_dir, opt.save_interval)
+    writer = CheckpointWriter(weights_dir, opt.save_interval) if world.is_main else None
     buffers = BufferSnapshot(model)
+    # Forward passes go through DDP, which averages the gradients over the ranks in backward; the
+    # optimizer, EMA, clipping and checkpoints use the bare model, whose tensors DDP shares.
+    forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else model
 
     def checkpoint_now(finished: bool = False) -> dict:
         return make_checkpoint(loop=loop.state_dict(), finished=finished, model=model, ema=ema, optimizer=optimizer,
@@ -343,32 +399,40 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     started, first_epoch = time.time(), loop.epoch
     while loop.epoch < opt.epochs:
         epoch = loop.epoch
-        model.train()
+        forward_model.train()
         if hyp["close_mosaic"] and epoch == opt.epochs - hyp["close_mosaic"]:
             LOGGER.info(f"Closing mosaic (and mixup) for the last {int(hyp['close_mosaic'])} epochs")
-        train_loader.sampler.set_epoch(epoch, skip=loop.batch * opt.batch_size)  # a resume may start mid-epoch
+        # A resume may start mid-epoch: each rank skips its share of the global batches already taken.
+        train_loader.sampler.set_epoch(epoch, skip=loop.batch * train_loader.batch_size)
         loop.loss_sum = loop.loss_sum.to(device)
         optimizer.zero_grad(set_to_none=True)
         bad_window = False  # a micro-batch of the current window had a non-finite loss
         bar = tqdm(train_loader, initial=loop.batch, total=batches_per_epoch, bar_format="{l_bar}{bar:10}{r_bar}",
-                   disable=not interactive())
+                   disable=not interactive() or not world.is_main)
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
         for i, batch in enumerate(bar, start=loop.batch):
             step = i + batches_per_epoch * epoch  # micro-batches since the start of training
+            # Step once the window is full; the last window of an epoch steps with what it has.
+            window_full = loop.window + 1 >= schedule.accumulate(step) or i + 1 == batches_per_epoch
             images = to_model_input(batch.images, device)
             buffers.take()
-            with autocast(device, amp_dtype):
-                raw = model(images)
-            loss, loss_items = criterion(raw, batch.targets)
-            if torch.isfinite(loss):
-                scaler.scale(loss).backward()
-                loop.loss_sum += loss_items
-            else:  # no backward; undo this forward's BatchNorm statistics; the window's step is skipped
-                buffers.restore()
-                bad_window = True
+            # Under DDP, gradients are averaged over the ranks only in the window's last backward.
+            with forward_model.no_sync() if world.distributed and not window_full else contextlib.nullcontext():
+                with autocast(device, amp_dtype):
+                    raw = forward_model(images)
+                loss, loss_items = criterion(raw, batch.targets)
+                # The loss items summed over the ranks, and on how many ranks the loss is not finite.
+                summed = world.sum(torch.cat((loss_items, (~torch.isfinite(loss)).float().reshape(1))))
+                if summed[3] == 0:
+                    scaler.scale(loss).backward()
+                    loop.loss_sum += summed[:3]
+                else:  # undo this forward's BatchNorm statistics; the window's step is skipped on every rank
+                    buffers.restore()
+                    bad_window = True
+                    if world.distributed:  # DDP's backward is collective: every rank takes part; grads are dropped
+                        scaler.scale(loss).backward()
             loop.window += 1
-            # Step once the window is full; the last window of an epoch steps with what it has.
-            if loop.window >= schedule.accumulate(step) or i + 1 == batches_per_epoch:
+            if window_full:
                 if bad_window:
                     optimizer.zero_grad(set_to_none=True)
                     stepped = False
@@ -381,9 +445,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
                     raise TrainingStopped(
                         f"{loop.bad_streak} optimizer steps in a row had a non-finite loss or gradient, so training "
                         f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
-                        f"{writer.last_path if writer.last_path.exists() else 'none yet'}. Try a lower lr0, --no-amp, "
+                        f"{last_checkpoint_name(writer)}. Try a lower lr0, --no-amp, "
                         f"or check the data (see data_report.txt)")
-                if writer.due() and i + 1 < batches_per_epoch:
+                if writer is not None and writer.due() and i + 1 < batches_per_epoch:
                     loop.batch = i + 1
                     writer.write(checkpoint_now())
             if plots and step < 3:  # the first batches exactly as the model saw them
@@ -394,45 +458,49 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
                                                      len(batch.targets), images.shape[-1])
             bar.set_description(progress)
         bar.close()
-        if not interactive():
+        if not interactive() and world.is_main:
             LOGGER.info(progress)
         if loop.skipped_steps:
             LOGGER.warning(f"WARNING: {loop.skipped_steps} optimizer step(s) of this epoch skipped for a non-finite "
                            "loss or gradient; the EMA did not move on those")
 
-        # Validate what we ship: the EMA, carrying the model's attributes.
-        ema.copy_attributes(model)
         final_epoch = epoch + 1 == opt.epochs
-        row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
-        if not opt.noval or final_epoch:
-            result = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, loss_fn=criterion)
-            metrics = result.metrics
-            LOGGER.info(results_table(result, names))
-            row.update({"metrics/precision": metrics.precision, "metrics/recall": metrics.recall,
-                        "metrics/mAP_0.5": metrics.map50, "metrics/mAP_0.5:0.95": metrics.map50_95,
-                        **{f"val/{n}": v for n, v in zip(LOSS_NAMES, result.loss.tolist())}})
-            fitness = metrics.fitness
-        else:
-            row.update({k: 0.0 for k in ("metrics/precision", "metrics/recall", "metrics/mAP_0.5",
-                                         "metrics/mAP_0.5:0.95", *(f"val/{n}" for n in LOSS_NAMES))})
-            fitness = 0.0
-        row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
-        row["ema/updates"] = ema.updates
-        is_best = fitness >= loop.best_fitness
-        if is_best:
-            loop.best_fitness, loop.best_epoch = fitness, epoch
-        logger.log_epoch(epoch, row)
+        stop_early = False
+        if world.is_main:  # the other ranks wait for its verdict on early stopping, below
+            # Validate what we ship: the EMA, carrying the model's attributes.
+            ema.copy_attributes(model)
+            row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
+            if not opt.noval or final_epoch:
+                result = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, loss_fn=val_criterion)
+                metrics = result.metrics
+                LOGGER.info(results_table(result, names))
+                row.update({"metrics/precision": metrics.precision, "metrics/recall": metrics.recall,
+                            "metrics/mAP_0.5": metrics.map50, "metrics/mAP_0.5:0.95": metrics.map50_95,
+                            **{f"val/{n}": v for n, v in zip(LOSS_NAMES, result.loss.tolist())}})
+                fitness = metrics.fitness
+            else:
+                row.update({k: 0.0 for k in ("metrics/precision", "metrics/recall", "metrics/mAP_0.5",
+                                             "metrics/mAP_0.5:0.95", *(f"val/{n}" for n in LOSS_NAMES))})
+                fitness = 0.0
+            row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
+            row["ema/updates"] = ema.updates
+            is_best = fitness >= loop.best_fitness
+            if is_best:
+                loop.best_fitness, loop.best_epoch = fitness, epoch
+            logger.log_epoch(epoch, row)
+            stop_early = epoch - loop.best_epoch >= patience and not final_epoch
 
-        stop_early = epoch - loop.best_epoch >= patience and not final_epoch
         loop.start_next_epoch()
-        if not opt.nosave or final_epoch or stop_early:
+        if world.is_main and (not opt.nosave or final_epoch or stop_early):
             save_copy = opt.save_period > 0 and epoch % opt.save_period == 0
             writer.write(checkpoint_now(finished=final_epoch or stop_early), best=is_best,
                          copy_name=f"epoch{epoch}.pt" if save_copy else None)
-        if stop_early:
+        if world.from_main(stop_early):
             LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
             break
 
+    if not world.is_main:
+        return
     logger.close()
     LOGGER.info(f"\n{loop.epoch - first_epoch} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
     if plots:

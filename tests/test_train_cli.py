@@ -29,7 +29,7 @@ def test_resume_needs_a_checkpoint(tmp_path):
         train.main(["--resume", "--project", str(tmp_path)])
 
 
-def test_torchrun_is_refused_clearly(monkeypatch, tiny_dataset):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="distributed training"):
-        train.main(["--data", str(tiny_dataset)])
+def test_global_batch_must_split_evenly_over_torchrun_processes(monkeypatch, tiny_dataset):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
+    with pytest.raises(UserError, match="--batch-size 3 is the global batch: it must be a multiple of the 2"):
+        train.main(["--data", str(tiny_dataset), "--batch-size", "3"])

@@ -234,10 +234,13 @@ def _init_worker(_: int) -> None:
 
 
 def build_dataloader(dataset: DetectionDataset, batch_size: int, workers: int, shuffle: bool,
-                     seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """DataLoader over `dataset` with an EpochSampler; call loader.sampler.set_epoch(e) every epoch."""
-    workers = min(workers, os.cpu_count() or 1, batch_size if batch_size > 1 else 0)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
+                     seed: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1,
+                     processes_per_machine: int = 1) -> DataLoader:
+    """DataLoader over `dataset` (this rank's share of it) with an EpochSampler; call
+    loader.sampler.set_epoch(e) every epoch. The machine's cores are shared by its processes."""
+    cores = max((os.cpu_count() or 1) // processes_per_machine, 1)
+    workers = min(workers, cores, batch_size if batch_size > 1 else 0)
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_init_worker)
 

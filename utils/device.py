@@ -12,12 +12,19 @@ from utils.errors import UserError
 
 
 def select_device(spec: str | None) -> torch.device:
-    """'' or None: CUDA 0 if available else CPU; 'cpu'; '0' / 'cuda:0'. Several ids ('0,1') need torchrun."""
+    """'' or None: CUDA (the local rank's GPU under torchrun) if available, else CPU; 'cpu'; '0' /
+    'cuda:0'. Several ids ('0,1') need torchrun, whose local rank picks one of them."""
     spec = (spec or "").strip().lower().replace("cuda:", "")
     if spec == "cpu":
         return torch.device("cpu")
-    if spec == "":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "":  # under torchrun each process takes the GPU of its local rank
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} present): "
+                            f"launch at most {torch.cuda.device_count()} processes per machine, or use --device cpu")
+        return torch.device("cuda", local_rank)
     ids = spec.split(",")
     if not all(i.isdigit() for i in ids):
         raise UserError(f"--device {spec!r} is not 'cpu', a CUDA id like '0', or a list like '0,1'")
@@ -25,7 +32,10 @@ def select_device(spec: str | None) -> torch.device:
         raise UserError(f"--device {spec} asks for CUDA, but no CUDA device is available here (use --device cpu)")
     if len(ids) > 1 and int(os.environ.get("LOCAL_RANK", -1)) < 0:
         raise UserError(f"--device {spec} names several GPUs: launch with torchrun --nproc_per_node {len(ids)}")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank, processes = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if processes > 1 and len(ids) != processes:
+        raise UserError(f"--device {spec}: torchrun started {processes} processes on this machine; give one GPU id "
+                        f"each (e.g. --device {','.join(map(str, range(processes)))}) or leave --device out")
     index = int(ids[local_rank] if len(ids) > 1 else ids[0])
     if index >= torch.cuda.device_count():
         raise UserError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) present")

@@ -7,6 +7,7 @@ from torch import nn
 
 from models.head import Detect
 from utils.boxes import complete_iou
+from utils.dist import World
 
 # Objectness weight per level, small strides first (YOLOv5's values for 3 and 5 levels).
 LEVEL_BALANCE = {3: [4.0, 1.0, 0.4]}
@@ -15,7 +16,8 @@ NEIGHBOUR_MARGIN = 0.5  # a target also claims the adjacent cells its centre is 
 
 
 class FocalBCE(nn.Module):
-    """Focal loss around BCE-with-logits (used when the hyp's fl_gamma > 0)."""
+    """Focal loss around BCE-with-logits (used when the hyp's fl_gamma > 0), summed like the
+    BCE it replaces (DetectionLoss divides the sums by counts over all ranks)."""
 
     def __init__(self, bce: nn.BCEWithLogitsLoss, gamma: float, alpha: float = 0.25):
         super().__init__()
@@ -27,7 +29,7 @@ class FocalBCE(nn.Module):
         prob = logits.sigmoid()
         p_t = target * prob + (1 - target) * (1 - prob)
         alpha = target * self.alpha + (1 - target) * (1 - self.alpha)
-        return (loss * alpha * (1.0 - p_t) ** self.gamma).mean()
+        return (loss * alpha * (1.0 - p_t) ** self.gamma).sum()
 
 
 class DetectionLoss:
@@ -35,51 +37,68 @@ class DetectionLoss:
 
     Gains follow YOLOv5: box x 3/nl, cls x nc/80 x 3/nl, obj x (img_size/640)^2 x 3/nl.
     Returns (total loss x batch size, detached [box, obj, cls]).
+
+    Under DistributedDataParallel (`world` of several ranks) the means are over the global batch:
+    each rank divides its sums by the positives, cells and images counted on all ranks, and the
+    total is multiplied by the world size, which DDP's gradient averaging divides out again. N
+    ranks then compute the gradient of one process with the same global batch, and the [box,
+    obj, cls] items are this rank's shares, whose sum over the ranks is the global loss.
     """
 
-    def __init__(self, head: Detect, hyp: dict, img_size: int, label_smoothing: float = 0.0):
+    def __init__(self, head: Detect, hyp: dict, img_size: int, label_smoothing: float = 0.0,
+                 world: World | None = None):
         nl, nc = head.nl, head.nc
         device = head.anchors.device
         self.box_gain = hyp["box"] * 3 / nl
         self.cls_gain = hyp["cls"] * nc / 80 * 3 / nl
         self.obj_gain = hyp["obj"] * (img_size / 640) ** 2 * 3 / nl
         self.anchor_t = hyp["anchor_t"]
-        self.bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["cls_pw"]], device=device))
-        self.bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["obj_pw"]], device=device))
+        self.bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["cls_pw"]], device=device), reduction="sum")
+        self.bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["obj_pw"]], device=device), reduction="sum")
         if hyp["fl_gamma"] > 0:
             self.bce_cls, self.bce_obj = FocalBCE(self.bce_cls, hyp["fl_gamma"]), FocalBCE(self.bce_obj, hyp["fl_gamma"])
         self.positive, self.negative = 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing
         self.balance = LEVEL_BALANCE.get(nl, LEVEL_BALANCE_DEFAULT)
         self.head = head
         self.nc, self.nl, self.na = nc, nl, head.na
+        self.world = world or World()
 
     def __call__(self, raw: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = [p.float() for p in raw]  # the loss runs in float32 whatever the autocast dtype
+        raw = [p.to(torch.promote_types(p.dtype, torch.float32)) for p in raw]  # float32 under any autocast
         device = raw[0].device
-        loss_box, loss_obj, loss_cls = (torch.zeros(1, device=device) for _ in range(3))
+        box_sums, obj_sums, cls_sums, positives, cells = [], [], [], [], []
         assigned = self.assign_targets(raw, targets.to(device))
         for level, (pred, (image, anchor, gy, gx, box, cls, anchor_wh)) in enumerate(zip(raw, assigned)):
             target_obj = torch.zeros(pred.shape[:4], dtype=pred.dtype, device=device)
+            box_sum = cls_sum = torch.zeros((), dtype=pred.dtype, device=device)
             if len(image):
                 p_xy, p_wh, _, p_cls = pred[image, anchor, gy, gx].split((2, 2, 1, self.nc), dim=1)
                 p_xy = p_xy.sigmoid() * 2 - 0.5
                 p_wh = (p_wh.sigmoid() * 2) ** 2 * anchor_wh
                 p_box = torch.cat((p_xy, p_wh), dim=1)
                 ciou = complete_iou(p_box, box)
-                loss_box += (1.0 - ciou).mean()
+                box_sum = (1.0 - ciou).sum()
                 ciou = ciou.detach().clamp(0)
                 target_obj[image, anchor, gy, gx] = ciou  # objectness target: how well the box fits
                 if self.nc > 1:
                     target_cls = torch.full_like(p_cls, self.negative)
                     target_cls[torch.arange(len(cls), device=device), cls] = self.positive
-                    loss_cls += self.bce_cls(p_cls, target_cls)
-            loss_obj += self.bce_obj(pred[..., 4], target_obj) * self.balance[level]
+                    cls_sum = self.bce_cls(p_cls, target_cls)
+            box_sums.append(box_sum)
+            cls_sums.append(cls_sum)
+            obj_sums.append(self.bce_obj(pred[..., 4], target_obj) * self.balance[level])
+            positives.append(len(image))
+            cells.append(target_obj.numel())
 
-        loss_box *= self.box_gain
-        loss_obj *= self.obj_gain
-        loss_cls *= self.cls_gain
-        batch_size = raw[0].shape[0]
-        return (loss_box + loss_obj + loss_cls) * batch_size, torch.cat((loss_box, loss_obj, loss_cls)).detach()
+        # Means over the global batch: counts summed over the ranks (unchanged in one process).
+        counts = self.world.sum(torch.tensor([*positives, *cells, raw[0].shape[0]], dtype=torch.float64, device=device))
+        positives_all, cells_all, images_all = counts[:self.nl].clamp(min=1), counts[self.nl:-1], counts[-1]
+        dtype = raw[0].dtype
+        loss_box = (torch.stack(box_sums) / positives_all).sum().to(dtype).reshape(1) * self.box_gain
+        loss_obj = (torch.stack(obj_sums) / cells_all).sum().to(dtype).reshape(1) * self.obj_gain
+        loss_cls = (torch.stack(cls_sums) / (positives_all * self.nc)).sum().to(dtype).reshape(1) * self.cls_gain
+        scale = images_all.to(dtype) * self.world.size  # DDP averages gradients over the ranks
+        return (loss_box + loss_obj + loss_cls) * scale, torch.cat((loss_box, loss_obj, loss_cls)).detach()
 
     def assign_targets(self, raw: list[torch.Tensor], targets: torch.Tensor) -> list[tuple]:
         """Per level: (image, anchor, grid y, grid x) indices of positives, their boxes (cx, cy

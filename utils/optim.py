@@ -108,9 +108,9 @@ class TrainSchedule:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
-                   ema: ModelEMA, max_grad_norm: float = 10.0) -> bool:
+                   ema: ModelEMA | None, max_grad_norm: float = 10.0) -> bool:
     """One optimizer step: unscale, clip to max_grad_norm, step, fold the new weights into the
-    EMA, zero the grads. Returns False when the step was skipped because a gradient was inf/NaN
+    EMA (None on ranks other than 0 under DDP), zero the grads. Returns False when the step was skipped because a gradient was inf/NaN
     (the GradScaler's verdict under fp16, the gradient norm otherwise): then neither the
     weights nor the EMA nor its counter move."""
     scaler.unscale_(optimizer)
@@ -124,7 +124,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
         stepped = bool(torch.isfinite(grad_norm))
         if stepped:
             optimizer.step()
-    if stepped:
+    if stepped and ema is not None:
         ema.update(model)
     optimizer.zero_grad(set_to_none=True)
     return stepped

@@ -1,0 +1,284 @@
+"""torchrun / DDP on CPU (gloo): SyncBatchNorm and the loss's global means in two processes give
+one process's numbers for the same global batch; end to end, two processes train, resume and
+evaluate as one does."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from models.parse import read_model_yaml
+from models.yolo import DetectionModel
+from tests.conftest import REPO_ROOT, run_script
+from utils.config_files import resolve_config_path
+from utils.dist import World
+from utils.hyp import load_hyp
+from utils.loss import DetectionLoss
+from utils.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_two_processes(fn, *args) -> None:
+    """Run fn(rank, world_size, *args) in two gloo processes; a failed assertion fails the test."""
+    port = free_port()
+    mp.start_processes(_join_and_run, args=(port, fn, args), nprocs=2, join=True, start_method="spawn")
+
+
+def _join_and_run(rank: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        fn(rank, 2, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_bn_matches_full_batch(rank: int, world_size: int, momentum) -> None:
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=momentum), nn.SiLU())
+    synced = convert_sync_batchnorm(copy.deepcopy(reference), torch.device("cpu"))
+    assert isinstance(synced[1], CPUSyncBatchNorm)
+    x = torch.randn(6, 3, 9, 7, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    weights = torch.randn(6, 4, 7, 5, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # twice: running statistics move twice
+        expected = reference(x)
+        (expected * weights).sum().backward()
+        share = slice(rank * 3, rank * 3 + 3)  # the first three images on rank 0, the last three on rank 1
+        out = synced(x[share])
+        torch.testing.assert_close(out, expected[share].detach(), rtol=1e-5, atol=1e-5)
+        (out * weights[share]).sum().backward()
+    for p in synced.parameters():  # a rank's gradient is its share; their sum is the full-batch gradient
+        dist.all_reduce(p.grad)
+    for (name, a), b in zip(reference.named_parameters(), synced.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(synced[1], name), getattr(reference[1], name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.03, None], ids=["momentum", "cumulative"])
+def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(momentum):
+    """Outputs, parameter gradients and running statistics of a batch split over two ranks equal
+    BatchNorm2d's over the whole batch in one process."""
+    in_two_processes(_sync_bn_matches_full_batch, momentum)
+
+
+def _loss_gradient_matches_one_process(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=3).train()
+    for module in model.modules():  # BatchNorm with fixed statistics: the batch split alone differs
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    hyp = load_hyp("scratch-low.yaml")
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [0, 1, 0.2, 0.3, 0.1, 0.1], [1, 2, 0.6, 0.6, 0.5, 0.2],
+                            [3, 1, 0.4, 0.7, 0.2, 0.3], [3, 0, 0.7, 0.2, 0.25, 0.2], [3, 2, 0.5, 0.5, 0.9, 0.8]])
+    single_loss, single_items = DetectionLoss(model.detect_head, hyp, 64)(model(images), targets)
+    single_loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    world = World(rank=rank, size=world_size, local_rank=rank, local_size=world_size)
+    mine = slice(rank * 2, rank * 2 + 2)
+    own = targets[(targets[:, 0] >= rank * 2) & (targets[:, 0] < rank * 2 + 2)].clone()
+    own[:, 0] -= rank * 2  # image index within this rank's batch
+    loss, items = DetectionLoss(model.detect_head, hyp, 64, world=world)(model(images[mine]), own)
+    loss.backward()
+    for p in model.parameters():  # what DDP does: the mean of the ranks' gradients
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    dist.all_reduce(items)  # the items are shares of the global loss
+    torch.testing.assert_close(items, single_items, rtol=1e-5, atol=1e-7)
+
+
+def _model_gradient_matches_in_float64(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=3).double().train()
+    synced = convert_sync_batchnorm(copy.deepcopy(model), torch.device("cpu"))
+    hyp = load_hyp("scratch-low.yaml")
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.6, 0.6, 0.5, 0.2], [2, 1, 0.4, 0.7, 0.2, 0.3],
+                            [3, 0, 0.7, 0.2, 0.25, 0.2], [3, 2, 0.5, 0.5, 0.9, 0.8]])
+    DetectionLoss(model.detect_head, hyp, 64)(model(images), targets)[0].backward()
+    world = World(rank=rank, size=world_size, local_rank=rank, local_size=world_size)
+    own = targets[(targets[:, 0] >= rank * 2) & (targets[:, 0] < rank * 2 + 2)].clone()
+    own[:, 0] -= rank * 2
+    DetectionLoss(synced.detect_head, hyp, 64, world=world)(synced(images[rank * 2:rank * 2 + 2]), own)[0].backward()
+    for (name, a), b in zip(model.named_parameters(), synced.parameters()):
+        dist.all_reduce(b.grad)
+        b.grad /= world_size  # DDP's average
+        assert float((b.grad - a.grad).norm() / a.grad.norm()) < 1e-9, name
+    for (name, a), b in zip(model.named_buffers(), synced.buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), name
+
+
+def test_sync_bn_and_loss_over_two_ranks_give_one_process_gradient_in_float64():
+    """The whole detector in training mode, BatchNorm included: two ranks with SyncBatchNorm and
+    the globally normalised loss take one process's gradient and BatchNorm statistics, to float64
+    rounding (fp32 rounding is what remains in the end-to-end test below)."""
+    in_two_processes(_model_gradient_matches_in_float64)
+
+
+def test_loss_over_two_ranks_gives_the_one_process_gradient():
+    """Positives, cells and images counted over the ranks: the averaged gradient of two ranks with
+    two images each equals one process's with the four images, though the ranks hold different
+    numbers of targets (rank 0: three, rank 1: three of one image and none of the other)."""
+    in_two_processes(_loss_gradient_matches_one_process)
+
+
+# End to end under torchrun: two gloo processes against one process with the same global batch.
+# Batch 8 of 16 images: 2 global batches per epoch, 4 images per rank. fp32, since bf16 rounds
+# activations differently when a conv sees 4 images instead of 8; SGD, whose steps are linear in
+# the gradient, where Adam's would hide a wrongly scaled loss and turn rounding noise in
+# near-zero gradients into full-size steps.
+DDP_TINY = ("--imgsz", "64", "--batch-size", "8", "--workers", "1", "--cfg", "yolov5n.yaml", "--sync-bn",
+            "--deterministic", "--no-amp", "--optimizer", "SGD", "--no-plots", "--save-period", "1")
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO_ROOT / "train.py"), *args]
+
+
+def run_command(command: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def relative_differences(a: dict, b: dict) -> dict[str, float]:
+    """Per floating-point tensor: |a - b| / |b| (Frobenius norms)."""
+    return {k: float((a[k].double() - v.double()).norm() / v.double().norm().clamp(min=1e-12))
+            for k, v in b.items() if v.dtype.is_floating_point}
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single_runs(tiny_dataset, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The same 3-epoch run under torchrun (2 processes), in one process, and in one process with
+    2 threads instead of 1 (fp32's own reproducibility under another summation order)."""
+    project = tmp_path_factory.mktemp("ddp")
+    common = ("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--project", str(project))
+    run_command(torchrun(*common, "--name", "ddp"))
+    run_command([sys.executable, str(REPO_ROOT / "train.py"), *common, "--name", "single"])
+    run_command([sys.executable, str(REPO_ROOT / "train.py"), *common, "--name", "single-2-threads"], threads=2)
+    return project / "ddp", project / "single", project / "single-2-threads"
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
+    """Same update count and EMA within 1e-4 per tensor, except where fp32 itself does not
+    reproduce a tensor that well: BatchNorm biases start at 0 and after a few steps are sums of
+    gradients that cancel almost exactly, so one process with 2 threads differs from one with 1
+    thread by up to ~1e-3 there. Those must be within twice that floor. (tests above: with
+    float64 the two ranks' gradients equal one process's to 1e-9.)"""
+    ddp_dir, single_dir, threads_dir = ddp_and_single_runs
+    ddp, single = load(ddp_dir / "weights" / "last.pt"), load(single_dir / "weights" / "last.pt")
+    assert ddp["updates"] == single["updates"] > 0
+    assert not any(k.startswith("module.") for k in ddp["ema"]) and ddp["ema"].keys() == single["ema"].keys()
+    differences = relative_differences(ddp["ema"], single["ema"])
+    floor = relative_differences(load(threads_dir / "weights" / "last.pt")["ema"], single["ema"])
+    worst = max(differences, key=differences.get)
+    noisy = {k for k in floor if floor[k] > 1e-4}
+    print(f"EMA relative differences: largest {differences[worst]:.2e} ({worst}; 2 threads vs 1: {floor[worst]:.2e}); "
+          f"largest outside fp32's noise floor {max(v for k, v in differences.items() if k not in noisy):.2e}; "
+          f"largest ratio to the floor {max(differences[k] / floor[k] for k in noisy):.2f}")
+    for key, difference in differences.items():
+        assert difference < max(1e-4, 2 * floor[key]), (key, difference, floor[key])
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs, tiny_dataset, tmp_path):
+    """torchrun and its workers ended after the first checkpoint, written mid-epoch (a checkpoint
+    at every step), then torchrun --resume: each rank continues at its place."""
+    ddp_dir = ddp_and_single_runs[0]
+    command = torchrun("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--save-interval", "1e-6",
+                       "--project", str(tmp_path), "--name", "killed")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = tmp_path / "killed" / "weights" / "last.pt"
+    deadline, mid_epoch = time.time() + 300, None
+    while mid_epoch is None and process.poll() is None and time.time() < deadline:
+        if last.exists():  # written atomically: always a whole file
+            data = last.read_bytes()
+            if torch.load(io.BytesIO(data), weights_only=True)["loop"]["batch"] > 0:
+                mid_epoch = data
+        time.sleep(0.02)
+    # torchrun starts its workers in sessions of their own: it is told to end them (SIGTERM, which
+    # ends a Python process on the spot) and returns once they are gone.
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert mid_epoch is not None, "no mid-epoch checkpoint was seen before the run ended"
+    last.write_bytes(mid_epoch)  # as if killed right after it was written
+    interrupted = load(last)
+    print(f"resuming from the checkpoint at epoch {interrupted['loop']['epoch']}, batch {interrupted['loop']['batch']}")
+
+    resumed = run_command(torchrun("--resume", str(last)))
+    assert "Resuming" in resumed.stdout and "epoch 0 of 3, batch 1" in resumed.stdout, resumed.stdout
+    final, straight = load(last), load(ddp_dir / "weights" / "last.pt")
+    assert final["updates"] == straight["updates"] and final["epoch"] == straight["epoch"] == 2
+    for state in ("ema", "model"):
+        for key, tensor in straight[state].items():
+            assert (final[state][key].double() - tensor.double()).abs().max() < 1e-6, (state, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["ddp-to-single", "single-to-ddp"])
+def test_resume_across_process_counts(ddp_and_single_runs, tmp_path, direction):
+    """A checkpoint of the first epoch written by 2 processes resumes in 1, and the other way
+    round, ending where the run of the other kind ended (same global batch, so same steps)."""
+    ddp_dir, single_dir, threads_dir = ddp_and_single_runs
+    source, reference = (ddp_dir, single_dir) if direction == "ddp-to-single" else (single_dir, ddp_dir)
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(source / "weights" / "epoch0.pt", last)
+    resume = [sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(last)] \
+        if direction == "ddp-to-single" else torchrun("--resume", str(last))
+    run_command(resume)
+    final, expected = load(last), load(reference / "weights" / "last.pt")
+    assert final["updates"] == expected["updates"]
+    differences = relative_differences(final["ema"], expected["ema"])
+    floor = relative_differences(load(threads_dir / "weights" / "last.pt")["ema"],
+                                 load(single_dir / "weights" / "last.pt")["ema"])
+    for key, difference in differences.items():  # as in the test above
+        assert difference < max(1e-4, 2 * floor[key]), (key, difference, floor[key])
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, tiny_dataset):
+    """val.py (one process) on the torchrun run's last.pt prints the mAP rank 0 logged for it."""
+    ddp_dir = ddp_and_single_runs[0]
+    result = run_script("val.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--data", str(tiny_dataset),
+                        "--imgsz", "64")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(ddp_dir / "results.csv", newline="") as f:
+        last_row = list(csv.DictReader(f))[-1]
+    row = next(line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["all"])
+    assert [float(v) for v in row[5:7]] == [float(f"{float(last_row[k]):.3g}")
+                                           for k in ("metrics/mAP_0.5", "metrics/mAP_0.5:0.95")]
