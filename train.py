@@ -47,7 +47,7 @@ from utils.optim import (AUTO_SGD_MIN_STEPS, NOMINAL_BATCH_SIZE, OPTIMIZERS, Buf
 from utils.run_dir import add_run_dir_arguments, newest_last_checkpoint, next_run_dir
 from utils.plots import plot_image_batch, plot_labels, plot_results
 from utils.sync_bn import convert_sync_batchnorm
-from val import build_val_loader, evaluate, results_table, save_validation_plots
+from val import EvalResult, build_val_loader, evaluate, results_table, save_validation_plots
 
 DEFAULT_CFG = "yolov5n.yaml"
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
@@ -283,6 +283,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def results_row(mean_loss: list[float], result: EvalResult | None, optimizer: torch.optim.Optimizer,
+                ema_updates: int) -> dict:
+    """One results.csv row: the epoch's train losses, the validation metrics and losses (zeros
+    for an epoch not validated), each group's learning rate and the EMA's update count."""
+    row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
+    metric_names = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+    if result is not None:
+        m = result.metrics
+        row.update(zip(metric_names, (m.precision, m.recall, m.map50, m.map50_95)))
+        row.update({f"val/{n}": v for n, v in zip(LOSS_NAMES, result.loss.tolist())})
+    else:
+        row.update({name: 0.0 for name in (*metric_names, *(f"val/{n}" for n in LOSS_NAMES))})
+    row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
+    row["ema/updates"] = ema_updates
+    return row
+
+
 def last_checkpoint_name(writer: CheckpointWriter | None) -> str:
     """The run's last.pt for messages, as far as this rank knows (rank 0 writes it)."""
     if writer is None:
@@ -467,27 +484,16 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         final_epoch = epoch + 1 == opt.epochs
         stop_early = False
         if world.is_main:  # the other ranks wait for its verdict on early stopping, below
-            # Validate what we ship: the EMA, carrying the model's attributes.
-            ema.copy_attributes(model)
-            row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
-            if not opt.noval or final_epoch:
-                result = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, loss_fn=val_criterion)
-                metrics = result.metrics
+            ema.copy_attributes(model)  # validate what we ship: the EMA, carrying the model's attributes
+            result = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, loss_fn=val_criterion) \
+                if not opt.noval or final_epoch else None
+            if result is not None:
                 LOGGER.info(results_table(result, names))
-                row.update({"metrics/precision": metrics.precision, "metrics/recall": metrics.recall,
-                            "metrics/mAP_0.5": metrics.map50, "metrics/mAP_0.5:0.95": metrics.map50_95,
-                            **{f"val/{n}": v for n, v in zip(LOSS_NAMES, result.loss.tolist())}})
-                fitness = metrics.fitness
-            else:
-                row.update({k: 0.0 for k in ("metrics/precision", "metrics/recall", "metrics/mAP_0.5",
-                                             "metrics/mAP_0.5:0.95", *(f"val/{n}" for n in LOSS_NAMES))})
-                fitness = 0.0
-            row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
-            row["ema/updates"] = ema.updates
+            fitness = result.metrics.fitness if result is not None else 0.0
             is_best = fitness >= loop.best_fitness
             if is_best:
                 loop.best_fitness, loop.best_epoch = fitness, epoch
-            logger.log_epoch(epoch, row)
+            logger.log_epoch(epoch, results_row(mean_loss, result, optimizer, ema.updates))
             stop_early = epoch - loop.best_epoch >= patience and not final_epoch
 
         loop.start_next_epoch()
