@@ -1,0 +1,109 @@
+"""Average the weights of compatible checkpoints into one checkpoint that val.py and detect.py read.
+
+    python average.py --weights runs/train/exp/weights/epoch27.pt epoch28.pt epoch29.pt --out avg.pt
+    python average.py --weights a.pt b.pt --coef 0.7 0.3 --source model --data data/shapes.yaml --recalibrate-bn --out avg.pt
+
+Averages the EMA weights (--source ema, default) or the raw model weights (--source model),
+with coefficients that default to uniform and must sum to 1. Checkpoints whose tensors differ
+in name, shape or dtype are refused, naming the first difference (--no-strict keeps such tensors
+from the first file and lists them). BatchNorm statistics of an average are averages of
+statistics, not statistics of the averaged network: --recalibrate-bn recomputes them on the
+training images of --data, letterboxed as for validation (no augmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from models.yolo import DetectionModel
+from utils.atomic_write import atomic_write
+from utils.averaging import average_state_dicts, check_coefficients, recalibrate_batchnorm
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, serialise
+from utils.data_config import load_dataset_config
+from utils.device import amp_dtype_for, select_device
+from utils.errors import UserError, run_cli
+from utils.log import LOGGER, setup_logging
+from val import build_val_loader
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Average the weights of compatible checkpoints.")
+    p.add_argument("--weights", nargs="+", required=True, help="two or more checkpoints written by train.py")
+    p.add_argument("--coef", nargs="+", type=float, default=None, help="one coefficient per checkpoint, summing to 1")
+    p.add_argument("--source", choices=("ema", "model"), default="ema", help="average the EMA or the raw weights")
+    p.add_argument("--out", required=True, help="where to write the averaged checkpoint")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse checkpoints whose tensors differ (--no-strict keeps such tensors from the first)")
+    p.add_argument("--recalibrate-bn", action="store_true", help="recompute BatchNorm statistics on --data's train split")
+    p.add_argument("--data", default=None, help="dataset YAML for --recalibrate-bn")
+    p.add_argument("--imgsz", type=int, default=None, help="image size for --recalibrate-bn (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for --recalibrate-bn")
+    p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
+    return p.parse_args(argv)
+
+
+def averaged_checkpoint(checkpoints: list[dict], paths: list[str], coefficients: list[float], source: str,
+                        strict: bool) -> tuple[dict, list[str]]:
+    """A checkpoint of the first file's model and metadata holding the averaged weights as both
+    'ema' and 'model' (so val.py and detect.py read it either way); it cannot be resumed."""
+    states = []
+    for path, checkpoint in zip(paths, checkpoints):
+        if checkpoint.get(source) is None:
+            raise UserError(f"{path} holds no '{source}' weights")
+        states.append(checkpoint[source])
+    averaged, kept = average_state_dicts(states, coefficients, strict=strict, labels=paths)
+    recipe = ", ".join(f"{p} x {c:g}" for p, c in zip(paths, coefficients))
+    first = checkpoints[0]
+    result = {key: first[key] for key in ("format", "format_version", "model_yaml", "names", "hyp", "opt")}
+    result.update({"epoch": first.get("epoch", -1), "best_fitness": 0.0, "best_epoch": -1, "finished": True,
+                   "loop": first.get("loop"), "ema": averaged, "model": averaged, "updates": 0,
+                   "ema_decay": first.get("ema_decay"), "ema_tau": first.get("ema_tau"), "optimizer": None,
+                   "scaler": None, "rng": None, "source": f"average of {source} weights: {recipe}",
+                   "averaged": {"weights": list(paths), "coefficients": coefficients, "source": source,
+                                "kept_from_first": kept}})
+    return result, kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    opt = parse_args(argv)
+    setup_logging()
+    if len(opt.weights) < 2:
+        raise UserError("--weights needs at least two checkpoints to average")
+    if opt.recalibrate_bn and not opt.data:
+        raise UserError("--recalibrate-bn needs --data: the dataset whose training images give the statistics")
+    coefficients = check_coefficients(opt.coef, len(opt.weights))
+    checkpoints = [load_checkpoint(path) for path in opt.weights]
+    result, kept = averaged_checkpoint(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
+    if kept:
+        LOGGER.warning(f"WARNING: {len(kept)} tensor(s) differ between the checkpoints and were kept from "
+                       f"{opt.weights[0]}: {', '.join(kept)}")
+    if opt.recalibrate_bn:
+        device = select_device(opt.device)
+        model = model_from_checkpoint(result, "ema", source=opt.out).to(device, memory_format=torch.channels_last)
+        images = recalibrate_on_train_split(model, result, opt, device)
+        result["ema"] = result["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        result["source"] += f"; BatchNorm statistics recomputed on {images} training images"
+    atomic_write(Path(opt.out), serialise(result))
+    LOGGER.info(f"{result['source']}\nSaved {opt.out}")
+    return 0
+
+
+def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, opt: argparse.Namespace,
+                               device: torch.device) -> int:
+    """BatchNorm statistics of `model` recomputed on the train split of --data; returns the image count."""
+    data = load_dataset_config(opt.data)
+    if data.nc != model.nc:
+        raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {data.nc}")
+    train_opt = checkpoint.get("opt") or {}
+    img_size = opt.imgsz or int(train_opt.get("imgsz", 640))
+    loader = build_val_loader(data.train, data.nc, img_size, opt.batch_size, 2, checkpoint["hyp"],
+                              int(model.stride.max()), prefix="train: ")
+    amp_dtype = amp_dtype_for(device, enabled=not train_opt.get("no_amp", False))
+    return recalibrate_batchnorm(model, loader, device, amp_dtype)
+
+
+if __name__ == "__main__":
+    run_cli(main, "average.py")

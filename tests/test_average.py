@@ -1,0 +1,136 @@
+"""average.py against a hand-computed weighted average, its refusals, and BatchNorm recalibration
+against statistics computed directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import average
+import detect
+import val
+from models.parse import read_model_yaml
+from models.yolo import DetectionModel
+from utils.averaging import recalibrate_batchnorm
+from utils.checkpoint import FORMAT, FORMAT_VERSION
+from utils.config_files import resolve_config_path
+from utils.dataset import Batch
+from utils.errors import UserError
+from utils.hyp import load_hyp
+from utils.synthetic_shapes import CLASS_NAMES
+
+
+def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES)) -> dict:
+    """A checkpoint of our format holding a yolov5n with random weights and BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=nc)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.dtype.is_floating_point and "anchors" not in name:
+                tensor.copy_(torch.rand_like(tensor) + 0.5 if "running_var" in name else torch.randn_like(tensor) * 0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": seed, "model_yaml": model.yaml,
+                  "names": list(CLASS_NAMES)[:nc], "hyp": load_hyp("scratch-low.yaml"),
+                  "opt": {"imgsz": 64, "batch_size": 4}, "ema": state,
+                  "model": {k: v + 1.0 if v.dtype.is_floating_point else v for k, v in state.items()},
+                  "updates": 10 * seed, "ema_decay": 0.9999, "ema_tau": 2000.0}
+    torch.save(checkpoint, path)
+    return checkpoint
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path) -> list[Path]:
+    paths = [tmp_path / f"{name}.pt" for name in "abc"]
+    for seed, path in enumerate(paths, start=1):
+        write_checkpoint(path, seed)
+    return paths
+
+
+@pytest.mark.parametrize("source", ["ema", "model"])
+def test_weighted_average_equals_hand_computation(three_checkpoints, tmp_path, source):
+    out = tmp_path / "avg.pt"
+    assert average.main(["--weights", *map(str, three_checkpoints), "--coef", "0.5", "0.3", "0.2",
+                         "--source", source, "--out", str(out)]) == 0
+    result = torch.load(out, weights_only=True)
+    inputs = [torch.load(p, weights_only=True)[source] for p in three_checkpoints]
+    for name, tensor in result["ema"].items():
+        if tensor.dtype.is_floating_point:
+            expected = 0.5 * inputs[0][name].double() + 0.3 * inputs[1][name].double() + 0.2 * inputs[2][name].double()
+            assert (tensor.double() - expected).abs().max() < 1e-6, name
+        else:
+            assert torch.equal(tensor, inputs[0][name]), name
+    assert result["averaged"]["coefficients"] == [0.5, 0.3, 0.2] and result["finished"]
+
+
+def test_uniform_by_default(three_checkpoints, tmp_path):
+    out = tmp_path / "avg.pt"
+    average.main(["--weights", *map(str, three_checkpoints[:2]), "--out", str(out)])
+    a, b = (torch.load(p, weights_only=True)["ema"] for p in three_checkpoints[:2])
+    key = "model.0.conv.weight"
+    torch.testing.assert_close(torch.load(out, weights_only=True)["ema"][key], (a[key] + b[key]) / 2)
+
+
+@pytest.mark.parametrize("coef, message", [
+    (["0.5", "0.6", "0.2"], r"--coef must sum to 1 \(an average\), but 0.5 \+ 0.6 \+ 0.2 = 1.3"),
+    (["0.5", "0.5"], "--coef gives 2 coefficients for 3 checkpoints"),
+])
+def test_bad_coefficients_are_refused(three_checkpoints, tmp_path, coef, message):
+    with pytest.raises(UserError, match=message):
+        average.main(["--weights", *map(str, three_checkpoints), "--coef", *coef, "--out", str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_incompatible_checkpoints_are_refused_naming_the_tensor(three_checkpoints, tmp_path):
+    other = tmp_path / "two_classes.pt"
+    write_checkpoint(other, seed=9, nc=2)  # another class count: the Detect head's shapes differ
+    with pytest.raises(UserError, match=r"two_classes.pt does not fit .*a.pt: its tensor 'model.24.m.0.weight' "
+                                        r"has shape \(21, 64, 1, 1\), not \(33, 64, 1, 1\)"):
+        average.main(["--weights", str(three_checkpoints[0]), str(other), "--out", str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_no_strict_keeps_mismatched_tensors_from_the_first_and_lists_them(three_checkpoints, tmp_path, capsys):
+    other = tmp_path / "two_classes.pt"
+    write_checkpoint(other, seed=9, nc=2)
+    out = tmp_path / "avg.pt"
+    average.main(["--weights", str(three_checkpoints[0]), str(other), "--no-strict", "--out", str(out)])
+    result = torch.load(out, weights_only=True)
+    first, second = (torch.load(p, weights_only=True)["ema"] for p in (three_checkpoints[0], other))
+    kept = result["averaged"]["kept_from_first"]
+    assert kept == [f"model.24.m.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    assert all(torch.equal(result["ema"][k], first[k]) for k in kept)
+    torch.testing.assert_close(result["ema"]["model.0.conv.weight"],
+                               (first["model.0.conv.weight"] + second["model.0.conv.weight"]) / 2)
+    assert "6 tensor(s) differ between the checkpoints and were kept from" in capsys.readouterr().out
+
+
+def test_val_and_detect_read_the_average(three_checkpoints, tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "avg.pt"
+    average.main(["--weights", *map(str, three_checkpoints), "--out", str(out)])
+    assert val.main(["--weights", str(out), "--data", str(tiny_dataset), "--no-plots", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "average of ema weights: " + ", ".join(f"{p} x 0.333333" for p in three_checkpoints) in printed
+    images = tiny_dataset.parent / "shapes" / "images" / "val"
+    assert detect.main(["--weights", str(out), "--source", str(images), "--nosave", "--project", str(tmp_path)]) == 0
+
+
+def test_batchnorm_recalibration_gives_the_statistics_of_the_data():
+    """update_bn through recalibrate_batchnorm: running mean and variance become the plain average
+    over the batches of each batch's mean and unbiased variance of the BatchNorm's input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4, momentum=0.03), nn.SiLU()).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = [Batch(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator), torch.zeros(0, 6),
+                     torch.arange(n), torch.zeros(n, 4)) for n in (4, 4, 2)]
+    seen = recalibrate_batchnorm(model, batches, torch.device("cpu"), amp_dtype=None)
+    with torch.no_grad():
+        outputs = [conv(b.images.float() / 255) for b in batches]
+    means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(0)
+    variances = torch.stack([o.var(dim=(0, 2, 3), unbiased=True) for o in outputs]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, variances, rtol=1e-5, atol=1e-6)
+    assert seen == 10 and model[1].momentum == 0.03 and not model.training

@@ -1,0 +1,86 @@
+"""Weight averaging beyond the EMA: weighted averages of state dicts (average.py) and BatchNorm
+statistics recomputed for averaged weights (through torch.optim.swa_utils.update_bn)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+from utils.device import autocast, to_model_input
+from utils.errors import UserError
+
+
+def check_coefficients(coefficients: list[float] | None, count: int) -> list[float]:
+    """The coefficients to use: uniform when None; else one per state, summing to 1."""
+    if coefficients is None:
+        return [1.0 / count] * count
+    if len(coefficients) != count:
+        raise UserError(f"--coef gives {len(coefficients)} coefficients for {count} checkpoints: give one each")
+    if abs(sum(coefficients) - 1.0) > 1e-6:
+        raise UserError(f"--coef must sum to 1 (an average), but {' + '.join(f'{c:g}' for c in coefficients)} "
+                        f"= {sum(coefficients):.6g}")
+    return list(coefficients)
+
+
+def first_mismatch(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str | None:
+    """How `other` differs from `reference` at its first differing entry, or None if they match
+    in names, shapes and dtypes."""
+    for name, tensor in reference.items():
+        if name not in other:
+            return f"it has no tensor '{name}'"
+        if other[name].shape != tensor.shape:
+            return f"its tensor '{name}' has shape {tuple(other[name].shape)}, not {tuple(tensor.shape)}"
+        if other[name].dtype != tensor.dtype:
+            return f"its tensor '{name}' is {other[name].dtype}, not {tensor.dtype}"
+    extra = [name for name in other if name not in reference]
+    return f"it has a tensor '{extra[0]}' that the first has not" if extra else None
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]], coefficients: list[float],
+                        strict: bool = True, labels: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """sum_i c_i * states[i] for every floating-point tensor, computed in float64; integer
+    tensors (num_batches_tracked) are taken from the first state. With strict, states that
+    differ from the first are refused naming the first differing tensor; without, a tensor
+    that does not match in every state is kept from the first state and listed in the result."""
+    labels = labels or [f"state {i}" for i in range(len(states))]
+    reference = states[0]
+    if strict:
+        for label, state in zip(labels[1:], states[1:]):
+            problem = first_mismatch(reference, state)
+            if problem:
+                raise UserError(f"{label} does not fit {labels[0]}: {problem} (--no-strict averages the "
+                                "tensors that match and keeps the others from the first file)")
+    averaged, kept = {}, []
+    for name, tensor in reference.items():
+        matching = all(name in s and s[name].shape == tensor.shape and s[name].dtype == tensor.dtype for s in states)
+        if not matching:
+            kept.append(name)
+            averaged[name] = tensor.clone()
+        elif tensor.dtype.is_floating_point:
+            total = sum(c * s[name].double() for c, s in zip(coefficients, states))
+            averaged[name] = total.to(tensor.dtype)
+        else:
+            averaged[name] = tensor.clone()
+    return averaged, kept
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.device,
+                          amp_dtype: torch.dtype | None) -> int:
+    """Recompute every BatchNorm's running mean and variance as the plain average over `batches`
+    (uint8 image batches as the loaders yield them) with torch's update_bn; returns the number of
+    images seen. Averaged weights need this: the averages of running statistics are not the
+    statistics of the averaged network's activations."""
+    seen = 0
+
+    def inputs():
+        nonlocal seen
+        for batch in batches:
+            seen += batch.images.shape[0]
+            yield to_model_input(batch.images, device)
+
+    with autocast(device, amp_dtype):
+        update_bn(inputs(), model, device=None)
+    return seen
