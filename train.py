@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import random
@@ -29,14 +30,15 @@ from tqdm import tqdm
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
 from utils.augment import round_image_size
+from utils.averaging import recalibrate_batchnorm
 from utils.checkpoint import (CheckpointWriter, ema_state, load_checkpoint, load_for_inference, make_checkpoint,
-                              restore_rng_state, transfer_matching_weights)
+                              restore_rng_state, save_checkpoint, transfer_matching_weights)
 from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import DetectionDataset, build_dataloader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
 from utils.dist import World, close_process_group, init_process_group, local_main_first, world_from_env
-from utils.ema import ModelEMA, pack_state
+from utils.ema import ModelEMA, UniformAverage, pack_state
 from utils.errors import TrainingStopped, UserError, run_cli
 from utils.hyp import load_hyp
 from utils.labels import list_image_files, scan_split
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a YOLOv5-style detector with EMA weight averaging.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="", help="initial weights: a checkpoint of this framework ('' = from scratch)")
+    p.add_argument("--raw", action="store_true",
+                   help="with --weights: start from the checkpoint's raw model weights instead of its EMA")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow --weights to be a pickled YOLOv5 checkpoint (unpickling can run code: trusted files only)")
     p.add_argument("--cfg", default="", help=f"model YAML (default: the --weights checkpoint's, else {DEFAULT_CFG})")
@@ -109,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache decoded train images in RAM; auto: when they take under 10%% of the available memory")
     p.add_argument("--device", default=None, help="cuda device, i.e. 0, or cpu (default: CUDA if available)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    p.add_argument("--no-ema", action="store_true",
+                   help="no weight averaging: validate and save the raw weights (decay 0, for an honest comparison)")
+    p.add_argument("--val-raw", action="store_true", help="also validate the raw model each epoch (raw/... columns)")
+    p.add_argument("--swa-epochs", type=int, default=0,
+                   help="SWA: average the weights at the end of each of the last K epochs into weights/swa.pt")
+    p.add_argument("--swa-source", choices=("ema", "raw"), default="ema", help="what SWA averages")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks' batches")
     p.add_argument("--optimizer", default="auto", choices=OPTIMIZERS,
                    help="auto: AdamW (lr0 0.003) for runs under 10,000 optimizer steps, else SGD with the hyp's lr0")
@@ -223,6 +233,8 @@ def check_options(opt: argparse.Namespace, world: World) -> None:
     if opt.batch_size % world.size:
         raise UserError(f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
                         f"{world.size} processes (each takes an equal share)")
+    if not 0 <= opt.swa_epochs <= opt.epochs:
+        raise UserError(f"--swa-epochs {opt.swa_epochs} must be between 0 and --epochs {opt.epochs}")
     if opt.sync_bn and not world.distributed:
         LOGGER.warning("WARNING: --sync-bn only acts under torchrun with several processes; ignored")
     if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
@@ -248,8 +260,15 @@ def model_for_run(opt: argparse.Namespace, data: DatasetConfig, checkpoint: dict
             model = DetectionModel(initial["model_yaml"], nc=nc)
         if initial is not None:
             # Anchors come from the model YAML when one is named explicitly, as in YOLOv5.
-            moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else ())
-            LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights}")
+            weights = "model" if opt.raw else "ema"
+            moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else (),
+                                                     weights=weights)
+            LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights} ({weights} weights); a fresh "
+                        "optimizer and an EMA starting from them")
+            trained_nc = initial["model_yaml"].get("nc")
+            if trained_nc is not None and trained_nc != nc:
+                LOGGER.info(f"{opt.weights} detects {trained_nc} classes and {data.source} has {nc}: the Detect "
+                            "head's output layers start afresh")
     head_index = len(model.model) - 1
     frozen = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else opt.freeze
     if any(i >= head_index for i in frozen):
@@ -283,21 +302,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def metric_columns(prefix: str, result: EvalResult | None) -> dict:
+    """P, R, mAP@0.5, mAP@0.5:0.95 under `prefix` (zeros for an epoch not validated)."""
+    metrics = result.metrics if result is not None else None
+    values = (metrics.precision, metrics.recall, metrics.map50, metrics.map50_95) if metrics else (0.0,) * 4
+    return {f"{prefix}{name}": v for name, v in zip(("precision", "recall", "mAP_0.5", "mAP_0.5:0.95"), values)}
+
+
 def results_row(mean_loss: list[float], result: EvalResult | None, optimizer: torch.optim.Optimizer,
-                ema_updates: int) -> dict:
-    """One results.csv row: the epoch's train losses, the validation metrics and losses (zeros
-    for an epoch not validated), each group's learning rate and the EMA's update count."""
+                ema_updates: int, val_raw: bool = False, raw_result: EvalResult | None = None) -> dict:
+    """One results.csv row: the epoch's train losses, the EMA's validation metrics and losses,
+    the raw model's metrics with --val-raw, each group's learning rate and the EMA's update count."""
     row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
-    metric_names = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
-    if result is not None:
-        m = result.metrics
-        row.update(zip(metric_names, (m.precision, m.recall, m.map50, m.map50_95)))
-        row.update({f"val/{n}": v for n, v in zip(LOSS_NAMES, result.loss.tolist())})
-    else:
-        row.update({name: 0.0 for name in (*metric_names, *(f"val/{n}" for n in LOSS_NAMES))})
+    row.update(metric_columns("metrics/", result))
+    val_losses = result.loss.tolist() if result is not None else [0.0] * len(LOSS_NAMES)
+    row.update({f"val/{n}": v for n, v in zip(LOSS_NAMES, val_losses)})
+    if val_raw:
+        row.update(metric_columns("raw/", raw_result))
     row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
     row["ema/updates"] = ema_updates
     return row
+
+
+def finish_swa(swa: UniformAverage, last: dict, data: DatasetConfig, opt: argparse.Namespace, hyp: dict,
+               device: torch.device, amp_dtype: torch.dtype | None, val_loader: torch.utils.data.DataLoader,
+               weights_dir: Path) -> None:
+    """Recompute the SWA average's BatchNorm statistics, validate it and save weights/swa.pt (the
+    checkpoint format, with the average as both 'ema' and 'model'; 'swa' keeps the plain average).
+
+    The statistics come from the training images letterboxed as for validation, without
+    augmentation: BatchNorm statistics serve inference, and mosaic, HSV and perspective
+    distortions would shift them away from the images the model is used on."""
+    average = copy.deepcopy(swa.module)
+    loader = build_val_loader(data.train, data.nc, opt.imgsz, opt.batch_size * 2, opt.workers, hyp,
+                              int(average.stride.max()), single_cls=opt.single_cls, prefix="SWA BatchNorm, train: ")
+    images = recalibrate_batchnorm(average, loader, device, amp_dtype)
+    result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
+    source = f"SWA of the {opt.swa_source} weights at the end of the last {swa.updates} epochs, " \
+             f"BatchNorm statistics recomputed on {images} training images"
+    LOGGER.info(f"{source}:\n{results_table(result, list(average.names))}")
+    state = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
+    save_checkpoint(weights_dir / "swa.pt", {**last, "ema": state, "model": state, "optimizer": None, "scaler": None,
+                                             "source": source})
+    LOGGER.info(f"Saved {weights_dir / 'swa.pt'}")
 
 
 def last_checkpoint_name(writer: CheckpointWriter | None) -> str:
@@ -373,7 +420,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     # and without it rank 0's are the ones DDP broadcasts to every rank before each forward
     # (broadcast_buffers). Averaging rank 0's model is therefore averaging the model every rank
     # runs, with no collective and no copy of the EMA on the other ranks.
-    ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"]) if world.is_main else None
+    # --no-ema keeps the same machinery with d = 0: the "average" is then the raw model itself.
+    ema = ModelEMA(model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"]) if world.is_main else None
+    swa = UniformAverage(ema.module if opt.swa_source == "ema" else model) if opt.swa_epochs and world.is_main else None
     criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world)
     val_criterion = DetectionLoss(model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
     loop = LoopState()
@@ -381,6 +430,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         model.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(ema_state(checkpoint))
+        if swa is not None and checkpoint.get("swa"):
+            swa.load_state_dict(checkpoint["swa"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -411,7 +462,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
 
     def checkpoint_now(finished: bool = False) -> dict:
         return make_checkpoint(loop=loop.state_dict(), finished=finished, model=model, ema=ema, optimizer=optimizer,
-                               scaler=scaler, names=names, hyp=hyp, opt=vars(opt))
+                               scaler=scaler, names=names, hyp=hyp, opt=vars(opt), swa=swa)
 
     started, first_epoch = time.time(), loop.epoch
     while loop.epoch < opt.epochs:
@@ -485,15 +536,22 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         stop_early = False
         if world.is_main:  # the other ranks wait for its verdict on early stopping, below
             ema.copy_attributes(model)  # validate what we ship: the EMA, carrying the model's attributes
+            if swa is not None and epoch >= opt.epochs - opt.swa_epochs:
+                swa.update(ema.module if opt.swa_source == "ema" else model)
+            validate = not opt.noval or final_epoch
             result = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype, loss_fn=val_criterion) \
-                if not opt.noval or final_epoch else None
+                if validate else None
             if result is not None:
                 LOGGER.info(results_table(result, names))
+            raw_result = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) \
+                if validate and opt.val_raw else None
+            if raw_result is not None:
+                LOGGER.info(f"raw model: mAP50 {raw_result.metrics.map50:.3g}, mAP50-95 {raw_result.metrics.map50_95:.3g}")
             fitness = result.metrics.fitness if result is not None else 0.0
             is_best = fitness >= loop.best_fitness
             if is_best:
                 loop.best_fitness, loop.best_epoch = fitness, epoch
-            logger.log_epoch(epoch, results_row(mean_loss, result, optimizer, ema.updates))
+            logger.log_epoch(epoch, results_row(mean_loss, result, optimizer, ema.updates, opt.val_raw, raw_result))
             stop_early = epoch - loop.best_epoch >= patience and not final_epoch
 
         loop.start_next_epoch()
@@ -511,6 +569,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     LOGGER.info(f"\n{loop.epoch - first_epoch} epochs completed in {(time.time() - started) / 3600:.3f} hours.")
     if plots:
         plot_results(logger.csv_path, run_dir / "results.png")
+    if swa is not None and swa.updates:
+        finish_swa(swa, checkpoint_now(finished=True), data, opt, hyp, device, amp_dtype, val_loader, weights_dir)
     if writer.best_path.exists():
         LOGGER.info(f"Validating {writer.best_path}...")
         _, best_model = load_for_inference(writer.best_path, "ema", device)

@@ -4,7 +4,9 @@ Keys: format, format_version, epoch (last completed, 0-based), best_fitness, bes
 finished, loop (where training goes on: next epoch and batch, the epoch's loss sums and step
 counters), model (fp32 state dict of the raw model: training resumes from it), ema (fp32
 state dict), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
-(the run's options), rng (python, numpy, torch, cuda), date, versions.
+(the run's options), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average
+so far, or None), date, versions. swa.pt and average.py's output have the same keys, with the
+averaged weights as both ema and model and a 'source' line saying what they average.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
 
 def make_checkpoint(*, loop: dict, finished: bool, model: torch.nn.Module, ema: ModelEMA,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                    names: list[str], hyp: dict, opt: dict) -> dict:
+                    names: list[str], hyp: dict, opt: dict, swa: ModelEMA | None = None) -> dict:
     """Everything needed to resume exactly, as plain types and fp32 tensors (see the module docstring).
 
     `loop` is the loop position: the next epoch and batch to run and the running totals of that
@@ -146,6 +148,7 @@ def make_checkpoint(*, loop: dict, finished: bool, model: torch.nn.Module, ema: 
         "hyp": dict(hyp),
         "opt": dict(opt),
         "rng": rng_state(),
+        "swa": swa.state_dict() if swa is not None else None,  # --swa-epochs: the running average so far
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
     }
@@ -165,11 +168,11 @@ def load_for_inference(path: str | Path, weights: str, device: torch.device,
     return checkpoint, model.to(device, memory_format=torch.channels_last)
 
 
-def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
-    """Load the checkpoint's EMA weights (else its model weights) wherever name and shape match.
-
-    Returns (tensors transferred, tensors in the model)."""
-    source = checkpoint.get("ema") or checkpoint.get("model") or {}
+def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = (),
+                              weights: str = "ema") -> tuple[int, int]:
+    """Load the checkpoint's EMA weights (else its model weights; `weights`='model': the model
+    weights) wherever name and shape match. Returns (tensors transferred, tensors in the model)."""
+    source = (checkpoint.get("model") if weights == "model" else checkpoint.get("ema") or checkpoint.get("model")) or {}
     own = model.state_dict()
     matched = {k: v for k, v in source.items()
                if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)}

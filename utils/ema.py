@@ -206,3 +206,15 @@ class ModelEMA:
         """Restore what state_dict() returned."""
         self.module.load_state_dict(state["module"])
         self.updates, self.decay, self.tau = int(state["updates"]), float(state["decay"]), float(state["tau"])
+
+
+class UniformAverage(ModelEMA):
+    """Running uniform average of the weights it is given (SWA's average): after the n-th update
+    each of the n snapshots weighs 1/n. The same machinery as the EMA (one lerp_ over packed
+    state, integer buffers copied) with d = (n - 1) / n, so the first update copies."""
+
+    def __init__(self, model: nn.Module, updates: int = 0):
+        super().__init__(model, decay=1.0, tau=1.0, updates=updates)
+
+    def current_decay(self) -> float:
+        return (self.updates - 1) / self.updates if self.updates else 0.0
