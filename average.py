@@ -7,8 +7,9 @@ Averages the EMA weights (--source ema, default) or the raw model weights (--sou
 with coefficients that default to uniform and must sum to 1. Checkpoints whose tensors differ
 in name, shape or dtype are refused, naming the first difference (--no-strict keeps such tensors
 from the first file and lists them). BatchNorm statistics of an average are averages of
-statistics, not statistics of the averaged network: --recalibrate-bn recomputes them on the
-training images of --data, letterboxed as for validation (no augmentation).
+statistics, not statistics of the averaged network: --recalibrate-bn recomputes them over one
+epoch of --data's training batches, augmented as in training (the statistics the weights were
+trained under; see train.py's finish_swa).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from utils.data_config import load_dataset_config
 from utils.device import amp_dtype_for, select_device
 from utils.errors import UserError, run_cli
 from utils.log import LOGGER, setup_logging
-from val import build_val_loader
+from train import build_train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recalibrate-bn", action="store_true", help="recompute BatchNorm statistics on --data's train split")
     p.add_argument("--data", default=None, help="dataset YAML for --recalibrate-bn")
     p.add_argument("--imgsz", type=int, default=None, help="image size for --recalibrate-bn (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for --recalibrate-bn")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size for --recalibrate-bn")
     p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
     return p.parse_args(argv)
 
@@ -99,8 +100,10 @@ def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, opt: arg
         raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {data.nc}")
     train_opt = checkpoint.get("opt") or {}
     img_size = opt.imgsz or int(train_opt.get("imgsz", 640))
-    loader = build_val_loader(data.train, data.nc, img_size, opt.batch_size, 2, checkpoint["hyp"],
-                              int(model.stride.max()), prefix="train: ")
+    epochs = int(train_opt.get("epochs", 1))
+    loader = build_train_loader(data, checkpoint["hyp"], img_size, opt.batch_size, 2, int(train_opt.get("seed", 0)),
+                                False, "off", False, None, epochs)
+    loader.sampler.set_epoch(epochs - 1)  # the augmentation of the run's last epoch (mosaic closed if it was)
     amp_dtype = amp_dtype_for(device, enabled=not train_opt.get("no_amp", False))
     return recalibrate_batchnorm(model, loader, device, amp_dtype)
 

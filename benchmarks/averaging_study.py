@@ -6,7 +6,7 @@ without BatchNorm recalibration), at the same number of epochs. Prints a table a
 Two runs of train.py with the same seed (so the same training), --val-raw and --swa-epochs K:
 one averaging the EMA weights, one the raw weights (--swa-source raw). Raw and EMA mAP per epoch
 come from results.csv; each run's swa.pt is the average with BatchNorm recomputed, and its 'swa'
-entry the plain average (BatchNorm statistics averaged too), validated here with val.py.
+entry the plain average (BatchNorm statistics averaged too), both validated here as val.py does.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ import torch
 from matplotlib.figure import Figure
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from utils.checkpoint import load_for_inference  # noqa: E402
+from utils.data_config import load_dataset_config  # noqa: E402
+from utils.device import amp_dtype_for  # noqa: E402
+from val import build_val_loader, evaluate  # noqa: E402
 
 
 def run(*args: str) -> str:
@@ -31,10 +36,13 @@ def run(*args: str) -> str:
 
 
 def validated_map(weights: Path, data: str) -> float:
-    """mAP@0.5:0.95 that val.py prints for a checkpoint's EMA entry."""
-    output = run("val.py", "--weights", str(weights), "--data", data, "--no-plots")
-    row = next(line.split() for line in output.splitlines() if line.split()[:1] == ["all"])
-    return float(row[6])
+    """mAP@0.5:0.95 of a checkpoint's EMA entry on the val split, as val.py computes it (unrounded)."""
+    device = torch.device("cpu")
+    checkpoint, model = load_for_inference(weights, "ema", device)
+    config = load_dataset_config(data)
+    loader = build_val_loader(config.val, config.nc, int(checkpoint["opt"]["imgsz"]), 32, 2, checkpoint["hyp"],
+                              int(model.stride.max()))
+    return evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(device, enabled=True)).metrics.map50_95
 
 
 def plain_average_checkpoint(swa_path: Path) -> Path:
