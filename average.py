@@ -21,13 +21,13 @@ import torch
 
 from models.yolo import DetectionModel
 from utils.atomic_write import atomic_write
-from utils.averaging import average_state_dicts, check_coefficients, recalibrate_batchnorm
+from utils.augment import round_image_size
+from utils.averaging import average_state_dicts, recalibrate_on_training_batches, resolve_coefficients
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, serialise
 from utils.data_config import load_dataset_config
 from utils.device import amp_dtype_for, select_device
 from utils.errors import UserError, run_cli
 from utils.log import LOGGER, setup_logging
-from train import build_train_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="dataset YAML for --recalibrate-bn")
     p.add_argument("--imgsz", type=int, default=None, help="image size for --recalibrate-bn (default: the run's)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size for --recalibrate-bn")
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers for --recalibrate-bn")
     p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
     return p.parse_args(argv)
 
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--weights needs at least two checkpoints to average")
     if opt.recalibrate_bn and not opt.data:
         raise UserError("--recalibrate-bn needs --data: the dataset whose training images give the statistics")
-    coefficients = check_coefficients(opt.coef, len(opt.weights))
+    if opt.batch_size < 1 or opt.workers < 0 or (opt.imgsz is not None and opt.imgsz < 32):
+        raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
+    coefficients = resolve_coefficients(opt.coef, len(opt.weights))
     checkpoints = [load_checkpoint(path) for path in opt.weights]
     result, kept = averaged_checkpoint(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
     if kept:
@@ -86,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_checkpoint(result, "ema", source=opt.out).to(device, memory_format=torch.channels_last)
         images = recalibrate_on_train_split(model, result, opt, device)
         result["ema"] = result["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        result["source"] += f"; BatchNorm statistics recomputed on {images} training images"
+        result["source"] += f"; BatchNorm statistics recomputed on {images} augmented training images"
+    not_finite = next((k for k, v in result["ema"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if not_finite is not None:
+        raise UserError(f"the average is not finite in '{not_finite}': a checkpoint holds NaN or inf there; "
+                        f"{opt.out} was not written")
     atomic_write(Path(opt.out), serialise(result))
     LOGGER.info(f"{result['source']}\nSaved {opt.out}")
     return 0
@@ -96,16 +103,17 @@ def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, opt: arg
                                device: torch.device) -> int:
     """BatchNorm statistics of `model` recomputed on the train split of --data; returns the image count."""
     data = load_dataset_config(opt.data)
-    if data.nc != model.nc:
-        raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {data.nc}")
     train_opt = checkpoint.get("opt") or {}
-    img_size = opt.imgsz or int(train_opt.get("imgsz", 640))
-    epochs = int(train_opt.get("epochs", 1))
-    loader = build_train_loader(data, checkpoint["hyp"], img_size, opt.batch_size, 2, int(train_opt.get("seed", 0)),
-                                False, "off", False, None, epochs)
-    loader.sampler.set_epoch(epochs - 1)  # the augmentation of the run's last epoch (mosaic closed if it was)
-    amp_dtype = amp_dtype_for(device, enabled=not train_opt.get("no_amp", False))
-    return recalibrate_batchnorm(model, loader, device, amp_dtype)
+    single_cls = bool(train_opt.get("single_cls", False))
+    if (1 if single_cls else data.nc) != model.nc:
+        raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {data.nc}")
+    img_size = round_image_size(opt.imgsz or int(train_opt.get("imgsz", 640)), int(model.stride.max()))
+    amp_dtype = amp_dtype_for(device, enabled=not train_opt.get("no_amp", False),
+                              weights=next(model.parameters()).dtype)
+    return recalibrate_on_training_batches(model, data, checkpoint["hyp"], img_size=img_size,
+                                           batch_size=opt.batch_size, epochs=int(train_opt.get("epochs", 1)),
+                                           seed=int(train_opt.get("seed", 0)), single_cls=single_cls,
+                                           workers=opt.workers, cache="off", device=device, amp_dtype=amp_dtype)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if img_size < 32:
         raise UserError(f"--imgsz {img_size} is too small; use at least {stride}")
     img_size = round_image_size(img_size, stride)
-    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
+    weights_dtype = next(model.parameters()).dtype  # float64 from a train.py --float64 run
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights=weights_dtype)
     images = list_sources(opt.source)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
     if opt.save_txt:
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         h0, w0 = original.shape[:2]
         rgb = cv2.cvtColor(original, cv2.COLOR_BGR2RGB)
         boxed, scale_xy, pad_xy = letterbox(rgb, (img_size, img_size), auto=True, stride=stride)
-        tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device)
+        tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device,
+                                weights_dtype)
         with autocast(device, amp_dtype):
             decoded, _ = model(tensor)
         (det,), _ = non_max_suppression(decoded, opt.conf_thres, opt.iou_thres, max_det=opt.max_det,

@@ -30,18 +30,18 @@ from tqdm import tqdm
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
 from utils.augment import round_image_size
-from utils.averaging import recalibrate_batchnorm
+from utils.averaging import recalibrate_on_training_batches
 from utils.checkpoint import (CheckpointWriter, ema_state, load_checkpoint, load_for_inference, make_checkpoint,
                               restore_rng_state, save_checkpoint, transfer_matching_weights)
 from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
-from utils.dataset import DetectionDataset, build_dataloader
+from utils.dataset import build_train_loader
 from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
 from utils.dist import World, close_process_group, init_process_group, local_main_first, world_from_env
 from utils.ema import ModelEMA, UniformAverage, pack_state
 from utils.errors import TrainingStopped, UserError, run_cli
 from utils.hyp import load_hyp
-from utils.labels import list_image_files, scan_split
+from utils.labels import list_image_files
 from utils.log import LOGGER, RunLogger, interactive, setup_logging
 from utils.loss import DetectionLoss
 from utils.optim import (AUTO_SGD_MIN_STEPS, NOMINAL_BATCH_SIZE, OPTIMIZERS, BufferSnapshot, TrainSchedule,
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)")
+    p.add_argument("--float64", action="store_true",
+                   help="train in double precision, without autocast (several times slower): for checking numerics, "
+                        "e.g. that torchrun's processes together compute what one process does")
     p.add_argument("--no-plots", action="store_true", help="do not save plots")
     p.add_argument("--save-interval", type=float, default=10.0,
                    help="also write last.pt every N minutes inside an epoch, at a step boundary (0: off)")
@@ -237,6 +240,12 @@ def check_options(opt: argparse.Namespace, world: World) -> None:
         raise UserError(f"--swa-epochs {opt.swa_epochs} must be between 0 and --epochs {opt.epochs}")
     if opt.sync_bn and not world.distributed:
         LOGGER.warning("WARNING: --sync-bn only acts under torchrun with several processes; ignored")
+    if opt.raw and not opt.weights:
+        raise UserError("--raw picks the raw weights of the --weights checkpoint; give --weights too")
+    if opt.swa_source != "ema" and not opt.swa_epochs:
+        LOGGER.warning(f"WARNING: --swa-source {opt.swa_source} only acts with --swa-epochs K; ignored")
+    if opt.val_raw and opt.no_ema:
+        LOGGER.warning("WARNING: with --no-ema the validated weights are the raw ones; --val-raw adds the same numbers")
     if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
         raise UserError("--workers, --patience and --save-interval must not be negative, --max-bad-steps at least 1")
     if any(f < 0 for f in opt.freeze):
@@ -327,19 +336,14 @@ def results_row(mean_loss: list[float], result: EvalResult | None, optimizer: to
 def finish_swa(swa: UniformAverage, last: dict, data: DatasetConfig, opt: argparse.Namespace, hyp: dict,
                device: torch.device, amp_dtype: torch.dtype | None, val_loader: torch.utils.data.DataLoader,
                weights_dir: Path) -> None:
-    """Recompute the SWA average's BatchNorm statistics, validate it and save weights/swa.pt (the
-    checkpoint format, with the average as both 'ema' and 'model'; 'swa' keeps the plain average).
-
-    The statistics come from one pass over the training batches as the last epoch made them,
-    augmentation included: the weights were trained under the statistics of augmented batches,
-    and statistics of plain letterboxed images shift every layer's normalisation away from what
-    the next layer learned (on the shapes dataset: mAP@0.5:0.95 0.231 against 0.248 for these,
-    benchmarks/averaging_study.py's setting)."""
+    """Recompute the SWA average's BatchNorm statistics on the last epoch's training batches
+    (augmented: see recalibrate_on_training_batches), validate it and save weights/swa.pt (the
+    checkpoint format, with the average as both 'ema' and 'model'; 'swa' keeps the plain average)."""
     average = copy.deepcopy(swa.module)
-    loader = build_train_loader(data, hyp, opt.imgsz, opt.batch_size, opt.workers, opt.seed, opt.single_cls,
-                                opt.cache or "auto", False, None, opt.epochs)
-    loader.sampler.set_epoch(opt.epochs - 1)
-    images = recalibrate_batchnorm(average, loader, device, amp_dtype)
+    images = recalibrate_on_training_batches(average, data, hyp, img_size=opt.imgsz, batch_size=opt.batch_size,
+                                             epochs=opt.epochs, seed=opt.seed, single_cls=opt.single_cls,
+                                             workers=opt.workers, cache=opt.cache or "auto", device=device,
+                                             amp_dtype=amp_dtype)
     result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
     source = f"SWA of the {opt.swa_source} weights at the end of the last {swa.updates} epochs, " \
              f"BatchNorm statistics recomputed on {images} augmented training images"
@@ -357,25 +361,6 @@ def last_checkpoint_name(writer: CheckpointWriter | None) -> str:
     return str(writer.last_path) if writer.last_path.exists() else "none yet"
 
 
-def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
-                       single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
-                       epochs: int, world: World = World()) -> torch.utils.data.DataLoader:
-    """The augmenting training loader over the verified train split (mosaic closed for the last
-    hyp['close_mosaic'] of `epochs`); problem files go to report_path. Under torchrun it yields
-    this rank's batch_size / world.size images of each global batch."""
-    with local_main_first(world):  # one process per machine writes the label cache, the others read it
-        scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
-    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
-                               mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
-    if cache == "ram":  # every process of the machine holds its own copy
-        dataset.cache_images_in_ram(max_share=0.7 / world.local_size)
-    elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
-        dataset.cache_images_in_ram(max_share=0.1 / world.local_size, quiet=True)
-    return build_dataloader(dataset, batch_size // world.size, workers, shuffle=True, seed=seed,
-                            pin_memory=pin_memory, rank=world.rank, world_size=world.size,
-                            processes_per_machine=world.local_size)
-
-
 def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: DetectionModel, run_dir: Path,
           checkpoint: dict | None, world: World, device: torch.device) -> None:
     """The training loop: epochs of accumulated AMP steps with an EMA, validated and checkpointed.
@@ -383,13 +368,14 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     Under torchrun every rank runs it on its share of each global batch, through
     DistributedDataParallel; rank 0 alone keeps the EMA, validates, logs, plots and writes
     checkpoints while the others wait for its verdict on early stopping."""
-    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp)
+    weights_dtype = torch.float64 if opt.float64 else torch.float32
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights=weights_dtype)
     weights_dir = run_dir / "weights"
     if world.is_main:
         weights_dir.mkdir(parents=True, exist_ok=True)
     names = ["item"] if opt.single_cls else list(data.names)
     model.names, model.hyp = names, hyp
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, weights_dtype, memory_format=torch.channels_last)  # before a resumed state is loaded into it
     if opt.sync_bn and world.distributed:
         model = convert_sync_batchnorm(model, device)
     pack_state(model)  # state in two flat tensors: the EMA update is then one lerp_ and one copy_ (utils/ema.py)
@@ -442,7 +428,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         loop = LoopState.from_state_dict(checkpoint["loop"])
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
     planned_steps = (opt.epochs - loop.epoch) * math.ceil(batches_per_epoch / accumulate)  # warmup adds a few
-    if ema is not None:
+    if ema is not None and opt.no_ema:
+        LOGGER.info("--no-ema: no weight averaging; the raw weights are validated and saved as 'ema' too")
+    elif ema is not None:
         final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
         LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
                     f"optimizer steps are planned, ending near d={final_decay:.3g}"
@@ -452,7 +440,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     ranks = (f" over {world.size} processes ({opt.batch_size // world.size} each"
              f"{', SyncBatchNorm' if opt.sync_bn else ''})" if world.distributed else "")
     if world.is_main:
-        LOGGER.info(f"{describe_precision(amp_dtype)} on {device}; batch {opt.batch_size}{ranks} x {accumulate} "
+        LOGGER.info(f"{describe_precision(amp_dtype, weights_dtype)} on {device}; batch {opt.batch_size}{ranks} "
+                    f"x {accumulate} "
                     f"accumulated, {batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
                     f"Logging to {run_dir}; training for {opt.epochs} epochs...")
 
@@ -485,7 +474,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
             step = i + batches_per_epoch * epoch  # micro-batches since the start of training
             # Step once the window is full; the last window of an epoch steps with what it has.
             window_full = loop.window + 1 >= schedule.accumulate(step) or i + 1 == batches_per_epoch
-            images = to_model_input(batch.images, device)
+            images = to_model_input(batch.images, device, weights_dtype)
             buffers.take()
             # Under DDP, gradients are averaged over the ranks only in the window's last backward.
             with forward_model.no_sync() if world.distributed and not window_full else contextlib.nullcontext():
@@ -574,6 +563,9 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
         plot_results(logger.csv_path, run_dir / "results.png")
     if swa is not None and swa.updates:
         finish_swa(swa, checkpoint_now(finished=True), data, opt, hyp, device, amp_dtype, val_loader, weights_dir)
+    elif swa is not None:
+        LOGGER.warning(f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
+                       "nothing and no swa.pt was written")
     if writer.best_path.exists():
         LOGGER.info(f"Validating {writer.best_path}...")
         _, best_model = load_for_inference(writer.best_path, "ema", device)

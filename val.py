@@ -63,6 +63,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
     """
     dataset: DetectionDataset = loader.dataset
     was_training = model.training
+    input_dtype = next(model.parameters()).dtype  # float32, or float64 for train.py --float64
     model.eval()
     nc = model.nc
     evaluator = DetectionEvaluator(nc)
@@ -75,7 +76,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
     bar = tqdm(loader, desc=_row(*TABLE_HEADER), leave=False, disable=not interactive(), bar_format="{l_bar}{bar:10}{r_bar}")
     for batch_number, batch in enumerate(bar):
         t0 = time.perf_counter()
-        images = to_model_input(batch.images, device)
+        images = to_model_input(batch.images, device, input_dtype)
         input_shape = tuple(images.shape)
         t1 = time.perf_counter()
         with autocast(device, amp_dtype):
@@ -209,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     if batch_size < 1 or img_size < 32 or opt.workers < 0:
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
     img_size = round_image_size(img_size, stride)
-    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp and not train_opt.get("no_amp", False))
+    weights_dtype = next(model.parameters()).dtype  # float64 from a train.py --float64 run, evaluated as it was
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp and not train_opt.get("no_amp", False),
+                              weights=weights_dtype)
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                       iou_thres=opt.iou_thres, max_det=opt.max_det, keep_predictions=opt.save_json,
                       plot_dir=None if opt.no_plots else run_dir)
     weights_used = checkpoint.get("source") or ("raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)")
-    LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype)}")
+    LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype, weights_dtype)}")
     LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.parse import read_model_yaml  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
-from train import build_train_loader, seed_everything  # noqa: E402
+from train import seed_everything  # noqa: E402
+from utils.dataset import build_train_loader  # noqa: E402
 from utils.checkpoint import load_for_inference  # noqa: E402
 from utils.config_files import resolve_config_path  # noqa: E402
 from utils.data_config import load_dataset_config  # noqa: E402

@@ -23,10 +23,11 @@ from utils.hyp import load_hyp
 from utils.synthetic_shapes import CLASS_NAMES
 
 
-def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES)) -> dict:
-    """A checkpoint of our format holding a yolov5n with random weights and BatchNorm statistics."""
+def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES), dtype: torch.dtype = torch.float32) -> dict:
+    """A checkpoint of our format holding a yolov5n with random weights and BatchNorm statistics
+    (float64 ones as train.py --float64 writes)."""
     torch.manual_seed(seed)
-    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=nc)
+    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=nc).to(dtype)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.dtype.is_floating_point and "anchors" not in name:
@@ -76,6 +77,8 @@ def test_uniform_by_default(three_checkpoints, tmp_path):
 @pytest.mark.parametrize("coef, message", [
     (["0.5", "0.6", "0.2"], r"--coef must sum to 1 \(an average\), but 0.5 \+ 0.6 \+ 0.2 = 1.3"),
     (["0.5", "0.5"], "--coef gives 2 coefficients for 3 checkpoints"),
+    (["nan", "0.5", "0.5"], "--coef nan 0.5 0.5: coefficients of an average are finite and not negative"),
+    (["2", "-0.5", "-0.5"], "--coef 2 -0.5 -0.5: coefficients of an average are finite and not negative"),
 ])
 def test_bad_coefficients_are_refused(three_checkpoints, tmp_path, coef, message):
     with pytest.raises(UserError, match=message):
@@ -134,3 +137,34 @@ def test_batchnorm_recalibration_gives_the_statistics_of_the_data():
     torch.testing.assert_close(model[1].running_mean, means, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model[1].running_var, variances, rtol=1e-5, atol=1e-6)
     assert seen == 10 and model[1].momentum == 0.03 and not model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "float64"])
+def test_recalibrated_average_keeps_the_averaged_weights_and_recomputes_batchnorm(tmp_path, tiny_dataset, dtype):
+    """--recalibrate-bn: every parameter is the plain average, every BatchNorm's statistics are
+    recomputed on the training images, in the checkpoints' dtype; val.py reads the result."""
+    paths = [tmp_path / f"{name}.pt" for name in "ab"]
+    for seed, path in enumerate(paths, start=1):
+        write_checkpoint(path, seed, dtype=dtype)
+    plain, recalibrated = tmp_path / "plain.pt", tmp_path / "recalibrated.pt"
+    average.main(["--weights", *map(str, paths), "--out", str(plain)])
+    average.main(["--weights", *map(str, paths), "--data", str(tiny_dataset), "--recalibrate-bn", "--workers", "0",
+                  "--out", str(recalibrated)])
+    plain_state, result = torch.load(plain, weights_only=True), torch.load(recalibrated, weights_only=True)
+    assert "BatchNorm statistics recomputed on 16 augmented training images" in result["source"]
+    for name, tensor in result["ema"].items():
+        assert tensor.dtype == plain_state["ema"][name].dtype
+        if "running_" in name:
+            assert not torch.allclose(tensor, plain_state["ema"][name]), name
+        elif tensor.dtype.is_floating_point:
+            assert torch.equal(tensor, plain_state["ema"][name]), name
+    assert val.main(["--weights", str(recalibrated), "--data", str(tiny_dataset), "--no-plots", "--workers", "0"]) == 0
+
+
+def test_a_non_finite_average_is_refused(three_checkpoints, tmp_path):
+    broken = torch.load(three_checkpoints[1], weights_only=True)
+    broken["ema"]["model.0.conv.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(broken, three_checkpoints[1])
+    with pytest.raises(UserError, match="the average is not finite in 'model.0.conv.weight'"):
+        average.main(["--weights", *map(str, three_checkpoints), "--out", str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.pt").exists()

@@ -149,12 +149,14 @@ def test_loss_over_two_ranks_gives_the_one_process_gradient():
 
 
 # End to end under torchrun: two gloo processes against one process with the same global batch.
-# Batch 8 of 16 images: 2 global batches per epoch, 4 images per rank. fp32, since bf16 rounds
-# activations differently when a conv sees 4 images instead of 8; SGD, whose steps are linear in
-# the gradient, where Adam's would hide a wrongly scaled loss and turn rounding noise in
-# near-zero gradients into full-size steps.
+# Batch 8 of 16 images: 2 global batches per epoch, 4 images per rank. In float64: in fp32, one
+# process with 2 threads instead of 1 already ends up to 2.4e-3 (relative) away in BatchNorm
+# biases, whose gradients are small sums of large terms that cancel, so fp32 could not tell a
+# 1e-3 error in the distributed arithmetic from rounding. In float64 the same runs agree to ~1e-11.
+# SGD, whose steps are linear in the gradient, where Adam's would hide a wrongly scaled loss.
 DDP_TINY = ("--imgsz", "64", "--batch-size", "8", "--workers", "1", "--cfg", "yolov5n.yaml", "--sync-bn",
-            "--deterministic", "--no-amp", "--optimizer", "SGD", "--no-plots", "--save-period", "1")
+            "--deterministic", "--float64", "--optimizer", "SGD", "--no-plots", "--save-period", "1")
+AGREEMENT = 1e-8  # relative, per tensor: the issue asks for 1e-4; float64 runs measured up to ~1e-11
 
 
 def torchrun(*args: str) -> list[str]:
@@ -162,9 +164,9 @@ def torchrun(*args: str) -> list[str]:
             str(REPO_ROOT / "train.py"), *args]
 
 
-def run_command(command: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+def run_command(command: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -180,37 +182,33 @@ def load(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_and_single_runs(tiny_dataset, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """The same 3-epoch run under torchrun (2 processes), in one process, and in one process with
-    2 threads instead of 1 (fp32's own reproducibility under another summation order)."""
+def ddp_and_single_runs(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """The same 3-epoch run under torchrun (2 processes) and in one process."""
     project = tmp_path_factory.mktemp("ddp")
     common = ("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--project", str(project))
     run_command(torchrun(*common, "--name", "ddp"))
     run_command([sys.executable, str(REPO_ROOT / "train.py"), *common, "--name", "single"])
-    run_command([sys.executable, str(REPO_ROOT / "train.py"), *common, "--name", "single-2-threads"], threads=2)
-    return project / "ddp", project / "single", project / "single-2-threads"
+    return project / "ddp", project / "single"
+
+
+def assert_same_ema(final: dict, expected: dict) -> None:
+    assert final["updates"] == expected["updates"] > 0
+    assert final["ema"].keys() == expected["ema"].keys()
+    differences = relative_differences(final["ema"], expected["ema"])
+    worst = max(differences, key=differences.get)
+    print(f"EMA relative differences: largest {differences[worst]:.2e} ({worst})")
+    for key, difference in differences.items():
+        assert difference < AGREEMENT, (key, difference)
 
 
 @pytest.mark.slow
 def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
-    """Same update count and EMA within 1e-4 per tensor, except where fp32 itself does not
-    reproduce a tensor that well: BatchNorm biases start at 0 and after a few steps are sums of
-    gradients that cancel almost exactly, so one process with 2 threads differs from one with 1
-    thread by up to ~1e-3 there. Those must be within twice that floor. (tests above: with
-    float64 the two ranks' gradients equal one process's to 1e-9.)"""
-    ddp_dir, single_dir, threads_dir = ddp_and_single_runs
+    """Same update count, and every EMA tensor equal to one process's up to float64 rounding; the
+    checkpoint has no DDP 'module.' prefixes."""
+    ddp_dir, single_dir = ddp_and_single_runs
     ddp, single = load(ddp_dir / "weights" / "last.pt"), load(single_dir / "weights" / "last.pt")
-    assert ddp["updates"] == single["updates"] > 0
-    assert not any(k.startswith("module.") for k in ddp["ema"]) and ddp["ema"].keys() == single["ema"].keys()
-    differences = relative_differences(ddp["ema"], single["ema"])
-    floor = relative_differences(load(threads_dir / "weights" / "last.pt")["ema"], single["ema"])
-    worst = max(differences, key=differences.get)
-    noisy = {k for k in floor if floor[k] > 1e-4}
-    print(f"EMA relative differences: largest {differences[worst]:.2e} ({worst}; 2 threads vs 1: {floor[worst]:.2e}); "
-          f"largest outside fp32's noise floor {max(v for k, v in differences.items() if k not in noisy):.2e}; "
-          f"largest ratio to the floor {max(differences[k] / floor[k] for k in noisy):.2f}")
-    for key, difference in differences.items():
-        assert difference < max(1e-4, 2 * floor[key]), (key, difference, floor[key])
+    assert not any(k.startswith("module.") for k in (*ddp["ema"], *ddp["model"]))
+    assert_same_ema(ddp, single)
 
 
 @pytest.mark.slow
@@ -253,7 +251,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs,
 def test_resume_across_process_counts(ddp_and_single_runs, tmp_path, direction):
     """A checkpoint of the first epoch written by 2 processes resumes in 1, and the other way
     round, ending where the run of the other kind ended (same global batch, so same steps)."""
-    ddp_dir, single_dir, threads_dir = ddp_and_single_runs
+    ddp_dir, single_dir = ddp_and_single_runs
     source, reference = (ddp_dir, single_dir) if direction == "ddp-to-single" else (single_dir, ddp_dir)
     last = tmp_path / "exp" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
@@ -261,19 +259,17 @@ def test_resume_across_process_counts(ddp_and_single_runs, tmp_path, direction):
     resume = [sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(last)] \
         if direction == "ddp-to-single" else torchrun("--resume", str(last))
     run_command(resume)
-    final, expected = load(last), load(reference / "weights" / "last.pt")
-    assert final["updates"] == expected["updates"]
-    differences = relative_differences(final["ema"], expected["ema"])
-    floor = relative_differences(load(threads_dir / "weights" / "last.pt")["ema"],
-                                 load(single_dir / "weights" / "last.pt")["ema"])
-    for key, difference in differences.items():  # as in the test above
-        assert difference < max(1e-4, 2 * floor[key]), (key, difference, floor[key])
+    assert_same_ema(load(last), load(reference / "weights" / "last.pt"))
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, tiny_dataset):
-    """val.py (one process) on the torchrun run's last.pt prints the mAP rank 0 logged for it."""
+def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, tiny_dataset, tmp_path):
+    """val.py (one process) on the torchrun run's last.pt (float64 weights) prints the mAP rank 0
+    logged for it, and detect.py runs it."""
     ddp_dir = ddp_and_single_runs[0]
+    detected = run_script("detect.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--source",
+                          str(tiny_dataset.parent / "shapes" / "images" / "val"), "--project", str(tmp_path))
+    assert detected.returncode == 0 and "8 images" in detected.stdout, detected.stdout + detected.stderr
     result = run_script("val.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--data", str(tiny_dataset),
                         "--imgsz", "64")
     assert result.returncode == 0, result.stdout + result.stderr

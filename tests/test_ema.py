@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA, pack_state
+from utils.ema import ModelEMA, UniformAverage, pack_state
 from utils.optim import optimizer_step
 
 
@@ -164,3 +164,22 @@ def test_packed_tensor_replaced_on_its_own_is_refused_at_the_next_save():
     ema.update(model)
     with pytest.raises(RuntimeError, match=r"'1.running_var' of the model was replaced"):
         ema.state_dict()
+
+
+def test_uniform_average_equals_torch_averaged_model():
+    """UniformAverage (SWA's running mean on the EMA machinery) against torch's AveragedModel with
+    its default equal-weight average, parameters and BatchNorm statistics alike; integer buffers
+    (num_batches_tracked) are the model's latest, as in the EMA."""
+    model = small_net()
+    reference = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    ours = UniformAverage(model)
+    for step in range(4):
+        perturb(model, seed=step)
+        ours.update(model)
+        reference.update_parameters(model)
+    assert ours.updates == 4
+    for (name, expected), actual in zip(reference.module.state_dict().items(), ours.module.state_dict().values()):
+        if expected.dtype.is_floating_point:
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(actual, model.state_dict()[name]), name

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,19 @@ def test_swa_is_the_average_of_the_last_epochs_ema(swa_run):
     assert "SWA of the ema weights at the end of the last 2 epochs" in swa["source"]
 
 
-def test_val_raw_adds_the_raw_model_columns(swa_run):
+def test_val_raw_adds_the_raw_model_columns(swa_run, tiny_dataset, capsys):
+    """results.csv's raw/ columns hold the raw model's metrics: the last row's are what val.py
+    --raw prints for last.pt's model weights (at 3 tiny epochs both are still near 0: the
+    column mapping itself is pinned in test_train_cli.py)."""
     with open(swa_run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95"} <= set(rows[0])
     assert len(rows) == 3
+    assert val.main(["--weights", str(swa_run / "weights" / "last.pt"), "--data", str(tiny_dataset), "--raw",
+                     "--no-plots", "--workers", "0"]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["all"])
+    columns = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
+    assert [float(v) for v in row[3:7]] == [float(f"{float(rows[-1][f'raw/{c}']):.3g}") for c in columns]
 
 
 def test_val_and_detect_read_swa_pt(swa_run, tiny_dataset, tmp_path, capsys):
@@ -67,6 +76,7 @@ def test_no_ema_saves_the_raw_weights_and_says_so(tiny_dataset, tmp_path):
                         "--project", str(tmp_path), "--name", "raw")
     assert result.returncode == 0, result.stdout + result.stderr
     last = load(tmp_path / "raw" / "weights" / "last.pt")
+    assert "--no-ema: no weight averaging" in result.stdout
     assert last["ema_decay"] == 0.0 and last["opt"]["no_ema"]
     for name, tensor in last["model"].items():
         assert torch.equal(last["ema"][name], tensor), name
@@ -89,3 +99,19 @@ def test_fine_tuning_starts_from_the_chosen_weights_and_rebuilds_the_head(swa_ru
     frozen = "model.0.conv.weight"  # --freeze 10 keeps the backbone's convolutions as they were transferred
     assert torch.equal(tuned["model"][frozen], source[frozen])
     assert not torch.equal(source[frozen], load(swa_run / "weights" / "last.pt")["ema" if raw else "model"][frozen])
+
+
+def test_resume_continues_the_swa_average(swa_run, tmp_path):
+    """A run resumed from its epoch-1 checkpoint (one of two SWA snapshots taken) ends with the
+    same SWA average as the run that went straight through."""
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(swa_run / "weights" / "epoch1.pt", last)
+    assert load(last)["swa"]["updates"] == 1
+    result = run_script("train.py", "--resume", str(last))
+    assert result.returncode == 0, result.stdout + result.stderr
+    resumed, straight = load(last.parent / "swa.pt")["swa"], load(swa_run / "weights" / "swa.pt")["swa"]
+    assert resumed["updates"] == straight["updates"] == 2
+    for name, tensor in straight["module"].items():
+        if tensor.dtype.is_floating_point:
+            assert (resumed["module"][name].double() - tensor.double()).abs().max() < 1e-6, name

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
+import torch
 
 import train
 from utils.errors import UserError
@@ -15,6 +19,8 @@ from utils.errors import UserError
     (["--hyp", "no_such_hyp.yaml"], "cannot read hyperparameter file"),
     (["--cfg", "no_such_model.yaml"], "cannot read model YAML"),
     (["--weights", "no_such.pt"], "does not exist"),
+    (["--raw"], "--raw picks the raw weights of the --weights checkpoint; give --weights too"),
+    (["--swa-epochs", "2"], "--swa-epochs 2 must be between 0 and --epochs 1"),
 ])
 def test_bad_options_leave_no_run_folder(tiny_dataset, tmp_path, extra, message):
     project = tmp_path / "runs"
@@ -33,3 +39,18 @@ def test_global_batch_must_split_evenly_over_torchrun_processes(monkeypatch, tin
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
     with pytest.raises(UserError, match="--batch-size 3 is the global batch: it must be a multiple of the 2"):
         train.main(["--data", str(tiny_dataset), "--batch-size", "3"])
+
+
+def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
+    """--val-raw: the EMA's metrics go to metrics/, the raw model's to raw/, column for column."""
+    def result(p, r, m50, m):
+        return SimpleNamespace(metrics=SimpleNamespace(precision=p, recall=r, map50=m50, map50_95=m),
+                               loss=np.array([0.1, 0.2, 0.3]))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    row = train.results_row([1.0, 2.0, 3.0], result(0.5, 0.6, 0.7, 0.4), optimizer, ema_updates=7, val_raw=True,
+                            raw_result=result(0.3, 0.2, 0.25, 0.1))
+    columns = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
+    assert [row[f"metrics/{c}"] for c in columns] == [0.5, 0.6, 0.7, 0.4]
+    assert [row[f"raw/{c}"] for c in columns] == [0.3, 0.2, 0.25, 0.1]
+    assert row["ema/updates"] == 7 and row["val/cls_loss"] == 0.3
+    assert not any(k.startswith("raw/") for k in train.results_row([1.0, 2.0, 3.0], None, optimizer, 7))

@@ -2,11 +2,12 @@
 
 Keys: format, format_version, epoch (last completed, 0-based), best_fitness, best_epoch,
 finished, loop (where training goes on: next epoch and batch, the epoch's loss sums and step
-counters), model (fp32 state dict of the raw model: training resumes from it), ema (fp32
-state dict), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
+counters), model (fp32 state dict of the raw model, float64 with train.py --float64: training resumes
+from it), ema (state dict, same dtype), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
 (the run's options), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average
-so far, or None), date, versions. swa.pt and average.py's output have the same keys, with the
-averaged weights as both ema and model and a 'source' line saying what they average.
+so far, or None), date, versions. swa.pt has the same keys and average.py's output those that
+val.py and detect.py read, each with the averaged weights as both ema and model and a 'source'
+line saying what they average.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
     if state is None:
         raise UserError(f"{source} holds no '{weights}' weights")
     model = DetectionModel(checkpoint["model_yaml"])
+    if any(t.dtype == torch.float64 for t in state.values()):
+        model.double()  # a train.py --float64 run's weights stay in double precision
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -122,7 +125,7 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
 def make_checkpoint(*, loop: dict, finished: bool, model: torch.nn.Module, ema: ModelEMA,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                     names: list[str], hyp: dict, opt: dict, swa: ModelEMA | None = None) -> dict:
-    """Everything needed to resume exactly, as plain types and fp32 tensors (see the module docstring).
+    """Everything needed to resume exactly, as plain types and tensors (see the module docstring).
 
     `loop` is the loop position: the next epoch and batch to run and the running totals of that
     epoch; `epoch` is the last completed epoch (-1 inside the first)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import cv2
@@ -20,8 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from utils.augment import (augment_hsv, flip_left_right, flip_up_down, letterbox, mixup, mosaic_canvas,
                            pixel_augmentations, random_perspective)
 from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
+from utils.data_config import DatasetConfig
+from utils.dist import World, local_main_first
 from utils.errors import UserError
-from utils.labels import LabelScan
+from utils.labels import LabelScan, scan_split
 from utils.log import LOGGER
 
 # Stream tags keep the sample-order generator apart from the per-sample generators.
@@ -254,3 +257,22 @@ def _available_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
+                       single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
+                       epochs: int, world: World = World()) -> torch.utils.data.DataLoader:
+    """The augmenting training loader over the verified train split (mosaic closed for the last
+    hyp['close_mosaic'] of `epochs`); problem files go to report_path. Under torchrun it yields
+    this rank's batch_size / world.size images of each global batch."""
+    with local_main_first(world):  # one process per machine writes the label cache, the others read it
+        scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
+    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
+                               mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
+    if cache == "ram":  # every process of the machine holds its own copy
+        dataset.cache_images_in_ram(max_share=0.7 / world.local_size)
+    elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
+        dataset.cache_images_in_ram(max_share=0.1 / world.local_size, quiet=True)
+    return build_dataloader(dataset, batch_size // world.size, workers, shuffle=True, seed=seed,
+                            pin_memory=pin_memory, rank=world.rank, world_size=world.size,
+                            processes_per_machine=world.local_size)

@@ -51,9 +51,10 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """The autocast dtype to train and validate with, or None for full fp32."""
-    if not enabled:
+def amp_dtype_for(device: torch.device, enabled: bool, weights: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The autocast dtype to train and validate with, or None for full precision (fp32, or float64
+    weights: train.py --float64 runs are checked and evaluated without autocast)."""
+    if not enabled or weights == torch.float64:
         return None
     if device.type == "cuda":
         return torch.float16
@@ -69,11 +70,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def describe_precision(dtype: torch.dtype | None) -> str:
+def describe_precision(dtype: torch.dtype | None, weights: torch.dtype = torch.float32) -> str:
+    """How a run computes, for its log: the autocast dtype, or the weights' own precision."""
+    if weights == torch.float64:
+        return "float64"
     return {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bfloat16 autocast"}[dtype]
 
 
-def to_model_input(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, 3, H, W) uint8 batch -> float in [0, 1] on `device`, channels_last (faster convolutions
+def to_model_input(images_uint8: torch.Tensor, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) uint8 batch -> `dtype` in [0, 1] on `device`, channels_last (faster convolutions
     on CPU and on CUDA tensor cores; the model is converted to match)."""
-    return images_uint8.to(device, non_blocking=True, memory_format=torch.channels_last).float() / 255
+    return images_uint8.to(device, non_blocking=True, memory_format=torch.channels_last).to(dtype) / 255

@@ -217,4 +217,5 @@ class UniformAverage(ModelEMA):
         super().__init__(model, decay=1.0, tau=1.0, updates=updates)
 
     def current_decay(self) -> float:
+        """d = (n - 1) / n for the n-th update: the new snapshot weighs 1/n."""
         return (self.updates - 1) / self.updates if self.updates else 0.0

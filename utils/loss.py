@@ -67,7 +67,7 @@ class DetectionLoss:
         raw = [p.to(torch.promote_types(p.dtype, torch.float32)) for p in raw]  # float32 under any autocast
         device = raw[0].device
         box_sums, obj_sums, cls_sums, positives, cells = [], [], [], [], []
-        assigned = self.assign_targets(raw, targets.to(device))
+        assigned = self.assign_targets(raw, targets.to(device, raw[0].dtype))
         for level, (pred, (image, anchor, gy, gx, box, cls, anchor_wh)) in enumerate(zip(raw, assigned)):
             target_obj = torch.zeros(pred.shape[:4], dtype=pred.dtype, device=device)
             box_sum = cls_sum = torch.zeros((), dtype=pred.dtype, device=device)
@@ -109,16 +109,17 @@ class DetectionLoss:
         """
         device = targets.device
         num_targets = targets.shape[0]
-        anchor_ids = torch.arange(self.na, device=device, dtype=torch.float32).view(self.na, 1).expand(self.na, num_targets)
+        anchor_ids = torch.arange(self.na, device=device, dtype=targets.dtype).view(self.na, 1).expand(self.na, num_targets)
         # (na, nt, 7): image, class, cx, cy, w, h, anchor index
         per_anchor = torch.cat((targets.expand(self.na, num_targets, 6), anchor_ids[..., None]), dim=2)
-        offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device).float() * NEIGHBOUR_MARGIN
+        offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device, dtype=targets.dtype)
+        offsets *= NEIGHBOUR_MARGIN
 
         assigned = []
         for level, pred in enumerate(raw):
             anchors = self.head.anchors[level].to(device)  # (na, 2) in cells
             grid_h, grid_w = pred.shape[2], pred.shape[3]
-            scale = torch.tensor([1, 1, grid_w, grid_h, grid_w, grid_h, 1], device=device, dtype=torch.float32)
+            scale = torch.tensor([1, 1, grid_w, grid_h, grid_w, grid_h, 1], device=device, dtype=targets.dtype)
             t = per_anchor * scale  # boxes in grid cells
             if num_targets:
                 ratio = t[..., 4:6] / anchors[:, None]
