@@ -155,9 +155,9 @@ def poisoned(call_numbers: set[int] | None = None, from_call: int | None = None)
     calls = {"n": 0}
     real = train.to_model_input
 
-    def to_model_input(images, device):
+    def to_model_input(images, device, dtype=torch.float32):
         calls["n"] += 1
-        x = real(images, device)
+        x = real(images, device, dtype)
         if (call_numbers and calls["n"] in call_numbers) or (from_call and calls["n"] >= from_call):
             x = x * float("nan")
         return x
