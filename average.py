@@ -9,7 +9,7 @@ in name, shape or dtype are refused, naming the first difference (--no-strict ke
 from the first file and lists them). BatchNorm statistics of an average are averages of
 statistics, not statistics of the averaged network: --recalibrate-bn recomputes them over one
 epoch of --data's training batches, augmented as in training (the statistics the weights were
-trained under; see train.py's finish_swa).
+trained under; see utils/averaging.py's recalibrate_on_training_batches).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import torch
 from models.yolo import DetectionModel
 from utils.atomic_write import atomic_write
 from utils.augment import round_image_size
-from utils.averaging import average_state_dicts, recalibrate_on_training_batches, resolve_coefficients
+from utils.averaging import (average_state_dicts, first_non_finite, recalibrate_on_training_batches,
+                             resolve_coefficients)
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, serialise
 from utils.data_config import load_dataset_config
-from utils.device import amp_dtype_for, select_device
+from utils.dataset import build_train_dataset
+from utils.device import inference_amp_dtype, select_device
 from utils.errors import UserError, run_cli
 from utils.log import LOGGER, setup_logging
 
@@ -41,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recalibrate-bn", action="store_true", help="recompute BatchNorm statistics on --data's train split")
     p.add_argument("--data", default=None, help="dataset YAML for --recalibrate-bn")
     p.add_argument("--imgsz", type=int, default=None, help="image size for --recalibrate-bn (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size for --recalibrate-bn")
-    p.add_argument("--workers", type=int, default=2, help="dataloader workers for --recalibrate-bn")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size for --recalibrate-bn (default: the run's batch per process)")
+    p.add_argument("--workers", type=int, default=None, help="dataloader workers for --recalibrate-bn (default 2)")
     p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
     return p.parse_args(argv)
 
@@ -55,11 +58,16 @@ def averaged_checkpoint(checkpoints: list[dict], paths: list[str], coefficients:
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint.get(source) is None:
             raise UserError(f"{path} holds no '{source}' weights")
+        not_finite = first_non_finite(checkpoint[source])
+        if not_finite is not None:
+            raise UserError(f"{path}: its '{source}' weights hold NaN or inf in '{not_finite}'; leave it out of "
+                            "the average")
         states.append(checkpoint[source])
     averaged, kept = average_state_dicts(states, coefficients, strict=strict, labels=paths)
     recipe = ", ".join(f"{p} x {c:g}" for p, c in zip(paths, coefficients))
     first = checkpoints[0]
-    result = {key: first[key] for key in ("format", "format_version", "model_yaml", "names", "hyp", "opt")}
+    result = {key: first.get(key) for key in ("format", "format_version", "model_yaml", "names", "hyp", "opt",
+                                              "world_size")}
     result.update({"epoch": first.get("epoch", -1), "best_fitness": 0.0, "best_epoch": -1, "finished": True,
                    "loop": first.get("loop"), "ema": averaged, "model": averaged, "updates": 0,
                    "ema_decay": first.get("ema_decay"), "ema_tau": first.get("ema_tau"), "optimizer": None,
@@ -76,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--weights needs at least two checkpoints to average")
     if opt.recalibrate_bn and not opt.data:
         raise UserError("--recalibrate-bn needs --data: the dataset whose training images give the statistics")
-    if opt.batch_size < 1 or opt.workers < 0 or (opt.imgsz is not None and opt.imgsz < 32):
+    if (opt.batch_size is not None and opt.batch_size < 1) or (opt.workers is not None and opt.workers < 0) \
+            or (opt.imgsz is not None and opt.imgsz < 32):
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
+    unused = [name for name in ("data", "imgsz", "batch_size", "workers") if getattr(opt, name) is not None]
+    if unused and not opt.recalibrate_bn:
+        LOGGER.warning(f"WARNING: {', '.join('--' + n.replace('_', '-') for n in unused)} only serve "
+                       "--recalibrate-bn, which was not given: BatchNorm statistics stay averaged")
+    out = Path(opt.out)
+    if any(out.resolve() == Path(path).resolve() for path in opt.weights):
+        raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
     coefficients = resolve_coefficients(opt.coef, len(opt.weights))
     checkpoints = [load_checkpoint(path) for path in opt.weights]
     result, kept = averaged_checkpoint(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
@@ -87,33 +103,41 @@ def main(argv: list[str] | None = None) -> int:
     if opt.recalibrate_bn:
         device = select_device(opt.device)
         model = model_from_checkpoint(result, "ema", source=opt.out).to(device, memory_format=torch.channels_last)
-        images = recalibrate_on_train_split(model, result, opt, device)
+        last_epoch = max(int(c.get("epoch", 0)) for c in checkpoints)  # the newest weights' augmentation
+        images = recalibrate_on_train_split(model, result, last_epoch, opt, device)
         result["ema"] = result["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         result["source"] += f"; BatchNorm statistics recomputed on {images} augmented training images"
-    not_finite = next((k for k, v in result["ema"].items() if v.is_floating_point() and not v.isfinite().all()), None)
-    if not_finite is not None:
-        raise UserError(f"the average is not finite in '{not_finite}': a checkpoint holds NaN or inf there; "
-                        f"{opt.out} was not written")
-    atomic_write(Path(opt.out), serialise(result))
+        not_finite = first_non_finite(result["ema"])
+        if not_finite is not None:
+            raise UserError(f"BatchNorm recalibration gave NaN or inf in '{not_finite}' (the average's activations "
+                            f"overflow on --data's images); {opt.out} was not written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, serialise(result))
+    except OSError as error:
+        raise UserError(f"could not write --out {opt.out}: {error.strerror or error}") from None
     LOGGER.info(f"{result['source']}\nSaved {opt.out}")
     return 0
 
 
-def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, opt: argparse.Namespace,
+def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, epoch: int, opt: argparse.Namespace,
                                device: torch.device) -> int:
-    """BatchNorm statistics of `model` recomputed on the train split of --data; returns the image count."""
+    """BatchNorm statistics of `model` recomputed on the train split of --data, augmented as the run
+    augmented `epoch`; returns the image count."""
     data = load_dataset_config(opt.data)
     train_opt = checkpoint.get("opt") or {}
     single_cls = bool(train_opt.get("single_cls", False))
     if (1 if single_cls else data.nc) != model.nc:
         raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {data.nc}")
     img_size = round_image_size(opt.imgsz or int(train_opt.get("imgsz", 640)), int(model.stride.max()))
-    amp_dtype = amp_dtype_for(device, enabled=not train_opt.get("no_amp", False),
-                              weights=next(model.parameters()).dtype)
-    return recalibrate_on_training_batches(model, data, checkpoint["hyp"], img_size=img_size,
-                                           batch_size=opt.batch_size, epochs=int(train_opt.get("epochs", 1)),
-                                           seed=int(train_opt.get("seed", 0)), single_cls=single_cls,
-                                           workers=opt.workers, cache="off", device=device, amp_dtype=amp_dtype)
+    seed = int(train_opt.get("seed", 0))
+    dataset = build_train_dataset(data, checkpoint["hyp"], img_size, seed, single_cls, cache="off", report_path=None,
+                                  epochs=int(train_opt.get("epochs", epoch + 1)))
+    # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
+    batch_size = opt.batch_size or max(int(train_opt.get("batch_size", 16)) // int(checkpoint.get("world_size") or 1), 1)
+    return recalibrate_on_training_batches(model, dataset, epoch=epoch, batch_size=batch_size,
+                                           workers=2 if opt.workers is None else opt.workers, seed=seed, device=device,
+                                           amp_dtype=inference_amp_dtype(model, device, not train_opt.get("no_amp", False)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import math
 import os
 import random
@@ -32,7 +31,7 @@ from models.yolo import DetectionModel
 from utils.augment import round_image_size
 from utils.averaging import recalibrate_on_training_batches
 from utils.checkpoint import (CheckpointWriter, ema_state, load_checkpoint, load_for_inference, make_checkpoint,
-                              restore_rng_state, save_checkpoint, transfer_matching_weights)
+                              model_from_checkpoint, restore_rng_state, save_checkpoint, transfer_matching_weights)
 from utils.config_files import resolve_config_path
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import build_train_loader
@@ -333,17 +332,18 @@ def results_row(mean_loss: list[float], result: EvalResult | None, optimizer: to
     return row
 
 
-def finish_swa(swa: UniformAverage, last: dict, data: DatasetConfig, opt: argparse.Namespace, hyp: dict,
+def finish_swa(swa: UniformAverage, last: dict, train_loader: torch.utils.data.DataLoader, opt: argparse.Namespace,
                device: torch.device, amp_dtype: torch.dtype | None, val_loader: torch.utils.data.DataLoader,
                weights_dir: Path) -> None:
     """Recompute the SWA average's BatchNorm statistics on the last epoch's training batches
     (augmented: see recalibrate_on_training_batches), validate it and save weights/swa.pt (the
     checkpoint format, with the average as both 'ema' and 'model'; 'swa' keeps the plain average)."""
-    average = copy.deepcopy(swa.module)
-    images = recalibrate_on_training_batches(average, data, hyp, img_size=opt.imgsz, batch_size=opt.batch_size,
-                                             epochs=opt.epochs, seed=opt.seed, single_cls=opt.single_cls,
-                                             workers=opt.workers, cache=opt.cache or "auto", device=device,
-                                             amp_dtype=amp_dtype)
+    # Rebuilt from the checkpoint: plain BatchNorm where the run had SyncBatchNorm (rank 0 works alone here).
+    average = model_from_checkpoint({**last, "ema": swa.module.state_dict()}, "ema", source="the SWA average")
+    average.to(device, memory_format=torch.channels_last)
+    images = recalibrate_on_training_batches(average, train_loader.dataset, epoch=last["epoch"],
+                                             batch_size=train_loader.batch_size, workers=opt.workers, seed=opt.seed,
+                                             device=device, amp_dtype=amp_dtype)
     result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
     source = f"SWA of the {opt.swa_source} weights at the end of the last {swa.updates} epochs, " \
              f"BatchNorm statistics recomputed on {images} augmented training images"
@@ -369,7 +369,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     DistributedDataParallel; rank 0 alone keeps the EMA, validates, logs, plots and writes
     checkpoints while the others wait for its verdict on early stopping."""
     weights_dtype = torch.float64 if opt.float64 else torch.float32
-    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights=weights_dtype)
+    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=weights_dtype)
     weights_dir = run_dir / "weights"
     if world.is_main:
         weights_dir.mkdir(parents=True, exist_ok=True)
@@ -454,7 +454,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
 
     def checkpoint_now(finished: bool = False) -> dict:
         return make_checkpoint(loop=loop.state_dict(), finished=finished, model=model, ema=ema, optimizer=optimizer,
-                               scaler=scaler, names=names, hyp=hyp, opt=vars(opt), swa=swa)
+                               scaler=scaler, names=names, hyp=hyp, opt=vars(opt), world_size=world.size, swa=swa)
 
     started, first_epoch = time.time(), loop.epoch
     while loop.epoch < opt.epochs:
@@ -562,7 +562,7 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
     if plots:
         plot_results(logger.csv_path, run_dir / "results.png")
     if swa is not None and swa.updates:
-        finish_swa(swa, checkpoint_now(finished=True), data, opt, hyp, device, amp_dtype, val_loader, weights_dir)
+        finish_swa(swa, checkpoint_now(finished=True), train_loader, opt, device, amp_dtype, val_loader, weights_dir)
     elif swa is not None:
         LOGGER.warning(f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
                        "nothing and no swa.pt was written")

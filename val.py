@@ -26,7 +26,7 @@ from utils.coco_json import (category_ids, cached_ground_truth, image_ids, predi
 from utils.confusion import ConfusionMatrix
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import Batch, DetectionDataset, build_dataloader
-from utils.device import amp_dtype_for, autocast, describe_precision, select_device, to_model_input
+from utils.device import autocast, describe_precision, inference_amp_dtype, select_device, to_model_input
 from utils.errors import UserError, run_cli
 from utils.log import LOGGER, interactive, setup_logging
 from utils.loss import DetectionLoss
@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
-    parser.add_argument("--no-amp", action="store_true", help="run in fp32 (default: the training precision)")
+    parser.add_argument("--no-amp", action="store_true", help="no autocast: run in the weights' own precision, fp32 (float64 for a --float64 run); default: the training precision")
     add_run_dir_arguments(parser, "runs/val")
     return parser.parse_args(argv)
 
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
     img_size = round_image_size(img_size, stride)
     weights_dtype = next(model.parameters()).dtype  # float64 from a train.py --float64 run, evaluated as it was
-    amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp and not train_opt.get("no_amp", False),
-                              weights=weights_dtype)
+    amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp and not train_opt.get("no_amp", False))
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")

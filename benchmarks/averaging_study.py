@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from utils.checkpoint import load_for_inference  # noqa: E402
 from utils.data_config import load_dataset_config  # noqa: E402
-from utils.device import amp_dtype_for  # noqa: E402
+from utils.device import inference_amp_dtype, select_device  # noqa: E402
 from val import build_val_loader, evaluate  # noqa: E402
 
 
@@ -36,13 +36,15 @@ def run(*args: str) -> str:
 
 
 def validated_map(weights: Path, data: str) -> float:
-    """mAP@0.5:0.95 of a checkpoint's EMA entry on the val split, as val.py computes it (unrounded)."""
-    device = torch.device("cpu")
+    """mAP@0.5:0.95 of a checkpoint's EMA entry on the val split, as `val.py --weights W --data D`
+    computes it (its default device, the run's precision), unrounded."""
+    device = select_device("")
     checkpoint, model = load_for_inference(weights, "ema", device)
     config = load_dataset_config(data)
     loader = build_val_loader(config.val, config.nc, int(checkpoint["opt"]["imgsz"]), 32, 2, checkpoint["hyp"],
                               int(model.stride.max()))
-    return evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(device, enabled=True)).metrics.map50_95
+    amp_dtype = inference_amp_dtype(model, device, enabled=not checkpoint["opt"].get("no_amp", False))
+    return evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics.map50_95
 
 
 def plain_average_checkpoint(swa_path: Path) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 import average
 import detect
@@ -15,12 +16,15 @@ import val
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
 from utils.averaging import recalibrate_batchnorm
-from utils.checkpoint import FORMAT, FORMAT_VERSION
+from utils.checkpoint import FORMAT, FORMAT_VERSION, model_from_checkpoint
 from utils.config_files import resolve_config_path
-from utils.dataset import Batch
+from utils.data_config import load_dataset_config
+from utils.dataset import Batch, build_dataloader, build_train_dataset
+from utils.device import autocast, inference_amp_dtype, to_model_input
 from utils.errors import UserError
 from utils.hyp import load_hyp
 from utils.synthetic_shapes import CLASS_NAMES
+from val import build_val_loader
 
 
 def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES), dtype: torch.dtype = torch.float32) -> dict:
@@ -161,10 +165,56 @@ def test_recalibrated_average_keeps_the_averaged_weights_and_recomputes_batchnor
     assert val.main(["--weights", str(recalibrated), "--data", str(tiny_dataset), "--no-plots", "--workers", "0"]) == 0
 
 
-def test_a_non_finite_average_is_refused(three_checkpoints, tmp_path):
+def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoch(tmp_path, tiny_dataset):
+    """The statistics equal torch's update_bn over the training loader as it augmented the newest
+    input's epoch, in the run's batch, and are far from those of the plain letterboxed images."""
+    paths = [tmp_path / f"{name}.pt" for name in "ab"]
+    for seed, path in enumerate(paths, start=1):  # epochs 1 and 2
+        write_checkpoint(path, seed)
+    out = tmp_path / "recalibrated.pt"
+    average.main(["--weights", *map(str, paths), "--data", str(tiny_dataset), "--recalibrate-bn", "--workers", "0",
+                  "--out", str(out)])
+    result = torch.load(out, weights_only=True)
+    device, data = torch.device("cpu"), load_dataset_config(tiny_dataset)
+
+    def statistics_over(batches) -> dict[str, torch.Tensor]:
+        model = model_from_checkpoint(result, "ema").to(memory_format=torch.channels_last)
+        with autocast(device, inference_amp_dtype(model, device, enabled=True)):
+            update_bn((to_model_input(b.images, device) for b in batches), model)
+        return {k: v for k, v in model.state_dict().items() if "running_" in k}
+
+    augmented = build_dataloader(build_train_dataset(data, result["hyp"], 64, seed=0, single_cls=False, cache="off",
+                                                     report_path=None, epochs=3), batch_size=4, workers=0, shuffle=True)
+    augmented.sampler.set_epoch(2)
+    expected = statistics_over(augmented)
+    plain = statistics_over(build_val_loader(data.train, data.nc, 64, 4, 0, result["hyp"], 32))
+    far = 0
+    for name, tensor in expected.items():
+        torch.testing.assert_close(result["ema"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        far += not torch.allclose(result["ema"][name], plain[name], rtol=1e-2)
+    assert far > len(expected) // 2, f"only {far} of {len(expected)} statistics differ from the plain images'"
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(three_checkpoints, tmp_path):
     broken = torch.load(three_checkpoints[1], weights_only=True)
     broken["ema"]["model.0.conv.weight"][0, 0, 0, 0] = float("nan")
     torch.save(broken, three_checkpoints[1])
-    with pytest.raises(UserError, match="the average is not finite in 'model.0.conv.weight'"):
+    with pytest.raises(UserError, match=r"b.pt: its 'ema' weights hold NaN or inf in 'model.0.conv.weight'; leave it "
+                                        "out of the average"):
         average.main(["--weights", *map(str, three_checkpoints), "--out", str(tmp_path / "x.pt")])
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_an_input_is_never_overwritten_and_a_new_folder_is_made(three_checkpoints, tmp_path):
+    before = three_checkpoints[0].read_bytes()
+    with pytest.raises(UserError, match="a.pt is one of the --weights: write the average to a new file"):
+        average.main(["--weights", *map(str, three_checkpoints), "--out", str(three_checkpoints[0])])
+    assert three_checkpoints[0].read_bytes() == before
+    out = tmp_path / "new" / "folder" / "avg.pt"
+    assert average.main(["--weights", *map(str, three_checkpoints), "--out", str(out)]) == 0 and out.is_file()
+
+
+def test_recalibration_options_without_recalibrate_bn_are_named(three_checkpoints, tmp_path, capsys):
+    average.main(["--weights", *map(str, three_checkpoints[:2]), "--data", "x.yaml", "--workers", "0",
+                  "--out", str(tmp_path / "avg.pt")])
+    assert "--data, --workers only serve --recalibrate-bn, which was not given" in capsys.readouterr().out

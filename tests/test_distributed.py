@@ -152,11 +152,12 @@ def test_loss_over_two_ranks_gives_the_one_process_gradient():
 # Batch 8 of 16 images: 2 global batches per epoch, 4 images per rank. In float64: in fp32, one
 # process with 2 threads instead of 1 already ends up to 2.4e-3 (relative) away in BatchNorm
 # biases, whose gradients are small sums of large terms that cancel, so fp32 could not tell a
-# 1e-3 error in the distributed arithmetic from rounding. In float64 the same runs agree to ~1e-11.
+# 1e-3 error in the distributed arithmetic from rounding. In float64 the same runs agree to ~4e-12.
 # SGD, whose steps are linear in the gradient, where Adam's would hide a wrongly scaled loss.
 DDP_TINY = ("--imgsz", "64", "--batch-size", "8", "--workers", "1", "--cfg", "yolov5n.yaml", "--sync-bn",
-            "--deterministic", "--float64", "--optimizer", "SGD", "--no-plots", "--save-period", "1")
-AGREEMENT = 1e-8  # relative, per tensor: the issue asks for 1e-4; float64 runs measured up to ~1e-11
+            "--deterministic", "--float64", "--optimizer", "SGD", "--no-plots", "--save-period", "1",
+            "--swa-epochs", "2")
+AGREEMENT = 1e-8  # relative, per tensor: the issue asks for 1e-4; float64 runs measured up to ~5e-12
 
 
 def torchrun(*args: str) -> list[str]:
@@ -209,6 +210,10 @@ def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
     ddp, single = load(ddp_dir / "weights" / "last.pt"), load(single_dir / "weights" / "last.pt")
     assert not any(k.startswith("module.") for k in (*ddp["ema"], *ddp["model"]))
     assert_same_ema(ddp, single)
+    # SWA of the EMA: the same average; rank 0 recomputed its BatchNorm statistics alone, outside SyncBatchNorm
+    ddp_swa, single_swa = load(ddp_dir / "weights" / "swa.pt")["swa"], load(single_dir / "weights" / "swa.pt")["swa"]
+    assert ddp_swa["updates"] == single_swa["updates"] == 2
+    assert max(relative_differences(ddp_swa["module"], single_swa["module"]).values()) < AGREEMENT
 
 
 @pytest.mark.slow
@@ -241,9 +246,9 @@ def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs,
     assert "Resuming" in resumed.stdout and "epoch 0 of 3, batch 1" in resumed.stdout, resumed.stdout
     final, straight = load(last), load(ddp_dir / "weights" / "last.pt")
     assert final["updates"] == straight["updates"] and final["epoch"] == straight["epoch"] == 2
-    for state in ("ema", "model"):
+    for state in ("ema", "model"):  # the issue asks for 1e-6; float64 and --deterministic give bit equality
         for key, tensor in straight[state].items():
-            assert (final[state][key].double() - tensor.double()).abs().max() < 1e-6, (state, key)
+            assert torch.equal(final[state][key], tensor), (state, key)
 
 
 @pytest.mark.slow

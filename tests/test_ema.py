@@ -166,11 +166,14 @@ def test_packed_tensor_replaced_on_its_own_is_refused_at_the_next_save():
         ema.state_dict()
 
 
-def test_uniform_average_equals_torch_averaged_model():
+@pytest.mark.parametrize("packed", [False, True], ids=["foreach", "packed"])
+def test_uniform_average_equals_torch_averaged_model(packed):
     """UniformAverage (SWA's running mean on the EMA machinery) against torch's AveragedModel with
     its default equal-weight average, parameters and BatchNorm statistics alike; integer buffers
-    (num_batches_tracked) are the model's latest, as in the EMA."""
+    (num_batches_tracked) are the model's latest, as in the EMA. Packed: as train.py runs it."""
     model = small_net()
+    if packed:
+        pack_state(model)
     reference = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
     ours = UniformAverage(model)
     for step in range(4):

@@ -51,7 +51,7 @@ def test_swa_is_the_average_of_the_last_epochs_ema(swa_run):
 def test_val_raw_adds_the_raw_model_columns(swa_run, tiny_dataset, capsys):
     """results.csv's raw/ columns hold the raw model's metrics: the last row's are what val.py
     --raw prints for last.pt's model weights (at 3 tiny epochs both are still near 0: the
-    column mapping itself is pinned in test_train_cli.py)."""
+    modules evaluated and the column mapping are pinned in test_train_cli.py)."""
     with open(swa_run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95"} <= set(rows[0])

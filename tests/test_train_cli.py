@@ -54,3 +54,25 @@ def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
     assert [row[f"raw/{c}"] for c in columns] == [0.3, 0.2, 0.25, 0.1]
     assert row["ema/updates"] == 7 and row["val/cls_loss"] == 0.3
     assert not any(k.startswith("raw/") for k in train.results_row([1.0, 2.0, 3.0], None, optimizer, 7))
+
+
+def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_dataset, tmp_path, monkeypatch):
+    """With --val-raw each epoch evaluates the EMA (for metrics/) and then the raw model the
+    optimizer trains (for raw/, mapped in the test above): in the last epoch, exactly last.pt's
+    'ema' and 'model' weights, which differ."""
+    evaluated = []
+
+    def recording_evaluate(model, *args, **kwargs):
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return train_evaluate(model, *args, **kwargs)
+
+    train_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", recording_evaluate)
+    assert train.main(["--data", str(tiny_dataset), "--epochs", "2", "--imgsz", "64", "--batch-size", "4",
+                       "--workers", "0", "--no-plots", "--val-raw", "--project", str(tmp_path)]) == 0
+    last = torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)
+    assert len(evaluated) == 5  # EMA and raw in each epoch, then best.pt
+    ema_evaluated, raw_evaluated = evaluated[2], evaluated[3]
+    assert all(torch.equal(ema_evaluated[k], v) for k, v in last["ema"].items())
+    assert all(torch.equal(raw_evaluated[k], v) for k, v in last["model"].items())
+    assert not all(torch.equal(last["ema"][k], v) for k, v in last["model"].items())

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from utils.data_config import DatasetConfig
-from utils.dataset import build_train_loader
+from utils.dataset import DetectionDataset, build_dataloader
 from utils.device import autocast, to_model_input
 from utils.errors import UserError
 
@@ -43,6 +42,11 @@ def first_mismatch(reference: dict[str, torch.Tensor], other: dict[str, torch.Te
             return f"its tensor '{name}' is {other[name].dtype}, not {tensor.dtype}"
     extra = [name for name in other if name not in reference]
     return f"it has a tensor '{extra[0]}' that the first has not" if extra else None
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding NaN or inf, or None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]], coefficients: list[float],
@@ -92,17 +96,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.dev
     return seen
 
 
-def recalibrate_on_training_batches(model: nn.Module, data: DatasetConfig, hyp: dict, *, img_size: int,
-                                    batch_size: int, epochs: int, seed: int, single_cls: bool, workers: int,
-                                    cache: str, device: torch.device, amp_dtype: torch.dtype | None) -> int:
-    """recalibrate_batchnorm over one pass of the training batches as a run's last epoch made them,
-    augmentation included; returns the number of images seen.
+def recalibrate_on_training_batches(model: nn.Module, dataset: DetectionDataset, *, epoch: int, batch_size: int,
+                                    workers: int, seed: int, device: torch.device,
+                                    amp_dtype: torch.dtype | None) -> int:
+    """recalibrate_batchnorm over one pass of the augmenting training `dataset` as it made `epoch`
+    (the last epoch the weights were trained in: mosaic closed if it was), in batches of the size
+    BatchNorm saw in training; returns the number of images seen. `model` must hold plain
+    BatchNorm layers: update_bn runs it in train mode, where SyncBatchNorm would wait for the
+    other ranks.
 
     Why augmented: the weights were trained under the statistics of augmented batches, and
     statistics of plain letterboxed images shift every layer's normalisation away from what the
     next layer learned (shapes dataset, benchmarks/averaging_study.py's setting: mAP@0.5:0.95
     0.231 with plain images against 0.248 with these)."""
-    loader = build_train_loader(data, hyp, img_size, batch_size, workers, seed, single_cls, cache,
-                                pin_memory=False, report_path=None, epochs=epochs)
-    loader.sampler.set_epoch(epochs - 1)  # that epoch's augmentation: mosaic closed if it was
+    loader = build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed)
+    loader.sampler.set_epoch(max(epoch, 0))
     return recalibrate_batchnorm(model, loader, device, amp_dtype)

@@ -4,7 +4,7 @@ Keys: format, format_version, epoch (last completed, 0-based), best_fitness, bes
 finished, loop (where training goes on: next epoch and batch, the epoch's loss sums and step
 counters), model (fp32 state dict of the raw model, float64 with train.py --float64: training resumes
 from it), ema (state dict, same dtype), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
-(the run's options), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average
+(the run's options), world_size (its processes: opt's batch_size is split over them), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average
 so far, or None), date, versions. swa.pt has the same keys and average.py's output those that
 val.py and detect.py read, each with the averaged weights as both ema and model and a 'source'
 line saying what they average.
@@ -124,7 +124,7 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
 
 def make_checkpoint(*, loop: dict, finished: bool, model: torch.nn.Module, ema: ModelEMA,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                    names: list[str], hyp: dict, opt: dict, swa: ModelEMA | None = None) -> dict:
+                    names: list[str], hyp: dict, opt: dict, world_size: int = 1, swa: ModelEMA | None = None) -> dict:
     """Everything needed to resume exactly, as plain types and tensors (see the module docstring).
 
     `loop` is the loop position: the next epoch and batch to run and the running totals of that
@@ -150,6 +150,7 @@ def make_checkpoint(*, loop: dict, finished: bool, model: torch.nn.Module, ema: 
         "names": list(names),
         "hyp": dict(hyp),
         "opt": dict(opt),
+        "world_size": world_size,
         "rng": rng_state(),
         "swa": swa.state_dict() if swa is not None else None,  # --swa-epochs: the running average so far
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

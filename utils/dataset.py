@@ -259,12 +259,11 @@ def _available_memory_bytes() -> int | None:
     return None
 
 
-def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
-                       single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
-                       epochs: int, world: World = World()) -> torch.utils.data.DataLoader:
-    """The augmenting training loader over the verified train split (mosaic closed for the last
-    hyp['close_mosaic'] of `epochs`); problem files go to report_path. Under torchrun it yields
-    this rank's batch_size / world.size images of each global batch."""
+def build_train_dataset(data: DatasetConfig, hyp: dict, img_size: int, seed: int, single_cls: bool, cache: str,
+                        report_path: Path | None, epochs: int, world: World = World()) -> DetectionDataset:
+    """The augmenting dataset of the verified train split (mosaic closed for the last
+    hyp['close_mosaic'] of `epochs`), its images cached in RAM as `cache` says; problem files go
+    to report_path."""
     with local_main_first(world):  # one process per machine writes the label cache, the others read it
         scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
     dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
@@ -273,6 +272,15 @@ def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size
         dataset.cache_images_in_ram(max_share=0.7 / world.local_size)
     elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
         dataset.cache_images_in_ram(max_share=0.1 / world.local_size, quiet=True)
+    return dataset
+
+
+def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
+                       single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
+                       epochs: int, world: World = World()) -> torch.utils.data.DataLoader:
+    """The training loader over build_train_dataset. Under torchrun it yields this rank's
+    batch_size / world.size images of each global batch."""
+    dataset = build_train_dataset(data, hyp, img_size, seed, single_cls, cache, report_path, epochs, world)
     return build_dataloader(dataset, batch_size // world.size, workers, shuffle=True, seed=seed,
                             pin_memory=pin_memory, rank=world.rank, world_size=world.size,
                             processes_per_machine=world.local_size)

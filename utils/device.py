@@ -51,16 +51,21 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_dtype_for(device: torch.device, enabled: bool, weights: torch.dtype = torch.float32) -> torch.dtype | None:
+def amp_dtype_for(device: torch.device, enabled: bool, weights_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
     """The autocast dtype to train and validate with, or None for full precision (fp32, or float64
     weights: train.py --float64 runs are checked and evaluated without autocast)."""
-    if not enabled or weights == torch.float64:
+    if not enabled or weights_dtype == torch.float64:
         return None
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu" and cpu_supports_bf16():
         return torch.bfloat16
     return None
+
+
+def inference_amp_dtype(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.dtype | None:
+    """amp_dtype_for the dtype of `model`'s weights: a float64 checkpoint is evaluated as it was trained."""
+    return amp_dtype_for(device, enabled, weights_dtype=next(model.parameters()).dtype)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
