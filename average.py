@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
     unused = [name for name in ("data", "imgsz", "batch_size", "workers") if getattr(opt, name) is not None]
     if unused and not opt.recalibrate_bn:
-        LOGGER.warning(f"WARNING: {', '.join('--' + n.replace('_', '-') for n in unused)} only serve "
-                       "--recalibrate-bn, which was not given: BatchNorm statistics stay averaged")
+        LOGGER.warning(f"WARNING: --recalibrate-bn was not given, so {', '.join('--' + n.replace('_', '-') for n in unused)} "
+                       "went unused: BatchNorm statistics stay averaged")
     out = Path(opt.out)
     if any(out.resolve() == Path(path).resolve() for path in opt.weights):
         raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, serialise(result))
     except OSError as error:
-        raise UserError(f"could not write --out {opt.out}: {error.strerror or error}") from None
+        reason = f"{out.parent} is not a folder" if out.parent.exists() and not out.parent.is_dir() else \
+            error.strerror or error
+        raise UserError(f"could not write --out {opt.out}: {reason}") from None
     LOGGER.info(f"{result['source']}\nSaved {opt.out}")
     return 0
 

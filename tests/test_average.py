@@ -217,4 +217,4 @@ def test_an_input_is_never_overwritten_and_a_new_folder_is_made(three_checkpoint
 def test_recalibration_options_without_recalibrate_bn_are_named(three_checkpoints, tmp_path, capsys):
     average.main(["--weights", *map(str, three_checkpoints[:2]), "--data", "x.yaml", "--workers", "0",
                   "--out", str(tmp_path / "avg.pt")])
-    assert "--data, --workers only serve --recalibrate-bn, which was not given" in capsys.readouterr().out
+    assert "--recalibrate-bn was not given, so --data, --workers went unused" in capsys.readouterr().out
