@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
     unused = [name for name in ("data", "imgsz", "batch_size", "workers") if getattr(opt, name) is not None]
     if unused and not opt.recalibrate_bn:
-        LOGGER.warning(f"WARNING: --recalibrate-bn was not given, so {', '.join('--' + n.replace('_', '-') for n in unused)} "
-                       "went unused: BatchNorm statistics stay averaged")
+        options = ", ".join("--" + name.replace("_", "-") for name in unused)
+        LOGGER.warning(f"WARNING: --recalibrate-bn was not given, so {options} went unused: BatchNorm statistics "
+                       "stay averaged")
     out = Path(opt.out)
     if any(out.resolve() == Path(path).resolve() for path in opt.weights):
         raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
@@ -136,10 +137,12 @@ def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, epoch: i
     dataset = build_train_dataset(data, checkpoint["hyp"], img_size, seed, single_cls, cache="off", report_path=None,
                                   epochs=int(train_opt.get("epochs", epoch + 1)))
     # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
-    batch_size = opt.batch_size or max(int(train_opt.get("batch_size", 16)) // int(checkpoint.get("world_size") or 1), 1)
+    processes = int(checkpoint.get("world_size") or 1)
+    batch_size = opt.batch_size or max(int(train_opt.get("batch_size", 16)) // processes, 1)
+    amp_dtype = inference_amp_dtype(model, device, enabled=not train_opt.get("no_amp", False))
     return recalibrate_on_training_batches(model, dataset, epoch=epoch, batch_size=batch_size,
-                                           workers=2 if opt.workers is None else opt.workers, seed=seed, device=device,
-                                           amp_dtype=inference_amp_dtype(model, device, not train_opt.get("no_amp", False)))
+                                           workers=2 if opt.workers is None else opt.workers, seed=seed,
+                                           device=device, amp_dtype=amp_dtype)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from utils.augment import letterbox, round_image_size
 from utils.boxes import letterbox_to_original
 from utils.checkpoint import load_for_inference
-from utils.device import autocast, inference_amp_dtype, select_device, to_model_input
+from utils.device import autocast, inference_amp_dtype, parameter_dtype, select_device, to_model_input
 from utils.errors import UserError, run_cli
 from utils.labels import IMAGE_SUFFIXES
 from utils.log import LOGGER, setup_logging
@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust-pickle", action="store_true",
                         help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
     p.add_argument("--raw", action="store_true", help="use the raw model weights instead of the EMA")
-    p.add_argument("--no-amp", action="store_true", help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run)")
+    p.add_argument("--no-amp", action="store_true",
+                   help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run)")
     p.add_argument("--save-txt", action="store_true", help="save results as YOLO label files")
     p.add_argument("--save-conf", action="store_true", help="add confidences to --save-txt labels")
     p.add_argument("--nosave", action="store_true", help="do not save annotated images")
@@ -109,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     if img_size < 32:
         raise UserError(f"--imgsz {img_size} is too small; use at least {stride}")
     img_size = round_image_size(img_size, stride)
-    weights_dtype = next(model.parameters()).dtype  # float64 from a train.py --float64 run
     amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp)
     images = list_sources(opt.source)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         rgb = cv2.cvtColor(original, cv2.COLOR_BGR2RGB)
         boxed, scale_xy, pad_xy = letterbox(rgb, (img_size, img_size), auto=True, stride=stride)
         tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device,
-                                weights_dtype)
+                                parameter_dtype(model))
         with autocast(device, amp_dtype):
             decoded, _ = model(tensor)
         (det,), _ = non_max_suppression(decoded, opt.conf_thres, opt.iou_thres, max_det=opt.max_det,

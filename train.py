@@ -441,8 +441,8 @@ def train(opt: argparse.Namespace, hyp: dict, data: DatasetConfig, model: Detect
              f"{', SyncBatchNorm' if opt.sync_bn else ''})" if world.distributed else "")
     if world.is_main:
         LOGGER.info(f"{describe_precision(amp_dtype, weights_dtype)} on {device}; batch {opt.batch_size}{ranks} "
-                    f"x {accumulate} "
-                    f"accumulated, {batches_per_epoch} batches per epoch, {len(val_loader.dataset)} val images\n"
+                    f"x {accumulate} accumulated, {batches_per_epoch} batches per epoch, "
+                    f"{len(val_loader.dataset)} val images\n"
                     f"Logging to {run_dir}; training for {opt.epochs} epochs...")
 
     writer = CheckpointWriter(weights_dir, opt.save_interval) if world.is_main else None

@@ -26,7 +26,8 @@ from utils.coco_json import (category_ids, cached_ground_truth, image_ids, predi
 from utils.confusion import ConfusionMatrix
 from utils.data_config import DatasetConfig, load_dataset_config
 from utils.dataset import Batch, DetectionDataset, build_dataloader
-from utils.device import autocast, describe_precision, inference_amp_dtype, select_device, to_model_input
+from utils.device import (autocast, describe_precision, inference_amp_dtype, parameter_dtype, select_device,
+                          to_model_input)
 from utils.errors import UserError, run_cli
 from utils.log import LOGGER, interactive, setup_logging
 from utils.loss import DetectionLoss
@@ -63,7 +64,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
     """
     dataset: DetectionDataset = loader.dataset
     was_training = model.training
-    input_dtype = next(model.parameters()).dtype  # float32, or float64 for train.py --float64
+    input_dtype = parameter_dtype(model)
     model.eval()
     nc = model.nc
     evaluator = DetectionEvaluator(nc)
@@ -188,7 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
-    parser.add_argument("--no-amp", action="store_true", help="no autocast: run in the weights' own precision, fp32 (float64 for a --float64 run); default: the training precision")
+    parser.add_argument("--no-amp", action="store_true", help="no autocast: run in the weights' own precision, fp32 (float64 for a --float64 run); "
+                             "default: the training precision")
     add_run_dir_arguments(parser, "runs/val")
     return parser.parse_args(argv)
 
@@ -210,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     if batch_size < 1 or img_size < 32 or opt.workers < 0:
         raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
     img_size = round_image_size(img_size, stride)
-    weights_dtype = next(model.parameters()).dtype  # float64 from a train.py --float64 run, evaluated as it was
     amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp and not train_opt.get("no_amp", False))
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                       iou_thres=opt.iou_thres, max_det=opt.max_det, keep_predictions=opt.save_json,
                       plot_dir=None if opt.no_plots else run_dir)
     weights_used = checkpoint.get("source") or ("raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)")
-    LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype, weights_dtype)}")
+    LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, {describe_precision(amp_dtype, parameter_dtype(model))}")
     LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms
     LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "

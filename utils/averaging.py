@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from utils.dataset import DetectionDataset, build_dataloader
-from utils.device import autocast, to_model_input
+from utils.device import autocast, parameter_dtype, to_model_input
 from utils.errors import UserError
 
 
@@ -83,7 +83,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.dev
     (uint8 image batches as the loaders yield them) with torch's update_bn; returns the number of
     images seen. Averaged weights need this: the averages of running statistics are not the
     statistics of the averaged network's activations."""
-    seen, dtype = 0, next(model.parameters()).dtype
+    seen, dtype = 0, parameter_dtype(model)
 
     def inputs():
         nonlocal seen

@@ -2,10 +2,11 @@
 
 Keys: format, format_version, epoch (last completed, 0-based), best_fitness, best_epoch,
 finished, loop (where training goes on: next epoch and batch, the epoch's loss sums and step
-counters), model (fp32 state dict of the raw model, float64 with train.py --float64: training resumes
-from it), ema (state dict, same dtype), updates, ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt
-(the run's options), world_size (its processes: opt's batch_size is split over them), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average
-so far, or None), date, versions. swa.pt has the same keys and average.py's output those that
+counters), model (fp32 state dict of the raw model, float64 with train.py --float64: training
+resumes from it), ema (state dict, same dtype), updates, ema_decay, ema_tau, optimizer, scaler,
+model_yaml, names, hyp, opt (the run's options), world_size (its processes: opt's batch_size is
+split over them), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average so
+far, or None), date, versions. swa.pt has the same keys and average.py's output those that
 val.py and detect.py read, each with the averaged weights as both ema and model and a 'source'
 line saying what they average.
 """

@@ -51,7 +51,8 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_dtype_for(device: torch.device, enabled: bool, weights_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+def amp_dtype_for(device: torch.device, enabled: bool,
+                  weights_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
     """The autocast dtype to train and validate with, or None for full precision (fp32, or float64
     weights: train.py --float64 runs are checked and evaluated without autocast)."""
     if not enabled or weights_dtype == torch.float64:
@@ -63,9 +64,14 @@ def amp_dtype_for(device: torch.device, enabled: bool, weights_dtype: torch.dtyp
     return None
 
 
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of `model`'s weights: float32, or float64 from a train.py --float64 run."""
+    return next(model.parameters()).dtype
+
+
 def inference_amp_dtype(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.dtype | None:
     """amp_dtype_for the dtype of `model`'s weights: a float64 checkpoint is evaluated as it was trained."""
-    return amp_dtype_for(device, enabled, weights_dtype=next(model.parameters()).dtype)
+    return amp_dtype_for(device, enabled, weights_dtype=parameter_dtype(model))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -75,9 +81,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def describe_precision(dtype: torch.dtype | None, weights: torch.dtype = torch.float32) -> str:
+def describe_precision(dtype: torch.dtype | None, weights_dtype: torch.dtype = torch.float32) -> str:
     """How a run computes, for its log: the autocast dtype, or the weights' own precision."""
-    if weights == torch.float64:
+    if weights_dtype == torch.float64:
         return "float64"
     return {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bfloat16 autocast"}[dtype]
 
