@@ -21,15 +21,27 @@ import torch
 
 from models.yolo import DetectionModel
 from utils.atomic_write import atomic_write
-from utils.augment import round_image_size
-from utils.averaging import (average_state_dicts, first_non_finite, recalibrate_on_training_batches,
-                             resolve_coefficients)
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, serialise
-from utils.data_config import load_dataset_config
-from utils.dataset import build_train_dataset
+from utils.checkpoint.format import (
+    averaged_checkpoint,
+    batch_per_process,
+    image_size,
+    load_checkpoint,
+    model_from_checkpoint,
+    serialise,
+    training_option,
+)
+from utils.data.config import load_dataset_config
+from utils.data.loader import build_train_dataset
 from utils.device import inference_amp_dtype, select_device
 from utils.errors import UserError, run_cli
+from utils.image_size import check_image_size
 from utils.log import LOGGER, setup_logging
+from utils.train.averaging import (
+    average_state_dicts,
+    first_non_finite,
+    recalibrate_on_training_batches,
+    resolve_coefficients,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,10 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def averaged_checkpoint(checkpoints: list[dict], paths: list[str], coefficients: list[float], source: str,
+def average_checkpoints(checkpoints: list[dict], paths: list[str], coefficients: list[float], source: str,
                         strict: bool) -> tuple[dict, list[str]]:
-    """A checkpoint of the first file's model and metadata holding the averaged weights as both
-    'ema' and 'model' (so val.py and detect.py read it either way); it cannot be resumed."""
+    """An average-kind checkpoint of the first file's model and metadata holding the averaged
+    weights, and the tensors kept from the first file because they differ (with --no-strict)."""
     states = []
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint.get(source) is None:
@@ -65,15 +77,12 @@ def averaged_checkpoint(checkpoints: list[dict], paths: list[str], coefficients:
         states.append(checkpoint[source])
     averaged, kept = average_state_dicts(states, coefficients, strict=strict, labels=paths)
     recipe = ", ".join(f"{p} x {c:g}" for p, c in zip(paths, coefficients))
-    first = checkpoints[0]
-    result = {key: first.get(key) for key in ("format", "format_version", "model_yaml", "names", "hyp", "opt",
-                                              "world_size")}
-    result.update({"epoch": first.get("epoch", -1), "best_fitness": 0.0, "best_epoch": -1, "finished": True,
-                   "loop": first.get("loop"), "ema": averaged, "model": averaged, "updates": 0,
-                   "ema_decay": first.get("ema_decay"), "ema_tau": first.get("ema_tau"), "optimizer": None,
-                   "scaler": None, "rng": None, "source": f"average of {source} weights: {recipe}",
-                   "averaged": {"weights": list(paths), "coefficients": coefficients, "source": source,
-                                "kept_from_first": kept}})
+    description = f"average of {source} weights: {recipe}"
+    if kept:
+        description += f"; {len(kept)} tensor(s) that differ between them taken from {paths[0]} alone"
+    result = averaged_checkpoint(checkpoints[0], averaged, description,
+                                 averaged={"weights": list(paths), "coefficients": coefficients, "source": source,
+                                           "kept_from_first": kept})
     return result, kept
 
 
@@ -84,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--weights needs at least two checkpoints to average")
     if opt.recalibrate_bn and not opt.data:
         raise UserError("--recalibrate-bn needs --data: the dataset whose training images give the statistics")
-    if (opt.batch_size is not None and opt.batch_size < 1) or (opt.workers is not None and opt.workers < 0) \
-            or (opt.imgsz is not None and opt.imgsz < 32):
-        raise UserError("--batch-size must be at least 1, --imgsz at least 32, --workers not negative")
+    if (opt.batch_size is not None and opt.batch_size < 1) or (opt.workers is not None and opt.workers < 0):
+        raise UserError("--batch-size must be at least 1, --workers not negative")
     unused = [name for name in ("data", "imgsz", "batch_size", "workers") if getattr(opt, name) is not None]
     if unused and not opt.recalibrate_bn:
         options = ", ".join("--" + name.replace("_", "-") for name in unused)
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
     coefficients = resolve_coefficients(opt.coef, len(opt.weights))
     checkpoints = [load_checkpoint(path) for path in opt.weights]
-    result, kept = averaged_checkpoint(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
+    result, kept = average_checkpoints(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
     if kept:
         LOGGER.warning(f"WARNING: {len(kept)} tensor(s) differ between the checkpoints and were kept from "
                        f"{opt.weights[0]}: {', '.join(kept)}")
@@ -128,18 +136,19 @@ def recalibrate_on_train_split(model: DetectionModel, checkpoint: dict, epoch: i
     """BatchNorm statistics of `model` recomputed on the train split of --data, augmented as the run
     augmented `epoch`; returns the image count."""
     data = load_dataset_config(opt.data)
-    train_opt = checkpoint.get("opt") or {}
-    single_cls = bool(train_opt.get("single_cls", False))
-    if (1 if single_cls else data.nc) != model.nc:
-        raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {data.nc}")
-    img_size = round_image_size(opt.imgsz or int(train_opt.get("imgsz", 640)), int(model.stride.max()))
-    seed = int(train_opt.get("seed", 0))
-    dataset = build_train_dataset(data, checkpoint["hyp"], img_size, seed, single_cls, cache="off", report_path=None,
-                                  epochs=int(train_opt.get("epochs", epoch + 1)))
+    single_cls = bool(training_option(checkpoint, "single_cls", False))
+    nc = 1 if single_cls else data.nc
+    if nc != model.nc:
+        raise UserError(f"the checkpoints detect {model.nc} classes but {data.source} has {nc}"
+                        + (" (the run trained with --single-cls)" if single_cls else ""))
     # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
-    processes = int(checkpoint.get("world_size") or 1)
-    batch_size = opt.batch_size or max(int(train_opt.get("batch_size", 16)) // processes, 1)
-    amp_dtype = inference_amp_dtype(model, device, enabled=not train_opt.get("no_amp", False))
+    batch_size = opt.batch_size or batch_per_process(checkpoint)
+    img_size = check_image_size(opt.imgsz or image_size(checkpoint), model, batch_size=batch_size, device=device,
+                                training=False)
+    seed = int(training_option(checkpoint, "seed", 0))
+    dataset = build_train_dataset(data, checkpoint["hyp"], img_size=img_size, seed=seed, single_cls=single_cls,
+                                  cache="off", epochs=int(training_option(checkpoint, "epochs", epoch + 1)))
+    amp_dtype = inference_amp_dtype(model, device, enabled=not training_option(checkpoint, "no_amp", False))
     return recalibrate_on_training_batches(model, dataset, epoch=epoch, batch_size=batch_size,
                                            workers=2 if opt.workers is None else opt.workers, seed=seed,
                                            device=device, amp_dtype=amp_dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import time
 from pathlib import Path
 
@@ -18,16 +19,20 @@ import cv2
 import numpy as np
 import torch
 
-from utils.augment import letterbox, round_image_size
 from utils.boxes import letterbox_to_original
-from utils.checkpoint import load_for_inference
+from utils.checkpoint.format import image_size, load_for_inference
+from utils.data.augment import letterbox
+from utils.data.decode import read_image_rgb
+from utils.data.labels import IMAGE_SUFFIXES
 from utils.device import autocast, inference_amp_dtype, parameter_dtype, select_device, to_model_input
 from utils.errors import UserError, run_cli
-from utils.labels import IMAGE_SUFFIXES
+from utils.eval.nms import non_max_suppression
+from utils.eval.plots import class_colour, draw_box
+from utils.image_size import check_image_size
 from utils.log import LOGGER, setup_logging
-from utils.nms import non_max_suppression
-from utils.plots import class_colour, draw_box
 from utils.run_dir import add_run_dir_arguments, next_run_dir
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".gif")
 
 
 def list_sources(source: str) -> list[Path]:
@@ -43,8 +48,20 @@ def list_sources(source: str) -> list[Path]:
         raise UserError(f"--source {source} is not an image, a folder or a glob pattern that exists")
     images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
+        videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+        if videos:
+            raise UserError(f"--source {source}: {videos[0].name} is a video; detect.py reads images only so far "
+                            "(videos, webcams and streams are planned). Extract frames first, e.g. with ffmpeg")
         raise UserError(f"--source {source}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+def output_names(images: list[Path]) -> list[Path]:
+    """Where each image's results go, relative to the run folder: its path below the folder the
+    images have in common, so two images with the same name in different folders (a recursive
+    glob) both keep their results; the bare file name when they share one folder."""
+    root = Path(os.path.commonpath([p.resolve().parent for p in images]))
+    return [p.resolve().relative_to(root) for p in images]
 
 
 def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, names: list[str], line_width: int | None = None,
@@ -106,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     model.fuse().to(memory_format=torch.channels_last)  # fusing makes new weights
     names = list(model.names)
     stride = int(model.stride.max())
-    img_size = int(checkpoint.get("opt", {}).get("imgsz", 640)) if opt.imgsz is None else opt.imgsz
-    if img_size < 32:
-        raise UserError(f"--imgsz {img_size} is too small; use at least {stride}")
-    img_size = round_image_size(img_size, stride)
+    img_size = check_image_size(image_size(checkpoint) if opt.imgsz is None else opt.imgsz, model, batch_size=1,
+                                device=device, training=False)
     amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp)
     images = list_sources(opt.source)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
@@ -117,13 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "labels").mkdir(exist_ok=True)
 
     total_detections, started = 0, time.perf_counter()
-    for path in images:
-        original = cv2.imread(str(path))
-        if original is None:
+    for path, out_name in zip(images, output_names(images)):
+        rgb = read_image_rgb(path)
+        if rgb is None:
             LOGGER.warning(f"WARNING: skipped {path}: not a readable image")
             continue
-        h0, w0 = original.shape[:2]
-        rgb = cv2.cvtColor(original, cv2.COLOR_BGR2RGB)
+        h0, w0 = rgb.shape[:2]
         boxed, scale_xy, pad_xy = letterbox(rgb, (img_size, img_size), auto=True, stride=stride)
         tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device,
                                 parameter_dtype(model))
@@ -139,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = ", ".join(f"{n} {names[c]}" for c, n in enumerate(counts) if n) or "no detections"
         LOGGER.info(f"{path}: {tuple(tensor.shape[2:])} {summary}")
         if not opt.nosave:
-            annotated = draw_detections(original, detections, names, opt.line_thickness, opt.hide_labels, opt.hide_conf)
-            cv2.imwrite(str(run_dir / path.name), annotated)
+            annotated = draw_detections(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), detections, names, opt.line_thickness,
+                                        opt.hide_labels, opt.hide_conf)
+            (run_dir / out_name).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(run_dir / out_name), annotated)
         if opt.save_txt and len(detections):  # as YOLOv5: no file for an image without detections
-            lines = yolo_label_lines(detections, w0, h0, opt.save_conf)
-            (run_dir / "labels" / f"{path.stem}.txt").write_text("".join(f"{line}\n" for line in lines))
+            label_file = run_dir / "labels" / out_name.with_suffix(".txt")
+            label_file.parent.mkdir(parents=True, exist_ok=True)
+            label_file.write_text("".join(f"{line}\n" for line in yolo_label_lines(detections, w0, h0, opt.save_conf)))
     elapsed = time.perf_counter() - started
     LOGGER.info(f"{len(images)} images, {total_detections} detections, {elapsed / max(len(images), 1) * 1e3:.1f} ms per image")
     LOGGER.info(f"Results saved to {run_dir}")

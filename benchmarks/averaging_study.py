@@ -22,10 +22,16 @@ from matplotlib.figure import Figure
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from utils.checkpoint import load_for_inference  # noqa: E402
-from utils.data_config import load_dataset_config  # noqa: E402
+from utils.checkpoint.format import (  # noqa: E402
+    image_size,
+    load_for_inference,
+    training_option,
+    validation_batch_size,
+)
+from utils.data.config import load_dataset_config  # noqa: E402
+from utils.data.loader import build_val_loader  # noqa: E402
 from utils.device import inference_amp_dtype, select_device  # noqa: E402
-from val import build_val_loader, evaluate  # noqa: E402
+from utils.eval.evaluate import evaluate  # noqa: E402
 
 
 def run(*args: str) -> str:
@@ -41,9 +47,10 @@ def validated_map(weights: Path, data: str) -> float:
     device = select_device("")
     checkpoint, model = load_for_inference(weights, "ema", device)
     config = load_dataset_config(data)
-    loader = build_val_loader(config.val, config.nc, int(checkpoint["opt"]["imgsz"]), 32, 2, checkpoint["hyp"],
-                              int(model.stride.max()))
-    amp_dtype = inference_amp_dtype(model, device, enabled=not checkpoint["opt"].get("no_amp", False))
+    loader = build_val_loader(config.val, config.nc, img_size=image_size(checkpoint),
+                              batch_size=validation_batch_size(checkpoint), workers=2, hyp=checkpoint["hyp"],
+                              stride=int(model.stride.max()))
+    amp_dtype = inference_amp_dtype(model, device, enabled=not training_option(checkpoint, "no_amp", False))
     return evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics.map50_95
 
 

@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
-from train import LoopState  # noqa: E402
-from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from utils.ema import ModelEMA  # noqa: E402
+from utils.checkpoint.format import load_checkpoint, save_checkpoint, training_checkpoint  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
+from utils.train.ema import ModelEMA  # noqa: E402
+from utils.train.optim import build_optimizer  # noqa: E402
+from utils.train.run import state_of  # noqa: E402
 
 
 def checkpoint_for(cfg: str) -> dict:
@@ -31,8 +31,8 @@ def checkpoint_for(cfg: str) -> dict:
     model(torch.rand(1, 3, 64, 64))[0].sum().backward()
     optimizer.step()
     ema = ModelEMA(model)
-    return make_checkpoint(loop=LoopState().state_dict(), finished=False, model=model, ema=ema, optimizer=optimizer,
-                           scaler=None, names=[str(i) for i in range(80)], hyp=load_hyp("scratch-low.yaml"), opt={})
+    return training_checkpoint(state_of(model, ema, optimizer), finished=False, model_yaml=model.yaml,
+                               names=[str(i) for i in range(80)], hyp=load_hyp("scratch-low.yaml"), opt={}, world_size=1)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""What one EMA update costs: ours, a per-tensor loop as YOLOv5 writes it, and a single flat
-lerp_ over the same number of floats (the memory-bandwidth floor), for yolov5n and yolov5s,
-with the model prepared as train.py prepares it (channels_last, pack_state), plus the update
-as a share of one training step (an optimizer step of the default run:
+"""What one EMA update costs: ours (two foreach kernels over the state dict), a per-tensor loop as
+YOLOv5 writes it, and a single flat lerp_ over the same number of floats (the memory-bandwidth
+floor), for yolov5n and yolov5s, with the model prepared as train.py prepares it (channels_last),
+plus the update as a share of one training step (an optimizer step of the default run:
 4 micro-batches of 16 images at 320 px, forward + loss + backward, then the optimizer).
 
     python benchmarks/bench_ema.py [--repeats 200] [--rounds 5] [--step-repeats 3] [--imgsz 320] [--batch 16]
@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
 from utils.device import amp_dtype_for, autocast  # noqa: E402
-from utils.ema import ModelEMA, pack_state  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
-from utils.loss import DetectionLoss  # noqa: E402
-from utils.optim import accumulation_steps, build_optimizer  # noqa: E402
+from utils.train.ema import ModelEMA  # noqa: E402
+from utils.train.loss import DetectionLoss  # noqa: E402
+from utils.train.optim import accumulation_steps, build_optimizer  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -109,7 +109,6 @@ def main() -> None:
     for cfg in ("yolov5n.yaml", "yolov5s.yaml"):
         torch.manual_seed(0)
         model = build_model(cfg, nc=80).to(memory_format=torch.channels_last)
-        pack_state(model)  # as train.py does
         ema = ModelEMA(model, updates=10_000)  # d near its final value: the work does not depend on it
         decay = ema.current_decay()
         floats = sum(v.numel() for v in model.state_dict().values() if v.dtype.is_floating_point)

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.metrics import DetectionEvaluator  # noqa: E402
+from utils.eval.metrics import DetectionEvaluator  # noqa: E402
 
 IMAGE_SIZE = 640
 GT_PER_IMAGE = 7  # Poisson mean

@@ -47,7 +47,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from utils.data_config import load_dataset_config  # noqa: E402
+from utils.data.config import load_dataset_config  # noqa: E402
 
 PHASES = ("data", "forward_loss", "backward", "optimizer", "ema")
 MAP_COLUMNS = {"ours": "metrics/mAP_0.5:0.95", "yolov5": "metrics/mAP_0.5:0.95", "ultralytics": "metrics/mAP50-95(B)"}

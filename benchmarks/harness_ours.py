@@ -20,35 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.parse import read_model_yaml  # noqa: E402
-from models.yolo import DetectionModel  # noqa: E402
-from train import seed_everything  # noqa: E402
-from utils.dataset import build_train_loader  # noqa: E402
-from utils.checkpoint import load_for_inference  # noqa: E402
-from utils.config_files import resolve_config_path  # noqa: E402
-from utils.data_config import load_dataset_config  # noqa: E402
+from models.yolo import build_model  # noqa: E402
+from utils.checkpoint.format import load_for_inference  # noqa: E402
+from utils.data.config import load_dataset_config  # noqa: E402
+from utils.data.loader import build_train_dataset, build_train_loader, build_val_loader  # noqa: E402
 from utils.device import amp_dtype_for, autocast, describe_precision, to_model_input  # noqa: E402
-from utils.ema import ModelEMA, pack_state  # noqa: E402
+from utils.eval.evaluate import evaluate  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
-from utils.loss import DetectionLoss  # noqa: E402
-from utils.optim import (  # noqa: E402
-    NOMINAL_BATCH_SIZE,
-    accumulation_steps,
-    build_optimizer,
-    optimizer_step,
-)
-from val import build_val_loader, evaluate  # noqa: E402
-
-
-class TimedEMA(ModelEMA):
-    """ModelEMA that adds the time of each update to `seconds` (optimizer_step calls update itself)."""
-
-    seconds = 0.0
-
-    def update(self, model: torch.nn.Module) -> None:
-        started = time.perf_counter()
-        super().update(model)
-        self.seconds += time.perf_counter() - started
+from utils.train.ema import ModelEMA  # noqa: E402
+from utils.train.loss import DetectionLoss  # noqa: E402
+from utils.train.optim import NOMINAL_BATCH_SIZE, accumulation_steps, build_optimizer  # noqa: E402
+from utils.train.rng import seed_everything  # noqa: E402
+from utils.train.step import optimizer_step  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,17 +62,17 @@ def time_steps(args: argparse.Namespace) -> dict:
     hyp = load_hyp(args.hyp)
     data = load_dataset_config(args.data)
     seed_everything(0)
-    model = DetectionModel(read_model_yaml(resolve_config_path(args.cfg, "models")), nc=data.nc)
+    model = build_model(args.cfg, nc=data.nc)
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model.to(device, memory_format=memory_format)
-    pack_state(model)
-    loader = build_train_loader(data, hyp, args.imgsz, args.batch, args.workers, seed=0, single_cls=False,
-                                cache=args.cache, pin_memory=False, report_path=None, epochs=1000)
+    dataset = build_train_dataset(data, hyp, img_size=args.imgsz, seed=0, single_cls=False, cache=args.cache,
+                                  epochs=1000)
+    loader = build_train_loader(dataset, batch_size=args.batch, workers=args.workers, seed=0, pin_memory=False)
     accumulate = accumulation_steps(args.batch)
     optimizer = build_optimizer(model, args.optimizer, hyp["lr0"], hyp["momentum"],
                                 hyp["weight_decay"] * args.batch * accumulate / NOMINAL_BATCH_SIZE)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    ema = TimedEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
+    ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
     criterion = DetectionLoss(model.detect_head, hyp, args.imgsz)
     forward = torch.compile(model) if args.compile else model
     first_batch_seconds = None
@@ -114,16 +97,17 @@ def time_steps(args: argparse.Namespace) -> dict:
         t2 = time.perf_counter()
         scaler.scale(loss).backward()
         t3 = time.perf_counter()
-        ema_before = ema.seconds
-        if (i + 1) % accumulate == 0 and not optimizer_step(optimizer, scaler, model, ema):
+        if (i + 1) % accumulate == 0 and not optimizer_step(optimizer, scaler, model):
             raise SystemExit("non-finite gradient")
         t4 = time.perf_counter()
+        if (i + 1) % accumulate == 0:
+            ema.update(model)
+        t5 = time.perf_counter()
         if i == 0:
-            first_batch_seconds = t4 - t0
+            first_batch_seconds = t5 - t0
         if i >= args.warmup:
             timed_images += images.shape[0]
-            ema_seconds = ema.seconds - ema_before
-            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3 - ema_seconds, ema_seconds)):
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[name] += seconds
     return {"precision": describe_precision(amp_dtype) + (" + compile" if args.compile else ""), "images": timed_images,
             "phases": phases, "first_batch_seconds": first_batch_seconds}
@@ -135,8 +119,8 @@ def time_validation(args: argparse.Namespace) -> dict:
     checkpoint, model = load_for_inference(args.weights, "ema", device, trust_pickle=args.trust_pickle)
     data = load_dataset_config(args.data)
     amp_dtype = amp_dtype_for(device, enabled=not args.no_amp)
-    loader = build_val_loader(data.val, data.nc, args.imgsz, args.batch, args.workers, checkpoint["hyp"],
-                              int(model.stride.max()))
+    loader = build_val_loader(data.val, data.nc, img_size=args.imgsz, batch_size=args.batch, workers=args.workers,
+                              hyp=checkpoint["hyp"], stride=int(model.stride.max()))
     metrics = evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics
     return {"precision": describe_precision(amp_dtype), "images": len(loader.dataset),
             "seconds": time.perf_counter() - started, "map50": metrics.map50, "map50_95": metrics.map50_95}

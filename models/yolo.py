@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
 import torch
@@ -14,9 +13,7 @@ from models.blocks import Conv
 from models.head import Detect
 from models.parse import build_layers, read_model_yaml, validate_model_config
 from utils.config_files import resolve_config_path
-
-LOGGER = logging.getLogger(__name__)
-
+from utils.log import LOGGER
 
 class DetectionModel(nn.Module):
     """A YOLOv5 detector. State-dict names follow YOLOv5's (`model.0.conv.weight`, ...)."""

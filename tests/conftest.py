@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from utils.config_files import REPO_ROOT
-from utils.synthetic_shapes import CLASS_NAMES, generate_shapes_dataset
+from utils.data.synthetic_shapes import CLASS_NAMES, generate_shapes_dataset
 
 
 def make_shapes_dataset(folder: Path, num_train: int, num_val: int, seed: int) -> Path:
@@ -35,3 +35,15 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd or REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A finished 2-epoch run on the tiny dataset (epoch0.pt, epoch1.pt, last.pt, best.pt); returns its folder.
+    Tests copy what they change: the run is shared."""
+    import train  # a script's main(), as the command line runs it
+
+    project = tmp_path_factory.mktemp("tiny_run")
+    assert train.main(["--data", str(tiny_dataset), "--epochs", "2", "--imgsz", "64", "--batch-size", "4",
+                       "--workers", "0", "--no-plots", "--save-period", "1", "--project", str(project)]) == 0
+    return project / "exp"

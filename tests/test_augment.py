@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.augment import (PAD_VALUE, box_candidates, flip_left_right, flip_up_down, letterbox, mosaic_canvas,
-                           random_perspective, round_image_size)
+from utils.data.augment import (
+    PAD_VALUE,
+    box_candidates,
+    flip_left_right,
+    flip_up_down,
+    letterbox,
+    mosaic_canvas,
+    random_perspective,
+)
 
 
 def image_with_box(h=60, w=100, box=(20, 10, 50, 40)):
@@ -69,9 +76,3 @@ def test_box_candidates_drop_slivers_and_lost_boxes():
     before = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 100, 100]], float)
     after = np.array([[0, 0, 10, 10], [0, 0, 1, 10], [0, 0, 3, 3], [0, 0, 5, 5]], float)
     assert box_candidates(before, after).tolist() == [True, False, False, False]
-
-
-def test_image_size_rounds_up_to_the_stride_and_says_so(caplog):
-    assert round_image_size(320, 32) == 320 and "WARNING" not in caplog.text
-    assert round_image_size(300, 32) == 320
-    assert "--imgsz 300 is not a multiple of the max stride 32; using 320" in caplog.text

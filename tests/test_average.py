@@ -15,16 +15,16 @@ import detect
 import val
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
-from utils.averaging import recalibrate_batchnorm
-from utils.checkpoint import FORMAT, FORMAT_VERSION, model_from_checkpoint
+from utils.checkpoint.format import FORMAT, FORMAT_VERSION, model_from_checkpoint
 from utils.config_files import resolve_config_path
-from utils.data_config import load_dataset_config
-from utils.dataset import Batch, build_dataloader, build_train_dataset
+from utils.data.config import load_dataset_config
+from utils.data.dataset import Batch
+from utils.data.loader import build_dataloader, build_train_dataset, build_val_loader
+from utils.data.synthetic_shapes import CLASS_NAMES
 from utils.device import autocast, inference_amp_dtype, to_model_input
 from utils.errors import UserError
 from utils.hyp import load_hyp
-from utils.synthetic_shapes import CLASS_NAMES
-from val import build_val_loader
+from utils.train.averaging import recalibrate_batchnorm
 
 
 def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES), dtype: torch.dtype = torch.float32) -> dict:
@@ -183,11 +183,11 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
             update_bn((to_model_input(b.images, device) for b in batches), model)
         return {k: v for k, v in model.state_dict().items() if "running_" in k}
 
-    augmented = build_dataloader(build_train_dataset(data, result["hyp"], 64, seed=0, single_cls=False, cache="off",
-                                                     report_path=None, epochs=3), batch_size=4, workers=0, shuffle=True)
+    augmented = build_dataloader(build_train_dataset(data, result["hyp"], img_size=64, seed=0, single_cls=False,
+                                                     cache="off", epochs=3), batch_size=4, workers=0, shuffle=True)
     augmented.sampler.set_epoch(2)
     expected = statistics_over(augmented)
-    plain = statistics_over(build_val_loader(data.train, data.nc, 64, 4, 0, result["hyp"], 32))
+    plain = statistics_over(build_val_loader(data.train, data.nc, img_size=64, batch_size=4, workers=0, hyp=result["hyp"], stride=32))
     far = 0
     for name, tensor in expected.items():
         torch.testing.assert_close(result["ema"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)

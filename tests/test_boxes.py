@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert, complete_box_iou_loss
 
-from utils.augment import letterbox
 from utils.boxes import complete_iou, letterbox_to_original, xywhn_to_xyxy, xyxy_to_xywhn
+from utils.data.augment import letterbox
 
 
 def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:

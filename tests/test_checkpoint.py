@@ -12,14 +12,24 @@ import pytest
 import torch
 
 from models.yolo import build_model
-from utils.checkpoint import (FORMAT_VERSION, ema_state, load_checkpoint, make_checkpoint, model_from_checkpoint,
-                              restore_rng_state, rng_state, save_checkpoint, transfer_matching_weights)
-from train import LoopState
-from utils.ema import ModelEMA
+from utils.checkpoint.format import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    training_checkpoint,
+    training_state,
+    transfer_matching_weights,
+)
 from utils.errors import UserError
 from utils.hyp import load_hyp
-from utils.loss import DetectionLoss
-from utils.optim import build_optimizer, optimizer_step
+from utils.train.ema import ModelEMA
+from utils.train.loop_state import LoopState
+from utils.train.loss import DetectionLoss
+from utils.train.optim import build_optimizer
+from utils.train.rng import restore_rng_state, rng_state
+from utils.train.run import state_of
+from utils.train.step import optimizer_step
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +47,11 @@ def trained_checkpoint():
     for _ in range(2):
         loss, _ = criterion(model(torch.rand(1, 3, 64, 64)), targets)
         scaler.scale(loss).backward()
-        assert optimizer_step(optimizer, scaler, model, ema)
+        assert optimizer_step(optimizer, scaler, model)
+        ema.update(model)
     loop = LoopState(epoch=5, batch=7, loss_sum=torch.tensor([0.1, 0.2, 0.3]), best_fitness=0.25, best_epoch=3)
-    checkpoint = make_checkpoint(loop=loop.state_dict(), finished=False, model=model, ema=ema, optimizer=optimizer,
-                                 scaler=scaler, names=model.names, hyp=hyp, opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"})
+    checkpoint = training_checkpoint(state_of(model, ema, optimizer, scaler=scaler, loop=loop), finished=False, model_yaml=model.yaml, names=model.names, hyp=hyp,
+                                     opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"}, world_size=1)
     return model, ema, optimizer, checkpoint
 
 
@@ -65,7 +76,7 @@ def test_round_trip_with_weights_only(tmp_path, trained_checkpoint):
     restored = build_optimizer(build_model("yolov5n.yaml", nc=3), "SGD", 0.01, 0.937, 5e-4)
     restored.load_state_dict(loaded["optimizer"])
     restored_ema = ModelEMA(build_model("yolov5n.yaml", nc=3))
-    restored_ema.load_state_dict(ema_state(loaded))
+    restored_ema.load_state_dict(training_state(loaded)["ema"])
     assert restored_ema.updates == 2 and restored_ema.decay == ema.decay
     for a, b in zip(restored.state.values(), optimizer.state.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])

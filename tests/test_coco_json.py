@@ -7,12 +7,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from utils.coco_json import (COCO80_TO_91, cached_ground_truth, category_ids, ground_truth, image_ids,
-                             prediction_records, pycocotools_stats)
-from utils.data_config import load_dataset_config
-from utils.dataset import DetectionDataset
+from utils.data.config import load_dataset_config
+from utils.data.dataset import DetectionDataset
+from utils.data.labels import label_path_for, list_image_files, scan_labels
+from utils.eval.coco_json import (
+    COCO80_TO_91,
+    cached_ground_truth,
+    category_ids,
+    ground_truth,
+    image_ids,
+    prediction_records,
+    pycocotools_stats,
+)
 from utils.hyp import load_hyp
-from utils.labels import label_path_for, list_image_files, scan_labels
 
 
 def test_image_ids_numeric_stems_or_positions():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from utils.confusion import ConfusionMatrix
+from utils.eval.confusion import ConfusionMatrix
 
 
 def t(rows) -> torch.Tensor:

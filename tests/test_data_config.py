@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, run_script
-from utils.data_config import load_dataset_config
+from utils.data.config import load_dataset_config
+from utils.data.synthetic_shapes import CLASS_NAMES
 from utils.errors import UserError
-from utils.synthetic_shapes import CLASS_NAMES
 
 
 def write(tmp_path: Path, content: dict | str) -> Path:
@@ -75,7 +75,7 @@ def test_shapes_yaml_matches_the_generator():
 
 
 def test_generator_output_becomes_a_dataset(tmp_path, monkeypatch):
-    import utils.data_config as data_config
+    import utils.data.config as data_config
 
     calls = []
 

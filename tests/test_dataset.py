@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from utils.boxes import letterbox_to_original, xywhn_to_xyxy
-from utils.data_config import load_dataset_config
-from utils.dataset import DetectionDataset, EpochSampler, build_dataloader
+from utils.data.config import load_dataset_config
+from utils.data.dataset import DetectionDataset
+from utils.data.labels import list_image_files, scan_labels
+from utils.data.loader import EpochSampler, build_dataloader
 from utils.hyp import load_hyp
-from utils.labels import list_image_files, scan_labels
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ from tests.conftest import REPO_ROOT, run_script
 from utils.config_files import resolve_config_path
 from utils.dist import World
 from utils.hyp import load_hyp
-from utils.loss import DetectionLoss
-from utils.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
+from utils.train.loss import DetectionLoss
+from utils.train.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
 
 
 def free_port() -> int:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA, UniformAverage, pack_state
-from utils.optim import optimizer_step
+from utils.train.ema import ModelEMA, UniformAverage
 
 
 def small_net() -> nn.Module:
@@ -26,15 +25,8 @@ def perturb(model: nn.Module, seed: int) -> None:
     model.train()(torch.randn(8, 3, 6, 6, generator=generator))  # BN running stats and num_batches_tracked
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["foreach", "packed"])
-def test_update_matches_the_formula(packed):
-    model = small_net()
-    if packed:  # as train.py prepares the model: the update is then one lerp_ and one copy_
-        pack_state(model)
-        for is_float in (True, False):
-            storages = {v.untyped_storage().data_ptr() for v in model.state_dict().values()
-                        if v.dtype.is_floating_point == is_float}
-            assert len(storages) == 1
+def test_update_matches_the_formula():
+    model = small_net().to(memory_format=torch.channels_last)  # as train.py prepares the model
     ema = ModelEMA(model, decay=0.9999, tau=2000)
     expected = {k: v.clone().double() for k, v in model.state_dict().items()}
     for n in range(1, 6):
@@ -87,45 +79,9 @@ def test_state_dict_round_trip():
         assert torch.equal(a, b), k
 
 
-def backward_with_an_inf_gradient(model: nn.Module, scaler: torch.amp.GradScaler) -> None:
-    scaler.scale(model(torch.randn(2, 3, 6, 6)).sum()).backward()
-    model[0].weight.grad[0, 0, 0, 0] = float("inf")
-
-
-@pytest.mark.parametrize("scaler_enabled", [True, False], ids=["GradScaler", "bf16-no-scaler"])
-def test_skipped_step_leaves_weights_and_ema_alone(scaler_enabled):
-    """An inf/NaN gradient skips the optimizer step, and with it the EMA update and its counter."""
-    model = small_net()
-    ema = ModelEMA(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled, init_scale=1024.0)
-    backward_with_an_inf_gradient(model, scaler)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ema_before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    assert optimizer_step(optimizer, scaler, model, ema) is False
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all(torch.equal(v, ema_before[k]) for k, v in ema.module.state_dict().items())
-    assert ema.updates == 0
-    if scaler_enabled:
-        assert scaler.get_scale() == 512.0  # backed off, as after any skipped fp16 step
-    assert all(p.grad is None for p in model.parameters())  # the bad gradients are not carried over
-
-
-def test_finite_step_is_taken_and_averaged():
-    model = small_net()
-    ema = ModelEMA(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(torch.randn(2, 3, 6, 6)).sum().backward()
-    before = model[0].weight.clone()
-    assert optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), model, ema) is True
-    assert not torch.equal(model[0].weight, before) and ema.updates == 1
-    d = ema.current_decay()
-    torch.testing.assert_close(ema.module[0].weight, d * before + (1 - d) * model[0].weight)
-
-
 def test_update_follows_replaced_buffers_and_refuses_another_architecture():
-    """An unpacked model's tensors are looked up afresh each update: a buffer replaced after the
-    first update is the one averaged; a model whose state differs from the copy is refused."""
+    """The model's tensors are looked up afresh each update: a buffer replaced after the first
+    update is the one averaged; a model whose state differs from the copy is refused."""
     model = small_net()
     ema = ModelEMA(model, updates=10_000)
     ema.update(model)
@@ -137,43 +93,11 @@ def test_update_follows_replaced_buffers_and_refuses_another_architecture():
         ema.update(nn.Sequential(nn.Conv2d(3, 4, 3)))
 
 
-def test_packed_model_converted_as_a_whole_is_followed():
-    """.to() replaces every tensor of a packed model: the next update averages the new ones."""
-    model = small_net()
-    pack_state(model)
-    ema = ModelEMA(model, updates=10_000)
-    ema.update(model)
-    model.to(torch.float64).to(torch.float32)  # new, unpacked tensors with the same values
-    with torch.no_grad():
-        model[0].weight.fill_(2.0)
-    before = ema.module[0].weight.clone()
-    ema.update(model)
-    d = ema.current_decay()
-    torch.testing.assert_close(ema.module[0].weight, d * before + (1 - d) * 2.0)
-    ema.state_dict()  # nothing stale: no complaint
-
-
-def test_packed_tensor_replaced_on_its_own_is_refused_at_the_next_save():
-    """One tensor of a packed model replaced by assignment after the EMA paired with it would be
-    averaged from stale memory: state_dict() (every checkpoint) refuses, naming the tensor."""
-    model = small_net()
-    pack_state(model)
-    ema = ModelEMA(model)
-    ema.update(model)
-    model[1].running_var = torch.full((4,), 3.0)
-    ema.update(model)
-    with pytest.raises(RuntimeError, match=r"'1.running_var' of the model was replaced"):
-        ema.state_dict()
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["foreach", "packed"])
-def test_uniform_average_equals_torch_averaged_model(packed):
+def test_uniform_average_equals_torch_averaged_model():
     """UniformAverage (SWA's running mean on the EMA machinery) against torch's AveragedModel with
     its default equal-weight average, parameters and BatchNorm statistics alike; integer buffers
-    (num_batches_tracked) are the model's latest, as in the EMA. Packed: as train.py runs it."""
+    (num_batches_tracked) are the model's latest, as in the EMA."""
     model = small_net()
-    if packed:
-        pack_state(model)
     reference = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
     ours = UniformAverage(model)
     for step in range(4):

@@ -16,11 +16,12 @@ import torch
 
 from models.yolo import build_model
 from tests.conftest import REPO_ROOT, make_shapes_dataset
-from train import LoopState
-from utils.checkpoint import CheckpointWriter, load_checkpoint, make_checkpoint, save_checkpoint
-from utils.ema import ModelEMA
+from utils.checkpoint.format import load_checkpoint, save_checkpoint, training_checkpoint
 from utils.hyp import load_hyp
-from utils.optim import build_optimizer
+from utils.train.ema import ModelEMA
+from utils.train.optim import build_optimizer
+from utils.train.run import state_of
+from utils.train.saver import CheckpointWriter
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +103,8 @@ def small_checkpoint() -> dict:
     model = build_model("yolov5n.yaml", nc=3)
     ema = ModelEMA(model)
     optimizer = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
-    return make_checkpoint(loop=LoopState().state_dict(), finished=False, model=model, ema=ema, optimizer=optimizer,
-                           scaler=None, names=["a", "b", "c"], hyp=load_hyp("scratch-low.yaml"), opt={})
+    return training_checkpoint(state_of(model, ema, optimizer), finished=False, model_yaml=model.yaml,
+                               names=["a", "b", "c"], hyp=load_hyp("scratch-low.yaml"), opt={}, world_size=1)
 
 
 def test_kill_during_checkpoint_writes_always_leaves_a_loadable_file(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from models.yolo import DetectionModel, build_model
 from tests.test_hostile_inputs import Payload
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, transfer_matching_weights
+from utils.checkpoint.format import load_checkpoint, model_from_checkpoint, transfer_matching_weights
 from utils.errors import UserError
 
 
@@ -26,9 +26,14 @@ def yolov5_style_checkpoint(tmp_path):
 
 
 def test_refused_without_the_flag(yolov5_style_checkpoint):
+    """Refused; the message suggests --trust-pickle only to a command that has the option."""
     path, _ = yolov5_style_checkpoint
-    with pytest.raises(UserError, match="add --trust-pickle"):
-        load_checkpoint(path)
+    with pytest.raises(UserError, match="add --trust-pickle to read its weights"):
+        load_checkpoint(path, offers_trust_pickle=True)
+    with pytest.raises(UserError, match="full unpickling") as refused:
+        load_checkpoint(path)  # as average.py and train.py --resume read checkpoints: they have no --trust-pickle
+    assert "add --trust-pickle" not in str(refused.value)
+    assert "train.py --weights, val.py and detect.py with --trust-pickle" in str(refused.value)
 
 
 def test_read_exactly_with_the_flag(yolov5_style_checkpoint):

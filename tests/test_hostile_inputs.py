@@ -16,10 +16,11 @@ import train
 import val
 from tests.conftest import run_script
 from tests.test_labels import PLANTED, plant
-from utils import checkpoint as checkpoint_module
 from utils.config_files import REPO_ROOT
+from utils.data.synthetic_shapes import CLASS_NAMES
 from utils.errors import TrainingStopped, run_cli
-from utils.synthetic_shapes import CLASS_NAMES
+from utils.train import loop as training_loop
+from utils.train import saver
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -153,7 +154,7 @@ def test_broken_configs_and_checkpoints_exit_2_naming_the_file(tiny_dataset, tmp
 def poisoned(call_numbers: set[int] | None = None, from_call: int | None = None):
     """to_model_input that turns the images of some calls into NaN (the forward then poisons BatchNorm)."""
     calls = {"n": 0}
-    real = train.to_model_input
+    real = training_loop.to_model_input
 
     def to_model_input(images, device, dtype=torch.float32):
         calls["n"] += 1
@@ -166,7 +167,7 @@ def poisoned(call_numbers: set[int] | None = None, from_call: int | None = None)
 
 
 def test_nan_batches_skip_their_steps_and_never_reach_the_weights(tiny_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "to_model_input", poisoned(call_numbers={2, 7}))
+    monkeypatch.setattr(training_loop, "to_model_input", poisoned(call_numbers={2, 7}))
     assert train.main(["--data", str(tiny_dataset), "--epochs", "2", "--imgsz", "64", "--batch-size", "4",
                        "--workers", "0", "--no-plots", "--project", str(tmp_path)]) == 0
     last = torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)
@@ -180,7 +181,7 @@ def test_nan_batches_skip_their_steps_and_never_reach_the_weights(tiny_dataset, 
 
 
 def test_a_run_of_bad_steps_stops_training_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "to_model_input", poisoned(from_call=5))  # from the second epoch on
+    monkeypatch.setattr(training_loop, "to_model_input", poisoned(from_call=5))  # from the second epoch on
     with pytest.raises(TrainingStopped, match="3 optimizer steps in a row had a non-finite") as stopped:
         train.main(["--data", str(tiny_dataset), "--epochs", "3", "--imgsz", "64", "--batch-size", "4",
                     "--workers", "0", "--no-plots", "--max-bad-steps", "3", "--project", str(tmp_path)])
@@ -195,7 +196,7 @@ def test_a_run_of_bad_steps_stops_training_and_keeps_the_last_good_checkpoint(ti
 
 
 def test_failed_write_stops_training_and_keeps_the_previous_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    real_write, writes = checkpoint_module.atomic_write, {"n": 0}
+    real_write, writes = saver.atomic_write, {"n": 0}
 
     def write_until_the_disk_fills(path, data):
         writes["n"] += 1
@@ -203,7 +204,7 @@ def test_failed_write_stops_training_and_keeps_the_previous_checkpoint(tiny_data
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(checkpoint_module, "atomic_write", write_until_the_disk_fills)
+    monkeypatch.setattr(saver, "atomic_write", write_until_the_disk_fills)
     with pytest.raises(TrainingStopped) as stopped:
         train.main(["--data", str(tiny_dataset), "--epochs", "3", "--imgsz", "64", "--workers", "0", "--no-plots",
                     "--project", str(tmp_path)])

@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import labels as labels_module
+from utils.data import labels as labels_module
+from utils.data.labels import cache_path_for, label_path_for, list_image_files, scan_labels, scan_split, write_data_report
 from utils.errors import UserError
-from utils.labels import cache_path_for, label_path_for, list_image_files, scan_labels, scan_split
 
 
 def write_image(path: Path, size=(48, 64), suffix=".jpg") -> Path:
@@ -146,12 +146,13 @@ def test_unreadable_folder_is_counted(planted, monkeypatch):
 def test_scan_split_reports_every_file(planted, tmp_path, caplog):
     caplog.set_level("INFO")
     report = tmp_path / "data_report.txt"
-    scan_split((planted,), 3, prefix="train: ", report_path=report)
+    scan = scan_split((planted,), 3, prefix="train: ", reported=True)
+    write_data_report(report, [("train", scan)])
     lines = report.read_text().splitlines()
     assert len(lines) == 17 and all(line.startswith("train\t") for line in lines)
     assert any(line.split("\t")[1] == "truncated image" and "truncated_jpg" in line for line in lines)
     assert "train: 25 images, 8 labels found" in caplog.text and "names in the dataset YAML" in caplog.text
-    assert f"... and 7 more, listed in {report}" in caplog.text
+    assert "... and 7 more, listed in the run's data_report.txt" in caplog.text
     bad_only = tmp_path / "bad" / "images"
     bad_only.mkdir(parents=True)
     (bad_only / "x.jpg").write_bytes(b"not an image")

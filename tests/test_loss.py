@@ -9,7 +9,7 @@ import torch
 
 from models.yolo import build_model
 from utils.hyp import load_hyp
-from utils.loss import DetectionLoss
+from utils.train.loss import DetectionLoss
 
 
 def deterministic_case(nc: int = 6, img_size: int = 128, batch: int = 2):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.metrics import DetectionEvaluator
+from utils.eval.metrics import DetectionEvaluator
 
 # An image: (pred_boxes_xyxy (N,4), pred_scores (N,), pred_classes (N,), gt_boxes_xyxy (M,4), gt_classes (M,))
 Image = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.ops import nms
 
-from utils import nms as nms_module
-from utils.nms import non_max_suppression
+from utils.eval import nms as nms_module
+from utils.eval.nms import non_max_suppression
 
 
 def random_predictions(num_boxes: int, nc: int, seed: int) -> torch.Tensor:

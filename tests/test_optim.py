@@ -7,7 +7,13 @@ import torch
 
 from models.yolo import build_model
 from utils.hyp import load_hyp
-from utils.optim import AUTO_SGD_MIN_STEPS, TrainSchedule, accumulation_steps, build_optimizer, resolve_auto_optimizer
+from utils.train.optim import (
+    AUTO_SGD_MIN_STEPS,
+    TrainSchedule,
+    accumulation_steps,
+    build_optimizer,
+    resolve_auto_optimizer,
+)
 
 
 @pytest.mark.parametrize("batch, expected", [(1, 64), (16, 4), (24, 3), (48, 1), (64, 1), (128, 1)])

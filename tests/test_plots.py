@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from utils.plots import (class_colour, normalize_columns, plot_confusion_matrix, plot_image_batch, plot_labels,
-                         plot_metric_vs_conf, plot_pr_curve, plot_results, results_panels)
+from utils.eval.plots import (
+    class_colour,
+    normalize_columns,
+    plot_confusion_matrix,
+    plot_image_batch,
+    plot_labels,
+    plot_metric_vs_conf,
+    plot_pr_curve,
+    plot_results,
+    results_panels,
+)
 
 NAMES = ["cat", "dog", "bird"]
 MEAN_BGR = (255, 0, 0)  # the thick pure-blue all-classes curve

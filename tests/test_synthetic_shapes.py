@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import synthetic_shapes
-from utils.synthetic_shapes import CLASS_NAMES, FORMAT_VERSION, ensure_shapes_dataset, generate_shapes_dataset
+from utils.data import synthetic_shapes
+from utils.data.synthetic_shapes import CLASS_NAMES, FORMAT_VERSION, ensure_shapes_dataset, generate_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL, SEED = 12, 6, 3
@@ -220,7 +220,7 @@ def test_rejects_invalid_parameters(tmp_path: Path) -> None:
 
 def test_command_line(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "utils.synthetic_shapes", "--out", str(out), "--num-train", "2",
+    command = [sys.executable, "-m", "utils.data.synthetic_shapes", "--out", str(out), "--num-train", "2",
                "--num-val", "1", "--seed", "7"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "wrote 2 + 1 images" in result.stdout

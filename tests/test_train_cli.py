@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train
+from tests.conftest import REPO_ROOT
 from utils.errors import UserError
+from utils.train import loop as training_loop
+from utils.train.results import results_row
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--imgsz", "16"], "--imgsz at least 32"),
+    (["--imgsz", "16"], "--imgsz 16 is smaller than the model's stride 32: use at least 32"),
     (["--freeze", "25"], "would freeze the Detect head (layer 24)"),
     (["--workers", "-1"], "must not be negative"),
     (["--hyp", "no_such_hyp.yaml"], "cannot read hyperparameter file"),
@@ -47,13 +57,13 @@ def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
         return SimpleNamespace(metrics=SimpleNamespace(precision=p, recall=r, map50=m50, map50_95=m),
                                loss=np.array([0.1, 0.2, 0.3]))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
-    row = train.results_row([1.0, 2.0, 3.0], result(0.5, 0.6, 0.7, 0.4), optimizer, ema_updates=7, val_raw=True,
+    row = results_row([1.0, 2.0, 3.0], result(0.5, 0.6, 0.7, 0.4), optimizer, ema_updates=7, val_raw=True,
                             raw_result=result(0.3, 0.2, 0.25, 0.1))
     columns = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
     assert [row[f"metrics/{c}"] for c in columns] == [0.5, 0.6, 0.7, 0.4]
     assert [row[f"raw/{c}"] for c in columns] == [0.3, 0.2, 0.25, 0.1]
     assert row["ema/updates"] == 7 and row["val/cls_loss"] == 0.3
-    assert not any(k.startswith("raw/") for k in train.results_row([1.0, 2.0, 3.0], None, optimizer, 7))
+    assert not any(k.startswith("raw/") for k in results_row([1.0, 2.0, 3.0], None, optimizer, 7))
 
 
 def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_dataset, tmp_path, monkeypatch):
@@ -66,13 +76,123 @@ def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_datas
         evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return train_evaluate(model, *args, **kwargs)
 
-    train_evaluate = train.evaluate
-    monkeypatch.setattr(train, "evaluate", recording_evaluate)
+    train_evaluate = training_loop.evaluate
+    monkeypatch.setattr(training_loop, "evaluate", recording_evaluate)
     assert train.main(["--data", str(tiny_dataset), "--epochs", "2", "--imgsz", "64", "--batch-size", "4",
                        "--workers", "0", "--no-plots", "--val-raw", "--project", str(tmp_path)]) == 0
     last = torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)
-    assert len(evaluated) == 5  # EMA and raw in each epoch, then best.pt
+    assert len(evaluated) == 4  # the loop validates the EMA and the raw model in each epoch
     ema_evaluated, raw_evaluated = evaluated[2], evaluated[3]
     assert all(torch.equal(ema_evaluated[k], v) for k, v in last["ema"].items())
     assert all(torch.equal(raw_evaluated[k], v) for k, v in last["model"].items())
     assert not all(torch.equal(last["ema"][k], v) for k, v in last["model"].items())
+
+
+def tiny(data: Path, project: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--no-plots",
+            "--project", str(project), *extra]
+
+
+def test_noval_writes_best_pt_once_from_the_validated_last_epoch(tiny_dataset, tmp_path, monkeypatch):
+    """With --noval only the last epoch is validated: the epochs before have no fitness, so they
+    neither rewrite best.pt nor count for --patience."""
+    renamed = []
+    real_replace = os.replace
+
+    def recording_replace(source, target):  # every checkpoint write ends in an atomic rename
+        renamed.append(Path(target).name)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    assert train.main(tiny(tiny_dataset, tmp_path, "--epochs", "3", "--noval", "--patience", "1")) == 0
+    assert renamed.count("best.pt") == 1 and renamed.count("last.pt") == 3  # no early stop after epoch 1
+    best = torch.load(tmp_path / "exp" / "weights" / "best.pt", weights_only=True)
+    assert best["epoch"] == 2 and best["best_epoch"] == 2
+
+
+def epoch0_checkpoint(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the shared run, to resume from the end of its first epoch."""
+    run = tmp_path / "runs" / "exp"
+    shutil.copytree(tiny_run, run)
+    (run / "results.csv").write_text("".join((tiny_run / "results.csv").read_text().splitlines(True)[:2]))
+    return run / "weights" / "epoch0.pt"
+
+
+def test_resume_fills_loop_fields_a_checkpoint_predates(tiny_run, tiny_dataset, tmp_path):
+    path = epoch0_checkpoint(tiny_run, tmp_path)
+    state = torch.load(path, weights_only=True)
+    del state["loop"]["bad_streak"]  # as written before that field existed
+    torch.save(state, path)
+    assert train.main(["--resume", str(path), "--workers", "0"]) == 0
+    assert torch.load(path.parent / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_of_a_copied_checkpoint_writes_only_into_a_new_run_folder(tiny_run, tiny_dataset, tmp_path):
+    """A last.pt copied out of its run folder resumes into a new run folder under --project;
+    nothing is written beside the copy or above it."""
+    source = epoch0_checkpoint(tiny_run, tmp_path)
+    elsewhere = tmp_path / "downloads" / "copied"
+    elsewhere.mkdir(parents=True)
+    copy = elsewhere / "last.pt"
+    shutil.copy(source, copy)
+    assert train.main(["--resume", str(copy), "--workers", "0", "--project", str(tmp_path / "resumed")]) == 0
+    assert sorted(p.relative_to(tmp_path / "downloads").as_posix() for p in (tmp_path / "downloads").rglob("*")) == \
+        ["copied", "copied/last.pt"]
+    run = tmp_path / "resumed" / "exp"
+    rows = (run / "results.csv").read_text().splitlines()
+    assert rows[1].startswith("1,") and len(rows) == 2  # epoch 1, the one left to train
+    assert torch.load(run / "weights" / "last.pt", weights_only=True)["finished"]
+    assert (run / "opt.yaml").is_file()  # a run folder of its own, which can be resumed in turn
+
+
+def test_an_image_size_no_memory_can_hold_is_refused_before_anything_starts(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match=r"--imgsz 10000 needs at least [\d,]+ GiB for one training batch of 4"):
+        train.main(tiny(tiny_dataset, tmp_path / "runs", "--epochs", "1", "--imgsz", "10000"))
+    assert not (tmp_path / "runs").exists()
+
+
+def dataset_without_labels(tiny_dataset: Path, tmp_path: Path, darknet: bool) -> Path:
+    source = Path(yaml.safe_load(tiny_dataset.read_text())["path"])
+    root = tmp_path / "unlabelled"
+    shutil.copytree(source / "images", root / "images")
+    if darknet:  # the labels beside the images, as Darknet lays them out
+        for label in (source / "labels" / "train").glob("*.txt"):
+            shutil.copy(label, root / "images" / "train" / label.name)
+    shutil.copytree(source / "labels" / "val", root / "labels" / "val")
+    data = tmp_path / "unlabelled.yaml"
+    data.write_text(yaml.safe_dump({**yaml.safe_load(tiny_dataset.read_text()), "path": str(root)}))
+    return data
+
+
+@pytest.mark.parametrize("darknet", [False, True], ids=["no-labels", "darknet-layout"])
+def test_a_train_split_without_labels_is_refused_saying_where_they_belong(tiny_dataset, tmp_path, darknet):
+    data = dataset_without_labels(tiny_dataset, tmp_path, darknet)
+    with pytest.raises(UserError, match="train: no labelled boxes in") as refused:
+        train.main(tiny(data, tmp_path / "runs", "--epochs", "1"))
+    message = str(refused.value)
+    assert "Labels are read from a labels/ folder beside images/" in message
+    assert str(tmp_path / "unlabelled" / "labels" / "train") in message
+    assert ("16 .txt files lie beside the images instead" in message) == darknet
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_run_folder_held_by_a_live_run_is_refused(tiny_dataset, tmp_path):
+    """Two runs on one --name with --exist-ok would interleave one results.csv: the second is refused."""
+    first = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *tiny(tiny_dataset, tmp_path, "--epochs", "50",
+                                                                               "--name", "shared", "--exist-ok")],
+                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        results = tmp_path / "shared" / "results.csv"
+        deadline = time.time() + 120
+        while not results.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        assert results.exists(), "the first run did not get going"
+        with pytest.raises(UserError, match=f"{tmp_path / 'shared'} is in use by another live training run"):
+            train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok"))
+        rows_now = results.read_text()
+    finally:
+        first.kill()
+        first.wait()
+    assert all(line.split(",")[0].isdigit() for line in rows_now.splitlines()[1:])
+    assert train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok")) == 0  # free again

@@ -1,27 +1,25 @@
-"""Validation: evaluating the live EMA never changes it, and plots land where asked."""
+"""val.py: by default it evaluates as train.py validated, so it reproduces the run's numbers."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from models.yolo import build_model
-from utils.data_config import load_dataset_config
-from utils.ema import ModelEMA
-from utils.hyp import load_hyp
-from val import build_val_loader, evaluate
+import val
 
 
-def test_evaluate_leaves_the_ema_untouched(tiny_dataset, tmp_path):
-    data = load_dataset_config(tiny_dataset)
-    torch.manual_seed(0)
-    model = build_model("yolov5n.yaml", nc=data.nc)
-    ema = ModelEMA(model)
-    ema.module.names = list(data.names)
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    loader = build_val_loader(data.val, data.nc, 64, 4, 0, load_hyp("scratch-low.yaml"), 32)
-    result = evaluate(ema.module, loader, device=torch.device("cpu"), amp_dtype=torch.bfloat16, plot_dir=tmp_path)
-    for key, value in ema.module.state_dict().items():
-        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
-    assert not ema.module.training
-    assert result.metrics.num_images == len(loader.dataset)
-    assert (tmp_path / "val_batch0_labels.jpg").exists() and (tmp_path / "val_batch1_pred.jpg").exists()
+def test_a_torchrun_checkpoint_is_validated_with_the_batch_training_validated_with(tiny_run, tiny_dataset, tmp_path,
+                                                                                    capsys):
+    """Rectangular validation groups images per batch, so the batch decides the shapes and the mAP.
+    train.py validates with twice each process's batch; under torchrun --batch-size is the global
+    batch. A checkpoint of 2 processes and --batch-size 4 (2 each) is validated in batches of 4."""
+    state = torch.load(tiny_run / "weights" / "last.pt", weights_only=True)
+    assert state["opt"]["batch_size"] == 4
+    ddp = tmp_path / "ddp_last.pt"
+    torch.save({**state, "world_size": 2}, ddp)  # as 2 torchrun processes write it
+    for path, batch in ((tiny_run / "weights" / "last.pt", 8), (ddp, 4)):
+        assert val.main(["--weights", str(path), "--data", str(tiny_dataset), "--no-plots", "--workers", "0"]) == 0
+        output = capsys.readouterr().out
+        assert f", batch {batch}, " in output
+        assert re.search(rf"at shape \({batch}, 3, \d+, \d+\)", output), output  # 8 val images: full batches

@@ -93,3 +93,18 @@ def to_model_input(images_uint8: torch.Tensor, device: torch.device,
     """(B, 3, H, W) uint8 batch -> `dtype` in [0, 1] on `device`, channels_last (faster convolutions
     on CPU and on CUDA tensor cores; the model is converted to match)."""
     return images_uint8.to(device, non_blocking=True, memory_format=torch.channels_last).to(dtype) / 255
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can take on `device`: the GPU's free memory, or the machine's
+    MemAvailable (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -1,11 +1,19 @@
-"""Run folders: runs/train/exp, exp2, ... and finding the newest checkpoint to resume."""
+"""Run folders: runs/train/exp, exp2, ..., held by one live run at a time, and the checkpoint to resume."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from utils.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # POSIX only: on Windows run folders are not locked
+    fcntl = None
+
+LOCK_NAME = ".lock"
 
 
 def next_run_dir(project: Path, name: str, exist_ok: bool = False) -> Path:
@@ -23,6 +31,41 @@ def next_run_dir(project: Path, name: str, exist_ok: bool = False) -> Path:
             return path
         except FileExistsError:
             n += 1
+
+
+class RunDirLock:
+    """An exclusive lock on a run folder, held while the process lives (the kernel drops it when
+    the process ends, however it ends), so two live runs never write into one folder."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.fd = run_dir, None
+        if fcntl is None:
+            return
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{run_dir} is in use by another live training run (process {holder}); give another "
+                            "--name, or leave out --exist-ok") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint belongs to: <run>/weights/<name>.pt, where <run> holds the run's
+    opt.yaml; None for a checkpoint copied anywhere else."""
+    folder = checkpoint.resolve().parent
+    if folder.name == "weights" and (folder.parent / "opt.yaml").is_file():
+        return folder.parent
+    return None
 
 
 def newest_last_checkpoint(search_dir: Path) -> Path:

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA
-
 NOMINAL_BATCH_SIZE = 64  # gradients are accumulated to about this many images per step
 OPTIMIZERS = ("auto", "SGD", "Adam", "AdamW")
 # --optimizer auto: YOLOv5's SGD recipe for long runs; for short ones AdamW, which on the shapes
@@ -105,41 +103,3 @@ class TrainSchedule:
                 group["lr"] = target
             if "momentum" in group:  # SGD only: Adam's betas stay fixed, as in YOLOv5
                 group["momentum"] = momentum
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
-                   ema: ModelEMA | None, max_grad_norm: float = 10.0) -> bool:
-    """One optimizer step: unscale, clip to max_grad_norm, step, fold the new weights into the
-    EMA (None on ranks other than 0 under DDP), zero the grads. Returns False when the step was skipped because a gradient was inf/NaN
-    (the GradScaler's verdict under fp16, the gradient norm otherwise): then neither the
-    weights nor the EMA nor its counter move."""
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_grad_norm)
-    if scaler.is_enabled():
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skips internally on inf/NaN
-        scaler.update()
-        stepped = scaler.get_scale() >= scale_before  # the scale only shrinks after a skipped step
-    else:
-        stepped = bool(torch.isfinite(grad_norm))
-        if stepped:
-            optimizer.step()
-    if stepped and ema is not None:
-        ema.update(model)
-    optimizer.zero_grad(set_to_none=True)
-    return stepped
-
-
-class BufferSnapshot:
-    """The model's buffers (BatchNorm statistics) as they were before a forward pass, to put back
-    when that pass turns out non-finite: a skipped step must not leave NaN running statistics."""
-
-    def __init__(self, model: nn.Module):
-        self.buffers = [b for b in model.buffers()]
-        self.saved = [b.clone() for b in self.buffers]
-
-    def take(self) -> None:
-        torch._foreach_copy_(self.saved, self.buffers)
-
-    def restore(self) -> None:
-        torch._foreach_copy_(self.buffers, self.saved)

@@ -31,13 +31,16 @@ IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
 CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
 ROUNDING_SLACK = 1e-5  # overflow from rounding labels to 6 decimals: accepted as written
-CACHE_VERSION = 5  # bump whenever verification changes: old caches are then rescanned
+CACHE_VERSION = 6  # bump whenever verification changes: old caches are then rescanned
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
 # Problem kinds, as counted in LabelScan.problems. An image with one of the first kinds is skipped.
 UNREADABLE_IMAGE, UNSUPPORTED_FORMAT, TOO_SMALL, TRUNCATED_IMAGE = ("unreadable image", "unsupported format",
                                                                     "image under 10 px", "truncated image")
+UNDECODABLE_IMAGE = "undecodable image"  # passed the scan, but no decoder reads its pixels (found when loading)
+# Formats whose verify() checks the structure without the pixel data: these are decoded in full.
+DECODED_WHEN_SCANNED = ("bmp", "tiff")
 UNREADABLE_LABEL, WRONG_COLUMNS, NON_NUMERIC, NON_FINITE = ("unreadable label file", "wrong number of columns",
                                                             "non-numeric value", "NaN or infinite value")
 BAD_CLASS, OUTSIDE_IMAGE, NON_POSITIVE_SIZE = "class id out of range", "coordinates outside [0, 1]", "negative or zero size"
@@ -98,6 +101,15 @@ class LabelScan:
     num_corrupt: int = 0
     cache_key: str = ""                                     # hash of the files and settings scanned
     messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
+    status: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # FOUND, MISSING or EMPTY per kept image
+
+    def skip(self, image_file: Path, kind: str, message: str) -> None:
+        """Count a kept image as corrupt after all (it cannot be decoded when loaded)."""
+        index = self.image_files.index(image_file)
+        counts = {FOUND: "num_found", MISSING: "num_missing", EMPTY: "num_empty"}
+        setattr(self, counts[int(self.status[index])], getattr(self, counts[int(self.status[index])]) - 1)
+        self.num_corrupt += 1
+        self.messages.append((kind, message))
 
     @property
     def problems(self) -> dict[str, int]:
@@ -136,6 +148,8 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
         with Image.open(image_file) as image:  # verify() leaves the object unusable
             width, height = image.size
             image_format = (image.format or "").lower()
+            if image_format in DECODED_WHEN_SCANNED:  # a truncated BMP or TIFF passes verify()
+                image.load()
             if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
                 width, height = height, width
     except Exception as error:  # PIL raises many types for a bad file; all mean "unreadable"
@@ -241,6 +255,7 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
         num_empty=int((status == EMPTY).sum()), num_corrupt=int((status == CORRUPT).sum()),
         messages=[(str(k), str(m)) for k, m in zip(cached["problem_kinds"], cached["problem_messages"])],
         cache_key=key,
+        status=status[keep],
     )
 
 
@@ -271,11 +286,13 @@ def cache_path_for(image_files: list[Path]) -> Path:
     return label_dir.with_suffix(".cache")
 
 
-def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, report_path: Path | None = None,
-               max_messages: int = 10) -> LabelScan:
-    """List, verify (through the cache) and report one split: the summary line with a count per
-    problem, the first messages, and every affected file in `report_path` (appended).
-    A split without usable images is a UserError."""
+def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, reported: bool = False,
+               max_messages: int = 10, needs_labels: bool = False) -> LabelScan:
+    """List, verify (through the cache) and summarise one split: the summary line with a count per
+    problem and the first messages (`reported`: all of them go to the run's data_report.txt, see
+    write_data_report). A split without usable images is a UserError, and so is one without a
+    single labelled box when `needs_labels` (training on it would learn nothing); a split to
+    validate on without boxes is only warned about, as its mAP means nothing."""
     image_files, unreadable_folders = list_image_files(sources)
     scan = scan_labels(image_files, num_classes, cache_path_for(image_files), prefix=prefix)
     scan.messages = [(UNREADABLE_FOLDER, m) for m in unreadable_folders] + scan.messages
@@ -284,13 +301,39 @@ def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, report_
         LOGGER.warning(f"{prefix}  {message}")
     if len(scan.messages) > max_messages:
         LOGGER.warning(f"{prefix}  ... and {len(scan.messages) - max_messages} more"
-                       + (f", listed in {report_path}" if report_path else ""))
-    if report_path is not None and scan.messages:
-        with open(report_path, "a") as report:
-            report.writelines(f"{prefix.rstrip(': ')}\t{kind}\t{message}\n" for kind, message in scan.messages)
+                       + (", listed in the run's data_report.txt" if reported else ""))
     if scan.problems.get(BAD_CLASS):
         LOGGER.warning(f"{prefix}WARNING: {scan.problems[BAD_CLASS]} label files use class ids outside 0..{num_classes - 1}; "
                        "check that names in the dataset YAML lists every class")
     if not scan.image_files:
         raise UserError(f"{prefix}no usable images in {', '.join(str(s) for s in sources)}")
+    if not any(len(labels) for labels in scan.labels):
+        where = missing_labels_hint(scan)
+        if needs_labels:
+            raise UserError(f"{prefix}no labelled boxes in {', '.join(str(s) for s in sources)}, so there is nothing "
+                            f"to learn. {where}")
+        LOGGER.warning(f"{prefix}WARNING: no labelled boxes in this split: its mAP is 0 whatever the model "
+                       f"detects, so it means nothing. {where}")
     return scan
+
+
+def missing_labels_hint(scan: LabelScan) -> str:
+    """Where YOLO labels are looked for, and what was found instead (Darknet-style .txt files
+    beside the images, say)."""
+    image = scan.image_files[0]
+    expected = label_path_for(image)
+    hint = f"Labels are read from a labels/ folder beside images/ (for {image}: {expected})"
+    if scan.num_found + scan.num_empty:
+        return hint + f"; {scan.num_found + scan.num_empty} label files were found, all empty."
+    beside = sum(1 for f in scan.image_files if f.with_suffix(".txt").is_file() and f.with_suffix(".txt") != label_path_for(f))
+    if beside:
+        return hint + f"; {beside} .txt files lie beside the images instead: move them to the labels/ folder."
+    return hint + "; none were found."
+
+
+def write_data_report(path: Path, scans: list[tuple[str, LabelScan]]) -> None:
+    """data_report.txt: one line per skipped or repaired file of each (split, scan): split, problem
+    kind, message; nothing when there is nothing to report."""
+    lines = [f"{split}\t{kind}\t{message}\n" for split, scan in scans for kind, message in scan.messages]
+    if lines:
+        path.write_text("".join(lines))

@@ -1,30 +1,35 @@
-"""Detection dataset, epoch-seeded sampler, collate and the DataLoader built from them.
+"""The detection dataset (YOLOv5's augmentation, rectangular validation batches, RAM cache) and its collate.
 
-Reproducibility: the sampler yields (epoch, index) keys, and every random draw of a sample
-(mosaic partners, augmentation) comes from a generator seeded by (seed, epoch, index). The
-data a run sees therefore depends on neither the number of workers nor on a resume.
+Reproducibility: every random draw of a sample (mosaic partners, augmentation) comes from a
+generator seeded by (seed, epoch, index), the key the sampler of utils/data/loader.py yields.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
-from utils.augment import (augment_hsv, flip_left_right, flip_up_down, letterbox, mixup, mosaic_canvas,
-                           pixel_augmentations, random_perspective)
 from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
-from utils.data_config import DatasetConfig
-from utils.dist import World, local_main_first
+from utils.data.augment import (
+    augment_hsv,
+    flip_left_right,
+    flip_up_down,
+    letterbox,
+    mixup,
+    mosaic_canvas,
+    pixel_augmentations,
+    random_perspective,
+)
+from utils.data.decode import read_image_rgb
+from utils.data.labels import UNDECODABLE_IMAGE, LabelScan
+from utils.device import available_memory_bytes
 from utils.errors import UserError
-from utils.labels import LabelScan, scan_split
 from utils.log import LOGGER
 
 # Stream tags keep the sample-order generator apart from the per-sample generators.
@@ -53,6 +58,7 @@ class DetectionDataset(Dataset):
         self.mosaic_until_epoch = mosaic_until_epoch
         self.image_files, self.labels, self.shapes = list(scan.image_files), list(scan.labels), scan.shapes
         self.scan_key, self.single_cls = scan.cache_key, single_cls
+        self.scan = scan  # its counts and messages, for the run's data report
         if single_cls:
             self.labels = [np.concatenate((np.zeros_like(lb[:, :1]), lb[:, 1:]), axis=1) for lb in self.labels]
         self.batch_shapes: np.ndarray | None = None
@@ -85,38 +91,64 @@ class DetectionDataset(Dataset):
 
     def cache_images_in_ram(self, threads: int = 4, max_share: float = 0.7, quiet: bool = False) -> bool:
         """Decode and resize every image once; False (with a warning unless quiet) when that would
-        take more than max_share of the available memory."""
+        take more than max_share of the available memory. An image that cannot be decoded after all
+        is skipped and counted in the scan, like those the scan rejected."""
         needed = sum(self._resized_hw(h, w)[0] * self._resized_hw(h, w)[1] * 3 for h, w in self.shapes)
-        available = _available_memory_bytes()
+        available = available_memory_bytes(torch.device("cpu"))
         if available is not None and needed > max_share * available:
             if not quiet:
                 LOGGER.warning(f"WARNING: --cache ram needs {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB "
                                "are available: images are read from disk instead")
             return False
         with ThreadPoolExecutor(threads) as pool:
-            self.ram_cache = list(pool.map(self._read_resized, range(len(self))))
+            images = list(pool.map(self._read_resized, range(len(self))))
+        undecodable = [i for i, image in enumerate(images) if image is None]
+        if undecodable:
+            self._skip_undecodable(undecodable)
+        self.ram_cache = [image for image in images if image is not None]
         LOGGER.info(f"Cached {len(self)} images in RAM ({needed / 2**20:.0f} MiB)")
         return True
+
+    def _skip_undecodable(self, indices: list[int]) -> None:
+        """Leave out images that passed the scan but cannot be decoded; the scan counts them."""
+        if self.batch_shapes is not None:
+            raise ValueError("a rectangular (validation) dataset is not cached: its batches are fixed")
+        for i in indices:
+            self.scan.skip(self.image_files[i], UNDECODABLE_IMAGE,
+                           f"{self.image_files[i]}: passed the scan but cannot be decoded (skipped)")
+        kept = sorted(set(range(len(self))) - set(indices))
+        self.image_files = [self.image_files[i] for i in kept]
+        self.labels = [self.labels[i] for i in kept]
+        self.shapes = self.shapes[kept]
+        LOGGER.warning(f"WARNING: {len(indices)} image(s) passed the scan but cannot be decoded and were skipped "
+                       f"(the first: {self.scan.messages[-len(indices)][1]})")
+        if not len(self):
+            raise UserError(f"no image of {self.scan.image_files[0].parent} can be decoded")
 
     def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
         ratio = self.img_size / max(h, w)
         return max(1, round(h * ratio)), max(1, round(w * ratio))
 
-    def _read_resized(self, index: int) -> np.ndarray:
-        """RGB image with its long side resized to img_size."""
-        path = self.image_files[index]
-        image = cv2.imread(str(path))
+    def _read_resized(self, index: int) -> np.ndarray | None:
+        """RGB image with its long side resized to img_size (None if it cannot be decoded)."""
+        image = read_image_rgb(self.image_files[index])
         if image is None:
-            raise UserError(f"cannot read image {path} (it was readable when the dataset was scanned)")
+            return None
         h, w = image.shape[:2]
         new_h, new_w = self._resized_hw(h, w)
         if (new_h, new_w) != (h, w):
             shrink_for_val = not self.augment and new_w < w
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink_for_val else cv2.INTER_LINEAR)
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def load_image(self, index: int) -> np.ndarray:
-        return self.ram_cache[index] if self.ram_cache is not None else self._read_resized(index)
+        if self.ram_cache is not None:
+            return self.ram_cache[index]
+        image = self._read_resized(index)
+        if image is None:  # it decoded when the scan (and its cache) last saw it: changed since
+            raise UserError(f"cannot decode image {self.image_files[index]}, which the dataset scan accepted: was it "
+                            "changed during the run? Restore it (or remove it) and resume")
+        return image
 
     def _pixel_labels(self, index: int, width: float, height: float, pad_x: float = 0, pad_y: float = 0) -> np.ndarray:
         """Labels of `index` as (n, 5) [class, x1, y1, x2, y2] on an image drawn at width x height."""
@@ -198,89 +230,3 @@ def collate(samples: list[tuple]) -> Batch:
         t[:, 0] = i  # image index within the batch, for the loss
     return Batch(torch.stack(images), torch.cat(targets, 0), torch.tensor(indices),
                  torch.tensor(letterbox_info, dtype=torch.float64))
-
-
-class EpochSampler(Sampler):
-    """Yields (epoch, index) keys; the shuffled order is a function of (seed, epoch) alone.
-
-    With several ranks each takes every world_size-th key of the same order (padded by
-    wrapping around so all ranks get the same count).
-    """
-
-    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's order; `skip` leaves out this rank's first keys (a resume inside the epoch)."""
-        self.epoch, self.skip = epoch, skip
-
-    def epoch_order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng((self.seed, self.epoch, ORDER_STREAM, 0)).permutation(self.num_samples)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.epoch_order()
-        per_rank = math.ceil(len(order) / self.world_size)
-        order = np.resize(order, per_rank * self.world_size)[self.rank::self.world_size][self.skip:]
-        return iter([(self.epoch, int(i)) for i in order])
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size) - self.skip
-
-
-def _init_worker(_: int) -> None:
-    cv2.setNumThreads(0)  # one worker, one core: OpenCV's own threads only add contention
-    torch.set_num_threads(1)
-
-
-def build_dataloader(dataset: DetectionDataset, batch_size: int, workers: int, shuffle: bool,
-                     seed: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1,
-                     processes_per_machine: int = 1) -> DataLoader:
-    """DataLoader over `dataset` (this rank's share of it) with an EpochSampler; call
-    loader.sampler.set_epoch(e) every epoch. The machine's cores are shared by its processes."""
-    cores = max((os.cpu_count() or 1) // processes_per_machine, 1)
-    workers = min(workers, cores, batch_size if batch_size > 1 else 0)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_init_worker)
-
-
-def _available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def build_train_dataset(data: DatasetConfig, hyp: dict, img_size: int, seed: int, single_cls: bool, cache: str,
-                        report_path: Path | None, epochs: int, world: World = World()) -> DetectionDataset:
-    """The augmenting dataset of the verified train split (mosaic closed for the last
-    hyp['close_mosaic'] of `epochs`), its images cached in RAM as `cache` says; problem files go
-    to report_path."""
-    with local_main_first(world):  # one process per machine writes the label cache, the others read it
-        scan = scan_split(data.train, data.nc, prefix="train: ", report_path=report_path)
-    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
-                               mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
-    if cache == "ram":  # every process of the machine holds its own copy
-        dataset.cache_images_in_ram(max_share=0.7 / world.local_size)
-    elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
-        dataset.cache_images_in_ram(max_share=0.1 / world.local_size, quiet=True)
-    return dataset
-
-
-def build_train_loader(data: DatasetConfig, hyp: dict, img_size: int, batch_size: int, workers: int, seed: int,
-                       single_cls: bool, cache: str, pin_memory: bool, report_path: Path | None,
-                       epochs: int, world: World = World()) -> torch.utils.data.DataLoader:
-    """The training loader over build_train_dataset. Under torchrun it yields this rank's
-    batch_size / world.size images of each global batch."""
-    dataset = build_train_dataset(data, hyp, img_size, seed, single_cls, cache, report_path, epochs, world)
-    return build_dataloader(dataset, batch_size // world.size, workers, shuffle=True, seed=seed,
-                            pin_memory=pin_memory, rank=world.rank, world_size=world.size,
-                            processes_per_machine=world.local_size)

@@ -6,7 +6,7 @@ the tight box of the pixels of its object that stay visible once all later objec
 Image `index` of split `split_id` depends only on `np.random.default_rng((seed, split_id, index))`,
 so equal parameters give byte-identical files.
 
-    python -m utils.synthetic_shapes --out datasets/shapes [--num-train N --num-val N --seed S]
+    python -m utils.data.synthetic_shapes --out datasets/shapes [--num-train N --num-val N --seed S]
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ state-dict names equal ours, so the weights load one to one.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,13 +33,23 @@ def _allowed(module: str, name: str) -> bool:
         return name in ("OrderedDict", "encode")
     if module == "torch._utils":
         return name.startswith("_rebuild_")
-    if module.startswith("torch.nn.modules."):
-        return True
+    if module.startswith("torch.nn.modules."):  # module classes only: their functions (hooks) act process-wide
+        return _is_module_class(module, name)
     if module == "torch":
         return name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)
     if module.startswith("numpy"):
         return name in ("_reconstruct", "scalar", "dtype", "ndarray")
     return False
+
+
+def _is_module_class(module: str, name: str) -> bool:
+    """True for an nn.Module subclass of torch (Conv2d, BatchNorm2d, ...): unpickling one only
+    builds an object, where a function such as register_module_forward_hook would be called."""
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return False
+    return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
 
 
 class ForeignObject:
@@ -82,9 +93,18 @@ def _module_state(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_yolov5_checkpoint(path: Path) -> dict:
-    """A YOLOv5 checkpoint as the parts of our format that describe a model: model_yaml, names,
-    ema and model (fp32 state dicts; YOLOv5 keeps one model, its EMA when it trained with one)."""
+@dataclass(frozen=True)
+class ForeignWeights:
+    """What a YOLOv5 checkpoint says about its model."""
+
+    model_yaml: dict
+    names: list[str]
+    state: dict[str, torch.Tensor]  # fp32 state dict (YOLOv5 keeps one model: its EMA when it trained with one)
+    image_size: int | None          # its training --imgsz, when recorded
+
+
+def read_yolov5_checkpoint(path: Path) -> ForeignWeights:
+    """The model of a YOLOv5 checkpoint: its YAML, class names, weights and training image size."""
     try:
         with safe_globals(_stand_ins(path)):  # torch's restricted unpickler, told what each name stands for
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -100,6 +120,7 @@ def read_yolov5_checkpoint(path: Path) -> dict:
     except Exception as error:  # a structure we do not know: say so rather than guess
         raise UserError(f"{path}: its pickled model could not be read as YOLOv5's ({type(error).__name__}: {error})") from None
     train_opt = raw.get("opt") if isinstance(raw.get("opt"), dict) else {}
-    opt = {"imgsz": train_opt["imgsz"]} if isinstance(train_opt.get("imgsz"), int) else {}  # its training size
-    return {"model_yaml": dict(state["yaml"]), "names": list(names.values()) if isinstance(names, dict) else list(names),
-            "ema": weights, "model": weights, "hyp": {}, "opt": opt, "updates": 0, "source": f"YOLOv5 checkpoint {path}"}
+    image_size = train_opt.get("imgsz") if isinstance(train_opt.get("imgsz"), int) else None
+    return ForeignWeights(model_yaml=dict(state["yaml"]),
+                          names=list(names.values()) if isinstance(names, dict) else list(names),
+                          state=weights, image_size=image_size)

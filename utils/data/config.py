@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from utils.config_files import REPO_ROOT, read_yaml, resolve_config_path
+from utils.data.synthetic_shapes import ensure_shapes_dataset
 from utils.errors import UserError
 from utils.log import LOGGER
-from utils.synthetic_shapes import ensure_shapes_dataset
 
 GENERATORS: dict[str, Callable[[Path], bool]] = {"shapes": ensure_shapes_dataset}
 

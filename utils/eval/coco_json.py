@@ -12,7 +12,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.atomic_write import atomic_write
-from utils.dataset import DetectionDataset
+from utils.data.config import DatasetConfig
+from utils.data.dataset import DetectionDataset
+from utils.data.labels import cache_path_for
+from utils.eval.metrics import DetectionMetrics
 from utils.log import LOGGER
 
 # COCO's 80 detection classes as ids in its 91-id category list (YOLO labels use 0..79).
@@ -102,3 +105,32 @@ def write_json(path: Path, records: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump(records, f)
     LOGGER.info(f"Saved {len(records)} predictions to {path}")
+
+
+def cross_check_with_pycocotools(predictions: dict[int, np.ndarray], metrics: DetectionMetrics,
+                                 dataset: DetectionDataset, data: DatasetConfig, names: list[str], run_dir: Path) -> None:
+    """Write predictions.json, evaluate it with pycocotools against the ground truth and print both mAPs.
+
+    The ground truth is COCO's official instances_val2017.json when a COCO dataset has it (then
+    crowd boxes make the numbers differ, as in YOLOv5), else the YOLO labels converted to JSON.
+    """
+    is_coco = data.source.name == "coco.yaml" and len(names) == 80
+    cat_ids = category_ids(len(names), is_coco)
+    ids = image_ids(dataset.image_files)
+    records = [record for index, det in sorted(predictions.items())
+               for record in prediction_records(ids[dataset.image_files[index]], det[:, :4], det[:, 4], det[:, 5], cat_ids)]
+    write_json(run_dir / "predictions.json", records)
+    official = data.root / "annotations" / "instances_val2017.json"
+    gt_path = official if is_coco and official.exists() else cached_ground_truth(
+        dataset, ids, cat_ids, names, cache_path_for(dataset.image_files).with_suffix(".coco.json"), run_dir)
+    checked = pycocotools_stats(gt_path, records, sorted(ids.values()))
+    if checked is None:
+        LOGGER.info("pycocotools: no predictions, nothing to evaluate")
+        return
+    stats, summary = checked
+    m = metrics
+    agree = abs(stats[1] - m.map50) <= 1e-6 and abs(stats[0] - m.map50_95) <= 1e-6
+    LOGGER.info(f"pycocotools COCOeval against {gt_path}:\n{summary}")
+    LOGGER.info(f"mAP@0.5 {m.map50:.6f} (table) vs {stats[1]:.6f} (pycocotools); "
+                f"mAP@0.5:0.95 {m.map50_95:.6f} vs {stats[0]:.6f}: "
+                + ("equal" if agree else "DIFFERENT (the ground truth differs from the YOLO labels, or a bug: please report)"))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from utils.dataset import DetectionDataset, build_dataloader
+from utils.data.dataset import DetectionDataset
+from utils.data.loader import build_dataloader
 from utils.device import autocast, parameter_dtype, to_model_input
 from utils.errors import UserError
 

@@ -7,23 +7,11 @@ augmentation is fixed by the generator's seed.
 
 from __future__ import annotations
 
-import math
-
 import albumentations as A
 import cv2
 import numpy as np
 
-from utils.log import LOGGER
-
 PAD_VALUE = 114  # grey fill for letterbox borders and warps
-
-
-def round_image_size(img_size: int, stride: int) -> int:
-    """img_size rounded up to a multiple of the model's max stride, saying so when it changes."""
-    rounded = max(math.ceil(img_size / stride) * stride, stride)
-    if rounded != img_size:
-        LOGGER.warning(f"WARNING: --imgsz {img_size} is not a multiple of the max stride {stride}; using {rounded}")
-    return rounded
 
 
 def letterbox(image: np.ndarray, shape_hw: tuple[int, int], scaleup: bool = True,

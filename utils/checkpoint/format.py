@@ -1,0 +1,251 @@
+"""The checkpoint format: the one place that builds a checkpoint of each kind, reads one (older
+versions included) and answers questions about it. A checkpoint is a plain versioned dict that
+torch.load(..., weights_only=True) reads, written atomically.
+
+Kinds (the 'kind' key):
+- training: last.pt, best.pt, epochN.pt. Everything needed to resume exactly: epoch (last
+  completed, 0-based), best_fitness, best_epoch, finished, loop (where training goes on: next
+  epoch and batch, the epoch's loss sums and step counters), model (fp32 state dict of the raw
+  model, float64 with train.py --float64: training resumes from it), ema (same dtype), updates,
+  ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt (the run's options),
+  world_size (its processes: opt's batch_size is split over them), rng (python, numpy, torch,
+  cuda), swa (the --swa-epochs running average so far, or None), date, versions.
+- average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
+  weights as both ema and model, a 'source' line saying what they average; not resumable.
+- foreign: a YOLOv5 checkpoint read with --trust-pickle (in memory only, never written): model_yaml,
+  names, ema and model, and its training image size when it recorded one.
+
+Version 1 files (before 'kind') are read as version 2.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.yolo import DetectionModel
+from utils.atomic_write import atomic_write
+from utils.checkpoint.foreign import read_yolov5_checkpoint
+from utils.errors import UserError
+
+FORMAT = "ema-yolo-checkpoint"
+FORMAT_VERSION = 2
+TRAINING, AVERAGE, FOREIGN = "training", "average", "foreign"
+ZIP_MAGIC = b"PK\x03\x04"
+DEFAULT_IMAGE_SIZE, DEFAULT_BATCH_SIZE = 640, 16  # YOLOv5's, for a foreign checkpoint that does not say
+# What an averaged checkpoint keeps of the checkpoint it is built on: the model and how it was trained.
+DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "world_size", "epoch", "loop", "ema_decay", "ema_tau")
+
+
+# Building
+
+
+def training_checkpoint(state: dict, *, finished: bool, model_yaml: dict, names: list[str], hyp: dict, opt: dict,
+                        world_size: int) -> dict:
+    """A training checkpoint from a run's state_dict() (model, ema, swa, optimizer, scaler, loop,
+    rng: see utils/train/run.py) and the run's description; training_state() is its inverse."""
+    ema, loop = state["ema"], state["loop"]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": TRAINING,
+        "epoch": loop["epoch"] - 1,
+        "best_fitness": float(loop["best_fitness"]),
+        "best_epoch": loop["best_epoch"],
+        "finished": finished,
+        "loop": loop,
+        "model": state["model"],
+        "ema": ema["module"],
+        "updates": ema["updates"],
+        "ema_decay": ema["decay"],
+        "ema_tau": ema["tau"],
+        "optimizer": state["optimizer"],
+        "scaler": state["scaler"],
+        "model_yaml": model_yaml,
+        "names": list(names),
+        "hyp": dict(hyp),
+        "opt": dict(opt),
+        "world_size": world_size,
+        "rng": state["rng"],
+        "swa": state["swa"],  # --swa-epochs: the running average so far
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
+    }
+
+
+def training_state(checkpoint: dict) -> dict:
+    """The run state a training checkpoint holds, laid out as the run's state_dict() gives it."""
+    if checkpoint.get("kind") != TRAINING:
+        raise UserError(f"this is {describe_kind(checkpoint)}, which holds no training state to resume; "
+                        "start a new run from it with --weights")
+    return {"model": checkpoint["model"], "optimizer": checkpoint["optimizer"], "scaler": checkpoint["scaler"],
+            "loop": checkpoint["loop"], "rng": checkpoint["rng"], "swa": checkpoint.get("swa"),
+            "ema": {"module": checkpoint["ema"], "updates": checkpoint["updates"], "decay": checkpoint["ema_decay"],
+                    "tau": checkpoint["ema_tau"]}}
+
+
+def averaged_checkpoint(base: dict, weights: dict[str, torch.Tensor], source: str, **extra) -> dict:
+    """An average-kind checkpoint: `base`'s model description with `weights` as both ema and model
+    (so val.py and detect.py read it either way), and `source` saying what was averaged."""
+    checkpoint = {key: base.get(key) for key in DESCRIPTION_KEYS}
+    checkpoint.update({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": AVERAGE, "finished": True,
+                       "best_fitness": 0.0, "best_epoch": -1, "ema": weights, "model": weights, "updates": 0,
+                       "optimizer": None, "scaler": None, "rng": None, "swa": None, "source": source,
+                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    checkpoint.update(extra)
+    return checkpoint
+
+
+def foreign_checkpoint(model_yaml: dict, names: list[str], weights: dict[str, torch.Tensor], source: str,
+                       image_size: int | None = None) -> dict:
+    """Another framework's weights in our terms (never written: --weights and inference read them)."""
+    return {"kind": FOREIGN, "model_yaml": model_yaml, "names": list(names), "ema": weights, "model": weights,
+            "hyp": {}, "opt": {"imgsz": image_size} if image_size else {}, "updates": 0, "source": source}
+
+
+# Reading
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write atomically: a crash at any moment leaves either the old file or the new one."""
+    atomic_write(path, serialise(checkpoint))
+
+
+def serialise(checkpoint: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_pickle: bool = False) -> dict:
+    """Read one of our checkpoints with weights_only=True; any other file is a UserError naming it.
+
+    With trust_pickle (the user's --trust-pickle), a file that needs full unpickling is read as a
+    YOLOv5 checkpoint instead (a foreign-kind checkpoint). offers_trust_pickle: the command has
+    that option, so a refusal may suggest it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint, or a copy that did not finish")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; its legacy format, like any pickle, starts with the PROTO opcode
+    if not head.startswith((ZIP_MAGIC, b"\x80")):
+        raise UserError(f"{path} is not a checkpoint: not a file torch.save writes (neither its zip archive "
+                        "nor a pickle)")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle is reported below as one clear error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if trust_pickle:
+            weights = read_yolov5_checkpoint(path)
+            return foreign_checkpoint(weights.model_yaml, weights.names, weights.state, f"YOLOv5 checkpoint {path}",
+                                      weights.image_size)
+        hint = ("If it is a YOLOv5 checkpoint you trust, add --trust-pickle to read its weights" if offers_trust_pickle
+                else "A YOLOv5 checkpoint you trust can be read by train.py --weights, val.py and detect.py with "
+                     "--trust-pickle")
+        raise UserError(f"{path} is not a checkpoint of this framework: loading it would need full unpickling, "
+                        f"which can run arbitrary code, so it is refused. {hint}") from None
+    except Exception as error:  # torch raises many types for a damaged file; all mean "unreadable"
+        raise UserError(f"checkpoint {path} is unreadable (truncated or damaged): {_first_line(error)}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this framework (no '{FORMAT}' format marker)")
+    version = checkpoint.get("format_version")
+    if version == 1:
+        return _from_version_1(checkpoint)
+    if version != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {version}; this version reads 1 and {FORMAT_VERSION}")
+    return checkpoint
+
+
+def _from_version_1(checkpoint: dict) -> dict:
+    """Version 1 had no 'kind': averages were the files with a 'source' line and no optimizer."""
+    averaged = checkpoint.get("source") is not None and checkpoint.get("optimizer") is None
+    return {**checkpoint, "format_version": FORMAT_VERSION, "kind": AVERAGE if averaged else TRAINING}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# Questions
+
+
+def describe_kind(checkpoint: dict) -> str:
+    """'a training checkpoint', 'an average of weights (...)' or 'a YOLOv5 checkpoint', for messages."""
+    kind = checkpoint.get("kind")
+    if kind == AVERAGE:
+        return f"an average of weights ({checkpoint.get('source')})"
+    return "a YOLOv5 checkpoint" if kind == FOREIGN else "a training checkpoint"
+
+
+def image_size(checkpoint: dict) -> int:
+    """The image size the weights were trained at (YOLOv5's 640 when a foreign file does not say)."""
+    return int(checkpoint.get("opt", {}).get("imgsz") or DEFAULT_IMAGE_SIZE)
+
+
+def batch_per_process(checkpoint: dict) -> int:
+    """The batch each training process ran (--batch-size is the global batch under torchrun):
+    the batch BatchNorm saw."""
+    batch = int(checkpoint.get("opt", {}).get("batch_size") or DEFAULT_BATCH_SIZE)
+    return max(batch // int(checkpoint.get("world_size") or 1), 1)
+
+
+def validation_batch_size(checkpoint: dict) -> int:
+    """The batch train.py validated with: twice each process's training batch. Rectangular
+    validation groups images per batch, so the same batch reproduces its mAP exactly."""
+    return 2 * batch_per_process(checkpoint)
+
+
+def training_option(checkpoint: dict, name: str, default: object = None) -> object:
+    """One of the run's options (opt.yaml) as the checkpoint recorded it."""
+    return (checkpoint.get("opt") or {}).get(name, default)
+
+
+def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = "checkpoint") -> DetectionModel:
+    """Rebuild the detector from a checkpoint's model YAML and load the `ema` or `model` weights."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    state = checkpoint.get(weights)
+    if state is None:
+        raise UserError(f"{source} holds no '{weights}' weights")
+    model = DetectionModel(checkpoint["model_yaml"])
+    if any(t.dtype == torch.float64 for t in state.values()):
+        model.double()  # a train.py --float64 run's weights stay in double precision
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UserError(f"{source}: its '{weights}' weights do not fit its model YAML: {_first_line(error)}") from None
+    model.names = list(checkpoint["names"])
+    model.hyp = dict(checkpoint.get("hyp") or {})
+    return model
+
+
+def load_for_inference(path: str | Path, weights: str, device: torch.device,
+                       trust_pickle: bool = False) -> tuple[dict, DetectionModel]:
+    """A checkpoint and its `ema` (or `model`) weights as an eval-mode, channels_last model on
+    `device` (for commands that offer --trust-pickle)."""
+    checkpoint = load_checkpoint(path, trust_pickle, offers_trust_pickle=True)
+    model = model_from_checkpoint(checkpoint, weights, source=str(path)).eval()
+    return checkpoint, model.to(device, memory_format=torch.channels_last)
+
+
+def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = (),
+                              weights: str = "ema") -> tuple[int, int]:
+    """Load the checkpoint's EMA weights (else its model weights; `weights`='model': the model
+    weights) wherever name and shape match. Returns (tensors transferred, tensors in the model)."""
+    source = (checkpoint.get("model") if weights == "model" else checkpoint.get("ema") or checkpoint.get("model")) or {}
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items()
+               if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)}
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(own)

@@ -1,0 +1,71 @@
+"""The network's input size: a multiple of the model's stride, and one the machine has memory for.
+
+train.py, val.py, detect.py and average.py all decide it here, before any work starts, so an
+impossible --imgsz is one clear error instead of an allocation failure mid-batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from utils.device import available_memory_bytes
+from utils.errors import UserError
+from utils.log import LOGGER
+
+
+def round_image_size(img_size: int, stride: int) -> int:
+    """img_size rounded up to a multiple of the model's max stride, saying so when it changes."""
+    rounded = max(math.ceil(img_size / stride) * stride, stride)
+    if rounded != img_size:
+        LOGGER.warning(f"WARNING: --imgsz {img_size} is not a multiple of the max stride {stride}; using {rounded}")
+    return rounded
+
+
+def check_image_size(img_size: int, model: nn.Module, *, batch_size: int, device: torch.device,
+                     training: bool) -> int:
+    """--imgsz as the model runs it (rounded up to its stride), after refusing one below the
+    stride, or one whose batch cannot fit in the memory of `device` by a lower bound on what a
+    pass needs: every layer's output kept for the backward pass when training, the input and the
+    largest layer output otherwise."""
+    stride = int(model.stride.max())
+    if img_size < stride:
+        raise UserError(f"--imgsz {img_size} is smaller than the model's stride {stride}: use at least {stride}")
+    given, img_size = img_size, round_image_size(img_size, stride)
+    all_outputs, largest_output = activation_elements_per_pixel(model, probe_size=2 * stride)
+    per_pixel = all_outputs if training else 3 + largest_output  # the float input: 3 per pixel
+    needed = per_pixel * img_size**2 * batch_size * 4  # at least fp32 where the pass keeps it
+    available = available_memory_bytes(device)
+    if available is not None and needed > available:
+        what = "training batch" if training else "batch"
+        raise UserError(f"--imgsz {given} needs at least {needed / 2**30:,.0f} GiB for one {what} of "
+                        f"{batch_size} ({'all layer outputs' if training else 'input and largest layer output'}, "
+                        f"fp32), but {available / 2**30:,.1f} GiB are available on {device}: use a smaller --imgsz"
+                        + (" or --batch-size" if batch_size > 1 else ""))
+    return img_size
+
+
+@torch.no_grad()
+def activation_elements_per_pixel(model: nn.Module, probe_size: int) -> tuple[float, float]:
+    """Elements of all leaf-module outputs together, and of the largest one, per input pixel
+    (measured in one eval-mode pass at probe_size; they scale with the image area)."""
+    sizes: list[int] = []
+
+    def record(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel())
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    was_training = model.training
+    parameter = next(model.parameters())
+    try:
+        model.eval()
+        model(torch.zeros(1, 3, probe_size, probe_size, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sum(sizes) / probe_size**2, max(sizes) / probe_size**2

@@ -1,0 +1,140 @@
+"""A training run's configuration: the options, hyperparameters and dataset, decided once and frozen.
+
+The options are train.py's command line (or, on --resume, the original run's, with defaults for
+options added since); opt.yaml, hyp.yaml and every checkpoint record them as plain dicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, fields
+
+from utils.data.config import DatasetConfig
+from utils.data.labels import list_image_files
+from utils.dist import World
+from utils.errors import UserError
+from utils.log import LOGGER
+from utils.train.optim import AUTO_SGD_MIN_STEPS, accumulation_steps, resolve_auto_optimizer
+
+RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
+SINGLE_CLASS_NAME = "item"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """train.py's options by their command-line names (see train.py --help)."""
+
+    weights: str
+    raw: bool
+    trust_pickle: bool
+    cfg: str
+    data: str
+    hyp: str
+    epochs: int
+    batch_size: int          # the global batch: split over torchrun's processes
+    imgsz: int               # a multiple of the model's stride once the run is configured
+    nosave: bool
+    noval: bool
+    cache: str
+    device: str
+    single_cls: bool
+    no_ema: bool
+    val_raw: bool
+    swa_epochs: int
+    swa_source: str
+    sync_bn: bool
+    optimizer: str           # never 'auto' once the run is configured
+    workers: int
+    project: str
+    name: str
+    exist_ok: bool
+    cos_lr: bool
+    label_smoothing: float
+    patience: int
+    freeze: tuple[int, ...]
+    save_period: int
+    seed: int
+    no_amp: bool
+    float64: bool
+    no_plots: bool
+    save_interval: float
+    max_bad_steps: int
+    deterministic: bool
+
+    def to_dict(self) -> dict:
+        """Plain types, as opt.yaml and the checkpoints hold them."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is decided by; built once by utils/train/prepare.py and never changed."""
+
+    opt: TrainOptions
+    hyp: dict            # validated (utils/hyp.py); AdamW's lr0 when --optimizer auto chose it
+    data: DatasetConfig
+    world_size: int      # torchrun's processes (1 alone)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (SINGLE_CLASS_NAME,) if self.opt.single_cls else self.data.names
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.opt.batch_size // self.world_size
+
+
+def options_for_run(args: argparse.Namespace, defaults: dict, resumed: dict | None) -> TrainOptions:
+    """The options a run uses. A new run: the command line, with --device and --workers resolved.
+    A resumed run: the original run's options (defaults for those added since), of which only
+    --device and --workers may be changed; others given are reported as ignored."""
+    if resumed is None:
+        chosen = {**vars(args), "device": args.device or "", "workers": 8 if args.workers is None else args.workers}
+    else:
+        given = vars(args)
+        ignored = [f"--{k.replace('_', '-')}" for k, v in given.items()
+                   if k not in (*RUNTIME_ONLY_OPTIONS, "resume", "project", "name", "exist_ok") and v != defaults[k]]
+        if ignored:
+            LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
+        chosen = {**defaults, **resumed["opt"]}
+        chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
+    names = {f.name for f in fields(TrainOptions)}
+    options = {k: v for k, v in chosen.items() if k in names}  # 'resume' and options since removed
+    return TrainOptions(**{**options, "freeze": tuple(options["freeze"])})
+
+
+def check_options(opt: TrainOptions, world: World) -> None:
+    """Refuse impossible options, warn about ineffective ones: before anything is written."""
+    if opt.epochs < 1 or opt.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    if opt.batch_size % world.size:
+        raise UserError(f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
+                        f"{world.size} processes (each takes an equal share)")
+    if not 0 <= opt.swa_epochs <= opt.epochs:
+        raise UserError(f"--swa-epochs {opt.swa_epochs} must be between 0 and --epochs {opt.epochs}")
+    if opt.raw and not opt.weights:
+        raise UserError("--raw picks the raw weights of the --weights checkpoint; give --weights too")
+    if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
+        raise UserError("--workers, --patience and --save-interval must not be negative, --max-bad-steps at least 1")
+    if any(f < 0 for f in opt.freeze):
+        raise UserError("--freeze takes layer counts or indices, which are not negative")
+    if opt.sync_bn and not world.distributed:
+        LOGGER.warning("WARNING: --sync-bn only acts under torchrun with several processes; ignored")
+    if opt.swa_source != "ema" and not opt.swa_epochs:
+        LOGGER.warning(f"WARNING: --swa-source {opt.swa_source} only acts with --swa-epochs K; ignored")
+    if opt.val_raw and opt.no_ema:
+        LOGGER.warning("WARNING: with --no-ema the validated weights are the raw ones; --val-raw adds the same numbers")
+
+
+def choose_optimizer(opt: TrainOptions, hyp: dict, data: DatasetConfig) -> tuple[str, dict]:
+    """--optimizer and hyp as the run will use them: 'auto' is resolved from the planned number of
+    optimizer steps, once, and the result recorded in opt.yaml, hyp.yaml and every checkpoint."""
+    if opt.optimizer != "auto":
+        return opt.optimizer, hyp
+    images = len(list_image_files(data.train)[0])
+    planned_steps = opt.epochs * math.ceil(math.ceil(images / opt.batch_size) / accumulation_steps(opt.batch_size))
+    name, hyp = resolve_auto_optimizer(opt.optimizer, hyp, planned_steps)
+    LOGGER.info(f"--optimizer auto: {name} with lr0 {hyp['lr0']:g} for about {planned_steps} optimizer steps "
+                f"(SGD from {AUTO_SGD_MIN_STEPS:,} steps on)")
+    return name, hyp

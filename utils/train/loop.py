@@ -1,0 +1,70 @@
+"""The training loop: epochs of accumulated AMP steps with an EMA, validated and checkpointed."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from utils.device import autocast, to_model_input
+from utils.eval.evaluate import evaluate
+from utils.log import LOGGER
+from utils.train.run import TrainingRun
+
+
+def train(run: TrainingRun) -> None:
+    """Train `run` (utils/train/run.py builds it) to its last epoch, or until early stopping.
+
+    Under torchrun every rank runs this on its share of each global batch through
+    DistributedDataParallel; rank 0 alone keeps the EMA, validates, logs and writes checkpoints,
+    while the others wait for its verdict on early stopping."""
+    opt, loop, world, model, ema = run.config.opt, run.loop, run.world, run.model, run.ema
+    patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
+    started, first_epoch = time.time(), loop.epoch
+    while loop.epoch < opt.epochs:
+        epoch = loop.epoch
+        batches = run.start_epoch()  # this epoch's batches, after those a resumed run already took
+        for i, batch in enumerate(batches, start=loop.batch):
+            step = i + run.batches_per_epoch * epoch  # micro-batches since the start of training
+            window_full = run.window_full(i, step)    # accumulated enough for an optimizer step
+            images = to_model_input(batch.images, run.device, run.weights_dtype)
+            run.buffers.take()  # BatchNorm statistics before this forward, to undo a non-finite one
+            with run.gradient_sync(window_full):  # DDP averages gradients in a window's last backward only
+                with autocast(run.device, run.amp_dtype):
+                    predictions = run.forward_model(images)
+                loss, loss_items = run.criterion(predictions, batch.targets)
+                run.backward(loss, loss_items)  # skipped on every rank if any rank's loss is not finite
+            loop.window += 1
+            if window_full:
+                stepped = run.optimizer_step(epoch, step)  # schedule, unscale, clip, step; False if skipped
+                if stepped and ema is not None:
+                    ema.update(model)  # once per optimizer step taken, never per micro-batch
+                loop.record_step(stepped)
+                run.stop_if_diverging()
+                if run.saver is not None and run.saver.due() and i + 1 < run.batches_per_epoch:
+                    loop.batch = i + 1
+                    run.saver.write(run.checkpoint())  # a mid-epoch last.pt (--save-interval)
+            run.show_progress(batches, batch, images, i, step)
+        run.end_epoch(batches)
+
+        final_epoch, stop_early, is_best = epoch + 1 == opt.epochs, False, False
+        if world.is_main:
+            ema.copy_attributes(model)  # validate what we ship: the EMA, carrying the model's attributes
+            if run.swa is not None and epoch >= opt.epochs - opt.swa_epochs:
+                run.swa.update(ema.module if opt.swa_source == "ema" else model)
+            result = raw_result = None
+            if not opt.noval or final_epoch:
+                result = evaluate(ema.module, run.val_loader, device=run.device, amp_dtype=run.amp_dtype,
+                                  loss_fn=run.val_criterion)
+                if opt.val_raw:
+                    raw_result = evaluate(model, run.val_loader, device=run.device, amp_dtype=run.amp_dtype)
+            is_best = run.log_epoch(epoch, result, raw_result)  # results.csv; best fitness of validated epochs
+            # Only validated epochs count: with --noval nothing stops the run early.
+            stop_early = result is not None and epoch - loop.best_epoch >= patience and not final_epoch
+        loop.start_next_epoch()
+        if world.is_main and (not opt.nosave or final_epoch or stop_early):
+            run.save_epoch(epoch, finished=final_epoch or stop_early, best=is_best)
+        if world.from_main(stop_early):
+            LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
+            break
+    if world.is_main:
+        run.finish(elapsed_s=time.time() - started, epochs_run=loop.epoch - first_epoch)

@@ -1,0 +1,299 @@
+"""TrainingRun: everything a training run is made of, built once, with the state a checkpoint keeps.
+
+The loop (utils/train/loop.py) shows the order of a step; the run holds the parts and does the
+bookkeeping around them: the accumulation window, non-finite passes, the progress line, the
+results row and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import ContextManager, Iterable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models.yolo import DetectionModel
+from utils.checkpoint.format import load_for_inference, training_checkpoint
+from utils.data.dataset import Batch, DetectionDataset
+from utils.data.loader import build_train_loader
+from utils.device import amp_dtype_for, describe_precision
+from utils.dist import World
+from utils.errors import TrainingStopped
+from utils.eval.evaluate import EvalResult, evaluate, results_table, save_validation_plots
+from utils.eval.plots import plot_image_batch, plot_labels, plot_results
+from utils.log import LOGGER, interactive
+from utils.run_dir import RunDirLock
+from utils.train.config import RunConfig
+from utils.train.ema import ModelEMA, UniformAverage
+from utils.train.loop_state import LoopState
+from utils.train.loss import DetectionLoss
+from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer
+from utils.train.results import LOSS_NAMES, RunLogger, results_row
+from utils.train.rng import restore_rng_state, rng_state
+from utils.train.saver import CheckpointWriter
+from utils.train.step import BufferSnapshot, optimizer_step
+from utils.train.swa import finish_swa
+from utils.train.sync_bn import convert_sync_batchnorm
+
+
+def state_of(model: torch.nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer, *,
+             scaler: torch.amp.GradScaler | None = None, loop: LoopState | None = None,
+             swa: UniformAverage | None = None) -> dict:
+    """A run's state as its checkpoint keeps it: weights, averages, optimizer, scaler, loop
+    position and RNG states (the layout of utils/checkpoint/format.py's training_state())."""
+    return {
+        "model": model.state_dict(),  # saved at once, so the live tensors need no copy
+        "ema": ema.state_dict() if ema is not None else None,
+        "swa": swa.state_dict() if swa is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "loop": (loop or LoopState()).state_dict(),
+        "rng": rng_state(),
+    }
+
+
+class TrainingRun:
+    """The model (and its DDP wrapper), EMA, SWA average, optimizer, scaler, schedule, losses,
+    loaders, loop state, results log and checkpoint writer of one run. Rank 0 alone has the EMA,
+    SWA average, validation loader, log and writer (None on the other ranks)."""
+
+    def __init__(self, config: RunConfig, model: DetectionModel, train_dataset: DetectionDataset,
+                 val_loader: torch.utils.data.DataLoader | None, run_dir: Path, world: World, device: torch.device,
+                 run_dir_lock: RunDirLock | None = None, state: dict | None = None):
+        opt, hyp = config.opt, config.hyp
+        self.config, self.run_dir, self.world, self.device = config, run_dir, world, device
+        self.run_dir_lock = run_dir_lock
+        self.weights_dtype = torch.float64 if opt.float64 else torch.float32
+        self.amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=self.weights_dtype)
+        model.names, model.hyp = list(config.names), hyp
+        model.to(device, self.weights_dtype, memory_format=torch.channels_last)  # before a resumed state is loaded
+        self.model = convert_sync_batchnorm(model, device) if opt.sync_bn and world.distributed else model
+        LOGGER.info(f"Model: {self.model.summary(opt.imgsz)}")
+        if hyp["copy_paste"] > 0:
+            LOGGER.warning("WARNING: copy_paste needs segment labels; with box labels it has no effect (as in YOLOv5)")
+
+        self.train_loader = build_train_loader(train_dataset, batch_size=opt.batch_size, workers=opt.workers,
+                                               seed=opt.seed, pin_memory=device.type == "cuda", world=world)
+        self.val_loader = val_loader
+        self.batches_per_epoch = len(self.train_loader)
+        self.plots = not opt.no_plots and world.is_main
+
+        self.schedule = TrainSchedule(hyp, opt.epochs, self.batches_per_epoch, opt.batch_size, cos_lr=opt.cos_lr)
+        weight_decay = hyp["weight_decay"] * opt.batch_size * self.schedule.full_accumulate / NOMINAL_BATCH_SIZE
+        self.optimizer = build_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # The EMA lives on rank 0 alone, which validates and saves it. Parameters are equal on all ranks
+        # after every step (DDP averages the gradients); BatchNorm statistics are equal with --sync-bn,
+        # and without it rank 0's are the ones DDP broadcasts to every rank before each forward
+        # (broadcast_buffers). Averaging rank 0's model is therefore averaging the model every rank
+        # runs, with no collective and no copy of the EMA on the other ranks.
+        # --no-ema keeps the same machinery with d = 0: the "average" is then the raw model itself.
+        self.ema = ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"]) \
+            if world.is_main else None
+        self.swa = UniformAverage(self.ema.module if opt.swa_source == "ema" else self.model) \
+            if opt.swa_epochs and world.is_main else None
+        self.criterion = DetectionLoss(self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing,
+                                       world=world)
+        self.val_criterion = DetectionLoss(self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
+        self.loop = LoopState()
+        if state is not None:
+            self.load_state_dict(state)
+        self.buffers = BufferSnapshot(self.model)
+        # Forward passes go through DDP, which averages the gradients over the ranks in backward; the
+        # optimizer, EMA, clipping and checkpoints use the bare model, whose tensors DDP shares.
+        self.forward_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None) if world.distributed else self.model
+        self._non_finite_in_window = False  # a micro-batch of the current window had a non-finite loss
+        self.logger = RunLogger(run_dir, self.loop.epoch) if world.is_main else None
+        self.saver = CheckpointWriter(run_dir / "weights", opt.save_interval) if world.is_main else None
+        if world.is_main:
+            self._describe(train_dataset, new_run=state is None)
+
+    def _describe(self, train_dataset: DetectionDataset, new_run: bool) -> None:
+        opt, loop = self.config.opt, self.loop
+        if self.plots and new_run:
+            plot_labels(np.concatenate(train_dataset.labels), list(self.config.names), self.run_dir / "labels.jpg")
+        planned_steps = (opt.epochs - loop.epoch) * math.ceil(self.batches_per_epoch / self.schedule.full_accumulate)
+        if opt.no_ema:
+            LOGGER.info("--no-ema: no weight averaging; the raw weights are validated and saved as 'ema' too")
+        else:
+            ema = self.ema
+            final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
+            LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
+                        f"optimizer steps are planned, ending near d={final_decay:.3g}"
+                        + (" (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
+                           "file to average more)" if final_decay < 0.5 else ""))
+        if opt.noval and opt.patience:
+            LOGGER.info("--noval: only the last epoch is validated, so best.pt is written then and --patience "
+                        "(early stopping) has nothing to compare")
+        ranks = (f" over {self.world.size} processes ({self.config.batch_per_process} each"
+                 f"{', SyncBatchNorm' if opt.sync_bn else ''})" if self.world.distributed else "")
+        LOGGER.info(f"{describe_precision(self.amp_dtype, self.weights_dtype)} on {self.device}; batch "
+                    f"{opt.batch_size}{ranks} x {self.schedule.full_accumulate} accumulated, {self.batches_per_epoch} "
+                    f"batches per epoch, {len(self.val_loader.dataset)} val images\n"
+                    f"Logging to {self.run_dir}; training for {opt.epochs} epochs...")
+
+    # What a checkpoint keeps
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs besides the configuration (rank 0's: the one that writes checkpoints)."""
+        return state_of(self.model, self.ema, self.optimizer, scaler=self.scaler, loop=self.loop, swa=self.swa)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from what state_dict() returned (on every rank; the averages on rank 0)."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.swa is not None and state.get("swa"):
+            self.swa.load_state_dict(state["swa"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        self.loop = LoopState.from_state_dict(state["loop"])
+
+    def checkpoint(self, finished: bool = False) -> dict:
+        """The run as a training checkpoint (utils/checkpoint/format.py)."""
+        return training_checkpoint(self.state_dict(), finished=finished, model_yaml=self.model.yaml,
+                                   names=list(self.config.names), hyp=self.config.hyp,
+                                   opt=self.config.opt.to_dict(), world_size=self.world.size)
+
+    # One epoch
+
+    def start_epoch(self) -> Iterable[Batch]:
+        """Train mode, the epoch's data order (each rank skipping its share of the batches a resumed
+        run already took) and the progress bar over it."""
+        opt, loop = self.config.opt, self.loop
+        self.forward_model.train()
+        close_mosaic = int(self.config.hyp["close_mosaic"])
+        if close_mosaic and loop.epoch == opt.epochs - close_mosaic:
+            LOGGER.info(f"Closing mosaic (and mixup) for the last {close_mosaic} epochs")
+        self.train_loader.sampler.set_epoch(loop.epoch, skip=loop.batch * self.train_loader.batch_size)
+        loop.loss_sum = loop.loss_sum.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._non_finite_in_window = False
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
+        return tqdm(self.train_loader, initial=loop.batch, total=self.batches_per_epoch,
+                    bar_format="{l_bar}{bar:10}{r_bar}", disable=not interactive() or not self.world.is_main)
+
+    def window_full(self, i: int, step: int) -> bool:
+        """Whether micro-batch i of the epoch (`step` of the run) completes an accumulation window;
+        the last window of an epoch steps with what it has."""
+        return self.loop.window + 1 >= self.schedule.accumulate(step) or i + 1 == self.batches_per_epoch
+
+    def gradient_sync(self, window_full: bool) -> ContextManager:
+        """Under DDP, gradients are averaged over the ranks only in the window's last backward."""
+        if self.world.distributed and not window_full:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, loss_items: torch.Tensor) -> None:
+        """Backward, and the epoch's loss sums. A loss that is not finite on any rank undoes this
+        forward's BatchNorm statistics and marks the window, whose step is then skipped on all."""
+        # The loss items summed over the ranks, and on how many ranks the loss is not finite.
+        summed = self.world.sum(torch.cat((loss_items, (~torch.isfinite(loss)).float().reshape(1))))
+        if summed[3] == 0:
+            self.scaler.scale(loss).backward()
+            self.loop.loss_sum += summed[:3]
+            return
+        self.buffers.restore()
+        self._non_finite_in_window = True
+        if self.world.distributed:  # DDP's backward is collective: every rank takes part; grads are dropped
+            self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, epoch: int, step: int) -> bool:
+        """The window's optimizer step at the schedule's lr (zeroing the gradients); False when it
+        was skipped for a non-finite loss or gradient."""
+        if self._non_finite_in_window:
+            self._non_finite_in_window = False
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.schedule.apply(self.optimizer, epoch, step)
+        return optimizer_step(self.optimizer, self.scaler, self.model)
+
+    def stop_if_diverging(self) -> None:
+        """Stop after --max-bad-steps skipped steps in a row (the last good checkpoint is kept)."""
+        if self.loop.bad_streak >= self.config.opt.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.loop.bad_streak} optimizer steps in a row had a non-finite loss or gradient, so training "
+                f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
+                f"{self._last_checkpoint_name()}. Try a lower lr0, --no-amp, or check the data (see data_report.txt)")
+
+    def _last_checkpoint_name(self) -> str:
+        """The run's last.pt for messages, as far as this rank knows (rank 0 writes it)."""
+        if self.saver is None:
+            return "see rank 0's message"
+        return str(self.saver.last_path) if self.saver.last_path.exists() else "none yet"
+
+    def show_progress(self, bar: tqdm, batch: Batch, images: torch.Tensor, i: int, step: int) -> None:
+        """The progress line (mean losses so far), and the first batches drawn as the model saw them."""
+        if self.plots and step < 3:
+            plot_image_batch(batch.images, batch.targets.numpy(), list(self.config.names),
+                             self.run_dir / f"train_batch{step}.jpg")
+        mean_loss = (self.loop.loss_sum / (i + 1)).tolist()
+        memory = f"{torch.cuda.memory_reserved(self.device) / 2**30:.3g}G" if self.device.type == "cuda" else "cpu"
+        self._progress = ("%11s" * 2 + "%11.4g" * 5) % (f"{self.loop.epoch}/{self.config.opt.epochs - 1}", memory,
+                                                       *mean_loss, len(batch.targets), images.shape[-1])
+        bar.set_description(self._progress)
+
+    def end_epoch(self, bar: tqdm) -> None:
+        bar.close()
+        if not interactive() and self.world.is_main:
+            LOGGER.info(self._progress)
+        if self.loop.skipped_steps:
+            LOGGER.warning(f"WARNING: {self.loop.skipped_steps} optimizer step(s) of this epoch skipped for a "
+                           "non-finite loss or gradient; the EMA did not move on those")
+
+    def log_epoch(self, epoch: int, result: EvalResult | None, raw_result: EvalResult | None) -> bool:
+        """Print the validation, append the results.csv row and keep the best fitness; True when
+        this epoch is the best so far. An epoch not validated (--noval) has no fitness."""
+        names = list(self.config.names)
+        if result is not None:
+            LOGGER.info(results_table(result, names))
+        if raw_result is not None:
+            LOGGER.info(f"raw model: mAP50 {raw_result.metrics.map50:.3g}, mAP50-95 {raw_result.metrics.map50_95:.3g}")
+        is_best = result is not None and result.metrics.fitness >= self.loop.best_fitness
+        if is_best:
+            self.loop.best_fitness, self.loop.best_epoch = result.metrics.fitness, epoch
+        mean_loss = (self.loop.loss_sum / self.batches_per_epoch).tolist()
+        self.logger.log_epoch(epoch, results_row(mean_loss, result, self.optimizer, self.ema.updates,
+                                                 self.config.opt.val_raw, raw_result))
+        return is_best
+
+    def save_epoch(self, epoch: int, finished: bool, best: bool) -> None:
+        """last.pt, and best.pt / epochN.pt when due, at the end of an epoch."""
+        save_period = self.config.opt.save_period
+        copy_name = f"epoch{epoch}.pt" if save_period > 0 and epoch % save_period == 0 else None
+        self.saver.write(self.checkpoint(finished=finished), best=best, copy_name=copy_name)
+
+    def finish(self, elapsed_s: float, epochs_run: int) -> None:
+        """After the last epoch (rank 0): close the log, plot, finish SWA, validate best.pt."""
+        self.logger.close()
+        LOGGER.info(f"\n{epochs_run} epochs completed in {elapsed_s / 3600:.3f} hours.")
+        if self.plots:
+            plot_results(self.logger.csv_path, self.run_dir / "results.png")
+        opt = self.config.opt
+        if self.swa is not None and self.swa.updates:
+            finish_swa(self.swa, self.checkpoint(finished=True), self.train_loader, source=opt.swa_source,
+                       workers=opt.workers, seed=opt.seed, device=self.device, amp_dtype=self.amp_dtype,
+                       val_loader=self.val_loader, out_path=self.run_dir / "weights" / "swa.pt")
+        elif self.swa is not None:
+            LOGGER.warning(f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
+                           "nothing and no swa.pt was written")
+        best_path = self.saver.best_path
+        if best_path.exists():
+            LOGGER.info(f"Validating {best_path}...")
+            _, best_model = load_for_inference(best_path, "ema", self.device)
+            result = evaluate(best_model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
+                              plot_dir=self.run_dir if self.plots else None)
+            LOGGER.info(results_table(result, list(self.config.names), verbose=True))
+            if self.plots:
+                save_validation_plots(result, list(self.config.names), self.run_dir)
+        LOGGER.info(f"Results saved to {self.run_dir}")
+        if self.run_dir_lock is not None:
+            self.run_dir_lock.release()

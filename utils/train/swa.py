@@ -1,0 +1,35 @@
+"""Finishing SWA (--swa-epochs): the running average's BatchNorm statistics recomputed, validated, saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.checkpoint.format import averaged_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.eval.evaluate import evaluate, results_table
+from utils.log import LOGGER
+from utils.train.averaging import recalibrate_on_training_batches
+from utils.train.ema import UniformAverage
+
+
+def finish_swa(swa: UniformAverage, last: dict, train_loader: DataLoader, *, source: str, workers: int, seed: int,
+               device: torch.device, amp_dtype: torch.dtype | None, val_loader: DataLoader, out_path: Path) -> None:
+    """Recompute the SWA average's BatchNorm statistics on the last epoch's training batches
+    (augmented: see recalibrate_on_training_batches), validate it and save it to `out_path`
+    (swa.pt: an average-kind checkpoint built on the run's `last` one, whose 'swa' entry keeps
+    the plain average)."""
+    # Rebuilt from the checkpoint: plain BatchNorm where the run had SyncBatchNorm (rank 0 works alone here).
+    average = model_from_checkpoint({**last, "ema": swa.module.state_dict()}, "ema", source="the SWA average")
+    average.to(device, memory_format=torch.channels_last)
+    images = recalibrate_on_training_batches(average, train_loader.dataset, epoch=last["epoch"],
+                                             batch_size=train_loader.batch_size, workers=workers, seed=seed,
+                                             device=device, amp_dtype=amp_dtype)
+    result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
+    description = (f"SWA of the {source} weights at the end of the last {swa.updates} epochs, "
+                   f"BatchNorm statistics recomputed on {images} augmented training images")
+    LOGGER.info(f"{description}:\n{results_table(result, list(average.names))}")
+    state = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
+    save_checkpoint(out_path, averaged_checkpoint(last, state, description, swa=last["swa"]))
+    LOGGER.info(f"Saved {out_path}")
