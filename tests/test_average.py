@@ -112,6 +112,8 @@ def test_no_strict_keeps_mismatched_tensors_from_the_first_and_lists_them(three_
     torch.testing.assert_close(result["ema"]["model.0.conv.weight"],
                                (first["model.0.conv.weight"] + second["model.0.conv.weight"]) / 2)
     assert "6 tensor(s) differ between the checkpoints and were kept from" in capsys.readouterr().out
+    # What the file says it holds (val.py prints it) is not a plain average of the inputs.
+    assert result["source"].endswith(f"; 6 tensor(s) that differ between them taken from {three_checkpoints[0]} alone")
 
 
 def test_val_and_detect_read_the_average(three_checkpoints, tmp_path, tiny_dataset, capsys):
@@ -218,3 +220,21 @@ def test_recalibration_options_without_recalibrate_bn_are_named(three_checkpoint
     average.main(["--weights", *map(str, three_checkpoints[:2]), "--data", "x.yaml", "--workers", "0",
                   "--out", str(tmp_path / "avg.pt")])
     assert "--recalibrate-bn was not given, so --data, --workers went unused" in capsys.readouterr().out
+
+
+def test_a_yolov5_pickle_is_refused_without_suggesting_an_option_average_lacks(three_checkpoints, tmp_path):
+    pickled = tmp_path / "yolov5s.pt"
+    torch.save({"model": nn.Conv2d(1, 1, 1)}, pickled)
+    with pytest.raises(UserError, match="full unpickling") as refused:
+        average.main(["--weights", str(three_checkpoints[0]), str(pickled), "--out", str(tmp_path / "x.pt")])
+    assert "add --trust-pickle" not in str(refused.value)
+
+
+def test_the_class_count_error_names_the_count_it_compared(three_checkpoints, tmp_path, tiny_dataset):
+    """Checkpoints of a --single-cls run are compared with 1 class, and the message says so."""
+    for path in three_checkpoints:
+        checkpoint = torch.load(path, weights_only=True)
+        torch.save({**checkpoint, "opt": {**checkpoint["opt"], "single_cls": True}}, path)
+    with pytest.raises(UserError, match=r"detect 6 classes but .* has 1 \(the run trained with --single-cls\)"):
+        average.main(["--weights", *map(str, three_checkpoints), "--data", str(tiny_dataset), "--recalibrate-bn",
+                      "--workers", "0", "--out", str(tmp_path / "x.pt")])

@@ -14,12 +14,16 @@ import torch
 from models.yolo import build_model
 from utils.checkpoint.format import (
     FORMAT_VERSION,
+    batch_per_process,
+    foreign_checkpoint,
+    image_size,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
     training_checkpoint,
     training_state,
     transfer_matching_weights,
+    validation_batch_size,
 )
 from utils.errors import UserError
 from utils.hyp import load_hyp
@@ -159,3 +163,30 @@ def test_transfer_matches_by_name_and_shape(trained_checkpoint):
     # Everything but the three Detect convolutions' weights and biases (their class count differs).
     assert moved == total - 6
     assert torch.equal(other_classes.state_dict()["model.0.conv.weight"], checkpoint["ema"]["model.0.conv.weight"])
+
+
+def test_version_1_files_are_read_as_their_kind(tmp_path, trained_checkpoint):
+    """Files written before the 'kind' key (format version 1) still load: a training checkpoint
+    resumes, an average (swa.pt, average.py's output: a 'source' line and no optimizer) does not."""
+    *_, checkpoint = trained_checkpoint
+    version_1 = {k: v for k, v in checkpoint.items() if k != "kind"} | {"format_version": 1}
+    torch.save(version_1, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["kind"] == "training" and loaded["format_version"] == FORMAT_VERSION
+    assert training_state(loaded)["loop"]["batch"] == 7
+    averaged = {**version_1, "optimizer": None, "scaler": None, "source": "SWA of the ema weights"}
+    torch.save(averaged, tmp_path / "swa.pt")
+    loaded = load_checkpoint(tmp_path / "swa.pt")
+    assert loaded["kind"] == "average"
+    with pytest.raises(UserError, match=r"an average of weights \(SWA of the ema weights\), which holds no training"):
+        training_state(loaded)
+
+
+def test_the_checkpoint_answers_for_its_run(trained_checkpoint):
+    """Image size, batch per process and the validation batch, as train.py used them."""
+    *_, checkpoint = trained_checkpoint
+    assert image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16 and validation_batch_size(checkpoint) == 32
+    ddp = {**checkpoint, "opt": {**checkpoint["opt"], "batch_size": 64}, "world_size": 4}
+    assert batch_per_process(ddp) == 16 and validation_batch_size(ddp) == 32
+    foreign = foreign_checkpoint({"nc": 3}, ["a", "b", "c"], {}, "a YOLOv5 file")
+    assert image_size(foreign) == 640 and validation_batch_size(foreign) == 32  # YOLOv5's defaults

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
+import train
 from utils.boxes import letterbox_to_original, xywhn_to_xyxy
 from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
+from utils.data.decode import read_image_rgb
 from utils.data.labels import list_image_files, scan_labels
 from utils.data.loader import EpochSampler, build_dataloader
 from utils.hyp import load_hyp
@@ -109,3 +117,64 @@ def test_close_mosaic_trains_the_last_epochs_on_single_images(train_scan):
     mosaic_counts = [len(dataset[(2, i)][1]) for i in range(len(dataset))]
     own_counts = [len(lb) for lb in dataset.labels]
     assert sum(mosaic_counts) > sum(own_counts)  # before: four images per sample
+
+
+def exif_rotated_tiff(path: Path, size_hw: tuple[int, int] = (40, 64)) -> Path:
+    """A TIFF stored landscape with EXIF orientation 6 (shown portrait): OpenCV 5's imread fails on it."""
+    pixels = np.zeros((*size_hw, 3), np.uint8)
+    pixels[:, : size_hw[1] // 2] = (200, 30, 30)  # the left half red, to check the rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif)
+    return path
+
+
+def test_an_image_opencv_cannot_decode_is_read_by_pillow_as_the_scan_saw_it(tmp_path):
+    path = exif_rotated_tiff(tmp_path / "rotated.tif")
+    assert cv2.imread(str(path)) is None  # the decoder difference the fallback exists for
+    image = read_image_rgb(path)
+    assert image.shape == (64, 40, 3)  # rotated by EXIF, as the label scan measures it
+    assert (image[0, 0] == (200, 30, 30)).all() and (image[-1, 0] == 0).all()  # the red half is now on top
+    assert read_image_rgb(tmp_path / "absent.jpg") is None
+
+
+def test_images_the_scan_accepted_but_no_decoder_reads_are_skipped_and_counted(tiny_dataset, tmp_path):
+    """Cached in RAM, an image that cannot be decoded (damaged after the scan) is left out and
+    counted as corrupt in the scan's summary and report, like those the scan rejects."""
+    source = Path(yaml.safe_load(tiny_dataset.read_text())["path"])
+    root = tmp_path / "copy"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("*.cache", "*.json"))
+    files = list_image_files([root / "images" / "train"])[0]
+    scan = scan_labels(files, 6, cache_path=None)
+    files[3].write_bytes(b"\xff\xd8\xff" + b"\x00" * 64)  # damaged after the scan
+    found = scan.num_found + scan.num_empty
+    dataset = DetectionDataset(scan, 64, load_hyp("scratch-low.yaml"), augment=True)
+    assert dataset.cache_images_in_ram()
+    assert len(dataset) == len(files) - 1 and files[3] not in dataset.image_files
+    assert scan.num_corrupt == 1 and scan.num_found + scan.num_empty == found - 1
+    assert scan.messages[-1][0] == "undecodable image" and str(files[3]) in scan.messages[-1][1]
+    assert "1 undecodable image" in scan.summary()
+    for index in range(len(dataset)):  # every sample is of an image that remains
+        dataset[(0, index)]
+
+
+def test_training_reads_exif_tiffs_and_skips_truncated_bmps(tiny_dataset, tmp_path):
+    """Both pass PIL's verify(); OpenCV decodes neither. The TIFF is decoded by Pillow and trained
+    on; the truncated BMP is found by the scan (it decodes BMPs and TIFFs in full) and skipped."""
+    source = Path(yaml.safe_load(tiny_dataset.read_text())["path"])
+    root = tmp_path / "mixed"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("*.cache", "*.json"))
+    exif_rotated_tiff(root / "images" / "train" / "rotated.tif")
+    (root / "labels" / "train" / "rotated.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    bmp = root / "images" / "train" / "cut.bmp"
+    Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(bmp)
+    bmp.write_bytes(bmp.read_bytes()[:3000])
+    (root / "labels" / "train" / "cut.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    data = tmp_path / "mixed.yaml"
+    data.write_text(yaml.safe_dump({**yaml.safe_load(tiny_dataset.read_text()), "path": str(root)}))
+    scan = scan_labels(list_image_files([root / "images" / "train"])[0], 6, cache_path=None)
+    assert scan.num_corrupt == 1 and root / "images" / "train" / "rotated.tif" in scan.image_files
+    assert any("cut.bmp" in message for _, message in scan.messages)
+    assert train.main(["--data", str(data), "--epochs", "1", "--imgsz", "64", "--batch-size", "4", "--workers", "0",
+                       "--no-plots", "--project", str(tmp_path / "runs")]) == 0

@@ -57,3 +57,27 @@ def test_a_hostile_pickle_runs_nothing_even_when_trusted(tmp_path):
     with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
         load_checkpoint(evil, trust_pickle=True)
     assert not marker.exists()
+
+
+class RegistersAHook:
+    """Unpickles as a call of torch's register_module_forward_hook: a function of torch.nn.modules
+    that acts on every module of the process."""
+
+    def __reduce__(self):
+        return torch.nn.modules.module.register_module_forward_hook, (torch.nn.Identity,)
+
+
+def test_a_trusted_pickle_cannot_call_torch_functions(tmp_path):
+    """--trust-pickle rebuilds torch's module classes only: a function of torch.nn.modules named in
+    the pickle becomes a placeholder and is never called."""
+    evil = tmp_path / "hook.pt"
+    torch.save({"model": RegistersAHook()}, evil)
+    hooks = torch.nn.modules.module._global_forward_hooks
+    before = dict(hooks)
+    try:
+        with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
+            load_checkpoint(evil, trust_pickle=True)
+        assert dict(hooks) == before, "the pickle registered a process-wide forward hook"
+    finally:
+        for key in set(hooks) - set(before):
+            del hooks[key]

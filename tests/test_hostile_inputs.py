@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+import average
+import detect
 import train
 import val
 from tests.conftest import run_script
@@ -212,3 +214,29 @@ def test_failed_write_stops_training_and_keeps_the_previous_checkpoint(tiny_data
     message = str(stopped.value)
     assert "No space left on device" in message and f"--resume {last_path}" in message
     assert torch.load(last_path, weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.parametrize("content", [b"", b"epoch: 3\nweights: best\n"], ids=["empty", "text"])
+def test_a_file_that_is_no_checkpoint_is_one_clear_error_everywhere(content, tiny_run, tiny_dataset, tmp_path, capsys):
+    """An empty file or a text file given as a checkpoint: one error line naming it, exit 2, for
+    every command that reads checkpoints, with --trust-pickle too."""
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    other = str(tiny_run / "weights" / "last.pt")
+    image = str(next((Path(yaml.safe_load(tiny_dataset.read_text())["path"]) / "images" / "val").glob("*.jpg")))
+    runs = ["--project", str(tmp_path / "runs")]
+    cases = [(train.main, ["--data", str(tiny_dataset), "--weights", str(path), *runs]),
+             (train.main, ["--data", str(tiny_dataset), "--weights", str(path), "--trust-pickle", *runs]),
+             (train.main, ["--resume", str(path)]),
+             (val.main, ["--data", str(tiny_dataset), "--weights", str(path), *runs]),
+             (val.main, ["--data", str(tiny_dataset), "--weights", str(path), "--trust-pickle", *runs]),
+             (detect.main, ["--weights", str(path), "--source", image, *runs]),
+             (detect.main, ["--weights", str(path), "--source", image, "--trust-pickle", *runs]),
+             (average.main, ["--weights", other, str(path), "--out", str(tmp_path / "avg.pt")])]
+    for main, args in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: main(args), "x.py")  # noqa: B023 (called right here)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and str(path) in err, (args, err)
+        assert ("empty (0 bytes)" if not content else "is not a checkpoint") in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "avg.pt").exists()

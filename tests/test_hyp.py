@@ -45,3 +45,14 @@ def test_missing_keys_are_listed(tmp_path):
     path.write_text("lr0: 0.01\n")
     with pytest.raises(UserError, match="missing lrf, momentum"):
         load_hyp(path)
+
+
+def test_values_keep_their_types(tmp_path):
+    """Counts stay integers (hyp.yaml and checkpoints show close_mosaic: 10), the rest are floats
+    even where a file writes them as integers (torch.tensor([obj_pw]) must be a float tensor)."""
+    hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())
+    path = tmp_path / "hyp.yaml"
+    path.write_text(yaml.safe_dump({**hyp, "close_mosaic": 10.0, "obj_pw": 1, "mosaic": 1}))
+    loaded = load_hyp(path)
+    assert loaded["close_mosaic"] == 10 and type(loaded["close_mosaic"]) is int
+    assert all(type(v) is float for k, v in loaded.items() if k != "close_mosaic")

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from utils.data import labels as labels_module
-from utils.data.labels import cache_path_for, label_path_for, list_image_files, scan_labels, scan_split, write_data_report
+from utils.data.labels import (
+    cache_path_for,
+    label_path_for,
+    list_image_files,
+    scan_labels,
+    scan_split,
+    write_data_report,
+)
 from utils.errors import UserError
 
 
@@ -210,3 +217,18 @@ def test_image_list_txt_and_errors(tmp_path, planted):
 
 def test_label_path_uses_the_last_images_folder():
     assert label_path_for(Path("/d/images/x/images/train/a.b.jpg")) == Path("/d/images/x/labels/train/a.b.txt")
+
+
+def test_a_split_without_boxes_is_refused_for_training_and_flagged_for_validation(tmp_path, caplog):
+    images = tmp_path / "data" / "images" / "val"
+    for name in ("a", "b"):
+        write_image(images / name)
+    empty = tmp_path / "data" / "labels" / "val" / "a.txt"
+    empty.parent.mkdir(parents=True)
+    empty.write_text("")
+    scan = scan_split((images,), 3, prefix="val: ")
+    assert scan.num_empty == 1 and scan.num_missing == 1
+    assert "val: WARNING: no labelled boxes in this split: its mAP is 0 whatever the model detects" in caplog.text
+    assert "1 label files were found, all empty" in caplog.text
+    with pytest.raises(UserError, match="train: no labelled boxes in .*nothing to learn"):
+        scan_split((images,), 3, prefix="train: ", needs_labels=True)

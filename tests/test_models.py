@@ -13,6 +13,7 @@ from models.parse import read_model_yaml
 from models.yolo import DetectionModel, build_model
 from utils.config_files import REPO_ROOT
 from utils.errors import UserError
+from utils.log import LOGGER
 
 # Parameter counts of YOLOv5 v7.0's model YAMLs at nc=80 (yolov5 repository README and model summaries).
 YOLOV5_PARAMS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557, "l": 46_563_709, "x": 86_749_405}
@@ -132,6 +133,9 @@ def test_unparseable_and_missing_yaml(tmp_path):
         read_model_yaml(tmp_path / "absent.yaml")
 
 
-def test_nc_override_keeps_the_yaml_consistent():
+def test_nc_override_keeps_the_yaml_consistent(caplog):
+    caplog.set_level("INFO")
     model = DetectionModel(base_cfg(), nc=6)
     assert model.nc == 6 and model.yaml["nc"] == 6 and model.detect_head.no == 11
+    # through the project's one logger, which is quiet on torchrun ranks other than 0 (utils/log.py)
+    assert [r.name for r in caplog.records if "Overriding model nc" in r.message] == [LOGGER.name]

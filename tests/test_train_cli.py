@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import train
 from tests.conftest import REPO_ROOT
 from utils.errors import UserError
 from utils.train import loop as training_loop
+from utils.train.config import RunConfig, TrainOptions
 from utils.train.results import results_row
 
 
@@ -196,3 +198,16 @@ def test_a_run_folder_held_by_a_live_run_is_refused(tiny_dataset, tmp_path):
         first.wait()
     assert all(line.split(",")[0].isdigit() for line in rows_now.splitlines()[1:])
     assert train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok")) == 0  # free again
+
+
+def test_the_run_configuration_is_frozen_and_recorded_with_its_types(tiny_run):
+    """opt.yaml and hyp.yaml hold the options and hyperparameters as the run used them, typed."""
+    opt = yaml.safe_load((tiny_run / "opt.yaml").read_text())
+    hyp = yaml.safe_load((tiny_run / "hyp.yaml").read_text())
+    assert opt["optimizer"] == "AdamW" and opt["imgsz"] == 64 and opt["freeze"] == [0] and "resume" not in opt
+    assert hyp["lr0"] == 0.003 and type(hyp["close_mosaic"]) is int
+    checkpoint = torch.load(tiny_run / "weights" / "last.pt", weights_only=True)
+    assert checkpoint["opt"] == opt and checkpoint["hyp"] == hyp
+    config = RunConfig(opt=TrainOptions(**{**opt, "freeze": tuple(opt["freeze"])}), hyp=hyp, data=None, world_size=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.opt.epochs = 3

@@ -20,6 +20,7 @@ OPTIONAL_DEFAULTS = {
     "blur": 0.01, "median_blur": 0.01, "to_gray": 0.01, "clahe": 0.01,
     "ema_decay": 0.9999, "ema_tau": 2000.0, "close_mosaic": 0,
 }
+INTEGER_KEYS = ("close_mosaic",)  # counts; every other value is a float
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
 
@@ -52,4 +53,4 @@ def validate_hyp(raw: object, source: str) -> dict:
         raise UserError(f"hyperparameter file {source}: close_mosaic is a number of epochs, got {hyp['close_mosaic']}")
     if not 0 < hyp["ema_decay"] < 1 or hyp["ema_tau"] <= 0:
         raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
-    return {k: float(v) for k, v in hyp.items()}
+    return {k: int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from utils.data.config import DatasetConfig
 from utils.data.labels import list_image_files
@@ -18,6 +18,7 @@ from utils.log import LOGGER
 from utils.train.optim import AUTO_SGD_MIN_STEPS, accumulation_steps, resolve_auto_optimizer
 
 RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
+PLACEMENT_OPTIONS = ("project", "name", "exist_ok")  # on --resume: where a checkpoint outside its run folder goes
 SINGLE_CLASS_NAME = "item"
 
 
@@ -87,21 +88,21 @@ class RunConfig:
 
 def options_for_run(args: argparse.Namespace, defaults: dict, resumed: dict | None) -> TrainOptions:
     """The options a run uses. A new run: the command line, with --device and --workers resolved.
-    A resumed run: the original run's options (defaults for those added since), of which only
-    --device and --workers may be changed; others given are reported as ignored."""
+    A resumed run: the original run's options (defaults for those added since, none for those
+    removed since), of which only --device and --workers may be changed; others given are
+    reported as ignored. Every command-line option must be a field of TrainOptions."""
+    given = {k: v for k, v in vars(args).items() if k != "resume"}
     if resumed is None:
-        chosen = {**vars(args), "device": args.device or "", "workers": 8 if args.workers is None else args.workers}
+        chosen = {**given, "device": args.device or "", "workers": 8 if args.workers is None else args.workers}
     else:
-        given = vars(args)
         ignored = [f"--{k.replace('_', '-')}" for k, v in given.items()
-                   if k not in (*RUNTIME_ONLY_OPTIONS, "resume", "project", "name", "exist_ok") and v != defaults[k]]
+                   if k not in (*RUNTIME_ONLY_OPTIONS, *PLACEMENT_OPTIONS) and v != defaults[k]]
         if ignored:
             LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
-        chosen = {**defaults, **resumed["opt"]}
+        recorded = {k: v for k, v in resumed["opt"].items() if k in given}
+        chosen = {**{k: defaults[k] for k in given}, **recorded}
         chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
-    names = {f.name for f in fields(TrainOptions)}
-    options = {k: v for k, v in chosen.items() if k in names}  # 'resume' and options since removed
-    return TrainOptions(**{**options, "freeze": tuple(options["freeze"])})
+    return TrainOptions(**{**chosen, "freeze": tuple(chosen["freeze"])})
 
 
 def check_options(opt: TrainOptions, world: World) -> None:
