@@ -50,8 +50,10 @@ def list_sources(source: str) -> list[Path]:
     if not images:
         videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
         if videos:
-            raise UserError(f"--source {source}: {videos[0].name} is a video; detect.py reads images only so far "
-                            "(videos, webcams and streams are planned). Extract frames first, e.g. with ffmpeg")
+            raise UserError(
+                f"--source {source}: {videos[0].name} is a video; detect.py reads images only so far "
+                "(videos, webcams and streams are planned). Extract frames first, e.g. with ffmpeg"
+            )
         raise UserError(f"--source {source}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
@@ -64,8 +66,14 @@ def output_names(images: list[Path]) -> list[Path]:
     return [p.resolve().relative_to(root) for p in images]
 
 
-def draw_detections(image_bgr: np.ndarray, detections: np.ndarray, names: list[str], line_width: int | None = None,
-                    hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
+def draw_detections(
+    image_bgr: np.ndarray,
+    detections: np.ndarray,
+    names: list[str],
+    line_width: int | None = None,
+    hide_labels: bool = False,
+    hide_conf: bool = False,
+) -> np.ndarray:
     """Boxes with 'name 0.87' captions on a copy of the image; detections (n, 6) xyxy, conf, class."""
     canvas = image_bgr.copy()
     lw = line_width or max(round(sum(canvas.shape[:2]) / 2 * 0.003), 2)
@@ -90,19 +98,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Detect objects in images with a trained checkpoint.")
     p.add_argument("--weights", required=True, help="checkpoint (.pt) written by train.py")
     p.add_argument("--source", required=True, help="image file, folder, or glob pattern (quote it)")
-    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
-                   help="inference size (default: the checkpoint's training size)")
+    p.add_argument(
+        "--imgsz",
+        "--img",
+        "--img-size",
+        type=int,
+        default=None,
+        help="inference size (default: the checkpoint's training size)",
+    )
     p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
     p.add_argument("--classes", nargs="+", type=int, help="keep only these class ids")
     p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
     p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
-    p.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)",
+    )
     p.add_argument("--raw", action="store_true", help="use the raw model weights instead of the EMA")
-    p.add_argument("--no-amp", action="store_true",
-                   help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run)")
+    p.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run)",
+    )
     p.add_argument("--save-txt", action="store_true", help="save results as YOLO label files")
     p.add_argument("--save-conf", action="store_true", help="add confidences to --save-txt labels")
     p.add_argument("--nosave", action="store_true", help="do not save annotated images")
@@ -123,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     model.fuse().to(memory_format=torch.channels_last)  # fusing makes new weights
     names = list(model.names)
     stride = int(model.stride.max())
-    img_size = check_image_size(image_size(checkpoint) if opt.imgsz is None else opt.imgsz, model, batch_size=1,
-                                device=device, training=False)
+    img_size = check_image_size(
+        image_size(checkpoint) if opt.imgsz is None else opt.imgsz, model, batch_size=1, device=device, training=False
+    )
     amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp)
     images = list_sources(opt.source)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
@@ -139,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         h0, w0 = rgb.shape[:2]
         boxed, scale_xy, pad_xy = letterbox(rgb, (img_size, img_size), auto=True, stride=stride)
-        tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device,
-                                parameter_dtype(model))
+        tensor = to_model_input(
+            torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], device, parameter_dtype(model)
+        )
         with autocast(device, amp_dtype):
             decoded, _ = model(tensor)
-        (det,), _ = non_max_suppression(decoded, opt.conf_thres, opt.iou_thres, max_det=opt.max_det,
-                                        classes=opt.classes, agnostic=opt.agnostic_nms)
+        (det,), _ = non_max_suppression(
+            decoded, opt.conf_thres, opt.iou_thres, max_det=opt.max_det, classes=opt.classes, agnostic=opt.agnostic_nms
+        )
         det = det.cpu()
         det[:, :4] = letterbox_to_original(det[:, :4], (h0, w0), scale_xy, pad_xy)
         detections = det.numpy()
@@ -153,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = ", ".join(f"{n} {names[c]}" for c, n in enumerate(counts) if n) or "no detections"
         LOGGER.info(f"{path}: {tuple(tensor.shape[2:])} {summary}")
         if not opt.nosave:
-            annotated = draw_detections(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), detections, names, opt.line_thickness,
-                                        opt.hide_labels, opt.hide_conf)
+            annotated = draw_detections(
+                cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                detections,
+                names,
+                opt.line_thickness,
+                opt.hide_labels,
+                opt.hide_conf,
+            )
             (run_dir / out_name).parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(run_dir / out_name), annotated)
         if opt.save_txt and len(detections):  # as YOLOv5: no file for an image without detections
@@ -162,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             label_file.parent.mkdir(parents=True, exist_ok=True)
             label_file.write_text("".join(f"{line}\n" for line in yolo_label_lines(detections, w0, h0, opt.save_conf)))
     elapsed = time.perf_counter() - started
-    LOGGER.info(f"{len(images)} images, {total_detections} detections, {elapsed / max(len(images), 1) * 1e3:.1f} ms per image")
+    LOGGER.info(
+        f"{len(images)} images, {total_detections} detections, {elapsed / max(len(images), 1) * 1e3:.1f} ms per image"
+    )
     LOGGER.info(f"Results saved to {run_dir}")
     return 0
 

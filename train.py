@@ -23,37 +23,73 @@ from utils.train.prepare import DEFAULT_CFG, prepare_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a YOLOv5-style detector with EMA weight averaging.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Train a YOLOv5-style detector with EMA weight averaging.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--weights", default="", help="initial weights: a checkpoint of this framework ('' = from scratch)")
-    p.add_argument("--raw", action="store_true",
-                   help="with --weights: start from the checkpoint's raw model weights instead of its EMA")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow --weights to be a pickled YOLOv5 checkpoint (unpickling can run code: trusted files only)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="with --weights: start from the checkpoint's raw model weights instead of its EMA",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow --weights to be a pickled YOLOv5 checkpoint (unpickling can run code: trusted files only)",
+    )
     p.add_argument("--cfg", default="", help=f"model YAML (default: the --weights checkpoint's, else {DEFAULT_CFG})")
     p.add_argument("--data", default="data/shapes.yaml", help="dataset YAML (shapes.yaml is generated on first use)")
     p.add_argument("--hyp", default="hyp/scratch-low.yaml", help="hyperparameter YAML")
     p.add_argument("--epochs", type=int, default=30, help="total training epochs")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="images per micro-batch, over all ranks under torchrun (gradients accumulate to 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per micro-batch, over all ranks under torchrun (gradients accumulate to 64)",
+    )
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (pixels)")
-    p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="resume the newest run under --project, or the given last.pt")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        help="resume the newest run under --project, or the given last.pt",
+    )
     p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
     p.add_argument("--noval", action="store_true", help="only validate the final epoch")
-    p.add_argument("--cache", nargs="?", const="ram", default="auto", choices=("auto", "ram", "off"),
-                   help="cache decoded train images in RAM; auto: when they take under 10%% of the available memory")
+    p.add_argument(
+        "--cache",
+        nargs="?",
+        const="ram",
+        default="auto",
+        choices=("auto", "ram", "off"),
+        help="cache decoded train images in RAM; auto: when they take under 10%% of the available memory",
+    )
     p.add_argument("--device", default=None, help="cuda device, i.e. 0, or cpu (default: CUDA if available)")
     p.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
-    p.add_argument("--no-ema", action="store_true",
-                   help="no weight averaging: validate and save the raw weights (decay 0, for an honest comparison)")
+    p.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="no weight averaging: validate and save the raw weights (decay 0, for an honest comparison)",
+    )
     p.add_argument("--val-raw", action="store_true", help="also validate the raw model each epoch (raw/... columns)")
-    p.add_argument("--swa-epochs", type=int, default=0,
-                   help="SWA: average the weights at the end of each of the last K epochs into weights/swa.pt")
+    p.add_argument(
+        "--swa-epochs",
+        type=int,
+        default=0,
+        help="SWA: average the weights at the end of each of the last K epochs into weights/swa.pt",
+    )
     p.add_argument("--swa-source", choices=("ema", "raw"), default="ema", help="what SWA averages")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks' batches")
-    p.add_argument("--optimizer", default="auto", choices=OPTIMIZERS,
-                   help="auto: AdamW (lr0 0.003) for runs under 10,000 optimizer steps, else SGD with the hyp's lr0")
+    p.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks' batches"
+    )
+    p.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=OPTIMIZERS,
+        help="auto: AdamW (lr0 0.003) for runs under 10,000 optimizer steps, else SGD with the hyp's lr0",
+    )
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
     add_run_dir_arguments(p, "runs/train")
     p.add_argument("--cos-lr", action="store_true", help="cosine learning-rate schedule")
@@ -62,17 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: first N, or a list of indices")
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
-    p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)")
-    p.add_argument("--float64", action="store_true",
-                   help="train in double precision, without autocast (several times slower): for checking numerics, "
-                        "e.g. that torchrun's processes together compute what one process does")
+    p.add_argument(
+        "--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)"
+    )
+    p.add_argument(
+        "--float64",
+        action="store_true",
+        help="train in double precision, without autocast (several times slower): for checking numerics, "
+        "e.g. that torchrun's processes together compute what one process does",
+    )
     p.add_argument("--no-plots", action="store_true", help="do not save plots")
-    p.add_argument("--save-interval", type=float, default=10.0,
-                   help="also write last.pt every N minutes inside an epoch, at a step boundary (0: off)")
-    p.add_argument("--max-bad-steps", type=int, default=10,
-                   help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms only: a resumed run then equals an uninterrupted one bit for bit")
+    p.add_argument(
+        "--save-interval",
+        type=float,
+        default=10.0,
+        help="also write last.pt every N minutes inside an epoch, at a step boundary (0: off)",
+    )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=10,
+        help="stop after this many optimizer steps in a row skipped for a non-finite loss or gradient",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms only: a resumed run then equals an uninterrupted one bit for bit",
+    )
     return p
 
 
@@ -89,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         train(run)
     except KeyboardInterrupt:
         last = run.run_dir / "weights" / "last.pt"
-        LOGGER.info(f"\nInterrupted. Continue with: python train.py --resume {last}" if last.exists()
-                    else "\nInterrupted before the first checkpoint was written.")
+        LOGGER.info(
+            f"\nInterrupted. Continue with: python train.py --resume {last}"
+            if last.exists()
+            else "\nInterrupted before the first checkpoint was written."
+        )
         return 130
     close_process_group()  # not after an exception: torchrun then ends the other ranks' processes
     return 0

@@ -28,10 +28,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint's EMA weights on a dataset split.")
     parser.add_argument("--weights", required=True, help="checkpoint (.pt) written by train.py")
     parser.add_argument("--data", default="data/shapes.yaml", help="dataset YAML")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
-                        help="inference size in pixels (default: the checkpoint's training size)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="batch size (default: as train.py validated: twice the batch of each training process)")
+    parser.add_argument(
+        "--imgsz",
+        "--img",
+        "--img-size",
+        type=int,
+        default=None,
+        help="inference size in pixels (default: the checkpoint's training size)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size (default: as train.py validated: twice the batch of each training process)",
+    )
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
@@ -40,14 +50,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat the dataset as single-class")
     parser.add_argument("--verbose", action="store_true", help="print mAP per class (always when nc < 50)")
-    parser.add_argument("--save-json", action="store_true",
-                        help="write COCO-format predictions.json and cross-check the mAP with pycocotools")
+    parser.add_argument(
+        "--save-json",
+        action="store_true",
+        help="write COCO-format predictions.json and cross-check the mAP with pycocotools",
+    )
     parser.add_argument("--no-plots", action="store_true", help="do not save plots")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)",
+    )
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
-    parser.add_argument("--no-amp", action="store_true", help="no autocast: run in the weights' own precision, fp32 (float64 for a --float64 run); "
-                             "default: the training precision")
+    parser.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="no autocast: run in the weights' own precision, fp32 (float64 for a --float64 run); "
+        "default: the training precision",
+    )
     add_run_dir_arguments(parser, "runs/val")
     return parser.parse_args(argv)
 
@@ -66,31 +86,59 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
     # By default the batch and size train.py validated with, so its results.csv row is reproduced exactly.
     batch_size = validation_batch_size(checkpoint) if opt.batch_size is None else opt.batch_size
-    img_size = check_image_size(image_size(checkpoint) if opt.imgsz is None else opt.imgsz, model,
-                                batch_size=batch_size, device=device, training=False)
-    amp_dtype = inference_amp_dtype(model, device,
-                                    enabled=not opt.no_amp and not training_option(checkpoint, "no_amp", False))
+    img_size = check_image_size(
+        image_size(checkpoint) if opt.imgsz is None else opt.imgsz,
+        model,
+        batch_size=batch_size,
+        device=device,
+        training=False,
+    )
+    amp_dtype = inference_amp_dtype(
+        model, device, enabled=not opt.no_amp and not training_option(checkpoint, "no_amp", False)
+    )
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")
     names = list(model.names)
     saves = not opt.no_plots or opt.save_json
-    loader = build_val_loader(split, data.nc, img_size=img_size, batch_size=batch_size, workers=opt.workers,
-                              hyp=checkpoint["hyp"], stride=int(model.stride.max()), single_cls=opt.single_cls,
-                              prefix=f"{opt.task}: ", pin_memory=device.type == "cuda", reported=saves)
+    loader = build_val_loader(
+        split,
+        data.nc,
+        img_size=img_size,
+        batch_size=batch_size,
+        workers=opt.workers,
+        hyp=checkpoint["hyp"],
+        stride=int(model.stride.max()),
+        single_cls=opt.single_cls,
+        prefix=f"{opt.task}: ",
+        pin_memory=device.type == "cuda",
+        reported=saves,
+    )
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok) if saves else None
     if run_dir is not None:
         write_data_report(run_dir / "data_report.txt", [(opt.task, loader.dataset.scan)])
-    result = evaluate(model, loader, device=device, amp_dtype=amp_dtype, conf_thres=opt.conf_thres,
-                      iou_thres=opt.iou_thres, max_det=opt.max_det, keep_predictions=opt.save_json,
-                      plot_dir=None if opt.no_plots else run_dir)
+    result = evaluate(
+        model,
+        loader,
+        device=device,
+        amp_dtype=amp_dtype,
+        conf_thres=opt.conf_thres,
+        iou_thres=opt.iou_thres,
+        max_det=opt.max_det,
+        keep_predictions=opt.save_json,
+        plot_dir=None if opt.no_plots else run_dir,
+    )
     weights_used = checkpoint.get("source") or ("raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)")
-    LOGGER.info(f"{opt.weights}: {weights_used}, {img_size} px, batch {batch_size}, "
-                f"{describe_precision(amp_dtype, parameter_dtype(model))}")
+    LOGGER.info(
+        f"{opt.weights}: {weights_used}, {img_size} px, batch {batch_size}, "
+        f"{describe_precision(amp_dtype, parameter_dtype(model))}"
+    )
     LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms
-    LOGGER.info(f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
-                f"at shape {result.input_shape}")
+    LOGGER.info(
+        f"Speed: {pre:.1f}ms pre-process, {infer:.1f}ms inference, {nms:.1f}ms NMS per image "
+        f"at shape {result.input_shape}"
+    )
     if not opt.no_plots:
         save_validation_plots(result, names, run_dir)
     if opt.save_json:

@@ -47,9 +47,15 @@ def validated_map(weights: Path, data: str) -> float:
     device = select_device("")
     checkpoint, model = load_for_inference(weights, "ema", device)
     config = load_dataset_config(data)
-    loader = build_val_loader(config.val, config.nc, img_size=image_size(checkpoint),
-                              batch_size=validation_batch_size(checkpoint), workers=2, hyp=checkpoint["hyp"],
-                              stride=int(model.stride.max()))
+    loader = build_val_loader(
+        config.val,
+        config.nc,
+        img_size=image_size(checkpoint),
+        batch_size=validation_batch_size(checkpoint),
+        workers=2,
+        hyp=checkpoint["hyp"],
+        stride=int(model.stride.max()),
+    )
     amp_dtype = inference_amp_dtype(model, device, enabled=not training_option(checkpoint, "no_amp", False))
     return evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics.map50_95
 
@@ -74,8 +80,23 @@ def main() -> None:
     for source in ("ema", "raw"):
         name = f"swa_{source}"
         print(f"training {name} ({args.epochs} epochs)...", flush=True)
-        run("train.py", "--data", args.data, "--epochs", str(args.epochs), "--val-raw", "--swa-epochs",
-            str(args.swa_epochs), "--swa-source", source, "--project", args.project, "--name", name, "--exist-ok")
+        run(
+            "train.py",
+            "--data",
+            args.data,
+            "--epochs",
+            str(args.epochs),
+            "--val-raw",
+            "--swa-epochs",
+            str(args.swa_epochs),
+            "--swa-source",
+            source,
+            "--project",
+            args.project,
+            "--name",
+            name,
+            "--exist-ok",
+        )
         runs[source] = REPO / args.project / name
 
     with open(runs["ema"] / "results.csv", newline="") as f:
@@ -94,9 +115,11 @@ def main() -> None:
     for label, value in results.items():
         print(f"| {label} | {value:.4f} |")
     ahead = [e for e, a, b in zip(epochs, ema, raw) if a > b]
-    print(f"\nEMA above raw at {len(ahead)} of {len(epochs)} epochs"
-          + ("" if len(ahead) == len(epochs) else f" (not at {sorted(set(epochs) - set(ahead))})")
-          + f"; at the end {ema[-1]:.4f} vs {raw[-1]:.4f} ({ema[-1] - raw[-1]:+.4f})")
+    print(
+        f"\nEMA above raw at {len(ahead)} of {len(epochs)} epochs"
+        + ("" if len(ahead) == len(epochs) else f" (not at {sorted(set(epochs) - set(ahead))})")
+        + f"; at the end {ema[-1]:.4f} vs {raw[-1]:.4f} ({ema[-1] - raw[-1]:+.4f})"
+    )
 
     fig = Figure(figsize=(7, 4), dpi=150)
     ax = fig.add_subplot(1, 1, 1)

@@ -31,8 +31,15 @@ def checkpoint_for(cfg: str) -> dict:
     model(torch.rand(1, 3, 64, 64))[0].sum().backward()
     optimizer.step()
     ema = ModelEMA(model)
-    return training_checkpoint(state_of(model, ema, optimizer), finished=False, model_yaml=model.yaml,
-                               names=[str(i) for i in range(80)], hyp=load_hyp("scratch-low.yaml"), opt={}, world_size=1)
+    return training_checkpoint(
+        state_of(model, ema, optimizer),
+        finished=False,
+        model_yaml=model.yaml,
+        names=[str(i) for i in range(80)],
+        hyp=load_hyp("scratch-low.yaml"),
+        opt={},
+        world_size=1,
+    )
 
 
 def main() -> None:
@@ -57,8 +64,10 @@ def main() -> None:
                 loads.append(time.perf_counter() - started)
             write_s = statistics.median(writes)
             params = sum(t.numel() for t in checkpoint["model"].values())
-            print(f"| {name[:-5]:7s} | {params:10,d} | {path.stat().st_size / 1e6:12.1f} | {write_s * 1e3:18.0f} | "
-                  f"{statistics.median(loads) * 1e3:9.0f} | {write_s / 600:14.4%} | {write_s / 60:8.3%} |")
+            print(
+                f"| {name[:-5]:7s} | {params:10,d} | {path.stat().st_size / 1e6:12.1f} | {write_s * 1e3:18.0f} | "
+                f"{statistics.median(loads) * 1e3:9.0f} | {write_s / 600:14.4%} | {write_s / 60:8.3%} |"
+            )
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ in several rounds; the table gives the median of the rounds and the range of our
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -72,10 +73,15 @@ def training_step_seconds(model: torch.nn.Module, imgsz: int, batch: int, repeat
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, imgsz, imgsz, generator=generator).contiguous(memory_format=torch.channels_last)
     per_image = 6
-    targets = torch.cat((torch.arange(batch).repeat_interleave(per_image)[:, None].float(),
-                         torch.randint(0, model.nc, (batch * per_image, 1), generator=generator).float(),
-                         0.2 + 0.6 * torch.rand(batch * per_image, 2, generator=generator),
-                         0.05 + 0.3 * torch.rand(batch * per_image, 2, generator=generator)), dim=1)
+    targets = torch.cat(
+        (
+            torch.arange(batch).repeat_interleave(per_image)[:, None].float(),
+            torch.randint(0, model.nc, (batch * per_image, 1), generator=generator).float(),
+            0.2 + 0.6 * torch.rand(batch * per_image, 2, generator=generator),
+            0.05 + 0.3 * torch.rand(batch * per_image, 2, generator=generator),
+        ),
+        dim=1,
+    )
 
     def step() -> None:
         for _ in range(accumulation_steps(batch)):
@@ -98,14 +104,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of {args.rounds} rounds "
-          f"of {args.repeats} updates each; "
-          f"training step: {accumulation_steps(args.batch)} x {args.batch} images at {args.imgsz} px, "
-          f"{'bf16 autocast' if dtype else 'fp32'}\n")
-    print("| model   | floats averaged | ours (ms) | per-tensor loop (ms) | flat lerp floor (ms) | ours / floor "
-          "| ours / floor, range | training step (ms) | ours / step |")
-    print("|---------|----------------:|----------:|---------------------:|---------------------:|-------------:"
-          "|--------------------:|-------------------:|------------:|")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of {args.rounds} rounds "
+        f"of {args.repeats} updates each; "
+        f"training step: {accumulation_steps(args.batch)} x {args.batch} images at {args.imgsz} px, "
+        f"{'bf16 autocast' if dtype else 'fp32'}\n"
+    )
+    print(
+        "| model   | floats averaged | ours (ms) | per-tensor loop (ms) | flat lerp floor (ms) | ours / floor "
+        "| ours / floor, range | training step (ms) | ours / step |"
+    )
+    print(
+        "|---------|----------------:|----------:|---------------------:|---------------------:|-------------:"
+        "|--------------------:|-------------------:|------------:|"
+    )
     for cfg in ("yolov5n.yaml", "yolov5s.yaml"):
         torch.manual_seed(0)
         model = build_model(cfg, nc=80).to(memory_format=torch.channels_last)
@@ -113,16 +125,20 @@ def main() -> None:
         decay = ema.current_decay()
         floats = sum(v.numel() for v in model.state_dict().values() if v.dtype.is_floating_point)
         flat_ema, flat_model = torch.rand(floats), torch.rand(floats)
-        rounds = [interleaved_medians([lambda: ema.update(model),  # noqa: B023 (called right here)
-                                       lambda: per_tensor_update(ema.module, model, decay),  # noqa: B023
-                                       lambda: flat_ema.lerp_(flat_model, 1 - decay)], args.repeats)  # noqa: B023
-                  for _ in range(args.rounds)]
+        methods = [
+            functools.partial(ema.update, model),
+            functools.partial(per_tensor_update, ema.module, model, decay),
+            functools.partial(flat_ema.lerp_, flat_model, 1 - decay),
+        ]
+        rounds = [interleaved_medians(methods, args.repeats) for _ in range(args.rounds)]
         ours, loop, floor = (statistics.median(column) for column in zip(*rounds))
         ratios = [round_ours / round_floor for round_ours, _, round_floor in rounds]
         step = training_step_seconds(model, args.imgsz, args.batch, args.step_repeats)
-        print(f"| {cfg[:-5]:7s} | {floats:15,d} | {ours * 1e3:9.2f} | {loop * 1e3:20.2f} | {floor * 1e3:20.2f} "
-              f"| {statistics.median(ratios):11.2f}x | {min(ratios):8.2f}x - {max(ratios):.2f}x "
-              f"| {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |")
+        print(
+            f"| {cfg[:-5]:7s} | {floats:15,d} | {ours * 1e3:9.2f} | {loop * 1e3:20.2f} | {floor * 1e3:20.2f} "
+            f"| {statistics.median(ratios):11.2f}x | {min(ratios):8.2f}x - {max(ratios):.2f}x "
+            f"| {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |"
+        )
 
 
 if __name__ == "__main__":

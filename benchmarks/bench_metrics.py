@@ -41,8 +41,9 @@ def synthetic_images(num_images: int, preds_per_image: int, num_classes: int, se
         copies = np.repeat(np.arange(num_gt), rng.integers(1, 5, num_gt))[:preds_per_image]
         size = np.tile(gt_boxes[copies, 2:] - gt_boxes[copies, :2], 2)
         jittered = np.clip(gt_boxes[copies] + rng.normal(0, 0.08, (len(copies), 4)) * size, 0, IMAGE_SIZE)
-        jittered_cls = np.where(rng.random(len(copies)) < 0.9, gt_cls[copies], rng.integers(0, num_classes,
-                                                                                           len(copies)))
+        jittered_cls = np.where(
+            rng.random(len(copies)) < 0.9, gt_cls[copies], rng.integers(0, num_classes, len(copies))
+        )
         num_random = preds_per_image - len(copies)
         pred_boxes = np.concatenate([jittered, random_boxes(rng, num_random)])
         pred_cls = np.concatenate([jittered_cls, rng.integers(0, num_classes, num_random)])
@@ -61,15 +62,25 @@ def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
 def coco_inputs(images: list[tuple], num_classes: int) -> tuple[dict, list[dict]]:
     """Ground-truth dataset dict and result list: image id = index + 1, category id = class + 1, xywh
     computed as the evaluator computes it (x1, y1, x2 - x1, y2 - y1) so both sides see the same floats."""
-    dataset = {"images": [{"id": i + 1} for i in range(len(images))],
-               "categories": [{"id": k + 1} for k in range(num_classes)], "annotations": []}
+    dataset = {
+        "images": [{"id": i + 1} for i in range(len(images))],
+        "categories": [{"id": k + 1} for k in range(num_classes)],
+        "annotations": [],
+    }
     results = []
     for image_id, (pred_boxes, scores, pred_cls, gt_boxes, gt_cls) in enumerate(images, start=1):
         gt_xywh = np.concatenate([gt_boxes[:, :2], gt_boxes[:, 2:] - gt_boxes[:, :2]], 1)
         for box, cls in zip(gt_xywh.tolist(), gt_cls.tolist()):
-            dataset["annotations"].append({"id": len(dataset["annotations"]) + 1, "image_id": image_id,
-                                           "category_id": cls + 1, "bbox": box, "area": box[2] * box[3],
-                                           "iscrowd": 0})
+            dataset["annotations"].append(
+                {
+                    "id": len(dataset["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": cls + 1,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
         pred_xywh = np.concatenate([pred_boxes[:, :2], pred_boxes[:, 2:] - pred_boxes[:, :2]], 1)
         for box, score, cls in zip(pred_xywh.tolist(), scores.tolist(), pred_cls.tolist()):
             results.append({"image_id": image_id, "category_id": cls + 1, "bbox": box, "score": score})
@@ -111,14 +122,18 @@ def main() -> int:
 
     images = synthetic_images(args.images, args.preds, args.classes, args.seed)
     dataset, results = coco_inputs(images, args.classes)
-    print(f"{args.images} images, {len(results)} predictions, {len(dataset['annotations'])} gt boxes, "
-          f"{args.classes} classes, seed {args.seed}")
+    print(
+        f"{args.images} images, {len(results)} predictions, {len(dataset['annotations'])} gt boxes, "
+        f"{args.classes} classes, seed {args.seed}"
+    )
 
     rows = {"pycocotools COCOeval": run_reference(COCO, COCOeval, dataset, results)}
     try:
         import faster_coco_eval
+
         rows[f"faster-coco-eval {faster_coco_eval.__version__}"] = run_reference(
-            faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster, dataset, results)
+            faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster, dataset, results
+        )
     except ImportError:
         print("faster-coco-eval not installed: skipped")
     rows["ours (utils/metrics.py)"] = run_ours(images, args.classes)
@@ -127,11 +142,9 @@ def main() -> int:
     print(f"\n| {'method':<26} | {'time (s)':>8} | {'speed-up':>8} | {'mAP50':>10} | {'mAP50-95':>10} |")
     print(f"|{'-' * 28}|{'-' * 9}:|{'-' * 9}:|{'-' * 11}:|{'-' * 11}:|")
     for name, (elapsed, map50, map50_95) in rows.items():
-        print(f"| {name:<26} | {elapsed:8.2f} | {reference_time / elapsed:7.1f}x | {map50:10.6f} | "
-              f"{map50_95:10.6f} |")
+        print(f"| {name:<26} | {elapsed:8.2f} | {reference_time / elapsed:7.1f}x | {map50:10.6f} | {map50_95:10.6f} |")
     _, ours_map50, ours_map = rows["ours (utils/metrics.py)"]
-    print(f"\nours - pycocotools: mAP50 {ours_map50 - reference_map50:+.3e}, "
-          f"mAP50-95 {ours_map - reference_map:+.3e}")
+    print(f"\nours - pycocotools: mAP50 {ours_map50 - reference_map50:+.3e}, mAP50-95 {ours_map - reference_map:+.3e}")
     return 0
 
 

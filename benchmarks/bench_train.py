@@ -55,8 +55,9 @@ MAP50_COLUMNS = {"ours": "metrics/mAP_0.5", "yolov5": "metrics/mAP_0.5", "ultral
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--ref-venv", type=Path, default=None, help="venv with the yolov5 (and ultralytics) packages")
     parser.add_argument("--data", default="data/shapes.yaml")
     parser.add_argument("--cfg", default="yolov5n.yaml", help="model YAML (the same name in both frameworks)")
@@ -66,15 +67,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="timed micro-batches per run (0: skip the step bench)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed micro-batches before them")
     parser.add_argument("--repeats", type=int, default=3, help="alternating A/B rounds of the step bench")
-    parser.add_argument("--ours-variants", nargs="*", default=["no-amp", "cache=off"],
-                        help="more step-bench rows of ours, each harness_ours.py flags without the dashes, joined by "
-                             "commas: no-amp, no-channels-last, compile, cache=off, threads=N, workers=N")
+    parser.add_argument(
+        "--ours-variants",
+        nargs="*",
+        default=["no-amp", "cache=off"],
+        help="more step-bench rows of ours, each harness_ours.py flags without the dashes, joined by "
+        "commas: no-amp, no-channels-last, compile, cache=off, threads=N, workers=N",
+    )
     parser.add_argument("--epochs", type=int, default=0, help="also train whole runs of this many epochs")
     parser.add_argument("--fp32-run", action="store_true", help="with --epochs: also a whole run of ours in fp32")
     parser.add_argument("--skip-ultralytics", action="store_true")
     parser.add_argument("--ultralytics-model", default="yolo11n.yaml")
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench_train",
-                        help="dataset copies, fonts and the runs (cleared of old runs first)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "runs" / "bench_train",
+        help="dataset copies, fonts and the runs (cleared of old runs first)",
+    )
     return parser.parse_args()
 
 
@@ -86,8 +95,14 @@ def reference_environment(workdir: Path) -> dict:
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         if not (config_dir / name).exists():
             shutil.copy(font, config_dir / name)
-    return {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(config_dir),
-            "YOLO_CONFIG_DIR": str(config_dir), "YOLO_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return {
+        **os.environ,
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        "YOLOV5_CONFIG_DIR": str(config_dir),
+        "YOLO_CONFIG_DIR": str(config_dir),
+        "YOLO_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
 
 
 def reference_dataset(data_yaml: str, workdir: Path) -> tuple[Path, int]:
@@ -102,8 +117,12 @@ def reference_dataset(data_yaml: str, workdir: Path) -> tuple[Path, int]:
             if not target.exists():
                 shutil.copytree(source, target)
     yaml_path = root / "data.yaml"
-    yaml_path.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
-                                         "names": dict(enumerate(data.names))}, sort_keys=False))
+    yaml_path.write_text(
+        yaml.safe_dump(
+            {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(data.names))},
+            sort_keys=False,
+        )
+    )
     return yaml_path, data.nc
 
 
@@ -125,13 +144,33 @@ def variant_flags(variant: str) -> list[str]:
 
 
 def step_bench(args: argparse.Namespace, ref_python: Path | None, ref_data: Path | None, nc: int, env: dict) -> None:
-    common = ["--cfg", args.cfg, "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
-              "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common = [
+        "--cfg",
+        args.cfg,
+        "--imgsz",
+        str(args.imgsz),
+        "--batch",
+        str(args.batch),
+        "--workers",
+        str(args.workers),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     ours = [sys.executable, "benchmarks/harness_ours.py", "steps", "--data", args.data, *common]
     configs = {"ours": ours, **{f"ours {variant}": [*ours, *variant_flags(variant)] for variant in args.ours_variants}}
     if ref_python is not None:
-        configs["yolov5"] = [str(ref_python), str(REPO / "benchmarks" / "harness_yolov5.py"), "steps",
-                             "--data-dir", str(ref_data.parent), "--nc", str(nc), *common]
+        configs["yolov5"] = [
+            str(ref_python),
+            str(REPO / "benchmarks" / "harness_yolov5.py"),
+            "steps",
+            "--data-dir",
+            str(ref_data.parent),
+            "--nc",
+            str(nc),
+            *common,
+        ]
     results: dict[str, list[dict]] = {name: [] for name in configs}
     for repeat in range(args.repeats):
         order = list(configs) if repeat % 2 == 0 else list(reversed(configs))
@@ -140,21 +179,28 @@ def step_bench(args: argparse.Namespace, ref_python: Path | None, ref_data: Path
             images_per_s = results[name][-1]["images"] / sum(results[name][-1]["phases"].values())
             print(f"  round {repeat + 1}/{args.repeats}: {name:24s} {images_per_s:6.1f} img/s", flush=True)
 
-    print(f"\n{args.cfg[:-5]}, {args.imgsz} px, batch {args.batch}, {args.workers} workers; {args.steps} timed "
-          f"micro-batches per run, median of {args.repeats} alternating runs; ms per micro-batch\n")
-    print("| framework | precision | torch threads | img/s | vs yolov5 | data wait | forward+loss | backward "
-          "| optimizer | EMA | data share | peak RSS (MiB) |")
+    print(
+        f"\n{args.cfg[:-5]}, {args.imgsz} px, batch {args.batch}, {args.workers} workers; {args.steps} timed "
+        f"micro-batches per run, median of {args.repeats} alternating runs; ms per micro-batch\n"
+    )
+    print(
+        "| framework | precision | torch threads | img/s | vs yolov5 | data wait | forward+loss | backward "
+        "| optimizer | EMA | data share | peak RSS (MiB) |"
+    )
     print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    speeds = {name: statistics.median(r["images"] / sum(r["phases"].values()) for r in runs)
-              for name, runs in results.items()}
+    speeds = {
+        name: statistics.median(r["images"] / sum(r["phases"].values()) for r in runs) for name, runs in results.items()
+    }
     for name, runs in results.items():
         median_run = sorted(runs, key=lambda r: r["images"] / sum(r["phases"].values()))[len(runs) // 2]
         per_batch_ms = {p: 1e3 * median_run["phases"][p] / args.steps for p in PHASES}
         total = sum(per_batch_ms.values())
         versus = f"{speeds[name] / speeds['yolov5']:.2f}x" if "yolov5" in speeds else "-"
-        print(f"| {name} | {median_run['precision']} | {median_run['threads']} | {speeds[name]:.1f} | {versus} | "
-              + " | ".join(f"{per_batch_ms[p]:.1f}" for p in PHASES)
-              + f" | {100 * per_batch_ms['data'] / total:.1f}% | {median_run['peak_rss_mib']:.0f} |")
+        print(
+            f"| {name} | {median_run['precision']} | {median_run['threads']} | {speeds[name]:.1f} | {versus} | "
+            + " | ".join(f"{per_batch_ms[p]:.1f}" for p in PHASES)
+            + f" | {100 * per_batch_ms['data'] / total:.1f}% | {median_run['peak_rss_mib']:.0f} |"
+        )
 
 
 class CsvWatcher(threading.Thread):
@@ -193,8 +239,11 @@ def timed_run(name: str, command: list[str], run_dir: Path, env: dict | None) ->
     map50_95 = [float(r[MAP_COLUMNS[framework]]) for r in rows]
     map50 = [float(r[MAP50_COLUMNS[framework]]) for r in rows]
     times = watcher.times + [total] * (len(rows) - len(watcher.times))
-    print(f"  {name}: {len(rows)} epochs, {times[-1]:.0f} s to the last epoch's row, {total:.0f} s in all; "
-          f"mAP@0.5:0.95 per epoch: {' '.join(f'{m:.3f}' for m in map50_95)}", flush=True)
+    print(
+        f"  {name}: {len(rows)} epochs, {times[-1]:.0f} s to the last epoch's row, {total:.0f} s in all; "
+        f"mAP@0.5:0.95 per epoch: {' '.join(f'{m:.3f}' for m in map50_95)}",
+        flush=True,
+    )
     return {"map50": map50, "map50_95": map50_95, "times": times, "total": total}
 
 
@@ -202,31 +251,108 @@ def epoch_bench(args: argparse.Namespace, ref_venv: Path | None, ref_data: Path 
     runs_dir = args.workdir / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir(parents=True)
-    common = ["--epochs", str(args.epochs), "--imgsz", str(args.imgsz), "--batch-size", str(args.batch),
-              "--workers", str(args.workers), "--project", str(runs_dir), "--exist-ok"]
-    commands = {"ours": ([sys.executable, "train.py", "--data", args.data, "--cfg", args.cfg, "--name", "ours",
-                          "--no-plots", *common], runs_dir / "ours", None)}
+    common = [
+        "--epochs",
+        str(args.epochs),
+        "--imgsz",
+        str(args.imgsz),
+        "--batch-size",
+        str(args.batch),
+        "--workers",
+        str(args.workers),
+        "--project",
+        str(runs_dir),
+        "--exist-ok",
+    ]
+    commands = {
+        "ours": (
+            [
+                sys.executable,
+                "train.py",
+                "--data",
+                args.data,
+                "--cfg",
+                args.cfg,
+                "--name",
+                "ours",
+                "--no-plots",
+                *common,
+            ],
+            runs_dir / "ours",
+            None,
+        )
+    }
     if args.fp32_run:
-        commands["ours fp32"] = ([sys.executable, "train.py", "--data", args.data, "--cfg", args.cfg, "--name",
-                                  "ours_fp32", "--no-plots", "--no-amp", *common], runs_dir / "ours_fp32", None)
+        commands["ours fp32"] = (
+            [
+                sys.executable,
+                "train.py",
+                "--data",
+                args.data,
+                "--cfg",
+                args.cfg,
+                "--name",
+                "ours_fp32",
+                "--no-plots",
+                "--no-amp",
+                *common,
+            ],
+            runs_dir / "ours_fp32",
+            None,
+        )
     if ref_venv is not None:
-        commands["yolov5"] = ([str(ref_venv / "bin" / "yolov5"), "train", "--data", str(ref_data), "--cfg", args.cfg,
-                               "--weights", "", "--name", "yolov5", "--noplots", *common], runs_dir / "yolov5", env)
+        commands["yolov5"] = (
+            [
+                str(ref_venv / "bin" / "yolov5"),
+                "train",
+                "--data",
+                str(ref_data),
+                "--cfg",
+                args.cfg,
+                "--weights",
+                "",
+                "--name",
+                "yolov5",
+                "--noplots",
+                *common,
+            ],
+            runs_dir / "yolov5",
+            env,
+        )
         if (ref_venv / "bin" / "yolo").exists() and not args.skip_ultralytics:
             commands["ultralytics"] = (
-                [str(ref_venv / "bin" / "yolo"), "train", f"model={args.ultralytics_model}", f"data={ref_data}",
-                 f"epochs={args.epochs}", f"imgsz={args.imgsz}", f"batch={args.batch}", f"workers={args.workers}",
-                 "device=cpu", "pretrained=False", f"project={runs_dir}", "name=ultralytics", "exist_ok=True",
-                 "plots=False"], runs_dir / "ultralytics", env)
+                [
+                    str(ref_venv / "bin" / "yolo"),
+                    "train",
+                    f"model={args.ultralytics_model}",
+                    f"data={ref_data}",
+                    f"epochs={args.epochs}",
+                    f"imgsz={args.imgsz}",
+                    f"batch={args.batch}",
+                    f"workers={args.workers}",
+                    "device=cpu",
+                    "pretrained=False",
+                    f"project={runs_dir}",
+                    "name=ultralytics",
+                    "exist_ok=True",
+                    "plots=False",
+                ],
+                runs_dir / "ultralytics",
+                env,
+            )
     results = {}
     for name, (command, run_dir, run_env) in commands.items():
         results[name] = timed_run(name, command, run_dir, run_env)
 
     target = results["yolov5"]["map50_95"][-1] if "yolov5" in results else None
-    print(f"\n{args.epochs} epochs from scratch, {args.cfg[:-5]} (ultralytics: {args.ultralytics_model}), {args.imgsz} px, "
-          f"batch {args.batch}, {args.workers} workers; times are wall clock since launch\n")
-    print("| run | s to last epoch | s per epoch | final mAP@0.5 | final mAP@0.5:0.95 | best mAP@0.5:0.95 "
-          "| s to reach yolov5's final mAP@0.5:0.95 | share of yolov5's time |")
+    print(
+        f"\n{args.epochs} epochs from scratch, {args.cfg[:-5]} (ultralytics: {args.ultralytics_model}), "
+        f"{args.imgsz} px, batch {args.batch}, {args.workers} workers; times are wall clock since launch\n"
+    )
+    print(
+        "| run | s to last epoch | s per epoch | final mAP@0.5 | final mAP@0.5:0.95 | best mAP@0.5:0.95 "
+        "| s to reach yolov5's final mAP@0.5:0.95 | share of yolov5's time |"
+    )
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
     for name, r in results.items():
         reach, share = "-", "-"
@@ -237,26 +363,73 @@ def epoch_bench(args: argparse.Namespace, ref_venv: Path | None, ref_data: Path 
                 share = f"{reached[0] / results['yolov5']['times'][-1]:.2f}"
             else:
                 reach = "not reached"
-        print(f"| {name} | {r['times'][-1]:.0f} | {r['times'][-1] / len(r['times']):.1f} | {r['map50'][-1]:.3f} | "
-              f"{r['map50_95'][-1]:.3f} | {max(r['map50_95']):.3f} | {reach} | {share} |")
+        print(
+            f"| {name} | {r['times'][-1]:.0f} | {r['times'][-1] / len(r['times']):.1f} | {r['map50'][-1]:.3f} | "
+            f"{r['map50_95'][-1]:.3f} | {max(r['map50_95']):.3f} | {reach} | {share} |"
+        )
 
     print("\nValidation speed: load, loader, inference, NMS and metrics, 32 images per batch\n")
     print("| validator | weights | images/s | mAP@0.5 | mAP@0.5:0.95 |")
     print("|---|---|--:|--:|--:|")
     common = ["--imgsz", str(args.imgsz), "--batch", str(args.batch * 2), "--workers", str(args.workers)]
-    rows = [("ours", "ours best.pt", [sys.executable, "benchmarks/harness_ours.py", "val", "--data", args.data,
-                                      "--weights", str(runs_dir / "ours" / "weights" / "best.pt"), *common], None)]
+    rows = [
+        (
+            "ours",
+            "ours best.pt",
+            [
+                sys.executable,
+                "benchmarks/harness_ours.py",
+                "val",
+                "--data",
+                args.data,
+                "--weights",
+                str(runs_dir / "ours" / "weights" / "best.pt"),
+                *common,
+            ],
+            None,
+        )
+    ]
     if "yolov5" in results:
         v5_best = str(runs_dir / "yolov5" / "weights" / "best.pt")
-        rows += [("ours", "yolov5 best.pt", [sys.executable, "benchmarks/harness_ours.py", "val", "--data", args.data,
-                                             "--weights", v5_best, "--trust-pickle", *common], None),
-                 ("yolov5", "yolov5 best.pt", [str(ref_venv / "bin" / "python"),
-                                               str(REPO / "benchmarks" / "harness_yolov5.py"), "val", "--data-yaml",
-                                               str(ref_data), "--weights", v5_best, *common], env)]
+        rows += [
+            (
+                "ours",
+                "yolov5 best.pt",
+                [
+                    sys.executable,
+                    "benchmarks/harness_ours.py",
+                    "val",
+                    "--data",
+                    args.data,
+                    "--weights",
+                    v5_best,
+                    "--trust-pickle",
+                    *common,
+                ],
+                None,
+            ),
+            (
+                "yolov5",
+                "yolov5 best.pt",
+                [
+                    str(ref_venv / "bin" / "python"),
+                    str(REPO / "benchmarks" / "harness_yolov5.py"),
+                    "val",
+                    "--data-yaml",
+                    str(ref_data),
+                    "--weights",
+                    v5_best,
+                    *common,
+                ],
+                env,
+            ),
+        ]
     for validator, weights, command, run_env in rows:
         r = run_json(command, run_env)
-        print(f"| {validator} ({r['precision']}) | {weights} | {r['images'] / r['seconds']:.1f} | {r['map50']:.3f} | "
-              f"{r['map50_95']:.3f} |")
+        print(
+            f"| {validator} ({r['precision']}) | {weights} | {r['images'] / r['seconds']:.1f} | {r['map50']:.3f} | "
+            f"{r['map50_95']:.3f} |"
+        )
 
 
 def main() -> None:

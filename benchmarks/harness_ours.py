@@ -65,12 +65,18 @@ def time_steps(args: argparse.Namespace) -> dict:
     model = build_model(args.cfg, nc=data.nc)
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model.to(device, memory_format=memory_format)
-    dataset = build_train_dataset(data, hyp, img_size=args.imgsz, seed=0, single_cls=False, cache=args.cache,
-                                  epochs=1000)
+    dataset = build_train_dataset(
+        data, hyp, img_size=args.imgsz, seed=0, single_cls=False, cache=args.cache, epochs=1000
+    )
     loader = build_train_loader(dataset, batch_size=args.batch, workers=args.workers, seed=0, pin_memory=False)
     accumulate = accumulation_steps(args.batch)
-    optimizer = build_optimizer(model, args.optimizer, hyp["lr0"], hyp["momentum"],
-                                hyp["weight_decay"] * args.batch * accumulate / NOMINAL_BATCH_SIZE)
+    optimizer = build_optimizer(
+        model,
+        args.optimizer,
+        hyp["lr0"],
+        hyp["momentum"],
+        hyp["weight_decay"] * args.batch * accumulate / NOMINAL_BATCH_SIZE,
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
     criterion = DetectionLoss(model.detect_head, hyp, args.imgsz)
@@ -109,8 +115,12 @@ def time_steps(args: argparse.Namespace) -> dict:
             timed_images += images.shape[0]
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[name] += seconds
-    return {"precision": describe_precision(amp_dtype) + (" + compile" if args.compile else ""), "images": timed_images,
-            "phases": phases, "first_batch_seconds": first_batch_seconds}
+    return {
+        "precision": describe_precision(amp_dtype) + (" + compile" if args.compile else ""),
+        "images": timed_images,
+        "phases": phases,
+        "first_batch_seconds": first_batch_seconds,
+    }
 
 
 def time_validation(args: argparse.Namespace) -> dict:
@@ -119,11 +129,23 @@ def time_validation(args: argparse.Namespace) -> dict:
     checkpoint, model = load_for_inference(args.weights, "ema", device, trust_pickle=args.trust_pickle)
     data = load_dataset_config(args.data)
     amp_dtype = amp_dtype_for(device, enabled=not args.no_amp)
-    loader = build_val_loader(data.val, data.nc, img_size=args.imgsz, batch_size=args.batch, workers=args.workers,
-                              hyp=checkpoint["hyp"], stride=int(model.stride.max()))
+    loader = build_val_loader(
+        data.val,
+        data.nc,
+        img_size=args.imgsz,
+        batch_size=args.batch,
+        workers=args.workers,
+        hyp=checkpoint["hyp"],
+        stride=int(model.stride.max()),
+    )
     metrics = evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics
-    return {"precision": describe_precision(amp_dtype), "images": len(loader.dataset),
-            "seconds": time.perf_counter() - started, "map50": metrics.map50, "map50_95": metrics.map50_95}
+    return {
+        "precision": describe_precision(amp_dtype),
+        "images": len(loader.dataset),
+        "seconds": time.perf_counter() - started,
+        "map50": metrics.map50,
+        "map50_95": metrics.map50_95,
+    }
 
 
 def main() -> None:

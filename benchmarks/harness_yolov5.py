@@ -41,9 +41,17 @@ def time_validation(args: argparse.Namespace) -> dict:
     import yolov5.val as v5val
 
     started = time.perf_counter()
-    metrics = v5val.run(data=args.data_yaml, weights=args.weights, batch_size=args.batch, imgsz=args.imgsz,
-                        workers=args.workers, device="cpu", half=False, plots=False,
-                        project=str(Path(args.weights).parent / "val"))[0]  # (P, R, mAP50, mAP50-95, *losses)
+    metrics = v5val.run(
+        data=args.data_yaml,
+        weights=args.weights,
+        batch_size=args.batch,
+        imgsz=args.imgsz,
+        workers=args.workers,
+        device="cpu",
+        half=False,
+        plots=False,
+        project=str(Path(args.weights).parent / "val"),
+    )[0]  # (P, R, mAP50, mAP50-95, *losses)
     map50, map50_95 = metrics[2], metrics[3]
     images = sum(1 for _ in (Path(args.data_yaml).parent / "images" / "val").iterdir())
     return {"images": images, "seconds": time.perf_counter() - started, "map50": map50, "map50_95": map50_95}
@@ -69,8 +77,18 @@ def time_steps(args: argparse.Namespace) -> dict:
     hyp["label_smoothing"] = 0.0
     model.nc, model.hyp = args.nc, hyp
     stride = max(int(model.stride.max()), 32)
-    loader, _ = create_dataloader(str(args.data_dir / "images" / "train"), args.imgsz, args.batch, stride,
-                                  hyp=hyp, augment=True, workers=args.workers, prefix="train: ", shuffle=True, seed=0)
+    loader, _ = create_dataloader(
+        str(args.data_dir / "images" / "train"),
+        args.imgsz,
+        args.batch,
+        stride,
+        hyp=hyp,
+        augment=True,
+        workers=args.workers,
+        prefix="train: ",
+        shuffle=True,
+        seed=0,
+    )
     accumulate = max(round(64 / args.batch), 1)
     hyp["weight_decay"] *= args.batch * accumulate / 64
     optimizer = smart_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
@@ -124,8 +142,17 @@ def main() -> None:
 
     result = time_steps(args) if args.mode == "steps" else time_validation(args)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"framework": f"yolov5 {v5.__version__}", "precision": "fp32", "threads": torch.get_num_threads(),
-                      "peak_rss_mib": peak_mib, **result}))
+    print(
+        json.dumps(
+            {
+                "framework": f"yolov5 {v5.__version__}",
+                "precision": "fp32",
+                "threads": torch.get_num_threads(),
+                "peak_rss_mib": peak_mib,
+                **result,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

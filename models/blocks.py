@@ -14,13 +14,21 @@ def same_padding(kernel_size: int, dilation: int = 1) -> int:
 class Conv(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d -> SiLU. After `fuse()` the BN is folded into the conv."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1,
-                 padding: int | None = None, groups: int = 1, dilation: int = 1, act: bool = True):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        dilation: int = 1,
+        act: bool = True,
+    ):
         super().__init__()
         if padding is None:
             padding = same_padding(kernel_size, dilation)
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, groups=groups,
-                              dilation=dilation, bias=False)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, groups=groups, dilation=dilation, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
         self.act = nn.SiLU() if act else nn.Identity()
 
@@ -38,8 +46,7 @@ class Conv(nn.Module):
 class Bottleneck(nn.Module):
     """1x1 then 3x3 convolution, with a residual connection when shapes allow."""
 
-    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, groups: int = 1,
-                 expansion: float = 0.5):
+    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, groups: int = 1, expansion: float = 0.5):
         super().__init__()
         c_hidden = int(c_out * expansion)
         self.cv1 = Conv(c_in, c_hidden, 1, 1)
@@ -54,15 +61,15 @@ class Bottleneck(nn.Module):
 class C3(nn.Module):
     """CSP block with three convolutions: two 1x1 branches, n bottlenecks on one, then a 1x1 merge."""
 
-    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, groups: int = 1,
-                 expansion: float = 0.5):
+    def __init__(
+        self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, groups: int = 1, expansion: float = 0.5
+    ):
         super().__init__()
         c_hidden = int(c_out * expansion)
         self.cv1 = Conv(c_in, c_hidden, 1, 1)
         self.cv2 = Conv(c_in, c_hidden, 1, 1)
         self.cv3 = Conv(2 * c_hidden, c_out, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_hidden, c_hidden, shortcut, groups, expansion=1.0)
-                                 for _ in range(n)))
+        self.m = nn.Sequential(*(Bottleneck(c_hidden, c_hidden, shortcut, groups, expansion=1.0) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))

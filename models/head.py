@@ -59,8 +59,11 @@ class Detect(nn.Module):
         """(1, 1, H, W, 2) cell offsets, shifted by -0.5 as the xy decoding expects."""
         key = (level, h, w, device)
         if key not in self._grids:
-            ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                    torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+            ys, xs = torch.meshgrid(
+                torch.arange(h, device=device, dtype=torch.float32),
+                torch.arange(w, device=device, dtype=torch.float32),
+                indexing="ij",
+            )
             self._grids[key] = torch.stack((xs, ys), dim=-1).view(1, 1, h, w, 2) - 0.5
         return self._grids[key]
 
@@ -73,4 +76,4 @@ class Detect(nn.Module):
         for conv, stride in zip(self.m, self.stride.tolist()):
             bias = conv.bias.detach().view(self.na, -1)
             bias[:, 4] += math.log(8 / (640 / stride) ** 2)
-            bias[:, 5:5 + self.nc] += math.log(0.6 / (self.nc - 0.99999))
+            bias[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99999))

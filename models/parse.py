@@ -45,6 +45,7 @@ def read_model_yaml(path: Path) -> dict:
 
 def validate_model_config(cfg: object, source: str) -> None:
     """Check the structure of a model config dict; raise UserError naming `source` and the problem."""
+
     def fail(problem: str) -> None:
         raise UserError(f"model config {source}: {problem}")
 
@@ -62,14 +63,21 @@ def validate_model_config(cfg: object, source: str) -> None:
         fail(f"activation {cfg['activation']!r} is not supported (blocks use nn.SiLU())")
     anchors = cfg["anchors"]
     if isinstance(anchors, int):
-        fail("anchors given as a count need automatic anchor fitting, which is not supported: "
-             "list the anchor sizes per level, e.g. [[10,13, 16,30, 33,23], ...]")
-    if (not isinstance(anchors, list) or not anchors
-            or not all(isinstance(level, list) and level and len(level) % 2 == 0 for level in anchors)
-            or len({len(level) for level in anchors}) != 1
-            or not all(isinstance(v, (int, float)) and v > 0 for level in anchors for v in level)):
+        fail(
+            "anchors given as a count need automatic anchor fitting, which is not supported: "
+            "list the anchor sizes per level, e.g. [[10,13, 16,30, 33,23], ...]"
+        )
+    if (
+        not isinstance(anchors, list)
+        or not anchors
+        or not all(isinstance(level, list) and level and len(level) % 2 == 0 for level in anchors)
+        or len({len(level) for level in anchors}) != 1
+        or not all(isinstance(v, (int, float)) and v > 0 for level in anchors for v in level)
+    ):
         fail("anchors must be a list of levels, each an equal-length list of positive w,h pairs")
-    layers = cfg["backbone"] + cfg["head"] if isinstance(cfg["backbone"], list) and isinstance(cfg["head"], list) else None
+    layers = (
+        cfg["backbone"] + cfg["head"] if isinstance(cfg["backbone"], list) and isinstance(cfg["head"], list) else None
+    )
     if not layers:
         fail("backbone and head must be non-empty lists of [from, number, module, args]")
     for i, layer in enumerate(layers):
@@ -91,8 +99,10 @@ def validate_model_config(cfg: object, source: str) -> None:
         block = BLOCKS[module]
         takes_list = block in (Concat, Detect)
         if takes_list != isinstance(sources, list):
-            fail(f"layer {i}: {module} takes {'a list of inputs' if takes_list else 'one input'} in 'from', "
-                 f"got {sources!r}")
+            fail(
+                f"layer {i}: {module} takes {'a list of inputs' if takes_list else 'one input'} in 'from', "
+                f"got {sources!r}"
+            )
         if issubclass(block, CHANNEL_BLOCKS) and not (args and isinstance(args[0], int) and args[0] > 0):
             fail(f"layer {i}: {module} args must start with the output channel count, got {args!r}")
         if block is Detect and i != len(layers) - 1:

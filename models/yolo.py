@@ -15,6 +15,7 @@ from models.parse import build_layers, read_model_yaml, validate_model_config
 from utils.config_files import resolve_config_path
 from utils.log import LOGGER
 
+
 class DetectionModel(nn.Module):
     """A YOLOv5 detector. State-dict names follow YOLOv5's (`model.0.conv.weight`, ...)."""
 
@@ -67,12 +68,12 @@ class DetectionModel(nn.Module):
 
     def _check_anchor_order(self) -> None:
         head = self.detect_head
-        area = head.anchors.prod(-1).mean(-1) * head.stride ** 2  # mean anchor area per level, pixels
+        area = head.anchors.prod(-1).mean(-1) * head.stride**2  # mean anchor area per level, pixels
         if (area[-1] - area[0]).sign() != (head.stride[-1] - head.stride[0]).sign():
             LOGGER.info("Reversing anchor order so that larger anchors go with larger strides")
             head.anchors[:] = head.anchors.flip(0)
 
-    def fuse(self) -> "DetectionModel":
+    def fuse(self) -> DetectionModel:
         """Fold every BatchNorm into its convolution, for inference."""
         for m in self.modules():
             if isinstance(m, Conv):
@@ -85,8 +86,10 @@ class DetectionModel(nn.Module):
         num_grads = sum(p.numel() for p in self.parameters() if p.requires_grad)
         num_layers = len(list(self.modules()))
         gflops = self.gflops(img_size)
-        return (f"{num_layers} layers, {num_params:,} parameters, {num_grads:,} gradients, "
-                f"{gflops:.1f} GFLOPs at {img_size}px")
+        return (
+            f"{num_layers} layers, {num_params:,} parameters, {num_grads:,} gradients, "
+            f"{gflops:.1f} GFLOPs at {img_size}px"
+        )
 
     def gflops(self, img_size: int = 640) -> float:
         """Forward GFLOPs at img_size x img_size, counted on a small input and scaled by area."""

@@ -19,8 +19,9 @@ def make_shapes_dataset(folder: Path, num_train: int, num_val: int, seed: int) -
     root = folder / "shapes"
     generate_shapes_dataset(root, num_train=num_train, num_val=num_val, seed=seed, image_size=(64, 128))
     data_yaml = folder / "shapes.yaml"
-    data_yaml.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
-                                         "names": list(CLASS_NAMES)}))
+    data_yaml.write_text(
+        yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val", "names": list(CLASS_NAMES)})
+    )
     return data_yaml
 
 
@@ -33,8 +34,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args], cwd=cwd or REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *args],
+        cwd=cwd or REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +51,26 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
     import train  # a script's main(), as the command line runs it
 
     project = tmp_path_factory.mktemp("tiny_run")
-    assert train.main(["--data", str(tiny_dataset), "--epochs", "2", "--imgsz", "64", "--batch-size", "4",
-                       "--workers", "0", "--no-plots", "--save-period", "1", "--project", str(project)]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(tiny_dataset),
+                "--epochs",
+                "2",
+                "--imgsz",
+                "64",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--no-plots",
+                "--save-period",
+                "1",
+                "--project",
+                str(project),
+            ]
+        )
+        == 0
+    )
     return project / "exp"

@@ -33,7 +33,7 @@ def test_letterbox_pads_centred_and_reports_geometry():
     assert out.shape == (128, 128, 3)
     assert (sx, sy) == (128 / 100, 77 / 60) and (px, py) == (0, 25)
     assert (out[:25, :, 0] == PAD_VALUE).all() and (out[-26:, :, 0] == PAD_VALUE).all()  # 51 px split 25 / 26
-    assert (out[25:25 + 77, :, 0] != PAD_VALUE).all()
+    assert (out[25 : 25 + 77, :, 0] != PAD_VALUE).all()
     auto, _, (px, py) = letterbox(image, (128, 128), auto=True, stride=32)
     assert auto.shape == (96, 128, 3) and py == 9
     small, (sx, _), _ = letterbox(image, (256, 256), scaleup=False)
@@ -68,7 +68,7 @@ def test_mosaic_places_every_box_on_its_object():
     visible = [box for box in canvas_labels if box[3] - box[1] > 2 and box[4] - box[2] > 2]
     assert len(visible) >= 2
     for _, x1, y1, x2, y2 in visible:
-        patch = canvas[int(y1):int(y2), int(x1):int(x2), 0]
+        patch = canvas[int(y1) : int(y2), int(x1) : int(x2), 0]
         assert (patch > 128).all()
 
 

@@ -37,11 +37,20 @@ def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES), dtype: t
             if tensor.dtype.is_floating_point and "anchors" not in name:
                 tensor.copy_(torch.rand_like(tensor) + 0.5 if "running_var" in name else torch.randn_like(tensor) * 0.1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": seed, "model_yaml": model.yaml,
-                  "names": list(CLASS_NAMES)[:nc], "hyp": load_hyp("scratch-low.yaml"),
-                  "opt": {"imgsz": 64, "batch_size": 4}, "ema": state,
-                  "model": {k: v + 1.0 if v.dtype.is_floating_point else v for k, v in state.items()},
-                  "updates": 10 * seed, "ema_decay": 0.9999, "ema_tau": 2000.0}
+    checkpoint = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": seed,
+        "model_yaml": model.yaml,
+        "names": list(CLASS_NAMES)[:nc],
+        "hyp": load_hyp("scratch-low.yaml"),
+        "opt": {"imgsz": 64, "batch_size": 4},
+        "ema": state,
+        "model": {k: v + 1.0 if v.dtype.is_floating_point else v for k, v in state.items()},
+        "updates": 10 * seed,
+        "ema_decay": 0.9999,
+        "ema_tau": 2000.0,
+    }
     torch.save(checkpoint, path)
     return checkpoint
 
@@ -57,8 +66,23 @@ def three_checkpoints(tmp_path) -> list[Path]:
 @pytest.mark.parametrize("source", ["ema", "model"])
 def test_weighted_average_equals_hand_computation(three_checkpoints, tmp_path, source):
     out = tmp_path / "avg.pt"
-    assert average.main(["--weights", *map(str, three_checkpoints), "--coef", "0.5", "0.3", "0.2",
-                         "--source", source, "--out", str(out)]) == 0
+    assert (
+        average.main(
+            [
+                "--weights",
+                *map(str, three_checkpoints),
+                "--coef",
+                "0.5",
+                "0.3",
+                "0.2",
+                "--source",
+                source,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = torch.load(out, weights_only=True)
     inputs = [torch.load(p, weights_only=True)[source] for p in three_checkpoints]
     for name, tensor in result["ema"].items():
@@ -78,12 +102,15 @@ def test_uniform_by_default(three_checkpoints, tmp_path):
     torch.testing.assert_close(torch.load(out, weights_only=True)["ema"][key], (a[key] + b[key]) / 2)
 
 
-@pytest.mark.parametrize("coef, message", [
-    (["0.5", "0.6", "0.2"], r"--coef must sum to 1 \(an average\), but 0.5 \+ 0.6 \+ 0.2 = 1.3"),
-    (["0.5", "0.5"], "--coef gives 2 coefficients for 3 checkpoints"),
-    (["nan", "0.5", "0.5"], "--coef nan 0.5 0.5: coefficients of an average are finite and not negative"),
-    (["2", "-0.5", "-0.5"], "--coef 2 -0.5 -0.5: coefficients of an average are finite and not negative"),
-])
+@pytest.mark.parametrize(
+    "coef, message",
+    [
+        (["0.5", "0.6", "0.2"], r"--coef must sum to 1 \(an average\), but 0.5 \+ 0.6 \+ 0.2 = 1.3"),
+        (["0.5", "0.5"], "--coef gives 2 coefficients for 3 checkpoints"),
+        (["nan", "0.5", "0.5"], "--coef nan 0.5 0.5: coefficients of an average are finite and not negative"),
+        (["2", "-0.5", "-0.5"], "--coef 2 -0.5 -0.5: coefficients of an average are finite and not negative"),
+    ],
+)
 def test_bad_coefficients_are_refused(three_checkpoints, tmp_path, coef, message):
     with pytest.raises(UserError, match=message):
         average.main(["--weights", *map(str, three_checkpoints), "--coef", *coef, "--out", str(tmp_path / "x.pt")])
@@ -93,8 +120,11 @@ def test_bad_coefficients_are_refused(three_checkpoints, tmp_path, coef, message
 def test_incompatible_checkpoints_are_refused_naming_the_tensor(three_checkpoints, tmp_path):
     other = tmp_path / "two_classes.pt"
     write_checkpoint(other, seed=9, nc=2)  # another class count: the Detect head's shapes differ
-    with pytest.raises(UserError, match=r"two_classes.pt does not fit .*a.pt: its tensor 'model.24.m.0.weight' "
-                                        r"has shape \(21, 64, 1, 1\), not \(33, 64, 1, 1\)"):
+    with pytest.raises(
+        UserError,
+        match=r"two_classes.pt does not fit .*a.pt: its tensor 'model.24.m.0.weight' "
+        r"has shape \(21, 64, 1, 1\), not \(33, 64, 1, 1\)",
+    ):
         average.main(["--weights", str(three_checkpoints[0]), str(other), "--out", str(tmp_path / "x.pt")])
     assert not (tmp_path / "x.pt").exists()
 
@@ -109,8 +139,9 @@ def test_no_strict_keeps_mismatched_tensors_from_the_first_and_lists_them(three_
     kept = result["averaged"]["kept_from_first"]
     assert kept == [f"model.24.m.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
     assert all(torch.equal(result["ema"][k], first[k]) for k in kept)
-    torch.testing.assert_close(result["ema"]["model.0.conv.weight"],
-                               (first["model.0.conv.weight"] + second["model.0.conv.weight"]) / 2)
+    torch.testing.assert_close(
+        result["ema"]["model.0.conv.weight"], (first["model.0.conv.weight"] + second["model.0.conv.weight"]) / 2
+    )
     assert "6 tensor(s) differ between the checkpoints and were kept from" in capsys.readouterr().out
     # What the file says it holds (val.py prints it) is not a plain average of the inputs.
     assert result["source"].endswith(f"; 6 tensor(s) that differ between them taken from {three_checkpoints[0]} alone")
@@ -133,8 +164,15 @@ def test_batchnorm_recalibration_gives_the_statistics_of_the_data():
     conv = nn.Conv2d(3, 4, 3, bias=False)
     model = nn.Sequential(conv, nn.BatchNorm2d(4, momentum=0.03), nn.SiLU()).eval()
     generator = torch.Generator().manual_seed(1)
-    batches = [Batch(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator), torch.zeros(0, 6),
-                     torch.arange(n), torch.zeros(n, 4)) for n in (4, 4, 2)]
+    batches = [
+        Batch(
+            torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=generator),
+            torch.zeros(0, 6),
+            torch.arange(n),
+            torch.zeros(n, 4),
+        )
+        for n in (4, 4, 2)
+    ]
     seen = recalibrate_batchnorm(model, batches, torch.device("cpu"), amp_dtype=None)
     with torch.no_grad():
         outputs = [conv(b.images.float() / 255) for b in batches]
@@ -154,8 +192,19 @@ def test_recalibrated_average_keeps_the_averaged_weights_and_recomputes_batchnor
         write_checkpoint(path, seed, dtype=dtype)
     plain, recalibrated = tmp_path / "plain.pt", tmp_path / "recalibrated.pt"
     average.main(["--weights", *map(str, paths), "--out", str(plain)])
-    average.main(["--weights", *map(str, paths), "--data", str(tiny_dataset), "--recalibrate-bn", "--workers", "0",
-                  "--out", str(recalibrated)])
+    average.main(
+        [
+            "--weights",
+            *map(str, paths),
+            "--data",
+            str(tiny_dataset),
+            "--recalibrate-bn",
+            "--workers",
+            "0",
+            "--out",
+            str(recalibrated),
+        ]
+    )
     plain_state, result = torch.load(plain, weights_only=True), torch.load(recalibrated, weights_only=True)
     assert "BatchNorm statistics recomputed on 16 augmented training images" in result["source"]
     for name, tensor in result["ema"].items():
@@ -174,8 +223,19 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
     for seed, path in enumerate(paths, start=1):  # epochs 1 and 2
         write_checkpoint(path, seed)
     out = tmp_path / "recalibrated.pt"
-    average.main(["--weights", *map(str, paths), "--data", str(tiny_dataset), "--recalibrate-bn", "--workers", "0",
-                  "--out", str(out)])
+    average.main(
+        [
+            "--weights",
+            *map(str, paths),
+            "--data",
+            str(tiny_dataset),
+            "--recalibrate-bn",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     result = torch.load(out, weights_only=True)
     device, data = torch.device("cpu"), load_dataset_config(tiny_dataset)
 
@@ -185,11 +245,17 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
             update_bn((to_model_input(b.images, device) for b in batches), model)
         return {k: v for k, v in model.state_dict().items() if "running_" in k}
 
-    augmented = build_dataloader(build_train_dataset(data, result["hyp"], img_size=64, seed=0, single_cls=False,
-                                                     cache="off", epochs=3), batch_size=4, workers=0, shuffle=True)
+    augmented = build_dataloader(
+        build_train_dataset(data, result["hyp"], img_size=64, seed=0, single_cls=False, cache="off", epochs=3),
+        batch_size=4,
+        workers=0,
+        shuffle=True,
+    )
     augmented.sampler.set_epoch(2)
     expected = statistics_over(augmented)
-    plain = statistics_over(build_val_loader(data.train, data.nc, img_size=64, batch_size=4, workers=0, hyp=result["hyp"], stride=32))
+    plain = statistics_over(
+        build_val_loader(data.train, data.nc, img_size=64, batch_size=4, workers=0, hyp=result["hyp"], stride=32)
+    )
     far = 0
     for name, tensor in expected.items():
         torch.testing.assert_close(result["ema"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
@@ -201,8 +267,11 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(three_checkpoin
     broken = torch.load(three_checkpoints[1], weights_only=True)
     broken["ema"]["model.0.conv.weight"][0, 0, 0, 0] = float("nan")
     torch.save(broken, three_checkpoints[1])
-    with pytest.raises(UserError, match=r"b.pt: its 'ema' weights hold NaN or inf in 'model.0.conv.weight'; leave it "
-                                        "out of the average"):
+    with pytest.raises(
+        UserError,
+        match=r"b.pt: its 'ema' weights hold NaN or inf in 'model.0.conv.weight'; leave it "
+        "out of the average",
+    ):
         average.main(["--weights", *map(str, three_checkpoints), "--out", str(tmp_path / "x.pt")])
     assert not (tmp_path / "x.pt").exists()
 
@@ -217,8 +286,18 @@ def test_an_input_is_never_overwritten_and_a_new_folder_is_made(three_checkpoint
 
 
 def test_recalibration_options_without_recalibrate_bn_are_named(three_checkpoints, tmp_path, capsys):
-    average.main(["--weights", *map(str, three_checkpoints[:2]), "--data", "x.yaml", "--workers", "0",
-                  "--out", str(tmp_path / "avg.pt")])
+    average.main(
+        [
+            "--weights",
+            *map(str, three_checkpoints[:2]),
+            "--data",
+            "x.yaml",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "avg.pt"),
+        ]
+    )
     assert "--recalibrate-bn was not given, so --data, --workers went unused" in capsys.readouterr().out
 
 
@@ -236,5 +315,16 @@ def test_the_class_count_error_names_the_count_it_compared(three_checkpoints, tm
         checkpoint = torch.load(path, weights_only=True)
         torch.save({**checkpoint, "opt": {**checkpoint["opt"], "single_cls": True}}, path)
     with pytest.raises(UserError, match=r"detect 6 classes but .* has 1 \(the run trained with --single-cls\)"):
-        average.main(["--weights", *map(str, three_checkpoints), "--data", str(tiny_dataset), "--recalibrate-bn",
-                      "--workers", "0", "--out", str(tmp_path / "x.pt")])
+        average.main(
+            [
+                "--weights",
+                *map(str, three_checkpoints),
+                "--data",
+                str(tiny_dataset),
+                "--recalibrate-bn",
+                "--workers",
+                "0",
+                "--out",
+                str(tmp_path / "x.pt"),
+            ]
+        )

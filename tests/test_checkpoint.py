@@ -54,8 +54,15 @@ def trained_checkpoint():
         assert optimizer_step(optimizer, scaler, model)
         ema.update(model)
     loop = LoopState(epoch=5, batch=7, loss_sum=torch.tensor([0.1, 0.2, 0.3]), best_fitness=0.25, best_epoch=3)
-    checkpoint = training_checkpoint(state_of(model, ema, optimizer, scaler=scaler, loop=loop), finished=False, model_yaml=model.yaml, names=model.names, hyp=hyp,
-                                     opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"}, world_size=1)
+    checkpoint = training_checkpoint(
+        state_of(model, ema, optimizer, scaler=scaler, loop=loop),
+        finished=False,
+        model_yaml=model.yaml,
+        names=model.names,
+        hyp=hyp,
+        opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"},
+        world_size=1,
+    )
     return model, ema, optimizer, checkpoint
 
 
@@ -71,7 +78,9 @@ def test_round_trip_with_weights_only(tmp_path, trained_checkpoint):
         assert loaded[key].keys() == source.keys()
         for name, tensor in source.items():
             assert torch.equal(loaded[key][name], tensor) and loaded[key][name].dtype == tensor.dtype, name
-    assert loaded["updates"] == 2 and loaded["epoch"] == 4 and loaded["best_fitness"] == 0.25 and loaded["best_epoch"] == 3
+    assert (
+        loaded["updates"] == 2 and loaded["epoch"] == 4 and loaded["best_fitness"] == 0.25 and loaded["best_epoch"] == 3
+    )
     restored_loop = LoopState.from_state_dict(loaded["loop"])
     assert (restored_loop.epoch, restored_loop.batch) == (5, 7)
     assert torch.equal(restored_loop.loss_sum, torch.tensor([0.1, 0.2, 0.3]))
@@ -185,7 +194,9 @@ def test_version_1_files_are_read_as_their_kind(tmp_path, trained_checkpoint):
 def test_the_checkpoint_answers_for_its_run(trained_checkpoint):
     """Image size, batch per process and the validation batch, as train.py used them."""
     *_, checkpoint = trained_checkpoint
-    assert image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16 and validation_batch_size(checkpoint) == 32
+    assert (
+        image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16 and validation_batch_size(checkpoint) == 32
+    )
     ddp = {**checkpoint, "opt": {**checkpoint["opt"], "batch_size": 64}, "world_size": 4}
     assert batch_per_process(ddp) == 16 and validation_batch_size(ddp) == 32
     foreign = foreign_checkpoint({"nc": 3}, ["a", "b", "c"], {}, "a YOLOv5 file")

@@ -23,7 +23,10 @@ from utils.hyp import load_hyp
 
 
 def test_image_ids_numeric_stems_or_positions():
-    assert image_ids([Path("a/000000000139.jpg"), Path("a/9.jpg")]) == {Path("a/000000000139.jpg"): 139, Path("a/9.jpg"): 9}
+    assert image_ids([Path("a/000000000139.jpg"), Path("a/9.jpg")]) == {
+        Path("a/000000000139.jpg"): 139,
+        Path("a/9.jpg"): 9,
+    }
     mixed = [Path("b/zebra.jpg"), Path("b/ant.jpg"), Path("b/7.jpg")]
     assert image_ids(mixed) == {Path("b/7.jpg"): 0, Path("b/ant.jpg"): 1, Path("b/zebra.jpg"): 2}
 
@@ -51,8 +54,9 @@ def test_ground_truth_matches_the_label_files(tiny_dataset, tmp_path):
     assert len(got) == len(expected) > 0
     for g, e in zip(sorted(got), sorted(expected)):
         assert g[:2] == e[:2] and np.allclose(g[2:], e[2:], atol=1e-9)
-    assert {i["id"]: (i["width"], i["height"]) for i in coco["images"]} == \
-           {ids[p]: Image.open(p).size for p in dataset.image_files}
+    assert {i["id"]: (i["width"], i["height"]) for i in coco["images"]} == {
+        ids[p]: Image.open(p).size for p in dataset.image_files
+    }
 
 
 def test_ground_truth_scores_perfectly_against_itself(tiny_dataset, tmp_path):

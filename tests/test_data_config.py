@@ -22,24 +22,34 @@ def write(tmp_path: Path, content: dict | str) -> Path:
 def test_names_as_dict_or_list_and_paths(tmp_path):
     (tmp_path / "images" / "train").mkdir(parents=True)
     (tmp_path / "val.txt").write_text("")
-    config = load_dataset_config(write(tmp_path, {"path": str(tmp_path), "train": "images/train",
-                                                  "val": ["val.txt"], "names": {0: "cat", 1: "dog"}}))
+    config = load_dataset_config(
+        write(
+            tmp_path,
+            {"path": str(tmp_path), "train": "images/train", "val": ["val.txt"], "names": {0: "cat", 1: "dog"}},
+        )
+    )
     assert config.names == ("cat", "dog") and config.nc == 2
     assert config.train == (tmp_path / "images" / "train",) and config.val == (tmp_path / "val.txt",)
-    config = load_dataset_config(write(tmp_path, {"path": str(tmp_path), "train": "images/train",
-                                                  "val": "images/train", "names": ["cat"], "nc": 1}))
+    config = load_dataset_config(
+        write(
+            tmp_path, {"path": str(tmp_path), "train": "images/train", "val": "images/train", "names": ["cat"], "nc": 1}
+        )
+    )
     assert config.names == ("cat",)
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"train": "a", "names": ["x"]}, "missing key(s) val"),
-    ({"train": "a", "val": "b", "names": ["x", "y"], "nc": 3}, "nc is 3 but names lists 2"),
-    ({"train": "a", "val": "b", "names": {1: "x"}}, "class ids 0..0"),
-    ({"train": 5, "val": "b", "names": ["x"]}, "train must be a path"),
-    ({"train": "a", "val": "b", "names": ["x"], "generate": "voc"}, "unknown generator 'voc'"),
-    ("train: [a\n", "not valid YAML"),
-    ("- just\n- a list\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"train": "a", "names": ["x"]}, "missing key(s) val"),
+        ({"train": "a", "val": "b", "names": ["x", "y"], "nc": 3}, "nc is 3 but names lists 2"),
+        ({"train": "a", "val": "b", "names": {1: "x"}}, "class ids 0..0"),
+        ({"train": 5, "val": "b", "names": ["x"]}, "train must be a path"),
+        ({"train": "a", "val": "b", "names": ["x"], "generate": "voc"}, "unknown generator 'voc'"),
+        ("train: [a\n", "not valid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
 def test_bad_dataset_yaml(tmp_path, content, message):
     path = write(tmp_path, content)
     with pytest.raises(UserError) as error:
@@ -48,12 +58,24 @@ def test_bad_dataset_yaml(tmp_path, content, message):
 
 
 def test_missing_images_name_the_folder_and_the_recipe(tmp_path):
-    path = write(tmp_path, {"path": str(tmp_path / "coco"), "train": "train2017.txt", "val": "val2017.txt",
-                            "names": ["person"], "download": "bash data/scripts/get_coco.sh"})
+    path = write(
+        tmp_path,
+        {
+            "path": str(tmp_path / "coco"),
+            "train": "train2017.txt",
+            "val": "val2017.txt",
+            "names": ["person"],
+            "download": "bash data/scripts/get_coco.sh",
+        },
+    )
     with pytest.raises(UserError) as error:
         load_dataset_config(path)
     text = str(error.value)
-    assert str(tmp_path / "coco") in text and "bash data/scripts/get_coco.sh" in text and "never done automatically" in text
+    assert (
+        str(tmp_path / "coco") in text
+        and "bash data/scripts/get_coco.sh" in text
+        and "never done automatically" in text
+    )
 
 
 def test_shipped_coco_yaml_without_coco(tmp_path):
@@ -86,6 +108,14 @@ def test_generator_output_becomes_a_dataset(tmp_path, monkeypatch):
         return True
 
     monkeypatch.setitem(data_config.GENERATORS, "shapes", fake_generator)
-    path = write(tmp_path, {"path": str(tmp_path / "gen"), "train": "images/train", "val": "images/val",
-                            "names": ["a"], "generate": "shapes"})
+    path = write(
+        tmp_path,
+        {
+            "path": str(tmp_path / "gen"),
+            "train": "images/train",
+            "val": "images/val",
+            "names": ["a"],
+            "generate": "shapes",
+        },
+    )
     assert load_dataset_config(path).root == tmp_path / "gen" and calls == [tmp_path / "gen"]

@@ -30,7 +30,7 @@ def train_scan(tiny_dataset):
 
 def all_batches(loader, epoch):
     loader.sampler.set_epoch(epoch)
-    return [batch for batch in loader]
+    return list(loader)
 
 
 def test_batches_do_not_depend_on_worker_count(train_scan):
@@ -39,7 +39,9 @@ def test_batches_do_not_depend_on_worker_count(train_scan):
     reference = all_batches(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3), epoch=2)
     with_workers = all_batches(build_dataloader(dataset, 4, workers=2, shuffle=True, seed=3), epoch=2)
     for a, b in zip(reference, with_workers):
-        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and torch.equal(a.indices, b.indices)
+        assert (
+            torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and torch.equal(a.indices, b.indices)
+        )
     other_epoch = all_batches(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3), epoch=3)
     assert not torch.equal(reference[0].images, other_epoch[0].images)
 
@@ -89,7 +91,7 @@ def test_rect_batches_share_one_shape(train_scan):
     for number, batch in enumerate(loader):
         assert tuple(batch.images.shape[2:]) == tuple(dataset.batch_shapes[number])
         # The batch shape fits every image of the batch at img_size on its long side.
-        for h, w in dataset.shapes[number * 4:(number + 1) * 4]:
+        for h, w in dataset.shapes[number * 4 : (number + 1) * 4]:
             scale = 128 / max(h, w)
             assert round(h * scale) <= batch.images.shape[2] and round(w * scale) <= batch.images.shape[3]
 
@@ -176,5 +178,23 @@ def test_training_reads_exif_tiffs_and_skips_truncated_bmps(tiny_dataset, tmp_pa
     scan = scan_labels(list_image_files([root / "images" / "train"])[0], 6, cache_path=None)
     assert scan.num_corrupt == 1 and root / "images" / "train" / "rotated.tif" in scan.image_files
     assert any("cut.bmp" in message for _, message in scan.messages)
-    assert train.main(["--data", str(data), "--epochs", "1", "--imgsz", "64", "--batch-size", "4", "--workers", "0",
-                       "--no-plots", "--project", str(tmp_path / "runs")]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(data),
+                "--epochs",
+                "1",
+                "--imgsz",
+                "64",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--no-plots",
+                "--project",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )

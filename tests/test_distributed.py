@@ -91,8 +91,16 @@ def _loss_gradient_matches_one_process(rank: int, world_size: int) -> None:
             module.eval()
     hyp = load_hyp("scratch-low.yaml")
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [0, 1, 0.2, 0.3, 0.1, 0.1], [1, 2, 0.6, 0.6, 0.5, 0.2],
-                            [3, 1, 0.4, 0.7, 0.2, 0.3], [3, 0, 0.7, 0.2, 0.25, 0.2], [3, 2, 0.5, 0.5, 0.9, 0.8]])
+    targets = torch.tensor(
+        [
+            [0, 0, 0.5, 0.5, 0.3, 0.4],
+            [0, 1, 0.2, 0.3, 0.1, 0.1],
+            [1, 2, 0.6, 0.6, 0.5, 0.2],
+            [3, 1, 0.4, 0.7, 0.2, 0.3],
+            [3, 0, 0.7, 0.2, 0.25, 0.2],
+            [3, 2, 0.5, 0.5, 0.9, 0.8],
+        ]
+    )
     single_loss, single_items = DetectionLoss(model.detect_head, hyp, 64)(model(images), targets)
     single_loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -119,13 +127,20 @@ def _model_gradient_matches_in_float64(rank: int, world_size: int) -> None:
     synced = convert_sync_batchnorm(copy.deepcopy(model), torch.device("cpu"))
     hyp = load_hyp("scratch-low.yaml")
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.4], [1, 2, 0.6, 0.6, 0.5, 0.2], [2, 1, 0.4, 0.7, 0.2, 0.3],
-                            [3, 0, 0.7, 0.2, 0.25, 0.2], [3, 2, 0.5, 0.5, 0.9, 0.8]])
+    targets = torch.tensor(
+        [
+            [0, 0, 0.5, 0.5, 0.3, 0.4],
+            [1, 2, 0.6, 0.6, 0.5, 0.2],
+            [2, 1, 0.4, 0.7, 0.2, 0.3],
+            [3, 0, 0.7, 0.2, 0.25, 0.2],
+            [3, 2, 0.5, 0.5, 0.9, 0.8],
+        ]
+    )
     DetectionLoss(model.detect_head, hyp, 64)(model(images), targets)[0].backward()
     world = World(rank=rank, size=world_size, local_rank=rank, local_size=world_size)
     own = targets[(targets[:, 0] >= rank * 2) & (targets[:, 0] < rank * 2 + 2)].clone()
     own[:, 0] -= rank * 2
-    DetectionLoss(synced.detect_head, hyp, 64, world=world)(synced(images[rank * 2:rank * 2 + 2]), own)[0].backward()
+    DetectionLoss(synced.detect_head, hyp, 64, world=world)(synced(images[rank * 2 : rank * 2 + 2]), own)[0].backward()
     for (name, a), b in zip(model.named_parameters(), synced.parameters()):
         dist.all_reduce(b.grad)
         b.grad /= world_size  # DDP's average
@@ -154,28 +169,62 @@ def test_loss_over_two_ranks_gives_the_one_process_gradient():
 # biases, whose gradients are small sums of large terms that cancel, so fp32 could not tell a
 # 1e-3 error in the distributed arithmetic from rounding. In float64 the same runs agree to ~4e-12.
 # SGD, whose steps are linear in the gradient, where Adam's would hide a wrongly scaled loss.
-DDP_TINY = ("--imgsz", "64", "--batch-size", "8", "--workers", "1", "--cfg", "yolov5n.yaml", "--sync-bn",
-            "--deterministic", "--float64", "--optimizer", "SGD", "--no-plots", "--save-period", "1",
-            "--swa-epochs", "2")
+DDP_TINY = (
+    "--imgsz",
+    "64",
+    "--batch-size",
+    "8",
+    "--workers",
+    "1",
+    "--cfg",
+    "yolov5n.yaml",
+    "--sync-bn",
+    "--deterministic",
+    "--float64",
+    "--optimizer",
+    "SGD",
+    "--no-plots",
+    "--save-period",
+    "1",
+    "--swa-epochs",
+    "2",
+)
 AGREEMENT = 1e-8  # relative, per tensor: the issue asks for 1e-4; float64 runs measured up to ~5e-12
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(REPO_ROOT / "train.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO_ROOT / "train.py"),
+        *args,
+    ]
 
 
 def run_command(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
 def relative_differences(a: dict, b: dict) -> dict[str, float]:
     """Per floating-point tensor: |a - b| / |b| (Frobenius norms)."""
-    return {k: float((a[k].double() - v.double()).norm() / v.double().norm().clamp(min=1e-12))
-            for k, v in b.items() if v.dtype.is_floating_point}
+    return {
+        k: float((a[k].double() - v.double()).norm() / v.double().norm().clamp(min=1e-12))
+        for k, v in b.items()
+        if v.dtype.is_floating_point
+    }
 
 
 def load(path: Path) -> dict:
@@ -221,10 +270,26 @@ def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs,
     """torchrun and its workers ended after the first checkpoint, written mid-epoch (a checkpoint
     at every step), then torchrun --resume: each rank continues at its place."""
     ddp_dir = ddp_and_single_runs[0]
-    command = torchrun("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--save-interval", "1e-6",
-                       "--project", str(tmp_path), "--name", "killed")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = torchrun(
+        "--data",
+        str(tiny_dataset),
+        "--epochs",
+        "3",
+        *DDP_TINY,
+        "--save-interval",
+        "1e-6",
+        "--project",
+        str(tmp_path),
+        "--name",
+        "killed",
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     last = tmp_path / "killed" / "weights" / "last.pt"
     deadline, mid_epoch = time.time() + 300, None
     while mid_epoch is None and process.poll() is None and time.time() < deadline:
@@ -262,8 +327,11 @@ def test_resume_after_the_first_epoch(ddp_and_single_runs, tmp_path, direction):
     last = tmp_path / "exp" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
     shutil.copy(runs[source] / "weights" / "epoch0.pt", last)
-    resume = torchrun("--resume", str(last)) if target == "ddp" else \
-        [sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(last)]
+    resume = (
+        torchrun("--resume", str(last))
+        if target == "ddp"
+        else [sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(last)]
+    )
     run_command(resume)
     final, expected = load(last), load(runs[target] / "weights" / "last.pt")
     assert_same_ema(final, expected)
@@ -275,14 +343,23 @@ def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, ti
     """val.py (one process) on the torchrun run's last.pt (float64 weights) prints the mAP rank 0
     logged for it, and detect.py runs it."""
     ddp_dir = ddp_and_single_runs[0]
-    detected = run_script("detect.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--source",
-                          str(tiny_dataset.parent / "shapes" / "images" / "val"), "--project", str(tmp_path))
+    detected = run_script(
+        "detect.py",
+        "--weights",
+        str(ddp_dir / "weights" / "last.pt"),
+        "--source",
+        str(tiny_dataset.parent / "shapes" / "images" / "val"),
+        "--project",
+        str(tmp_path),
+    )
     assert detected.returncode == 0 and "8 images" in detected.stdout, detected.stdout + detected.stderr
-    result = run_script("val.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--data", str(tiny_dataset),
-                        "--imgsz", "64")
+    result = run_script(
+        "val.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--data", str(tiny_dataset), "--imgsz", "64"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     with open(ddp_dir / "results.csv", newline="") as f:
         last_row = list(csv.DictReader(f))[-1]
     row = next(line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["all"])
-    assert [float(v) for v in row[5:7]] == [float(f"{float(last_row[k]):.3g}")
-                                           for k in ("metrics/mAP_0.5", "metrics/mAP_0.5:0.95")]
+    assert [float(v) for v in row[5:7]] == [
+        float(f"{float(last_row[k]):.3g}") for k in ("metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+    ]

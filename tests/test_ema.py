@@ -59,7 +59,13 @@ def test_ema_module_is_a_frozen_eval_copy():
 
 def test_attributes_copied():
     model = small_net()
-    model.names, model.nc, model.stride, model.hyp, model.yaml = ["a", "b"], 2, torch.tensor([8.0]), {"lr0": 0.01}, {"nc": 2}
+    model.names, model.nc, model.stride, model.hyp, model.yaml = (
+        ["a", "b"],
+        2,
+        torch.tensor([8.0]),
+        {"lr0": 0.01},
+        {"nc": 2},
+    )
     ema = ModelEMA(model)
     model.names = ["x", "y"]
     ema.copy_attributes(model)

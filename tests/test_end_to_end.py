@@ -50,10 +50,25 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def test_training_writes_the_run_folder(trained_run):
-    for name in ("weights/last.pt", "weights/best.pt", "results.csv", "opt.yaml", "hyp.yaml", "results.png",
-                 "labels.jpg", "train_batch0.jpg", "train_batch2.jpg", "val_batch0_labels.jpg", "val_batch0_pred.jpg",
-                 "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
-                 "confusion_matrix_normalized.png"):
+    for name in (
+        "weights/last.pt",
+        "weights/best.pt",
+        "results.csv",
+        "opt.yaml",
+        "hyp.yaml",
+        "results.png",
+        "labels.jpg",
+        "train_batch0.jpg",
+        "train_batch2.jpg",
+        "val_batch0_labels.jpg",
+        "val_batch0_pred.jpg",
+        "PR_curve.png",
+        "F1_curve.png",
+        "P_curve.png",
+        "R_curve.png",
+        "confusion_matrix.png",
+        "confusion_matrix_normalized.png",
+    ):
         assert (trained_run / name).is_file(), name
     rows = read_results(trained_run)
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
@@ -65,41 +80,79 @@ def test_training_writes_the_run_folder(trained_run):
 
 def test_val_reproduces_results_csv(trained_run, tiny_dataset):
     rows = read_results(trained_run)
-    last = run_script("val.py", "--weights", str(trained_run / "weights" / "last.pt"), "--data", str(tiny_dataset),
-                      "--save-json", "--project", str(trained_run.parent / "val"))
+    last = run_script(
+        "val.py",
+        "--weights",
+        str(trained_run / "weights" / "last.pt"),
+        "--data",
+        str(tiny_dataset),
+        "--save-json",
+        "--project",
+        str(trained_run.parent / "val"),
+    )
     assert last.returncode == 0, last.stderr
     records = json.loads((trained_run.parent / "val" / "exp" / "predictions.json").read_text())
     assert records and {"image_id", "category_id", "bbox", "score"} == set(records[0])
     # The table's mAP and pycocotools' on the JSON files agree (printed to 6 decimals).
-    check = re.search(r"mAP@0.5 ([\d.]+) \(table\) vs ([\d.]+) \(pycocotools\); mAP@0.5:0.95 ([\d.]+) vs ([\d.]+): equal",
-                      last.stdout)
+    check = re.search(
+        r"mAP@0.5 ([\d.]+) \(table\) vs ([\d.]+) \(pycocotools\); mAP@0.5:0.95 ([\d.]+) vs ([\d.]+): equal", last.stdout
+    )
     assert check, last.stdout
     table50, coco50, table, coco = map(float, check.groups())
     assert abs(table50 - coco50) <= 1e-6 and abs(table - coco) <= 1e-6
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in last.stdout
-    expected = [three_significant(rows[-1][k]) for k in
-                ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")]
+    expected = [
+        three_significant(rows[-1][k])
+        for k in ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
+    ]
     assert printed_all_row(last.stdout) == expected
     fitness = [0.1 * float(r["metrics/mAP_0.5"]) + 0.9 * float(r["metrics/mAP_0.5:0.95"]) for r in rows]
     best_row = rows[max(i for i, f in enumerate(fitness) if f == max(fitness))]
     best = run_script("val.py", "--weights", str(trained_run / "weights" / "best.pt"), "--data", str(tiny_dataset))
     assert best.returncode == 0, best.stderr
-    assert printed_all_row(best.stdout)[2:] == [three_significant(best_row["metrics/mAP_0.5"]),
-                                                three_significant(best_row["metrics/mAP_0.5:0.95"])]
+    assert printed_all_row(best.stdout)[2:] == [
+        three_significant(best_row["metrics/mAP_0.5"]),
+        three_significant(best_row["metrics/mAP_0.5:0.95"]),
+    ]
 
 
 def test_detect_writes_annotated_images_and_labels(trained_run, tiny_dataset, tmp_path):
     val_images = tiny_dataset.parent / "shapes" / "images" / "val"
-    result = run_script("detect.py", "--weights", str(trained_run / "weights" / "best.pt"), "--source", str(val_images),
-                        "--conf-thres", "0.001", "--save-txt", "--save-conf", "--project", str(tmp_path), "--name", "d")
+    result = run_script(
+        "detect.py",
+        "--weights",
+        str(trained_run / "weights" / "best.pt"),
+        "--source",
+        str(val_images),
+        "--conf-thres",
+        "0.001",
+        "--save-txt",
+        "--save-conf",
+        "--project",
+        str(tmp_path),
+        "--name",
+        "d",
+    )
     assert result.returncode == 0, result.stderr
     sources = sorted(val_images.glob("*.jpg"))
     written = sorted((tmp_path / "d").glob("*.jpg"))
     assert [p.name for p in written] == [p.name for p in sources]
-    single = run_script("detect.py", "--weights", str(trained_run / "weights" / "best.pt"),
-                        "--source", str(val_images / "*.jpg"), "--nosave", "--project", str(tmp_path), "--name", "glob")
+    single = run_script(
+        "detect.py",
+        "--weights",
+        str(trained_run / "weights" / "best.pt"),
+        "--source",
+        str(val_images / "*.jpg"),
+        "--nosave",
+        "--project",
+        str(tmp_path),
+        "--name",
+        "glob",
+    )
     assert single.returncode == 0 and f"{len(sources)} images" in single.stdout
-    label_lines = [line.split() for p in (tmp_path / "d" / "labels").glob("*.txt") for line in p.read_text().splitlines()]
+    label_lines = [
+        line.split() for p in (tmp_path / "d" / "labels").glob("*.txt") for line in p.read_text().splitlines()
+    ]
     assert label_lines and all(len(v) == 6 and 0 <= float(v[1]) <= 1 and 0 < float(v[5]) <= 1 for v in label_lines)
 
 
@@ -140,5 +193,6 @@ def test_kill_and_resume_equals_uninterrupted(trained_run, tiny_dataset, tmp_pat
     for key, tensor in best_straight["ema"].items():
         assert (best_resumed["ema"][key].double() - tensor.double()).abs().max() < 1e-6, key
     columns = ("train/box_loss", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "ema/updates")
-    assert [[r[c] for c in columns] for r in read_results(tmp_path / "killed")] == \
-           [[r[c] for c in columns] for r in read_results(trained_run)]
+    assert [[r[c] for c in columns] for r in read_results(tmp_path / "killed")] == [
+        [r[c] for c in columns] for r in read_results(trained_run)
+    ]

@@ -19,7 +19,9 @@ def test_evaluate_leaves_the_ema_untouched(tiny_dataset, tmp_path):
     ema = ModelEMA(model)
     ema.module.names = list(data.names)
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    loader = build_val_loader(data.val, data.nc, img_size=64, batch_size=4, workers=0, hyp=load_hyp("scratch-low.yaml"), stride=32)
+    loader = build_val_loader(
+        data.val, data.nc, img_size=64, batch_size=4, workers=0, hyp=load_hyp("scratch-low.yaml"), stride=32
+    )
     result = evaluate(ema.module, loader, device=torch.device("cpu"), amp_dtype=torch.bfloat16, plot_dir=tmp_path)
     for key, value in ema.module.state_dict().items():
         assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key

@@ -28,13 +28,36 @@ pytestmark = pytest.mark.slow
 
 def train_command(data: Path, project: Path, name: str) -> list[str]:
     # 16 images in batches of 4 for 3 epochs; a last.pt at nearly every optimizer step.
-    return [sys.executable, str(REPO_ROOT / "train.py"), "--data", str(data), "--epochs", "3", "--imgsz", "64",
-            "--batch-size", "4", "--workers", "2", "--cfg", "yolov5n.yaml", "--deterministic", "--save-interval",
-            "0.001", "--no-plots", "--project", str(project), "--name", name, "--exist-ok"]
+    return [
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "--data",
+        str(data),
+        "--epochs",
+        "3",
+        "--imgsz",
+        "64",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--cfg",
+        "yolov5n.yaml",
+        "--deterministic",
+        "--save-interval",
+        "0.001",
+        "--no-plots",
+        "--project",
+        str(project),
+        "--name",
+        name,
+        "--exist-ok",
+    ]
 
 
 def wait_for_new_checkpoints(process: subprocess.Popen, path: Path, count: int, timeout: float = 120) -> None:
     """Block until `path` has been replaced `count` times (or the process ends)."""
+
     def stamp():
         return path.stat().st_mtime_ns if path.exists() else None
 
@@ -58,15 +81,20 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset, tmp_path):
-    reference = subprocess.run(train_command(small_dataset, tmp_path, "straight"), cwd=REPO_ROOT, capture_output=True,
-                               text=True, timeout=600)
+    reference = subprocess.run(
+        train_command(small_dataset, tmp_path, "straight"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
     assert reference.returncode == 0, reference.stdout + reference.stderr
 
     rng = random.Random(7)
     last = tmp_path / "killed" / "weights" / "last.pt"
     positions = []
-    process = subprocess.Popen(train_command(small_dataset, tmp_path, "killed"), cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_command(small_dataset, tmp_path, "killed"),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for kill in range(6):
         # Mostly let the run write one or two new checkpoints first, so that it advances between kills;
         # sometimes kill blind (start-up, data loading). Then a random extra delay: inside a forward pass,
@@ -103,8 +131,15 @@ def small_checkpoint() -> dict:
     model = build_model("yolov5n.yaml", nc=3)
     ema = ModelEMA(model)
     optimizer = build_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
-    return training_checkpoint(state_of(model, ema, optimizer), finished=False, model_yaml=model.yaml,
-                               names=["a", "b", "c"], hyp=load_hyp("scratch-low.yaml"), opt={}, world_size=1)
+    return training_checkpoint(
+        state_of(model, ema, optimizer),
+        finished=False,
+        model_yaml=model.yaml,
+        names=["a", "b", "c"],
+        hyp=load_hyp("scratch-low.yaml"),
+        opt={},
+        world_size=1,
+    )
 
 
 def test_kill_during_checkpoint_writes_always_leaves_a_loadable_file(tmp_path):

@@ -20,8 +20,18 @@ def yolov5_style_checkpoint(tmp_path):
     model.train()(torch.rand(2, 3, 64, 64))  # non-trivial BatchNorm statistics
     model.names = {0: "cat", 1: "dog", 2: "bird"}
     path = tmp_path / "yolov5n_custom.pt"
-    torch.save({"epoch": 9, "best_fitness": 0.4, "model": None, "ema": model.half(), "updates": 123,
-                "optimizer": None, "opt": {"imgsz": 320, "epochs": 10}}, path)
+    torch.save(
+        {
+            "epoch": 9,
+            "best_fitness": 0.4,
+            "model": None,
+            "ema": model.half(),
+            "updates": 123,
+            "optimizer": None,
+            "opt": {"imgsz": 320, "epochs": 10},
+        },
+        path,
+    )
     return path, model.float()
 
 
@@ -43,7 +53,9 @@ def test_read_exactly_with_the_flag(yolov5_style_checkpoint):
     expected = original.state_dict()
     assert checkpoint["ema"].keys() == expected.keys()
     for name, tensor in expected.items():  # the fp16 values, widened back to fp32
-        assert torch.equal(checkpoint["ema"][name], tensor.half().float() if tensor.is_floating_point() else tensor), name
+        assert torch.equal(checkpoint["ema"][name], tensor.half().float() if tensor.is_floating_point() else tensor), (
+            name
+        )
     rebuilt = model_from_checkpoint(checkpoint, "ema").eval()
     assert isinstance(rebuilt, DetectionModel) and rebuilt.nc == 3
     moved, total = transfer_matching_weights(build_model("yolov5n.yaml", nc=3), checkpoint)

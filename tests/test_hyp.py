@@ -20,17 +20,27 @@ def test_shipped_recipes_load(name):
 def test_scratch_low_has_yolov5_values():
     hyp = load_hyp("scratch-low.yaml")
     assert (hyp["lr0"], hyp["lrf"], hyp["momentum"], hyp["weight_decay"]) == (0.01, 0.01, 0.937, 0.0005)
-    assert (hyp["box"], hyp["cls"], hyp["obj"], hyp["anchor_t"], hyp["mosaic"], hyp["fliplr"]) == (0.05, 0.5, 1.0, 4.0, 1.0, 0.5)
+    assert (hyp["box"], hyp["cls"], hyp["obj"], hyp["anchor_t"], hyp["mosaic"], hyp["fliplr"]) == (
+        0.05,
+        0.5,
+        1.0,
+        4.0,
+        1.0,
+        0.5,
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lr0": None}, "lr0 must be a non-negative number"),
-    ({"mosaic": 1.5}, "mosaic is a probability"),
-    ({"lr_zero": 0.01}, "unknown key(s) lr_zero"),
-    ({"anchors": 3}, "automatic anchor fitting"),
-    ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
-    ({"close_mosaic": 2.5}, "close_mosaic is a number of epochs"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr0": None}, "lr0 must be a non-negative number"),
+        ({"mosaic": 1.5}, "mosaic is a probability"),
+        ({"lr_zero": 0.01}, "unknown key(s) lr_zero"),
+        ({"anchors": 3}, "automatic anchor fitting"),
+        ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
+        ({"close_mosaic": 2.5}, "close_mosaic is a number of epochs"),
+    ],
+)
 def test_bad_values_are_named(tmp_path, change, message):
     hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())
     path = tmp_path / "hyp.yaml"

@@ -82,6 +82,7 @@ def plant(images: Path, stem: str, how: str, label) -> None:
         path.write_bytes(path.read_bytes()[:-40])
     elif how == "gif":
         from PIL import Image
+
         path = images / f"{stem}.jpg"  # a GIF behind a .jpg name
         Image.new("RGB", (40, 40)).save(path, format="GIF")
     elif how == "tiny":
@@ -104,8 +105,11 @@ def planted(tmp_path) -> Path:
 def test_every_kind_is_counted_and_named(planted):
     files, unreadable = list_image_files([planted])
     scan = scan_labels(files, num_classes=3, cache_path=None)
-    corrupt = [v[2] for v in PLANTED.values() if v[2] not in ("found", "missing", "empty", "duplicate rows removed",
-                                                              "boxes clipped to the image")]
+    corrupt = [
+        v[2]
+        for v in PLANTED.values()
+        if v[2] not in ("found", "missing", "empty", "duplicate rows removed", "boxes clipped to the image")
+    ]
     assert (scan.num_corrupt, scan.num_missing, scan.num_empty) == (len(corrupt), 1, 1)
     assert scan.num_found == 4 + 4  # good ones, the repaired ones, the rounding case and the polygon
     expected = {}
@@ -116,8 +120,14 @@ def test_every_kind_is_counted_and_named(planted):
         if kind not in ("found", "missing", "empty"):
             assert any(k == kind and stem in message for k, message in scan.messages), (stem, kind)
     kept = {p.stem: lb for p, lb in zip(scan.image_files, scan.labels)}
-    assert set(kept) == {f"good{i}" for i in range(4)} | {"duplicates", "overflow", "rounding", "polygon", "no_label",
-                                                          "empty_label"}
+    assert set(kept) == {f"good{i}" for i in range(4)} | {
+        "duplicates",
+        "overflow",
+        "rounding",
+        "polygon",
+        "no_label",
+        "empty_label",
+    }
     np.testing.assert_array_equal(kept["rounding"], np.array([[0, 0.9, 0.5, 0.2000019, 0.2]], np.float32))
     np.testing.assert_allclose(kept["duplicates"][:, 0], [2, 1])  # file order kept, the later copy dropped
     np.testing.assert_array_equal(kept["good0"][:, 0], [0, 1])  # rows stay in file order

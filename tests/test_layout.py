@@ -60,8 +60,12 @@ def layer_of(module: str) -> str:
 
 
 def test_no_script_is_imported_by_the_library():
-    offenders = [(module_name(path), name) for path in python_files(*LIBRARY_FOLDERS) + list(REPO_ROOT.glob("*.py"))
-                 for name in imported_modules(path) if name.split(".")[0] in SCRIPTS]
+    offenders = [
+        (module_name(path), name)
+        for path in python_files(*LIBRARY_FOLDERS) + list(REPO_ROOT.glob("*.py"))
+        for name in imported_modules(path)
+        if name.split(".")[0] in SCRIPTS
+    ]
     assert not offenders, f"import a library module instead of an entry script: {offenders}"
 
 
@@ -71,11 +75,16 @@ def test_tests_and_benchmarks_use_only_a_scripts_main():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module in SCRIPTS and not node.level:
-                offenders += [f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name != "main"]
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in SCRIPTS
-                  and node.attr != "main" and any(isinstance(n, ast.Import) and any(a.name == node.value.id
-                                                                                    for a in n.names)
-                                                  for n in tree.body)):
+                offenders += [
+                    f"{path.name}: from {node.module} import {a.name}" for a in node.names if a.name != "main"
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in SCRIPTS
+                and node.attr != "main"
+                and any(isinstance(n, ast.Import) and any(a.name == node.value.id for a in n.names) for n in tree.body)
+            ):
                 offenders.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert not offenders, f"tests and benchmarks may call a script's main() only: {offenders}"
 
@@ -87,8 +96,11 @@ def test_each_layer_imports_only_what_it_may():
         layer = layer_of(module)
         if layer == "utils" and module.count(".") > 1:  # a subpackage without rules of its own: utils.train
             continue
-        offenders += [f"{module} imports {name}" for name in imported_modules(path)
-                      if any(within(name, banned) for banned in FORBIDDEN[layer])]
+        offenders += [
+            f"{module} imports {name}"
+            for name in imported_modules(path)
+            if any(within(name, banned) for banned in FORBIDDEN[layer])
+        ]
     assert not offenders, "\n".join(offenders)
 
 

@@ -19,15 +19,17 @@ def deterministic_case(nc: int = 6, img_size: int = 128, batch: int = 2):
         shape = (batch, 3, img_size // stride, img_size // stride, 5 + nc)
         values = torch.sin(torch.arange(math.prod(shape), dtype=torch.float64) * 0.37 + level) * 2
         preds.append(values.float().view(shape))
-    targets = torch.tensor([
-        [0, 0, 0.50, 0.50, 0.20, 0.30],
-        [0, 3, 0.11, 0.87, 0.05, 0.04],
-        [0, 5, 0.76, 0.24, 0.60, 0.45],
-        [1, 1, 0.33, 0.66, 0.12, 0.40],
-        [1, 2, 0.97, 0.03, 0.06, 0.06],
-        [1, 4, 0.52, 0.49, 0.90, 0.85],
-        [1, 4, 0.26, 0.71, 0.02, 0.03],
-    ])
+    targets = torch.tensor(
+        [
+            [0, 0, 0.50, 0.50, 0.20, 0.30],
+            [0, 3, 0.11, 0.87, 0.05, 0.04],
+            [0, 5, 0.76, 0.24, 0.60, 0.45],
+            [1, 1, 0.33, 0.66, 0.12, 0.40],
+            [1, 2, 0.97, 0.03, 0.06, 0.06],
+            [1, 4, 0.52, 0.49, 0.90, 0.85],
+            [1, 4, 0.26, 0.71, 0.02, 0.03],
+        ]
+    )
     return preds, targets
 
 
@@ -80,8 +82,9 @@ def test_loss_is_finite_and_decreases_on_a_fixed_batch():
     model = build_model("yolov5n.yaml", nc=3)
     criterion = DetectionLoss(model.detect_head, load_hyp("scratch-low.yaml"), 64)
     images = torch.rand(4, 3, 64, 64)
-    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.5], [2, 2, 0.7, 0.2, 0.3, 0.3],
-                            [3, 0, 0.4, 0.4, 0.6, 0.6]])
+    targets = torch.tensor(
+        [[0, 0, 0.5, 0.5, 0.4, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.5], [2, 2, 0.7, 0.2, 0.3, 0.3], [3, 0, 0.4, 0.4, 0.6, 0.6]]
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(10):

@@ -27,16 +27,29 @@ def xyxy_to_coco_xywh(boxes: np.ndarray) -> np.ndarray:
 
 def pycocotools_eval(images: list[Image], num_classes: int) -> COCOeval:
     """Run COCOeval (bbox) on the case: image ids 1.., category id = class + 1, gt iscrowd=0, area = w*h."""
-    gt_dataset = {"images": [{"id": i + 1} for i in range(len(images))],
-                  "categories": [{"id": k + 1} for k in range(num_classes)], "annotations": []}
+    gt_dataset = {
+        "images": [{"id": i + 1} for i in range(len(images))],
+        "categories": [{"id": k + 1} for k in range(num_classes)],
+        "annotations": [],
+    }
     results = []
     for image_id, (pred_boxes, scores, pred_cls, gt_boxes, gt_cls) in enumerate(images, start=1):
         for box, cls in zip(xyxy_to_coco_xywh(gt_boxes).tolist(), np.asarray(gt_cls).tolist()):
-            gt_dataset["annotations"].append({"id": len(gt_dataset["annotations"]) + 1, "image_id": image_id,
-                                              "category_id": int(cls) + 1, "bbox": box,
-                                              "area": box[2] * box[3], "iscrowd": 0})
-        for box, score, cls in zip(xyxy_to_coco_xywh(pred_boxes).tolist(), np.asarray(scores, np.float64).tolist(),
-                                   np.asarray(pred_cls).tolist()):
+            gt_dataset["annotations"].append(
+                {
+                    "id": len(gt_dataset["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cls) + 1,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+        for box, score, cls in zip(
+            xyxy_to_coco_xywh(pred_boxes).tolist(),
+            np.asarray(scores, np.float64).tolist(),
+            np.asarray(pred_cls).tolist(),
+        ):
             results.append({"image_id": image_id, "category_id": int(cls) + 1, "bbox": box, "score": score})
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -46,8 +59,11 @@ def pycocotools_eval(images: list[Image], num_classes: int) -> COCOeval:
             coco_dt = coco_gt.loadRes(results)
         else:  # loadRes cannot take an empty list (it reads results[0])
             coco_dt = COCO()
-            coco_dt.dataset = {"images": gt_dataset["images"], "categories": gt_dataset["categories"],
-                               "annotations": []}
+            coco_dt.dataset = {
+                "images": gt_dataset["images"],
+                "categories": gt_dataset["categories"],
+                "annotations": [],
+            }
             coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
         coco_eval.evaluate()
@@ -124,12 +140,15 @@ def detection_cases(draw) -> tuple[list[Image], int]:
             if kind == "random":
                 coords, cls = box(), draw(st.sampled_from(pred_classes))
             preds.append((coords, draw(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9])), cls))
-        images.append((
-            np.array([p[0] for p in preds], np.float64).reshape(-1, 4) * scale,
-            np.array([p[1] for p in preds], np.float64),
-            np.array([p[2] for p in preds], np.int64),
-            np.array([g[0] for g in gts], np.float64).reshape(-1, 4) * scale,
-            np.array([g[1] for g in gts], np.int64)))
+        images.append(
+            (
+                np.array([p[0] for p in preds], np.float64).reshape(-1, 4) * scale,
+                np.array([p[1] for p in preds], np.float64),
+                np.array([p[2] for p in preds], np.int64),
+                np.array([g[0] for g in gts], np.float64).reshape(-1, 4) * scale,
+                np.array([g[1] for g in gts], np.int64),
+            )
+        )
     return images, num_classes
 
 
@@ -153,8 +172,15 @@ def test_more_than_max_dets_and_a_crowded_image_match_pycocotools():
         gt = np.concatenate([xy, xy + rng.integers(1, 12, (num_gt, 2))], 1).astype(np.float64)
         src = gt[rng.integers(0, max(num_gt, 1), num_pred)] if num_gt else np.zeros((num_pred, 4))
         pred = src + rng.integers(-2, 3, (num_pred, 4))
-        images.append((pred, rng.choice([0.2, 0.4, 0.6, 0.8], num_pred), rng.integers(0, 2, num_pred),
-                       gt, rng.integers(0, 2, num_gt)))
+        images.append(
+            (
+                pred,
+                rng.choice([0.2, 0.4, 0.6, 0.8], num_pred),
+                rng.integers(0, 2, num_pred),
+                gt,
+                rng.integers(0, 2, num_gt),
+            )
+        )
     assert_matches_pycocotools(images, num_classes=3)
 
 
@@ -174,9 +200,13 @@ def test_ignored_gt_is_matched_only_when_no_regular_gt_qualifies():
 
 
 def one_class_image(pred_boxes, scores, gt_boxes) -> Image:
-    return (np.array(pred_boxes, np.float64).reshape(-1, 4), np.array(scores, np.float64),
-            np.zeros(len(scores), np.int64), np.array(gt_boxes, np.float64).reshape(-1, 4),
-            np.zeros(len(gt_boxes), np.int64))
+    return (
+        np.array(pred_boxes, np.float64).reshape(-1, 4),
+        np.array(scores, np.float64),
+        np.zeros(len(scores), np.int64),
+        np.array(gt_boxes, np.float64).reshape(-1, 4),
+        np.zeros(len(gt_boxes), np.int64),
+    )
 
 
 def test_perfect_predictions_score_one():
@@ -217,8 +247,13 @@ def test_precision_recall_at_best_f1_confidence():
     # where the window's top edge reaches 0.9: conf ~0.85. Class 1 has gt but no detections (p = r = 0);
     # class 2 has no gt (nan, left out of the means).
     gts = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]
-    image = (np.array(gts + [[70, 70, 80, 80]], np.float64), np.array([0.9, 0.9, 0.9, 0.1]),
-             np.zeros(4, np.int64), np.array(gts + [[0, 50, 10, 60]], np.float64), np.array([0, 0, 0, 1]))
+    image = (
+        np.array(gts + [[70, 70, 80, 80]], np.float64),
+        np.array([0.9, 0.9, 0.9, 0.1]),
+        np.zeros(4, np.int64),
+        np.array(gts + [[0, 50, 10, 60]], np.float64),
+        np.array([0, 0, 0, 1]),
+    )
     metrics = evaluate([image], 3)
     assert 0.84 <= metrics.best_conf <= 0.86
     expected_p0 = 1 - 0.25 * (0.9 - metrics.best_conf) / 0.8
@@ -234,8 +269,7 @@ def test_precision_recall_at_best_f1_confidence():
 def test_accepts_torch_tensors_and_empty_images():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     evaluator = DetectionEvaluator(num_classes=2)
-    evaluator.add_image(gt.clone().requires_grad_(), torch.tensor([0.5]), torch.tensor([1.0]), gt,
-                        torch.tensor([1]))
+    evaluator.add_image(gt.clone().requires_grad_(), torch.tensor([0.5]), torch.tensor([1.0]), gt, torch.tensor([1]))
     evaluator.add_image(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), torch.zeros(0, 4), torch.zeros(0))
     metrics = evaluator.compute()
     assert metrics.num_images == 2
@@ -250,5 +284,4 @@ def test_no_ground_truth_gives_zero_map():
 
 def test_rejects_classes_out_of_range():
     with pytest.raises(ValueError, match="pred_classes"):
-        DetectionEvaluator(2).add_image(np.zeros((1, 4)), np.ones(1), np.array([2]), np.zeros((0, 4)),
-                                        np.zeros(0))
+        DetectionEvaluator(2).add_image(np.zeros((1, 4)), np.ones(1), np.array([2]), np.zeros((0, 4)), np.zeros(0))

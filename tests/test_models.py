@@ -34,8 +34,10 @@ def test_parameter_counts_equal_yolov5(size):
 
 # sha256 of "name shape" lines of yolov5 7.0.14's Model(yolov5{n,s}.yaml, nc=80).state_dict(), computed
 # with the PyPI package: a YOLOv5 state dict maps onto ours one to one.
-YOLOV5_STATE_DICT_SHA256 = {"n": "55db261712d5d4f847b5cf8ae1045ed4d94076aed0795e76aa5190cde6479e6f",
-                            "s": "cd7c2e5655f8ddb6553c2832d289b9009e7b7e82640ace7229a8ecb2f2741349"}
+YOLOV5_STATE_DICT_SHA256 = {
+    "n": "55db261712d5d4f847b5cf8ae1045ed4d94076aed0795e76aa5190cde6479e6f",
+    "s": "cd7c2e5655f8ddb6553c2832d289b9009e7b7e82640ace7229a8ecb2f2741349",
+}
 
 
 @pytest.mark.parametrize("size", "ns")
@@ -48,8 +50,14 @@ def test_state_dict_names_and_shapes_equal_yolov5(size):
 def test_state_dict_names_follow_yolov5():
     keys = list(build_model("yolov5n.yaml").state_dict())
     assert keys[:3] == ["model.0.conv.weight", "model.0.bn.weight", "model.0.bn.bias"]
-    for key in ("model.2.m.0.cv1.conv.weight", "model.2.cv3.bn.running_var", "model.9.cv2.conv.weight",
-                "model.24.anchors", "model.24.m.0.weight", "model.24.m.2.bias"):
+    for key in (
+        "model.2.m.0.cv1.conv.weight",
+        "model.2.cv3.bn.running_var",
+        "model.9.cv2.conv.weight",
+        "model.24.anchors",
+        "model.24.m.0.weight",
+        "model.24.m.2.bias",
+    ):
         assert key in keys
     assert keys[-1] == "model.24.m.2.bias"
 
@@ -108,14 +116,17 @@ def base_cfg() -> dict:
     return yaml.safe_load((REPO_ROOT / "models" / "yolov5n.yaml").read_text())
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["backbone"].__setitem__(2, [-1, 1, "C2f", [128]]), "unknown block 'C2f'"),
-    (lambda c: c.pop("anchors"), "missing key(s) anchors"),
-    (lambda c: c.__setitem__("nc", "eighty"), "nc must be a positive integer"),
-    (lambda c: c.__setitem__("anchors", 3), "automatic anchor fitting"),
-    (lambda c: c["head"].__setitem__(0, [30, 1, "Conv", [512, 1, 1]]), "does not name an earlier layer"),
-    (lambda c: c["head"].__setitem__(0, "__import__('os').system('true')"), "must be [from, number, module, args]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["backbone"].__setitem__(2, [-1, 1, "C2f", [128]]), "unknown block 'C2f'"),
+        (lambda c: c.pop("anchors"), "missing key(s) anchors"),
+        (lambda c: c.__setitem__("nc", "eighty"), "nc must be a positive integer"),
+        (lambda c: c.__setitem__("anchors", 3), "automatic anchor fitting"),
+        (lambda c: c["head"].__setitem__(0, [30, 1, "Conv", [512, 1, 1]]), "does not name an earlier layer"),
+        (lambda c: c["head"].__setitem__(0, "__import__('os').system('true')"), "must be [from, number, module, args]"),
+    ],
+)
 def test_bad_model_yaml_is_a_clear_error(tmp_path, mutate, message):
     cfg = base_cfg()
     mutate(cfg)

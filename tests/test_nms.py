@@ -47,8 +47,12 @@ def test_multi_label_keeps_a_box_once_per_confident_class():
 
 def test_candidate_cap_is_reported_not_silent(monkeypatch):
     monkeypatch.setattr(nms_module, "MAX_BOXES_INTO_NMS", 50)
-    pred = torch.cat((random_predictions(400, nc=2, seed=1), torch.cat((random_predictions(30, nc=2, seed=2),
-                                                                         torch.zeros(1, 370, 7)), dim=1)))
+    pred = torch.cat(
+        (
+            random_predictions(400, nc=2, seed=1),
+            torch.cat((random_predictions(30, nc=2, seed=2), torch.zeros(1, 370, 7)), dim=1),
+        )
+    )
     output, truncated = non_max_suppression(pred, conf_thres=0.01, iou_thres=0.5, max_det=300)
     assert truncated == 1 and len(output) == 2  # every image comes back, the capped one is counted
     assert len(output[1]) > 0

@@ -51,15 +51,37 @@ def write_csv(path, columns: list[str], rows: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-STANDARD = ["train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
-            "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss"]
+STANDARD = [
+    "train/box_loss",
+    "train/obj_loss",
+    "train/cls_loss",
+    "metrics/precision",
+    "metrics/recall",
+    "metrics/mAP_0.5",
+    "metrics/mAP_0.5:0.95",
+    "val/box_loss",
+    "val/obj_loss",
+    "val/cls_loss",
+]
 
 
 def test_results_panels_order_and_raw_pairing():
-    columns = ["epoch", "val/box_loss", "metrics/mAP_0.5", "train/box_loss", "x/lr0", "ema/updates",
-               "raw/mAP_0.5", "raw/unpaired"]
-    assert results_panels(columns) == [("train/box_loss", None), ("metrics/mAP_0.5", "raw/mAP_0.5"),
-                                       ("val/box_loss", None), ("raw/unpaired", None)]
+    columns = [
+        "epoch",
+        "val/box_loss",
+        "metrics/mAP_0.5",
+        "train/box_loss",
+        "x/lr0",
+        "ema/updates",
+        "raw/mAP_0.5",
+        "raw/unpaired",
+    ]
+    assert results_panels(columns) == [
+        ("train/box_loss", None),
+        ("metrics/mAP_0.5", "raw/mAP_0.5"),
+        ("val/box_loss", None),
+        ("raw/unpaired", None),
+    ]
 
 
 def test_plot_results_draws_raw_line_only_when_present(tmp_path, no_warnings):
@@ -106,6 +128,7 @@ def test_normalize_columns_keeps_empty_columns_zero(no_warnings):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_plot_confusion_matrix_orientation(tmp_path, normalize, no_warnings):
     """matrix[predicted, true]: predicted on y (rows, top to bottom), true on x (left to right)."""
+
     def dark_centre(matrix) -> np.ndarray:
         plot_confusion_matrix(matrix, NAMES, tmp_path / "cm.png", normalize=normalize)
         image = read(tmp_path / "cm.png")
@@ -122,7 +145,9 @@ def test_plot_confusion_matrix_orientation(tmp_path, normalize, no_warnings):
 
 def test_plot_labels(tmp_path, no_warnings):
     rng = np.random.default_rng(0)
-    labels = np.column_stack([rng.integers(0, 3, 200), rng.uniform(0.2, 0.8, (200, 2)), rng.uniform(0.05, 0.3, (200, 2))])
+    labels = np.column_stack(
+        [rng.integers(0, 3, 200), rng.uniform(0.2, 0.8, (200, 2)), rng.uniform(0.05, 0.3, (200, 2))]
+    )
     plot_labels(labels, NAMES, tmp_path / "labels.jpg")
     plot_labels(np.zeros((0, 5)), NAMES, tmp_path / "empty.jpg")
     bar_bgr = class_colour(0)  # bars are filled in the class colour
@@ -132,7 +157,7 @@ def test_plot_labels(tmp_path, no_warnings):
 
 def outline_matches(image: np.ndarray, row: int, col: int, bgr: tuple[int, int, int]) -> bool:
     """Whether a pixel within 1 px of (row, col) along the row has the colour (JPEG tolerance)."""
-    patch = image[row, col - 1:col + 2].astype(int)
+    patch = image[row, col - 1 : col + 2].astype(int)
     return bool(np.any(np.all(np.abs(patch - bgr) <= 20, axis=1)))
 
 
@@ -164,7 +189,7 @@ def test_plot_image_batch_grid_is_square_and_at_most_1920_wide(tmp_path):
     grid = read(tmp_path / "batch.jpg")
     height, width = grid.shape[:2]
     assert np.abs(grid[50, 50].astype(int) - (0, 0, 255)).max() < 20  # red once written as BGR
-    assert width <= 1920 and 1800 < width  # 4 x 480 px plus gaps does not fit: scaled down
+    assert width <= 1920 and width > 1800  # 4 x 480 px plus gaps does not fit: scaled down
     assert height == pytest.approx(width * 640 / 480, rel=0.02)  # 4 x 4 tiles of 640 x 480
 
     plot_image_batch(images[:1], np.zeros((0, 6)), NAMES, tmp_path / "one.jpg")  # no boxes at all

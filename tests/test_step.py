@@ -58,5 +58,3 @@ def test_buffer_snapshot_undoes_a_forward():
     assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
     snapshot.restore()
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
-
-

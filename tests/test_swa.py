@@ -25,8 +25,23 @@ def load(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def swa_run(tiny_dataset, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("swa")
-    result = run_script("train.py", "--data", str(tiny_dataset), "--epochs", "3", *TINY, "--swa-epochs", "2",
-                        "--val-raw", "--save-period", "1", "--project", str(project), "--name", "exp")
+    result = run_script(
+        "train.py",
+        "--data",
+        str(tiny_dataset),
+        "--epochs",
+        "3",
+        *TINY,
+        "--swa-epochs",
+        "2",
+        "--val-raw",
+        "--save-period",
+        "1",
+        "--project",
+        str(project),
+        "--name",
+        "exp",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return project / "exp"
 
@@ -56,8 +71,21 @@ def test_val_raw_adds_the_raw_model_columns(swa_run, tiny_dataset, capsys):
         rows = list(csv.DictReader(f))
     assert {"raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95"} <= set(rows[0])
     assert len(rows) == 3
-    assert val.main(["--weights", str(swa_run / "weights" / "last.pt"), "--data", str(tiny_dataset), "--raw",
-                     "--no-plots", "--workers", "0"]) == 0
+    assert (
+        val.main(
+            [
+                "--weights",
+                str(swa_run / "weights" / "last.pt"),
+                "--data",
+                str(tiny_dataset),
+                "--raw",
+                "--no-plots",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["all"])
     columns = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
     assert [float(v) for v in row[3:7]] == [float(f"{float(rows[-1][f'raw/{c}']):.3g}") for c in columns]
@@ -72,8 +100,19 @@ def test_val_and_detect_read_swa_pt(swa_run, tiny_dataset, tmp_path, capsys):
 
 
 def test_no_ema_saves_the_raw_weights_and_says_so(tiny_dataset, tmp_path):
-    result = run_script("train.py", "--data", str(tiny_dataset), "--epochs", "1", *TINY, "--no-ema",
-                        "--project", str(tmp_path), "--name", "raw")
+    result = run_script(
+        "train.py",
+        "--data",
+        str(tiny_dataset),
+        "--epochs",
+        "1",
+        *TINY,
+        "--no-ema",
+        "--project",
+        str(tmp_path),
+        "--name",
+        "raw",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     last = load(tmp_path / "raw" / "weights" / "last.pt")
     assert "--no-ema: no weight averaging" in result.stdout
@@ -86,9 +125,24 @@ def test_no_ema_saves_the_raw_weights_and_says_so(tiny_dataset, tmp_path):
 def test_fine_tuning_starts_from_the_chosen_weights_and_rebuilds_the_head(swa_run, tiny_dataset, tmp_path, raw):
     """--weights (ours) with another class count (--single-cls: 1 instead of 6): every tensor but
     the Detect head's output layers comes from the checkpoint's EMA (or model with --raw)."""
-    result = run_script("train.py", "--weights", str(swa_run / "weights" / "last.pt"), "--data", str(tiny_dataset),
-                        "--single-cls", "--epochs", "1", *TINY, "--freeze", "10", "--project", str(tmp_path),
-                        "--name", "tune", *(["--raw"] if raw else []))
+    result = run_script(
+        "train.py",
+        "--weights",
+        str(swa_run / "weights" / "last.pt"),
+        "--data",
+        str(tiny_dataset),
+        "--single-cls",
+        "--epochs",
+        "1",
+        *TINY,
+        "--freeze",
+        "10",
+        "--project",
+        str(tmp_path),
+        "--name",
+        "tune",
+        *(["--raw"] if raw else []),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     weights = "model" if raw else "ema"
     assert f"tensors from {swa_run / 'weights' / 'last.pt'} ({weights} weights)" in result.stdout

@@ -30,8 +30,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def digests(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under `root`."""
-    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 def rotated_shape(cls_id: int, rng: np.random.Generator, diameter: float, centre: tuple[float, float]):
@@ -47,8 +50,13 @@ def test_layout_counts_and_marker(dataset: Path) -> None:
         assert sorted(path.name for path in (dataset / "images" / split).iterdir()) == [s + ".jpg" for s in stems]
         assert sorted(path.name for path in (dataset / "labels" / split).iterdir()) == [s + ".txt" for s in stems]
     assert json.loads((dataset / "shapes.json").read_text()) == {
-        "format_version": FORMAT_VERSION, "num_train": NUM_TRAIN, "num_val": NUM_VAL, "seed": SEED,
-        "image_size": [256, 416], "class_names": list(CLASS_NAMES)}
+        "format_version": FORMAT_VERSION,
+        "num_train": NUM_TRAIN,
+        "num_val": NUM_VAL,
+        "seed": SEED,
+        "image_size": [256, 416],
+        "class_names": list(CLASS_NAMES),
+    }
     assert 5 <= len(set(CLASS_NAMES)) == len(CLASS_NAMES) <= 8
 
 
@@ -70,7 +78,7 @@ def test_images_decode_and_labels_are_valid_boxes_of_whole_pixels(dataset: Path)
             cx, cy, w, h = map(float, fields[1:])
             x0, x1 = (cx - w / 2) * width, (cx + w / 2) * width
             y0, y1 = (cy - h / 2) * height, (cy + h / 2) * height
-            assert -1e-3 <= x0 and x1 <= width + 1e-3 and -1e-3 <= y0 and y1 <= height + 1e-3, line
+            assert x0 >= -1e-3 and x1 <= width + 1e-3 and y0 >= -1e-3 and y1 <= height + 1e-3, line
             assert x1 - x0 >= 3 - 1e-3 and y1 - y0 >= 3 - 1e-3, line  # at least a few px wide
             # a box of whole pixels: its edges sit on integer pixel coordinates (up to 6-decimal rounding)
             assert np.allclose([x0, y0, x1, y1], np.round([x0, y0, x1, y1]), atol=2e-3), line
@@ -220,8 +228,19 @@ def test_rejects_invalid_parameters(tmp_path: Path) -> None:
 
 def test_command_line(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "utils.data.synthetic_shapes", "--out", str(out), "--num-train", "2",
-               "--num-val", "1", "--seed", "7"]
+    command = [
+        sys.executable,
+        "-m",
+        "utils.data.synthetic_shapes",
+        "--out",
+        str(out),
+        "--num-train",
+        "2",
+        "--num-val",
+        "1",
+        "--seed",
+        "7",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "wrote 2 + 1 images" in result.stdout
     marker = json.loads((out / "shapes.json").read_text())

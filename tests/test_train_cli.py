@@ -24,16 +24,19 @@ from utils.train.config import RunConfig, TrainOptions
 from utils.train.results import results_row
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--imgsz", "16"], "--imgsz 16 is smaller than the model's stride 32: use at least 32"),
-    (["--freeze", "25"], "would freeze the Detect head (layer 24)"),
-    (["--workers", "-1"], "must not be negative"),
-    (["--hyp", "no_such_hyp.yaml"], "cannot read hyperparameter file"),
-    (["--cfg", "no_such_model.yaml"], "cannot read model YAML"),
-    (["--weights", "no_such.pt"], "does not exist"),
-    (["--raw"], "--raw picks the raw weights of the --weights checkpoint; give --weights too"),
-    (["--swa-epochs", "2"], "--swa-epochs 2 must be between 0 and --epochs 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--imgsz", "16"], "--imgsz 16 is smaller than the model's stride 32: use at least 32"),
+        (["--freeze", "25"], "would freeze the Detect head (layer 24)"),
+        (["--workers", "-1"], "must not be negative"),
+        (["--hyp", "no_such_hyp.yaml"], "cannot read hyperparameter file"),
+        (["--cfg", "no_such_model.yaml"], "cannot read model YAML"),
+        (["--weights", "no_such.pt"], "does not exist"),
+        (["--raw"], "--raw picks the raw weights of the --weights checkpoint; give --weights too"),
+        (["--swa-epochs", "2"], "--swa-epochs 2 must be between 0 and --epochs 1"),
+    ],
+)
 def test_bad_options_leave_no_run_folder(tiny_dataset, tmp_path, extra, message):
     project = tmp_path / "runs"
     with pytest.raises(UserError) as error:
@@ -55,12 +58,21 @@ def test_global_batch_must_split_evenly_over_torchrun_processes(monkeypatch, tin
 
 def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
     """--val-raw: the EMA's metrics go to metrics/, the raw model's to raw/, column for column."""
+
     def result(p, r, m50, m):
-        return SimpleNamespace(metrics=SimpleNamespace(precision=p, recall=r, map50=m50, map50_95=m),
-                               loss=np.array([0.1, 0.2, 0.3]))
+        return SimpleNamespace(
+            metrics=SimpleNamespace(precision=p, recall=r, map50=m50, map50_95=m), loss=np.array([0.1, 0.2, 0.3])
+        )
+
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
-    row = results_row([1.0, 2.0, 3.0], result(0.5, 0.6, 0.7, 0.4), optimizer, ema_updates=7, val_raw=True,
-                            raw_result=result(0.3, 0.2, 0.25, 0.1))
+    row = results_row(
+        [1.0, 2.0, 3.0],
+        result(0.5, 0.6, 0.7, 0.4),
+        optimizer,
+        ema_updates=7,
+        val_raw=True,
+        raw_result=result(0.3, 0.2, 0.25, 0.1),
+    )
     columns = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
     assert [row[f"metrics/{c}"] for c in columns] == [0.5, 0.6, 0.7, 0.4]
     assert [row[f"raw/{c}"] for c in columns] == [0.3, 0.2, 0.25, 0.1]
@@ -80,8 +92,27 @@ def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_datas
 
     train_evaluate = training_loop.evaluate
     monkeypatch.setattr(training_loop, "evaluate", recording_evaluate)
-    assert train.main(["--data", str(tiny_dataset), "--epochs", "2", "--imgsz", "64", "--batch-size", "4",
-                       "--workers", "0", "--no-plots", "--val-raw", "--project", str(tmp_path)]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(tiny_dataset),
+                "--epochs",
+                "2",
+                "--imgsz",
+                "64",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--no-plots",
+                "--val-raw",
+                "--project",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     last = torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)
     assert len(evaluated) == 4  # the loop validates the EMA and the raw model in each epoch
     ema_evaluated, raw_evaluated = evaluated[2], evaluated[3]
@@ -91,8 +122,20 @@ def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_datas
 
 
 def tiny(data: Path, project: Path, *extra: str) -> list[str]:
-    return ["--data", str(data), "--imgsz", "64", "--batch-size", "4", "--workers", "0", "--no-plots",
-            "--project", str(project), *extra]
+    return [
+        "--data",
+        str(data),
+        "--imgsz",
+        "64",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-plots",
+        "--project",
+        str(project),
+        *extra,
+    ]
 
 
 def test_noval_writes_best_pt_once_from_the_validated_last_epoch(tiny_dataset, tmp_path, monkeypatch):
@@ -138,8 +181,10 @@ def test_resume_of_a_copied_checkpoint_writes_only_into_a_new_run_folder(tiny_ru
     copy = elsewhere / "last.pt"
     shutil.copy(source, copy)
     assert train.main(["--resume", str(copy), "--workers", "0", "--project", str(tmp_path / "resumed")]) == 0
-    assert sorted(p.relative_to(tmp_path / "downloads").as_posix() for p in (tmp_path / "downloads").rglob("*")) == \
-        ["copied", "copied/last.pt"]
+    assert sorted(p.relative_to(tmp_path / "downloads").as_posix() for p in (tmp_path / "downloads").rglob("*")) == [
+        "copied",
+        "copied/last.pt",
+    ]
     run = tmp_path / "resumed" / "exp"
     rows = (run / "results.csv").read_text().splitlines()
     assert rows[1].startswith("1,") and len(rows) == 2  # epoch 1, the one left to train
@@ -181,9 +226,16 @@ def test_a_train_split_without_labels_is_refused_saying_where_they_belong(tiny_d
 @pytest.mark.slow
 def test_a_run_folder_held_by_a_live_run_is_refused(tiny_dataset, tmp_path):
     """Two runs on one --name with --exist-ok would interleave one results.csv: the second is refused."""
-    first = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *tiny(tiny_dataset, tmp_path, "--epochs", "50",
-                                                                               "--name", "shared", "--exist-ok")],
-                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            *tiny(tiny_dataset, tmp_path, "--epochs", "50", "--name", "shared", "--exist-ok"),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         results = tmp_path / "shared" / "results.csv"
         deadline = time.time() + 120
@@ -197,7 +249,9 @@ def test_a_run_folder_held_by_a_live_run_is_refused(tiny_dataset, tmp_path):
         first.kill()
         first.wait()
     assert all(line.split(",")[0].isdigit() for line in rows_now.splitlines()[1:])
-    assert train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok")) == 0  # free again
+    assert (
+        train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok")) == 0
+    )  # free again
 
 
 def test_the_run_configuration_is_frozen_and_recorded_with_its_types(tiny_run):

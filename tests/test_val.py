@@ -9,8 +9,9 @@ import torch
 import val
 
 
-def test_a_torchrun_checkpoint_is_validated_with_the_batch_training_validated_with(tiny_run, tiny_dataset, tmp_path,
-                                                                                    capsys):
+def test_a_torchrun_checkpoint_is_validated_with_the_batch_training_validated_with(
+    tiny_run, tiny_dataset, tmp_path, capsys
+):
     """Rectangular validation groups images per batch, so the batch decides the shapes and the mAP.
     train.py validates with twice each process's batch; under torchrun --batch-size is the global
     batch. A checkpoint of 2 processes and --batch-size 4 (2 each) is validated in batches of 4."""

@@ -65,15 +65,16 @@ def complete_iou(boxes1_xywh: torch.Tensor, boxes2_xywh: torch.Tensor, eps: floa
     iou = intersection / (w1 * h1 + w2 * h2 - intersection + eps)
     enclosing_w = torch.max(x1 + w1 / 2, x2 + w2 / 2) - torch.min(x1 - w1 / 2, x2 - w2 / 2)
     enclosing_h = torch.max(y1 + h1 / 2, y2 + h2 / 2) - torch.min(y1 - h1 / 2, y2 - h2 / 2)
-    centre_distance = ((x2 - x1) ** 2 + (y2 - y1) ** 2) / (enclosing_w ** 2 + enclosing_h ** 2 + eps)
-    aspect = (4 / math.pi ** 2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    centre_distance = ((x2 - x1) ** 2 + (y2 - y1) ** 2) / (enclosing_w**2 + enclosing_h**2 + eps)
+    aspect = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
     with torch.no_grad():
         alpha = aspect / (1 - iou + aspect + eps)
     return iou - centre_distance - alpha * aspect
 
 
-def letterbox_to_original(boxes_xyxy: torch.Tensor, original_hw: tuple[int, int],
-                          scale_xy: tuple[float, float], pad_xy: tuple[float, float]) -> torch.Tensor:
+def letterbox_to_original(
+    boxes_xyxy: torch.Tensor, original_hw: tuple[int, int], scale_xy: tuple[float, float], pad_xy: tuple[float, float]
+) -> torch.Tensor:
     """Map (N, 4) xyxy boxes on a letterboxed image back onto the original image, clipped.
 
     `scale_xy` is the resize factor original -> letterboxed per axis, `pad_xy` the left/top padding.

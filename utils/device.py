@@ -22,8 +22,10 @@ def select_device(spec: str | None) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} present): "
-                            f"launch at most {torch.cuda.device_count()} processes per machine, or use --device cpu")
+            raise UserError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} present): "
+                f"launch at most {torch.cuda.device_count()} processes per machine, or use --device cpu"
+            )
         return torch.device("cuda", local_rank)
     ids = spec.split(",")
     if not all(i.isdigit() for i in ids):
@@ -34,8 +36,10 @@ def select_device(spec: str | None) -> torch.device:
         raise UserError(f"--device {spec} names several GPUs: launch with torchrun --nproc_per_node {len(ids)}")
     local_rank, processes = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if processes > 1 and len(ids) != processes:
-        raise UserError(f"--device {spec}: torchrun started {processes} processes on this machine; give one GPU id "
-                        f"each (e.g. --device {','.join(map(str, range(processes)))}) or leave --device out")
+        raise UserError(
+            f"--device {spec}: torchrun started {processes} processes on this machine; give one GPU id "
+            f"each (e.g. --device {','.join(map(str, range(processes)))}) or leave --device out"
+        )
     index = int(ids[local_rank] if len(ids) > 1 else ids[0])
     if index >= torch.cuda.device_count():
         raise UserError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) present")
@@ -51,8 +55,9 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_dtype_for(device: torch.device, enabled: bool,
-                  weights_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+def amp_dtype_for(
+    device: torch.device, enabled: bool, weights_dtype: torch.dtype = torch.float32
+) -> torch.dtype | None:
     """The autocast dtype to train and validate with, or None for full precision (fp32, or float64
     weights: train.py --float64 runs are checked and evaluated without autocast)."""
     if not enabled or weights_dtype == torch.float64:
@@ -88,8 +93,9 @@ def describe_precision(dtype: torch.dtype | None, weights_dtype: torch.dtype = t
     return {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bfloat16 autocast"}[dtype]
 
 
-def to_model_input(images_uint8: torch.Tensor, device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def to_model_input(
+    images_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(B, 3, H, W) uint8 batch -> `dtype` in [0, 1] on `device`, channels_last (faster convolutions
     on CPU and on CUDA tensor cores; the model is converted to match)."""
     return images_uint8.to(device, non_blocking=True, memory_format=torch.channels_last).to(dtype) / 255

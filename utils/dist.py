@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,8 +60,12 @@ def world_from_env() -> World:
     """The World torchrun describes in the environment (rank 0 of 1 without torchrun)."""
     env = os.environ
     size = int(env.get("WORLD_SIZE", 1))
-    return World(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)), size=size,
-                 local_size=int(env.get("LOCAL_WORLD_SIZE", size)))
+    return World(
+        rank=int(env.get("RANK", 0)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        size=size,
+        local_size=int(env.get("LOCAL_WORLD_SIZE", size)),
+    )
 
 
 def init_process_group(world: World, device: torch.device) -> None:
@@ -69,8 +73,11 @@ def init_process_group(world: World, device: torch.device) -> None:
     if world.distributed and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=PROCESS_GROUP_TIMEOUT,
+            device_id=device if device.type == "cuda" else None,
+        )
 
 
 def close_process_group() -> None:

@@ -9,16 +9,45 @@ from utils.errors import UserError
 
 # Keys every YOLOv5 hyp file has. `iou_t` is kept for file compatibility; YOLOv5 does not use it either.
 REQUIRED_KEYS = (
-    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
-    "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma",
-    "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
-    "flipud", "fliplr", "mosaic", "mixup", "copy_paste",
+    "lr0",
+    "lrf",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "warmup_momentum",
+    "warmup_bias_lr",
+    "box",
+    "cls",
+    "cls_pw",
+    "obj",
+    "obj_pw",
+    "iou_t",
+    "anchor_t",
+    "fl_gamma",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+    "degrees",
+    "translate",
+    "scale",
+    "shear",
+    "perspective",
+    "flipud",
+    "fliplr",
+    "mosaic",
+    "mixup",
+    "copy_paste",
 )
 # Ours, optional in the file: albumentations probabilities (YOLOv5 hard-codes 0.01), the EMA, and
 # the number of final epochs trained without mosaic (0: mosaic to the end, as YOLOv5).
 OPTIONAL_DEFAULTS = {
-    "blur": 0.01, "median_blur": 0.01, "to_gray": 0.01, "clahe": 0.01,
-    "ema_decay": 0.9999, "ema_tau": 2000.0, "close_mosaic": 0,
+    "blur": 0.01,
+    "median_blur": 0.01,
+    "to_gray": 0.01,
+    "clahe": 0.01,
+    "ema_decay": 0.9999,
+    "ema_tau": 2000.0,
+    "close_mosaic": 0,
 }
 INTEGER_KEYS = ("close_mosaic",)  # counts; every other value is a float
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
@@ -38,8 +67,10 @@ def validate_hyp(raw: object, source: str) -> dict:
     if missing:
         raise UserError(f"hyperparameter file {source}: missing {', '.join(missing)}")
     if "anchors" in raw:
-        raise UserError(f"hyperparameter file {source}: 'anchors' asks for automatic anchor fitting, "
-                        "which is not supported; set anchors in the model YAML instead")
+        raise UserError(
+            f"hyperparameter file {source}: 'anchors' asks for automatic anchor fitting, "
+            "which is not supported; set anchors in the model YAML instead"
+        )
     unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_DEFAULTS))
     if unknown:
         raise UserError(f"hyperparameter file {source}: unknown key(s) {', '.join(unknown)}")

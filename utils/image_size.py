@@ -24,8 +24,7 @@ def round_image_size(img_size: int, stride: int) -> int:
     return rounded
 
 
-def check_image_size(img_size: int, model: nn.Module, *, batch_size: int, device: torch.device,
-                     training: bool) -> int:
+def check_image_size(img_size: int, model: nn.Module, *, batch_size: int, device: torch.device, training: bool) -> int:
     """--imgsz as the model runs it (rounded up to its stride), after refusing one below the
     stride, or one whose batch cannot fit in the memory of `device` by a lower bound on what a
     pass needs: every layer's output kept for the backward pass when training, the input and the
@@ -40,10 +39,12 @@ def check_image_size(img_size: int, model: nn.Module, *, batch_size: int, device
     available = available_memory_bytes(device)
     if available is not None and needed > available:
         what = "training batch" if training else "batch"
-        raise UserError(f"--imgsz {given} needs at least {needed / 2**30:,.0f} GiB for one {what} of "
-                        f"{batch_size} ({'all layer outputs' if training else 'input and largest layer output'}, "
-                        f"fp32), but {available / 2**30:,.1f} GiB are available on {device}: use a smaller --imgsz"
-                        + (" or --batch-size" if batch_size > 1 else ""))
+        raise UserError(
+            f"--imgsz {given} needs at least {needed / 2**30:,.0f} GiB for one {what} of "
+            f"{batch_size} ({'all layer outputs' if training else 'input and largest layer output'}, "
+            f"fp32), but {available / 2**30:,.1f} GiB are available on {device}: use a smaller --imgsz"
+            + (" or --batch-size" if batch_size > 1 else "")
+        )
     return img_size
 
 

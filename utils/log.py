@@ -11,8 +11,12 @@ LOGGER = logging.getLogger("emayolo")
 def setup_logging(rank: int = 0) -> None:
     """Plain messages on stdout, as the command-line tools print them; under torchrun, ranks
     other than 0 print only errors, prefixed with their rank (rank 0 says everything once)."""
-    logging.basicConfig(format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
-                        level=logging.INFO if rank == 0 else logging.ERROR, stream=sys.stdout, force=True)
+    logging.basicConfig(
+        format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
+        level=logging.INFO if rank == 0 else logging.ERROR,
+        stream=sys.stdout,
+        force=True,
+    )
 
 
 def interactive() -> bool:

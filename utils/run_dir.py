@@ -35,7 +35,9 @@ def next_run_dir(project: Path, name: str, exist_ok: bool = False) -> Path:
 
 class RunDirLock:
     """An exclusive lock on a run folder, held while the process lives (the kernel drops it when
-    the process ends, however it ends), so two live runs never write into one folder."""
+    the process ends, however it ends), so two live runs never write into one folder. A POSIX
+    record lock: it belongs to this process alone, so DataLoader workers forked from it, which
+    may outlive a killed run for a moment, do not hold it against the --resume that follows."""
 
     def __init__(self, run_dir: Path):
         self.run_dir, self.fd = run_dir, None
@@ -43,12 +45,14 @@ class RunDirLock:
             return
         fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(f"{run_dir} is in use by another live training run (process {holder}); give another "
-                            "--name, or leave out --exist-ok") from None
+            raise UserError(
+                f"{run_dir} is in use by another live training run (process {holder}); give another "
+                "--name, or leave out --exist-ok"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -60,12 +64,10 @@ class RunDirLock:
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run folder a checkpoint belongs to: <run>/weights/<name>.pt, where <run> holds the run's
-    opt.yaml; None for a checkpoint copied anywhere else."""
+    """The run folder a checkpoint belongs to: <run> for <run>/weights/<name>.pt; None for a
+    checkpoint copied anywhere else."""
     folder = checkpoint.resolve().parent
-    if folder.name == "weights" and (folder.parent / "opt.yaml").is_file():
-        return folder.parent
-    return None
+    return folder.parent if folder.name == "weights" else None
 
 
 def newest_last_checkpoint(search_dir: Path) -> Path:

@@ -22,8 +22,22 @@ from utils.errors import UserError
 # The only globals that unpickle as themselves: what tensors and torch modules are rebuilt from.
 # Everything else - the other framework's classes, but also open, eval, os.system, torch.save -
 # becomes an inert placeholder, so even a hostile "trusted" file cannot run code through them.
-SAFE_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "dict", "list", "tuple", "int",
-                 "float", "str", "bool", "object"}
+SAFE_BUILTINS = {
+    "set",
+    "frozenset",
+    "slice",
+    "range",
+    "complex",
+    "bytearray",
+    "dict",
+    "list",
+    "tuple",
+    "int",
+    "float",
+    "str",
+    "bool",
+    "object",
+}
 
 
 def _allowed(module: str, name: str) -> bool:
@@ -100,7 +114,7 @@ class ForeignWeights:
     model_yaml: dict
     names: list[str]
     state: dict[str, torch.Tensor]  # fp32 state dict (YOLOv5 keeps one model: its EMA when it trained with one)
-    image_size: int | None          # its training --imgsz, when recorded
+    image_size: int | None  # its training --imgsz, when recorded
 
 
 def read_yolov5_checkpoint(path: Path) -> ForeignWeights:
@@ -118,9 +132,14 @@ def read_yolov5_checkpoint(path: Path) -> ForeignWeights:
     try:
         weights = _module_state(model)
     except Exception as error:  # a structure we do not know: say so rather than guess
-        raise UserError(f"{path}: its pickled model could not be read as YOLOv5's ({type(error).__name__}: {error})") from None
+        raise UserError(
+            f"{path}: its pickled model could not be read as YOLOv5's ({type(error).__name__}: {error})"
+        ) from None
     train_opt = raw.get("opt") if isinstance(raw.get("opt"), dict) else {}
     image_size = train_opt.get("imgsz") if isinstance(train_opt.get("imgsz"), int) else None
-    return ForeignWeights(model_yaml=dict(state["yaml"]),
-                          names=list(names.values()) if isinstance(names, dict) else list(names),
-                          state=weights, image_size=image_size)
+    return ForeignWeights(
+        model_yaml=dict(state["yaml"]),
+        names=list(names.values()) if isinstance(names, dict) else list(names),
+        state=weights,
+        image_size=image_size,
+    )

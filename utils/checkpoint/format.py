@@ -46,8 +46,9 @@ DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "world_size", "epoch", 
 # Building
 
 
-def training_checkpoint(state: dict, *, finished: bool, model_yaml: dict, names: list[str], hyp: dict, opt: dict,
-                        world_size: int) -> dict:
+def training_checkpoint(
+    state: dict, *, finished: bool, model_yaml: dict, names: list[str], hyp: dict, opt: dict, world_size: int
+) -> dict:
     """A training checkpoint from a run's state_dict() (model, ema, swa, optimizer, scaler, loop,
     rng: see utils/train/run.py) and the run's description; training_state() is its inverse."""
     ema, loop = state["ema"], state["loop"]
@@ -82,31 +83,68 @@ def training_checkpoint(state: dict, *, finished: bool, model_yaml: dict, names:
 def training_state(checkpoint: dict) -> dict:
     """The run state a training checkpoint holds, laid out as the run's state_dict() gives it."""
     if checkpoint.get("kind") != TRAINING:
-        raise UserError(f"this is {describe_kind(checkpoint)}, which holds no training state to resume; "
-                        "start a new run from it with --weights")
-    return {"model": checkpoint["model"], "optimizer": checkpoint["optimizer"], "scaler": checkpoint["scaler"],
-            "loop": checkpoint["loop"], "rng": checkpoint["rng"], "swa": checkpoint.get("swa"),
-            "ema": {"module": checkpoint["ema"], "updates": checkpoint["updates"], "decay": checkpoint["ema_decay"],
-                    "tau": checkpoint["ema_tau"]}}
+        raise UserError(
+            f"this is {describe_kind(checkpoint)}, which holds no training state to resume; "
+            "start a new run from it with --weights"
+        )
+    return {
+        "model": checkpoint["model"],
+        "optimizer": checkpoint["optimizer"],
+        "scaler": checkpoint["scaler"],
+        "loop": checkpoint["loop"],
+        "rng": checkpoint["rng"],
+        "swa": checkpoint.get("swa"),
+        "ema": {
+            "module": checkpoint["ema"],
+            "updates": checkpoint["updates"],
+            "decay": checkpoint["ema_decay"],
+            "tau": checkpoint["ema_tau"],
+        },
+    }
 
 
 def averaged_checkpoint(base: dict, weights: dict[str, torch.Tensor], source: str, **extra) -> dict:
     """An average-kind checkpoint: `base`'s model description with `weights` as both ema and model
     (so val.py and detect.py read it either way), and `source` saying what was averaged."""
     checkpoint = {key: base.get(key) for key in DESCRIPTION_KEYS}
-    checkpoint.update({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": AVERAGE, "finished": True,
-                       "best_fitness": 0.0, "best_epoch": -1, "ema": weights, "model": weights, "updates": 0,
-                       "optimizer": None, "scaler": None, "rng": None, "swa": None, "source": source,
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    checkpoint.update(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": AVERAGE,
+            "finished": True,
+            "best_fitness": 0.0,
+            "best_epoch": -1,
+            "ema": weights,
+            "model": weights,
+            "updates": 0,
+            "optimizer": None,
+            "scaler": None,
+            "rng": None,
+            "swa": None,
+            "source": source,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     checkpoint.update(extra)
     return checkpoint
 
 
-def foreign_checkpoint(model_yaml: dict, names: list[str], weights: dict[str, torch.Tensor], source: str,
-                       image_size: int | None = None) -> dict:
+def foreign_checkpoint(
+    model_yaml: dict, names: list[str], weights: dict[str, torch.Tensor], source: str, image_size: int | None = None
+) -> dict:
     """Another framework's weights in our terms (never written: --weights and inference read them)."""
-    return {"kind": FOREIGN, "model_yaml": model_yaml, "names": list(names), "ema": weights, "model": weights,
-            "hyp": {}, "opt": {"imgsz": image_size} if image_size else {}, "updates": 0, "source": source}
+    return {
+        "kind": FOREIGN,
+        "model_yaml": model_yaml,
+        "names": list(names),
+        "ema": weights,
+        "model": weights,
+        "hyp": {},
+        "opt": {"imgsz": image_size} if image_size else {},
+        "updates": 0,
+        "source": source,
+    }
 
 
 # Reading
@@ -138,8 +176,9 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_p
         head = f.read(4)
     # torch.save writes a zip archive; its legacy format, like any pickle, starts with the PROTO opcode
     if not head.startswith((ZIP_MAGIC, b"\x80")):
-        raise UserError(f"{path} is not a checkpoint: not a file torch.save writes (neither its zip archive "
-                        "nor a pickle)")
+        raise UserError(
+            f"{path} is not a checkpoint: not a file torch.save writes (neither its zip archive nor a pickle)"
+        )
     try:
         with warnings.catch_warnings():  # a foreign pickle is reported below as one clear error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -147,13 +186,19 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_p
     except pickle.UnpicklingError:
         if trust_pickle:
             weights = read_yolov5_checkpoint(path)
-            return foreign_checkpoint(weights.model_yaml, weights.names, weights.state, f"YOLOv5 checkpoint {path}",
-                                      weights.image_size)
-        hint = ("If it is a YOLOv5 checkpoint you trust, add --trust-pickle to read its weights" if offers_trust_pickle
-                else "A YOLOv5 checkpoint you trust can be read by train.py --weights, val.py and detect.py with "
-                     "--trust-pickle")
-        raise UserError(f"{path} is not a checkpoint of this framework: loading it would need full unpickling, "
-                        f"which can run arbitrary code, so it is refused. {hint}") from None
+            return foreign_checkpoint(
+                weights.model_yaml, weights.names, weights.state, f"YOLOv5 checkpoint {path}", weights.image_size
+            )
+        hint = (
+            "If it is a YOLOv5 checkpoint you trust, add --trust-pickle to read its weights"
+            if offers_trust_pickle
+            else "A YOLOv5 checkpoint you trust can be read by train.py --weights, val.py and detect.py with "
+            "--trust-pickle"
+        )
+        raise UserError(
+            f"{path} is not a checkpoint of this framework: loading it would need full unpickling, "
+            f"which can run arbitrary code, so it is refused. {hint}"
+        ) from None
     except Exception as error:  # torch raises many types for a damaged file; all mean "unreadable"
         raise UserError(f"checkpoint {path} is unreadable (truncated or damaged): {_first_line(error)}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
@@ -230,8 +275,9 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
     return model
 
 
-def load_for_inference(path: str | Path, weights: str, device: torch.device,
-                       trust_pickle: bool = False) -> tuple[dict, DetectionModel]:
+def load_for_inference(
+    path: str | Path, weights: str, device: torch.device, trust_pickle: bool = False
+) -> tuple[dict, DetectionModel]:
     """A checkpoint and its `ema` (or `model`) weights as an eval-mode, channels_last model on
     `device` (for commands that offer --trust-pickle)."""
     checkpoint = load_checkpoint(path, trust_pickle, offers_trust_pickle=True)
@@ -239,13 +285,15 @@ def load_for_inference(path: str | Path, weights: str, device: torch.device,
     return checkpoint, model.to(device, memory_format=torch.channels_last)
 
 
-def transfer_matching_weights(model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = (),
-                              weights: str = "ema") -> tuple[int, int]:
+def transfer_matching_weights(
+    model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = (), weights: str = "ema"
+) -> tuple[int, int]:
     """Load the checkpoint's EMA weights (else its model weights; `weights`='model': the model
     weights) wherever name and shape match. Returns (tensors transferred, tensors in the model)."""
     source = (checkpoint.get("model") if weights == "model" else checkpoint.get("ema") or checkpoint.get("model")) or {}
     own = model.state_dict()
-    matched = {k: v for k, v in source.items()
-               if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)}
+    matched = {
+        k: v for k, v in source.items() if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)
+    }
     model.load_state_dict(matched, strict=False)
     return len(matched), len(own)

@@ -14,8 +14,9 @@ import numpy as np
 PAD_VALUE = 114  # grey fill for letterbox borders and warps
 
 
-def letterbox(image: np.ndarray, shape_hw: tuple[int, int], scaleup: bool = True,
-              auto: bool = False, stride: int = 32) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
+def letterbox(
+    image: np.ndarray, shape_hw: tuple[int, int], scaleup: bool = True, auto: bool = False, stride: int = 32
+) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
     """Resize keeping the aspect ratio and pad to `shape_hw` (or, with auto, to the next stride multiple).
 
     Returns the image, the scale applied per axis (x, y) and the left/top padding in pixels.
@@ -31,14 +32,21 @@ def letterbox(image: np.ndarray, shape_hw: tuple[int, int], scaleup: bool = True
     if (new_w, new_h) != (w, h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top, left = pad_h // 2, pad_w // 2
-    image = cv2.copyMakeBorder(image, top, pad_h - top, left, pad_w - left, cv2.BORDER_CONSTANT,
-                               value=(PAD_VALUE,) * 3)
+    image = cv2.copyMakeBorder(image, top, pad_h - top, left, pad_w - left, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     return image, (new_w / w, new_h / h), (left, top)
 
 
-def random_perspective(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, degrees: float = 0.0,
-                       translate: float = 0.1, scale: float = 0.5, shear: float = 0.0, perspective: float = 0.0,
-                       border: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+def random_perspective(
+    image: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    degrees: float = 0.0,
+    translate: float = 0.1,
+    scale: float = 0.5,
+    shear: float = 0.0,
+    perspective: float = 0.0,
+    border: tuple[int, int] = (0, 0),
+) -> tuple[np.ndarray, np.ndarray]:
     """One random affine (or perspective) warp of the image and its boxes.
 
     A negative `border` crops: a mosaic canvas of 2s x 2s with border (-s/2, -s/2) comes out s x s.
@@ -79,8 +87,9 @@ def random_perspective(image: np.ndarray, labels: np.ndarray, rng: np.random.Gen
     return image, labels
 
 
-def box_candidates(before: np.ndarray, after: np.ndarray, min_size: float = 2.0, max_aspect: float = 100.0,
-                   min_area_ratio: float = 0.1) -> np.ndarray:
+def box_candidates(
+    before: np.ndarray, after: np.ndarray, min_size: float = 2.0, max_aspect: float = 100.0, min_area_ratio: float = 0.1
+) -> np.ndarray:
     """Boolean mask of (N, 4) xyxy boxes worth keeping after a warp (before: scaled originals)."""
     w1, h1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
     w2, h2 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
@@ -88,8 +97,9 @@ def box_candidates(before: np.ndarray, after: np.ndarray, min_size: float = 2.0,
     return (w2 > min_size) & (h2 > min_size) & (w2 * h2 / (w1 * h1 + 1e-16) > min_area_ratio) & (aspect < max_aspect)
 
 
-def mosaic_canvas(images: list[np.ndarray], labels: list[np.ndarray], size: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mosaic_canvas(
+    images: list[np.ndarray], labels: list[np.ndarray], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Place four images around a random centre of a 2size x 2size grey canvas.
 
     Each image (long side already `size`) touches the centre with one corner: top-left image
@@ -100,7 +110,7 @@ def mosaic_canvas(images: list[np.ndarray], labels: list[np.ndarray], size: int,
     placed = []
     for k, (image, boxes) in enumerate(zip(images, labels)):
         h, w = image.shape[:2]
-        if k == 0:    # top left
+        if k == 0:  # top left
             x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
             x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
         elif k == 1:  # top right
@@ -109,10 +119,10 @@ def mosaic_canvas(images: list[np.ndarray], labels: list[np.ndarray], size: int,
         elif k == 2:  # bottom left
             x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(size * 2, yc + h)
             x1b, y1b = w - (x2a - x1a), 0
-        else:         # bottom right
+        else:  # bottom right
             x1a, y1a, x2a, y2a = xc, yc, min(xc + w, size * 2), min(size * 2, yc + h)
             x1b, y1b = 0, 0
-        canvas[y1a:y2a, x1a:x2a] = image[y1b:y1b + (y2a - y1a), x1b:x1b + (x2a - x1a)]
+        canvas[y1a:y2a, x1a:x2a] = image[y1b : y1b + (y2a - y1a), x1b : x1b + (x2a - x1a)]
         shifted = boxes.copy()
         shifted[:, [1, 3]] += x1a - x1b
         shifted[:, [2, 4]] += y1a - y1b
@@ -122,16 +132,18 @@ def mosaic_canvas(images: list[np.ndarray], labels: list[np.ndarray], size: int,
     return canvas, all_labels
 
 
-def mixup(image1: np.ndarray, labels1: np.ndarray, image2: np.ndarray, labels2: np.ndarray,
-          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def mixup(
+    image1: np.ndarray, labels1: np.ndarray, image2: np.ndarray, labels2: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Blend two same-size images with a Beta(32, 32) weight and keep both label sets."""
     weight = rng.beta(32.0, 32.0)
     image = (image1.astype(np.float32) * weight + image2.astype(np.float32) * (1 - weight)).astype(np.uint8)
     return image, np.concatenate((labels1, labels2), axis=0)
 
 
-def augment_hsv(image_rgb: np.ndarray, rng: np.random.Generator, hue_gain: float, sat_gain: float,
-                value_gain: float) -> np.ndarray:
+def augment_hsv(
+    image_rgb: np.ndarray, rng: np.random.Generator, hue_gain: float, sat_gain: float, value_gain: float
+) -> np.ndarray:
     """Random hue, saturation and value jitter through lookup tables."""
     if not (hue_gain or sat_gain or value_gain):
         return image_rgb
@@ -163,9 +175,11 @@ def flip_up_down(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
 
 def pixel_augmentations(hyp: dict) -> A.Compose:
     """Albumentations' photometric transforms at YOLOv5's small probabilities (hyp keys blur, ...)."""
-    return A.Compose([
-        A.Blur(p=hyp["blur"]),
-        A.MedianBlur(p=hyp["median_blur"]),
-        A.ToGray(p=hyp["to_gray"]),
-        A.CLAHE(p=hyp["clahe"]),
-    ])
+    return A.Compose(
+        [
+            A.Blur(p=hyp["blur"]),
+            A.MedianBlur(p=hyp["median_blur"]),
+            A.ToGray(p=hyp["to_gray"]),
+            A.CLAHE(p=hyp["clahe"]),
+        ]
+    )

@@ -9,9 +9,9 @@ Ours: `generate` names a built-in generator that writes the dataset on first use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from utils.config_files import REPO_ROOT, read_yaml, resolve_config_path
 from utils.data.synthetic_shapes import ensure_shapes_dataset
@@ -23,7 +23,7 @@ GENERATORS: dict[str, Callable[[Path], bool]] = {"shapes": ensure_shapes_dataset
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    source: Path                # the YAML file
+    source: Path  # the YAML file
     root: Path
     train: tuple[Path, ...]
     val: tuple[Path, ...]
@@ -52,10 +52,14 @@ def load_dataset_config(name_or_path: str | Path, prepare: bool = True) -> Datas
     root = Path(raw.get("path") or ".")
     if not root.is_absolute():
         root = (REPO_ROOT / root).resolve()
-    config = DatasetConfig(source=path, root=root, train=_split_paths(raw, "train", root, path),
-                           val=_split_paths(raw, "val", root, path),
-                           test=_split_paths(raw, "test", root, path) if raw.get("test") else (),
-                           names=names)
+    config = DatasetConfig(
+        source=path,
+        root=root,
+        train=_split_paths(raw, "train", root, path),
+        val=_split_paths(raw, "val", root, path),
+        test=_split_paths(raw, "test", root, path) if raw.get("test") else (),
+        names=names,
+    )
     if prepare:
         _prepare(config, raw, path)
     return config
@@ -92,7 +96,11 @@ def _prepare(config: DatasetConfig, raw: dict, path: Path) -> None:
     absent = [p for p in config.train + config.val if not p.exists()]
     if absent:
         recipe = raw.get("download")
-        how = (f"Download it first (this is never done automatically): {recipe}" if isinstance(recipe, str)
-               else "Put the images and labels there, or fix the paths in the YAML.")
-        raise UserError(f"dataset {path.name}: not found at {config.root} "
-                        f"(missing: {', '.join(str(p) for p in absent)}). {how}")
+        how = (
+            f"Download it first (this is never done automatically): {recipe}"
+            if isinstance(recipe, str)
+            else "Put the images and labels there, or fix the paths in the YAML."
+        )
+        raise UserError(
+            f"dataset {path.name}: not found at {config.root} (missing: {', '.join(str(p) for p in absent)}). {how}"
+        )

@@ -37,9 +37,9 @@ ORDER_STREAM, SAMPLE_STREAM = 0, 1
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor     # (B, 3, H, W) uint8 RGB
-    targets: torch.Tensor    # (M, 6) float32 [index in batch, class, cx, cy, w, h], normalised
-    indices: torch.Tensor    # (B,) dataset indices
+    images: torch.Tensor  # (B, 3, H, W) uint8 RGB
+    targets: torch.Tensor  # (M, 6) float32 [index in batch, class, cx, cy, w, h], normalised
+    indices: torch.Tensor  # (B,) dataset indices
     letterbox: torch.Tensor  # (B, 4) float64 scale_x, scale_y, pad_x, pad_y: original -> network input
 
 
@@ -51,9 +51,19 @@ class DetectionDataset(Dataset):
     `mosaic_until_epoch` on train without mosaic (and so without mixup): the hyp's close_mosaic.
     """
 
-    def __init__(self, scan: LabelScan, img_size: int, hyp: dict, augment: bool, seed: int = 0,
-                 rect: bool = False, batch_size: int = 16, stride: int = 32, single_cls: bool = False,
-                 mosaic_until_epoch: int | None = None):
+    def __init__(
+        self,
+        scan: LabelScan,
+        img_size: int,
+        hyp: dict,
+        augment: bool,
+        seed: int = 0,
+        rect: bool = False,
+        batch_size: int = 16,
+        stride: int = 32,
+        single_cls: bool = False,
+        mosaic_until_epoch: int | None = None,
+    ):
         self.img_size, self.hyp, self.augment, self.seed = img_size, hyp, augment, seed
         self.mosaic_until_epoch = mosaic_until_epoch
         self.image_files, self.labels, self.shapes = list(scan.image_files), list(scan.labels), scan.shapes
@@ -80,7 +90,7 @@ class DetectionDataset(Dataset):
         num_batches = math.ceil(len(order) / batch_size)
         shapes = np.ones((num_batches, 2))
         for b in range(num_batches):
-            ratios = aspect[b * batch_size:(b + 1) * batch_size]
+            ratios = aspect[b * batch_size : (b + 1) * batch_size]
             if ratios.max() < 1:
                 shapes[b] = (ratios.max(), 1)
             elif ratios.min() > 1:
@@ -97,8 +107,10 @@ class DetectionDataset(Dataset):
         available = available_memory_bytes(torch.device("cpu"))
         if available is not None and needed > max_share * available:
             if not quiet:
-                LOGGER.warning(f"WARNING: --cache ram needs {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB "
-                               "are available: images are read from disk instead")
+                LOGGER.warning(
+                    f"WARNING: --cache ram needs {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB "
+                    "are available: images are read from disk instead"
+                )
             return False
         with ThreadPoolExecutor(threads) as pool:
             images = list(pool.map(self._read_resized, range(len(self))))
@@ -114,14 +126,19 @@ class DetectionDataset(Dataset):
         if self.batch_shapes is not None:
             raise ValueError("a rectangular (validation) dataset is not cached: its batches are fixed")
         for i in indices:
-            self.scan.skip(self.image_files[i], UNDECODABLE_IMAGE,
-                           f"{self.image_files[i]}: passed the scan but cannot be decoded (skipped)")
+            self.scan.skip(
+                self.image_files[i],
+                UNDECODABLE_IMAGE,
+                f"{self.image_files[i]}: passed the scan but cannot be decoded (skipped)",
+            )
         kept = sorted(set(range(len(self))) - set(indices))
         self.image_files = [self.image_files[i] for i in kept]
         self.labels = [self.labels[i] for i in kept]
         self.shapes = self.shapes[kept]
-        LOGGER.warning(f"WARNING: {len(indices)} image(s) passed the scan but cannot be decoded and were skipped "
-                       f"(the first: {self.scan.messages[-len(indices)][1]})")
+        LOGGER.warning(
+            f"WARNING: {len(indices)} image(s) passed the scan but cannot be decoded and were skipped "
+            f"(the first: {self.scan.messages[-len(indices)][1]})"
+        )
         if not len(self):
             raise UserError(f"no image of {self.scan.image_files[0].parent} can be decoded")
 
@@ -138,7 +155,9 @@ class DetectionDataset(Dataset):
         new_h, new_w = self._resized_hw(h, w)
         if (new_h, new_w) != (h, w):
             shrink_for_val = not self.augment and new_w < w
-            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink_for_val else cv2.INTER_LINEAR)
+            image = cv2.resize(
+                image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink_for_val else cv2.INTER_LINEAR
+            )
         return image
 
     def load_image(self, index: int) -> np.ndarray:
@@ -146,8 +165,10 @@ class DetectionDataset(Dataset):
             return self.ram_cache[index]
         image = self._read_resized(index)
         if image is None:  # it decoded when the scan (and its cache) last saw it: changed since
-            raise UserError(f"cannot decode image {self.image_files[index]}, which the dataset scan accepted: was it "
-                            "changed during the run? Restore it (or remove it) and resume")
+            raise UserError(
+                f"cannot decode image {self.image_files[index]}, which the dataset scan accepted: was it "
+                "changed during the run? Restore it (or remove it) and resume"
+            )
         return image
 
     def _pixel_labels(self, index: int, width: float, height: float, pad_x: float = 0, pad_y: float = 0) -> np.ndarray:
@@ -166,14 +187,25 @@ class DetectionDataset(Dataset):
         border = -self.img_size // 2
         return self._random_perspective(canvas, canvas_labels, rng, border=(border, border))
 
-    def _random_perspective(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                            border: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    def _random_perspective(
+        self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, border: tuple[int, int] = (0, 0)
+    ) -> tuple[np.ndarray, np.ndarray]:
         h = self.hyp
-        return random_perspective(image, labels, rng, degrees=h["degrees"], translate=h["translate"],
-                                  scale=h["scale"], shear=h["shear"], perspective=h["perspective"], border=border)
+        return random_perspective(
+            image,
+            labels,
+            rng,
+            degrees=h["degrees"],
+            translate=h["translate"],
+            scale=h["scale"],
+            shear=h["shear"],
+            perspective=h["perspective"],
+            border=border,
+        )
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor, int, tuple[float, ...]]:
-        """(epoch, index) -> (image (3, H, W) uint8 RGB, targets (n, 6), index, letterbox scale_x, scale_y, pad_x, pad_y)."""
+        """(epoch, index) -> (image (3, H, W) uint8 RGB, targets (n, 6), index,
+        letterbox (scale_x, scale_y, pad_x, pad_y))."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index))
         hyp = self.hyp
@@ -228,5 +260,9 @@ def collate(samples: list[tuple]) -> Batch:
     images, targets, indices, letterbox_info = zip(*samples)
     for i, t in enumerate(targets):
         t[:, 0] = i  # image index within the batch, for the loss
-    return Batch(torch.stack(images), torch.cat(targets, 0), torch.tensor(indices),
-                 torch.tensor(letterbox_info, dtype=torch.float64))
+    return Batch(
+        torch.stack(images),
+        torch.cat(targets, 0),
+        torch.tensor(indices),
+        torch.tensor(letterbox_info, dtype=torch.float64),
+    )

@@ -36,14 +36,26 @@ CACHE_VERSION = 6  # bump whenever verification changes: old caches are then res
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
 # Problem kinds, as counted in LabelScan.problems. An image with one of the first kinds is skipped.
-UNREADABLE_IMAGE, UNSUPPORTED_FORMAT, TOO_SMALL, TRUNCATED_IMAGE = ("unreadable image", "unsupported format",
-                                                                    "image under 10 px", "truncated image")
+UNREADABLE_IMAGE, UNSUPPORTED_FORMAT, TOO_SMALL, TRUNCATED_IMAGE = (
+    "unreadable image",
+    "unsupported format",
+    "image under 10 px",
+    "truncated image",
+)
 UNDECODABLE_IMAGE = "undecodable image"  # passed the scan, but no decoder reads its pixels (found when loading)
 # Formats whose verify() checks the structure without the pixel data: these are decoded in full.
 DECODED_WHEN_SCANNED = ("bmp", "tiff")
-UNREADABLE_LABEL, WRONG_COLUMNS, NON_NUMERIC, NON_FINITE = ("unreadable label file", "wrong number of columns",
-                                                            "non-numeric value", "NaN or infinite value")
-BAD_CLASS, OUTSIDE_IMAGE, NON_POSITIVE_SIZE = "class id out of range", "coordinates outside [0, 1]", "negative or zero size"
+UNREADABLE_LABEL, WRONG_COLUMNS, NON_NUMERIC, NON_FINITE = (
+    "unreadable label file",
+    "wrong number of columns",
+    "non-numeric value",
+    "NaN or infinite value",
+)
+BAD_CLASS, OUTSIDE_IMAGE, NON_POSITIVE_SIZE = (
+    "class id out of range",
+    "coordinates outside [0, 1]",
+    "negative or zero size",
+)
 # Repaired in memory; the image is kept.
 DUPLICATES, CLIPPED = "duplicate rows removed", "boxes clipped to the image"
 REPAIRS = (DUPLICATES, CLIPPED)
@@ -58,8 +70,10 @@ def list_image_files(sources: tuple[Path, ...] | list[Path]) -> tuple[list[Path]
     unreadable: list[str] = []
     for source in sources:
         if source.is_dir():
+
             def note(error: OSError) -> None:
                 unreadable.append(f"{error.filename}: unreadable folder ({error.strerror})")
+
             for folder, _, names in os.walk(source, onerror=note, followlinks=True):
                 files += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
         elif source.suffix == ".txt" and source.is_file():
@@ -93,13 +107,13 @@ class LabelScan:
     """Verified images of one split: those kept, their labels and original sizes, and the counts."""
 
     image_files: list[Path]
-    labels: list[np.ndarray]     # per image (n, 5) float32 [class, cx, cy, w, h], normalised
-    shapes: np.ndarray           # (N, 2) int original (height, width), EXIF orientation applied
+    labels: list[np.ndarray]  # per image (n, 5) float32 [class, cx, cy, w, h], normalised
+    shapes: np.ndarray  # (N, 2) int original (height, width), EXIF orientation applied
     num_found: int = 0
     num_missing: int = 0
     num_empty: int = 0
     num_corrupt: int = 0
-    cache_key: str = ""                                     # hash of the files and settings scanned
+    cache_key: str = ""  # hash of the files and settings scanned
     messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # FOUND, MISSING or EMPTY per kept image
 
@@ -119,12 +133,15 @@ class LabelScan:
     def summary(self) -> str:
         """'N images, N labels found, N missing, N empty, N corrupt (skipped)', then the count per problem."""
         total = self.num_found + self.num_missing + self.num_empty + self.num_corrupt
-        line = (f"{total} images, {self.num_found} labels found, {self.num_missing} missing, "
-                f"{self.num_empty} empty, {self.num_corrupt} corrupt (skipped)")
+        line = (
+            f"{total} images, {self.num_found} labels found, {self.num_missing} missing, "
+            f"{self.num_empty} empty, {self.num_corrupt} corrupt (skipped)"
+        )
         skipped = [f"{n} {kind}" for kind, n in sorted(self.problems.items()) if kind not in REPAIRS]
         repaired = [f"{n} {kind}" for kind, n in sorted(self.problems.items()) if kind in REPAIRS]
-        return line + "".join(f"; {label}: {', '.join(items)}"
-                              for label, items in (("skipped", skipped), ("repaired", repaired)) if items)
+        return line + "".join(
+            f"; {label}: {', '.join(items)}" for label, items in (("skipped", skipped), ("repaired", repaired)) if items
+        )
 
 
 @dataclass
@@ -132,13 +149,14 @@ class Verified:
     """Verification of one image and its label file."""
 
     status: int
-    labels: np.ndarray            # (n, 5) float32 [class, cx, cy, w, h]
-    shape: tuple[int, int]        # (height, width), EXIF orientation applied
+    labels: np.ndarray  # (n, 5) float32 [class, cx, cy, w, h]
+    shape: tuple[int, int]  # (height, width), EXIF orientation applied
     problems: list[tuple[str, str]] = field(default_factory=list)  # (kind, message)
 
 
 def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int) -> Verified:
     """Check one image and its YOLO label file; repairs happen on the returned labels only."""
+
     def corrupt(kind: str, message: str) -> Verified:
         return Verified(CORRUPT, np.zeros((0, 5), np.float32), (0, 0), [(kind, message)])
 
@@ -175,8 +193,10 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
         return Verified(EMPTY, no_labels, (height, width))
     bad_row = next((r for r in rows if len(r) != 5 and not (len(r) >= 7 and len(r) % 2 == 1)), None)
     if bad_row is not None:
-        return corrupt(WRONG_COLUMNS, f"{label_file}: row {' '.join(bad_row)!r} has {len(bad_row)} columns, "
-                                      "expected 5 (cls cx cy w h)")
+        return corrupt(
+            WRONG_COLUMNS,
+            f"{label_file}: row {' '.join(bad_row)!r} has {len(bad_row)} columns, expected 5 (cls cx cy w h)",
+        )
     try:
         labels = np.array([_row_to_box([float(v) for v in row]) for row in rows], dtype=np.float64)
     except ValueError:
@@ -186,7 +206,9 @@ def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int)
     classes = labels[:, 0]
     bad_class = (classes != np.round(classes)) | (classes < 0) | (classes >= num_classes)
     if bad_class.any():
-        return corrupt(BAD_CLASS, f"{label_file}: class {classes[bad_class][0]:g} is not an integer in 0..{num_classes - 1}")
+        return corrupt(
+            BAD_CLASS, f"{label_file}: class {classes[bad_class][0]:g} is not an integer in 0..{num_classes - 1}"
+        )
     if (labels[:, 3:] <= 0).any():
         return corrupt(NON_POSITIVE_SIZE, f"{label_file}: a box has a negative or zero width or height")
     corners = np.concatenate((labels[:, 1:3] - labels[:, 3:] / 2, labels[:, 1:3] + labels[:, 3:] / 2), axis=1)
@@ -224,17 +246,24 @@ def _files_hash(image_files: list[Path], label_files: list[Path], num_classes: i
     return digest.hexdigest()
 
 
-def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | None, prefix: str = "",
-                threads: int = 8) -> LabelScan:
+def scan_labels(
+    image_files: list[Path], num_classes: int, cache_path: Path | None, prefix: str = "", threads: int = 8
+) -> LabelScan:
     """Verify every image/label pair, reading and writing the cache at `cache_path` if given."""
     label_files = [label_path_for(p) for p in image_files]
     key = _files_hash(image_files, label_files, num_classes)
     cached = _read_cache(cache_path, key) if cache_path else None
     if cached is None:
         with ThreadPoolExecutor(threads) as pool:
-            results = list(tqdm(pool.map(verify_image_and_label, image_files, label_files, [num_classes] * len(image_files)),
-                                total=len(image_files), desc=f"{prefix}scanning {len(image_files)} images", leave=False,
-                                disable=not interactive()))
+            results = list(
+                tqdm(
+                    pool.map(verify_image_and_label, image_files, label_files, [num_classes] * len(image_files)),
+                    total=len(image_files),
+                    desc=f"{prefix}scanning {len(image_files)} images",
+                    leave=False,
+                    disable=not interactive(),
+                )
+            )
         cached = {
             "status": np.array([r.status for r in results], dtype=np.int8),
             "shapes": np.array([r.shape for r in results], dtype=np.int64).reshape(-1, 2),
@@ -249,10 +278,12 @@ def scan_labels(image_files: list[Path], num_classes: int, cache_path: Path | No
     keep = np.flatnonzero(status != CORRUPT)
     return LabelScan(
         image_files=[image_files[i] for i in keep],
-        labels=[cached["labels"][offsets[i]:offsets[i + 1]] for i in keep],
+        labels=[cached["labels"][offsets[i] : offsets[i + 1]] for i in keep],
         shapes=cached["shapes"][keep],
-        num_found=int((status == FOUND).sum()), num_missing=int((status == MISSING).sum()),
-        num_empty=int((status == EMPTY).sum()), num_corrupt=int((status == CORRUPT).sum()),
+        num_found=int((status == FOUND).sum()),
+        num_missing=int((status == MISSING).sum()),
+        num_empty=int((status == EMPTY).sum()),
+        num_corrupt=int((status == CORRUPT).sum()),
         messages=[(str(k), str(m)) for k, m in zip(cached["problem_kinds"], cached["problem_messages"])],
         cache_key=key,
         status=status[keep],
@@ -264,8 +295,10 @@ def _read_cache(cache_path: Path, key: str) -> dict | None:
         with np.load(cache_path, allow_pickle=False) as data:
             if str(data["key"]) != key:
                 return None
-            return {name: data[name] for name in ("status", "shapes", "counts", "labels", "problem_kinds",
-                                                  "problem_messages")}
+            return {
+                name: data[name]
+                for name in ("status", "shapes", "counts", "labels", "problem_kinds", "problem_messages")
+            }
     except (OSError, KeyError, ValueError):
         return None  # absent, stale format or damaged: scan again
 
@@ -277,7 +310,9 @@ def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
     try:
         atomic_write(cache_path, buffer.getvalue())
     except OSError as error:
-        LOGGER.info(f"Note: label cache not written to {cache_path} ({error.strerror}); the scan will run again next time")
+        LOGGER.info(
+            f"Note: label cache not written to {cache_path} ({error.strerror}); the scan will run again next time"
+        )
 
 
 def cache_path_for(image_files: list[Path]) -> Path:
@@ -286,8 +321,14 @@ def cache_path_for(image_files: list[Path]) -> Path:
     return label_dir.with_suffix(".cache")
 
 
-def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, reported: bool = False,
-               max_messages: int = 10, needs_labels: bool = False) -> LabelScan:
+def scan_split(
+    sources: tuple[Path, ...],
+    num_classes: int,
+    prefix: str,
+    reported: bool = False,
+    max_messages: int = 10,
+    needs_labels: bool = False,
+) -> LabelScan:
     """List, verify (through the cache) and summarise one split: the summary line with a count per
     problem and the first messages (`reported`: all of them go to the run's data_report.txt, see
     write_data_report). A split without usable images is a UserError, and so is one without a
@@ -300,20 +341,28 @@ def scan_split(sources: tuple[Path, ...], num_classes: int, prefix: str, reporte
     for _, message in scan.messages[:max_messages]:
         LOGGER.warning(f"{prefix}  {message}")
     if len(scan.messages) > max_messages:
-        LOGGER.warning(f"{prefix}  ... and {len(scan.messages) - max_messages} more"
-                       + (", listed in the run's data_report.txt" if reported else ""))
+        LOGGER.warning(
+            f"{prefix}  ... and {len(scan.messages) - max_messages} more"
+            + (", listed in the run's data_report.txt" if reported else "")
+        )
     if scan.problems.get(BAD_CLASS):
-        LOGGER.warning(f"{prefix}WARNING: {scan.problems[BAD_CLASS]} label files use class ids outside 0..{num_classes - 1}; "
-                       "check that names in the dataset YAML lists every class")
+        LOGGER.warning(
+            f"{prefix}WARNING: {scan.problems[BAD_CLASS]} label files use class ids outside 0..{num_classes - 1}; "
+            "check that names in the dataset YAML lists every class"
+        )
     if not scan.image_files:
         raise UserError(f"{prefix}no usable images in {', '.join(str(s) for s in sources)}")
     if not any(len(labels) for labels in scan.labels):
         where = missing_labels_hint(scan)
         if needs_labels:
-            raise UserError(f"{prefix}no labelled boxes in {', '.join(str(s) for s in sources)}, so there is nothing "
-                            f"to learn. {where}")
-        LOGGER.warning(f"{prefix}WARNING: no labelled boxes in this split: its mAP is 0 whatever the model "
-                       f"detects, so it means nothing. {where}")
+            raise UserError(
+                f"{prefix}no labelled boxes in {', '.join(str(s) for s in sources)}, so there is nothing "
+                f"to learn. {where}"
+            )
+        LOGGER.warning(
+            f"{prefix}WARNING: no labelled boxes in this split: its mAP is 0 whatever the model "
+            f"detects, so it means nothing. {where}"
+        )
     return scan
 
 
@@ -325,7 +374,9 @@ def missing_labels_hint(scan: LabelScan) -> str:
     hint = f"Labels are read from a labels/ folder beside images/ (for {image}: {expected})"
     if scan.num_found + scan.num_empty:
         return hint + f"; {scan.num_found + scan.num_empty} label files were found, all empty."
-    beside = sum(1 for f in scan.image_files if f.with_suffix(".txt").is_file() and f.with_suffix(".txt") != label_path_for(f))
+    beside = sum(
+        1 for f in scan.image_files if f.with_suffix(".txt").is_file() and f.with_suffix(".txt") != label_path_for(f)
+    )
     if beside:
         return hint + f"; {beside} .txt files lie beside the images instead: move them to the labels/ folder."
     return hint + "; none were found."

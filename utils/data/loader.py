@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -47,7 +47,7 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order()
         per_rank = math.ceil(len(order) / self.world_size)
-        order = np.resize(order, per_rank * self.world_size)[self.rank::self.world_size][self.skip:]
+        order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size][self.skip :]
         return iter([(self.epoch, int(i)) for i in order])
 
     def __len__(self) -> int:
@@ -59,28 +59,61 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def build_dataloader(dataset: DetectionDataset, batch_size: int, workers: int, shuffle: bool,
-                     seed: int = 0, pin_memory: bool = False, rank: int = 0, world_size: int = 1,
-                     processes_per_machine: int = 1) -> DataLoader:
+def build_dataloader(
+    dataset: DetectionDataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool,
+    seed: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    processes_per_machine: int = 1,
+) -> DataLoader:
     """DataLoader over `dataset` (this rank's share of it) with an EpochSampler; call
     loader.sampler.set_epoch(e) every epoch. The machine's cores are shared by its processes."""
     cores = max((os.cpu_count() or 1) // processes_per_machine, 1)
     workers = min(workers, cores, batch_size if batch_size > 1 else 0)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_init_worker)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=_init_worker,
+    )
 
 
-def build_train_dataset(data: DatasetConfig, hyp: dict, *, img_size: int, seed: int, single_cls: bool, cache: str,
-                        epochs: int, world: World = World(), reported: bool = False) -> DetectionDataset:
+def build_train_dataset(
+    data: DatasetConfig,
+    hyp: dict,
+    *,
+    img_size: int,
+    seed: int,
+    single_cls: bool,
+    cache: str,
+    epochs: int,
+    world: World = World(),
+    reported: bool = False,
+) -> DetectionDataset:
     """The augmenting dataset of the verified train split (mosaic closed for the last
     hyp['close_mosaic'] of `epochs`), its images cached in RAM as `cache` says ('auto', 'ram' or
     'off'). A split without a single labelled box is refused. `reported`: its problem files go to
     the run's data_report.txt."""
     with local_main_first(world):  # one process per machine writes the label cache, the others read it
         scan = scan_split(data.train, data.nc, prefix="train: ", reported=reported, needs_labels=True)
-    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=seed, single_cls=single_cls,
-                               mosaic_until_epoch=epochs - int(hyp["close_mosaic"]))
+    dataset = DetectionDataset(
+        scan,
+        img_size,
+        hyp,
+        augment=True,
+        seed=seed,
+        single_cls=single_cls,
+        mosaic_until_epoch=epochs - int(hyp["close_mosaic"]),
+    )
     if cache == "ram":  # every process of the machine holds its own copy
         dataset.cache_images_in_ram(max_share=0.7 / world.local_size)
     elif cache == "auto":  # decoding in the workers takes CPU from training: ~15% on 2 cores (bench_train.py)
@@ -88,22 +121,43 @@ def build_train_dataset(data: DatasetConfig, hyp: dict, *, img_size: int, seed: 
     return dataset
 
 
-def build_train_loader(dataset: DetectionDataset, *, batch_size: int, workers: int, seed: int, pin_memory: bool,
-                       world: World = World()) -> DataLoader:
+def build_train_loader(
+    dataset: DetectionDataset, *, batch_size: int, workers: int, seed: int, pin_memory: bool, world: World = World()
+) -> DataLoader:
     """The training loader over `dataset`. Under torchrun it yields this rank's
     batch_size / world.size images of each global batch."""
-    return build_dataloader(dataset, batch_size // world.size, workers, shuffle=True, seed=seed,
-                            pin_memory=pin_memory, rank=world.rank, world_size=world.size,
-                            processes_per_machine=world.local_size)
+    return build_dataloader(
+        dataset,
+        batch_size // world.size,
+        workers,
+        shuffle=True,
+        seed=seed,
+        pin_memory=pin_memory,
+        rank=world.rank,
+        world_size=world.size,
+        processes_per_machine=world.local_size,
+    )
 
 
-def build_val_loader(sources: tuple[Path, ...], num_classes: int, *, img_size: int, batch_size: int, workers: int,
-                     hyp: dict, stride: int, single_cls: bool = False, prefix: str = "val: ",
-                     pin_memory: bool = False, reported: bool = False) -> DataLoader:
+def build_val_loader(
+    sources: tuple[Path, ...],
+    num_classes: int,
+    *,
+    img_size: int,
+    batch_size: int,
+    workers: int,
+    hyp: dict,
+    stride: int,
+    single_cls: bool = False,
+    prefix: str = "val: ",
+    pin_memory: bool = False,
+    reported: bool = False,
+) -> DataLoader:
     """The rectangular, non-augmented loader of a verified split (images ordered by aspect ratio,
     so `batch_size` decides each batch's shape and with it the mAP). `reported`: its problem files
     go to the run's data_report.txt."""
     scan = scan_split(sources, num_classes, prefix=prefix, reported=reported)
-    dataset = DetectionDataset(scan, img_size, hyp, augment=False, rect=True, batch_size=batch_size, stride=stride,
-                               single_cls=single_cls)
+    dataset = DetectionDataset(
+        scan, img_size, hyp, augment=False, rect=True, batch_size=batch_size, stride=stride, single_cls=single_cls
+    )
     return build_dataloader(dataset, batch_size, workers, shuffle=False, pin_memory=pin_memory)

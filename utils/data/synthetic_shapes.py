@@ -155,8 +155,15 @@ def _rasterize(
     return int(x0), int(y0), inside, outline
 
 
-def _paint(image: np.ndarray, x0: int, y0: int, inside: np.ndarray | None, outline: np.ndarray | None,
-           coverage: np.ndarray, rng: np.random.Generator) -> None:
+def _paint(
+    image: np.ndarray,
+    x0: int,
+    y0: int,
+    inside: np.ndarray | None,
+    outline: np.ndarray | None,
+    coverage: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
     """Blend an object into `image` (in place) in colours whose luminance stands out from the
     pixels it covers (`coverage`: inside and outline together); a bordered object gets a darker
     or lighter shade of its fill as border."""
@@ -229,8 +236,15 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
         start = rng.uniform((0, 0), (width, height))
         points = np.round((start + np.cumsum(np.vstack([[0, 0], steps]), 0)) * (1 << _SUBPIXEL_BITS))
         colour = np.clip(image[int(start[1]), int(start[0])] + rng.uniform(-25, 25, 3), 0, 255)
-        cv2.polylines(image, [points.astype(np.int32)], False, colour.tolist(), int(rng.integers(1, 3)),
-                      cv2.LINE_AA, _SUBPIXEL_BITS)
+        cv2.polylines(
+            image,
+            [points.astype(np.int32)],
+            False,
+            colour.tolist(),
+            int(rng.integers(1, 3)),
+            cv2.LINE_AA,
+            _SUBPIXEL_BITS,
+        )
     return image
 
 
@@ -255,13 +269,19 @@ def _params(num_train: int, num_val: int, seed: int, image_size: tuple[int, int]
         raise ValueError(f"num_train, num_val and seed must be >= 0, got {num_train}, {num_val}, {seed}")
     if not 64 <= image_size[0] <= image_size[1]:
         raise ValueError(f"image_size must be (min, max) side lengths, 64 <= min <= max, got {image_size}")
-    return {"format_version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "seed": int(seed), "image_size": [int(image_size[0]), int(image_size[1])],
-            "class_names": list(CLASS_NAMES)}
+    return {
+        "format_version": FORMAT_VERSION,
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "seed": int(seed),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "class_names": list(CLASS_NAMES),
+    }
 
 
-def generate_shapes_dataset(root: Path, num_train: int = 512, num_val: int = 128, seed: int = 0,
-                            image_size: tuple[int, int] = (256, 416)) -> None:
+def generate_shapes_dataset(
+    root: Path, num_train: int = 512, num_val: int = 128, seed: int = 0, image_size: tuple[int, int] = (256, 416)
+) -> None:
     """Write the dataset into `root` (must not exist yet): images/{train,val}/000000.jpg,
     labels/{train,val}/000000.txt (`cls cx cy w h`, normalised) and shapes.json.
     `image_size` is the (min, max) range from which each image's width and height are drawn."""
@@ -281,9 +301,11 @@ def generate_shapes_dataset(root: Path, num_train: int = 512, num_val: int = 128
                 height, width = image.shape[:2]
                 _, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
                 (tmp / "images" / split / f"{index:06d}.jpg").write_bytes(jpeg.tobytes())
-                lines = [f"{cls_id} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} "
-                         f"{(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}\n"
-                         for cls_id, (x0, y0, x1, y1) in labels]
+                lines = [
+                    f"{cls_id} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} "
+                    f"{(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}\n"
+                    for cls_id, (x0, y0, x1, y1) in labels
+                ]
                 (tmp / "labels" / split / f"{index:06d}.txt").write_text("".join(lines))
         (tmp / _MARKER).write_text(json.dumps(params, indent=2) + "\n")
         appeared = f"{root} appeared while the shapes dataset was being generated"
@@ -300,8 +322,9 @@ def generate_shapes_dataset(root: Path, num_train: int = 512, num_val: int = 128
         raise
 
 
-def ensure_shapes_dataset(root: Path, num_train: int = 512, num_val: int = 128, seed: int = 0,
-                          image_size: tuple[int, int] = (256, 416)) -> bool:
+def ensure_shapes_dataset(
+    root: Path, num_train: int = 512, num_val: int = 128, seed: int = 0, image_size: tuple[int, int] = (256, 416)
+) -> bool:
     """Generate into `root` unless a complete dataset with the same parameters is already there.
     Returns True when it generated. Raises FileExistsError when `root` holds anything else."""
     root = Path(root)
@@ -319,7 +342,8 @@ def ensure_shapes_dataset(root: Path, num_train: int = 512, num_val: int = 128, 
     if found != params:
         raise FileExistsError(
             f"{root} exists but is not a shapes dataset made with these parameters ({params}); "
-            f"its {_MARKER}: {found}. Remove it or choose another folder; it is never overwritten.")
+            f"its {_MARKER}: {found}. Remove it or choose another folder; it is never overwritten."
+        )
     return False
 
 
@@ -329,8 +353,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-train", type=int, default=512)
     parser.add_argument("--num-val", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 416), metavar=("MIN", "MAX"),
-                        help="range of image widths and heights in px")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=(256, 416),
+        metavar=("MIN", "MAX"),
+        help="range of image widths and heights in px",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if ensure_shapes_dataset(args.out, args.num_train, args.num_val, args.seed, tuple(args.image_size)):

@@ -20,8 +20,14 @@ class ConfusionMatrix:
         self.num_classes, self.conf_thres, self.iou_thres = num_classes, conf_thres, iou_thres
         self.matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
 
-    def add_image(self, pred_boxes_xyxy: torch.Tensor, pred_scores: torch.Tensor, pred_classes: torch.Tensor,
-                  gt_boxes_xyxy: torch.Tensor, gt_classes: torch.Tensor) -> None:
+    def add_image(
+        self,
+        pred_boxes_xyxy: torch.Tensor,
+        pred_scores: torch.Tensor,
+        pred_classes: torch.Tensor,
+        gt_boxes_xyxy: torch.Tensor,
+        gt_classes: torch.Tensor,
+    ) -> None:
         """One image: predictions (N, 4), (N,), (N,); ground truth (M, 4), (M,); same coordinates."""
         keep = pred_scores >= self.conf_thres
         pred_boxes, pred_classes = pred_boxes_xyxy[keep], pred_classes[keep].long().cpu().numpy()

@@ -4,9 +4,9 @@ with YOLOv5's results table and the validation plots."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,19 +32,28 @@ TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 class EvalResult:
     metrics: DetectionMetrics
     confusion: ConfusionMatrix | None  # with plot_dir only: it is drawn, never logged
-    images_per_class: np.ndarray      # (nc,) images holding at least one box of the class
-    loss: np.ndarray | None           # mean [box, obj, cls] loss when a loss function was given
+    images_per_class: np.ndarray  # (nc,) images holding at least one box of the class
+    loss: np.ndarray | None  # mean [box, obj, cls] loss when a loss function was given
     speed_ms: tuple[float, float, float]  # per image: pre-process, inference, NMS
-    input_shape: tuple[int, ...]      # shape of the last batch
+    input_shape: tuple[int, ...]  # shape of the last batch
     predictions: dict[int, np.ndarray]  # dataset index -> (n, 6) x1, y1, x2, y2, score, class in original
-                                      # pixels, when asked for (keep_predictions)
+    # pixels, when asked for (keep_predictions)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: torch.device,
-             amp_dtype: torch.dtype | None, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300,
-             loss_fn: LossFn | None = None, keep_predictions: bool = False,
-             plot_dir: Path | None = None) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+    loss_fn: LossFn | None = None,
+    keep_predictions: bool = False,
+    plot_dir: Path | None = None,
+) -> EvalResult:
     """mAP of `model` on `loader` (no augmentation), in original-image coordinates.
 
     Runs under autocast with the given dtype; the model's own weights are never cast. With
@@ -62,7 +71,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
     loss_sum, num_batches = torch.zeros(3, device=device), 0
     times, num_images, num_truncated, predictions = np.zeros(3), 0, 0, {}
     input_shape: tuple[int, ...] = ()
-    bar = tqdm(loader, desc=_row(*TABLE_HEADER), leave=False, disable=not interactive(), bar_format="{l_bar}{bar:10}{r_bar}")
+    bar = tqdm(
+        loader, desc=_row(*TABLE_HEADER), leave=False, disable=not interactive(), bar_format="{l_bar}{bar:10}{r_bar}"
+    )
     for batch_number, batch in enumerate(bar):
         t0 = time.perf_counter()
         images = to_model_input(batch.images, device, input_dtype)
@@ -81,24 +92,44 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: t
         num_images += len(images)
         if plot_dir is not None and batch_number < 3:
             plot_validation_batch(batch, detections, list(model.names), plot_dir / f"val_batch{batch_number}")
-        for det, index, (scale_x, scale_y, pad_x, pad_y) in zip(detections, batch.indices.tolist(), batch.letterbox.tolist()):
+        for det, index, (scale_x, scale_y, pad_x, pad_y) in zip(
+            detections, batch.indices.tolist(), batch.letterbox.tolist()
+        ):
             det = det.cpu()
-            boxes = letterbox_to_original(det[:, :4].double(), tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y))
+            boxes = letterbox_to_original(
+                det[:, :4].double(), tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y)
+            )
             gt_boxes, gt_classes = dataset.original_boxes_xyxy(index)
-            evaluator.add_image(boxes.numpy(), det[:, 4].numpy(), det[:, 5].numpy(), gt_boxes, gt_classes,
-                                image_id=coco_ids[dataset.image_files[index]])
+            evaluator.add_image(
+                boxes.numpy(),
+                det[:, 4].numpy(),
+                det[:, 5].numpy(),
+                gt_boxes,
+                gt_classes,
+                image_id=coco_ids[dataset.image_files[index]],
+            )
             if confusion is not None:
-                confusion.add_image(boxes, det[:, 4], det[:, 5], torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes))
+                confusion.add_image(
+                    boxes, det[:, 4], det[:, 5], torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes)
+                )
             images_per_class[np.unique(gt_classes)] += 1
             if keep_predictions:
                 predictions[index] = torch.cat((boxes, det[:, 4:].double()), dim=1).numpy()
     if num_truncated:
-        LOGGER.warning(f"WARNING: {num_truncated} image(s) had more than the NMS candidate limit; "
-                       "their lowest-scoring candidates were not considered")
+        LOGGER.warning(
+            f"WARNING: {num_truncated} image(s) had more than the NMS candidate limit; "
+            "their lowest-scoring candidates were not considered"
+        )
     model.train(was_training)
-    return EvalResult(metrics=evaluator.compute(), confusion=confusion, images_per_class=images_per_class,
-                      loss=(loss_sum / max(num_batches, 1)).cpu().numpy() if loss_fn is not None else None,
-                      speed_ms=tuple(times / max(num_images, 1) * 1e3), input_shape=input_shape, predictions=predictions)
+    return EvalResult(
+        metrics=evaluator.compute(),
+        confusion=confusion,
+        images_per_class=images_per_class,
+        loss=(loss_sum / max(num_batches, 1)).cpu().numpy() if loss_fn is not None else None,
+        speed_ms=tuple(times / max(num_images, 1) * 1e3),
+        input_shape=input_shape,
+        predictions=predictions,
+    )
 
 
 def plot_validation_batch(batch: Batch, detections: list[torch.Tensor], names: list[str], stem: Path) -> None:
@@ -108,8 +139,11 @@ def plot_validation_batch(batch: Batch, detections: list[torch.Tensor], names: l
     rows = []
     for i, det in enumerate(detections):  # (n, 7) image index, class, cx, cy, w, h normalised, score
         det = det.cpu().numpy()
-        rows.append(np.concatenate((np.full((len(det), 1), i), det[:, 5:6], xyxy_to_xywhn(det[:, :4], width, height),
-                                    det[:, 4:5]), axis=1))
+        rows.append(
+            np.concatenate(
+                (np.full((len(det), 1), i), det[:, 5:6], xyxy_to_xywhn(det[:, :4], width, height), det[:, 4:5]), axis=1
+            )
+        )
     targets = np.concatenate(rows) if rows else np.zeros((0, 7))
     plot_image_batch(batch.images, targets, names, stem.with_name(stem.name + "_pred.jpg"))
 
@@ -119,8 +153,11 @@ def save_validation_plots(result: EvalResult, names: list[str], out_dir: Path) -
     `result` comes from evaluate() with a plot_dir."""
     m = result.metrics
     plot_pr_curve(m.recall_grid, m.pr_curve_50, m.ap50_per_class, names, out_dir / "PR_curve.png")
-    for values, label, name in ((m.f1_vs_conf, "F1", "F1_curve.png"), (m.precision_vs_conf, "Precision", "P_curve.png"),
-                                (m.recall_vs_conf, "Recall", "R_curve.png")):
+    for values, label, name in (
+        (m.f1_vs_conf, "F1", "F1_curve.png"),
+        (m.precision_vs_conf, "Precision", "P_curve.png"),
+        (m.recall_vs_conf, "Recall", "R_curve.png"),
+    ):
         plot_metric_vs_conf(m.conf_grid, values, names, label, out_dir / name)
     plot_confusion_matrix(result.confusion.matrix, names, out_dir / "confusion_matrix.png", normalize=False)
     plot_confusion_matrix(result.confusion.matrix, names, out_dir / "confusion_matrix_normalized.png", normalize=True)
@@ -133,12 +170,29 @@ def _row(*cells) -> str:
 def results_table(result: EvalResult, names: list[str], verbose: bool = False) -> str:
     """YOLOv5's table: an 'all' row, then (verbose) one row per class that has ground truth."""
     m = result.metrics
-    lines = [_row(*TABLE_HEADER),
-             _row("all", m.num_images, int(m.instances_per_class.sum()), f"{m.precision:.3g}", f"{m.recall:.3g}",
-                  f"{m.map50:.3g}", f"{m.map50_95:.3g}")]
+    lines = [
+        _row(*TABLE_HEADER),
+        _row(
+            "all",
+            m.num_images,
+            int(m.instances_per_class.sum()),
+            f"{m.precision:.3g}",
+            f"{m.recall:.3g}",
+            f"{m.map50:.3g}",
+            f"{m.map50_95:.3g}",
+        ),
+    ]
     if verbose and len(names) > 1:
         for c in np.flatnonzero(m.instances_per_class):
-            lines.append(_row(names[c], int(result.images_per_class[c]), int(m.instances_per_class[c]),
-                              f"{m.precision_per_class[c]:.3g}", f"{m.recall_per_class[c]:.3g}",
-                              f"{m.ap50_per_class[c]:.3g}", f"{m.ap50_95_per_class[c]:.3g}"))
+            lines.append(
+                _row(
+                    names[c],
+                    int(result.images_per_class[c]),
+                    int(m.instances_per_class[c]),
+                    f"{m.precision_per_class[c]:.3g}",
+                    f"{m.recall_per_class[c]:.3g}",
+                    f"{m.ap50_per_class[c]:.3g}",
+                    f"{m.ap50_95_per_class[c]:.3g}",
+                )
+            )
     return "\n".join(lines)

@@ -23,39 +23,39 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 # Built exactly as pycocotools' Params.setDetParams builds them, so every float is identical.
-IOU_THRESHOLDS = _read_only(np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True))
-RECALL_THRESHOLDS = _read_only(np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True))
+IOU_THRESHOLDS = _read_only(np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True))
+RECALL_THRESHOLDS = _read_only(np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True))
 # COCOeval skips a pair when iou < min(t, 1 - 1e-10): an IoU threshold of 1.0 still lets a perfect box match.
 MATCH_THRESHOLDS = _read_only(np.minimum(IOU_THRESHOLDS, 1 - 1e-10))
-AREA_RANGE_ALL = (0.0, 1e5 ** 2)                 # COCOeval's area range 'all'
+AREA_RANGE_ALL = (0.0, 1e5**2)  # COCOeval's area range 'all'
 CONF_GRID = _read_only(np.linspace(0, 1, 1000))  # x axis of the precision / recall / F1 vs confidence curves
-F1_SMOOTHING = 0.1                               # box filter width (fraction of CONF_GRID) before the F1 argmax
-CHUNK_ELEMENTS = 1 << 20                         # groups x dets x gts IoU entries matched at once
+F1_SMOOTHING = 0.1  # box filter width (fraction of CONF_GRID) before the F1 argmax
+CHUNK_ELEMENTS = 1 << 20  # groups x dets x gts IoU entries matched at once
 
 
 @dataclass
 class DetectionMetrics:
     """Result of DetectionEvaluator.compute(). "No gt" classes are left out of every mean."""
 
-    map50: float                     # pycocotools stats[1]; 0.0 when no class has gt (pycocotools: -1)
-    map50_95: float                  # pycocotools stats[0]; 0.0 when no class has gt (pycocotools: -1)
-    precision: float                 # mean over classes with gt, at best_conf
+    map50: float  # pycocotools stats[1]; 0.0 when no class has gt (pycocotools: -1)
+    map50_95: float  # pycocotools stats[0]; 0.0 when no class has gt (pycocotools: -1)
+    precision: float  # mean over classes with gt, at best_conf
     recall: float
     f1: float
-    best_conf: float                 # confidence that maximises the smoothed class-mean F1
-    ap_per_class: np.ndarray         # (num_classes, 10) AP per IoU threshold, nan where the class has no gt
-    ap50_per_class: np.ndarray       # (num_classes,), nan where no gt
-    ap50_95_per_class: np.ndarray    # (num_classes,), nan where no gt
+    best_conf: float  # confidence that maximises the smoothed class-mean F1
+    ap_per_class: np.ndarray  # (num_classes, 10) AP per IoU threshold, nan where the class has no gt
+    ap50_per_class: np.ndarray  # (num_classes,), nan where no gt
+    ap50_95_per_class: np.ndarray  # (num_classes,), nan where no gt
     precision_per_class: np.ndarray  # (num_classes,) at best_conf, nan where no gt
-    recall_per_class: np.ndarray     # (num_classes,) at best_conf, nan where no gt
+    recall_per_class: np.ndarray  # (num_classes,) at best_conf, nan where no gt
     instances_per_class: np.ndarray  # (num_classes,) int, gt boxes that count (area inside range 'all')
     num_images: int
-    conf_grid: np.ndarray            # (1000,) confidence
-    precision_vs_conf: np.ndarray    # (num_classes, 1000), nan rows where no gt
-    recall_vs_conf: np.ndarray       # (num_classes, 1000)
-    f1_vs_conf: np.ndarray           # (num_classes, 1000)
-    recall_grid: np.ndarray          # (101,) COCO recall thresholds
-    pr_curve_50: np.ndarray          # (num_classes, 101) interpolated precision at IoU 0.5, nan where no gt
+    conf_grid: np.ndarray  # (1000,) confidence
+    precision_vs_conf: np.ndarray  # (num_classes, 1000), nan rows where no gt
+    recall_vs_conf: np.ndarray  # (num_classes, 1000)
+    f1_vs_conf: np.ndarray  # (num_classes, 1000)
+    recall_grid: np.ndarray  # (101,) COCO recall thresholds
+    pr_curve_50: np.ndarray  # (num_classes, 101) interpolated precision at IoU 0.5, nan where no gt
 
     @property
     def fitness(self) -> float:
@@ -82,8 +82,15 @@ class DetectionEvaluator:
     def num_images(self) -> int:
         return len(self._gt_boxes)
 
-    def add_image(self, pred_boxes_xyxy: np.ndarray, pred_scores: np.ndarray, pred_classes: np.ndarray,
-                  gt_boxes_xyxy: np.ndarray, gt_classes: np.ndarray, image_id: int | None = None) -> None:
+    def add_image(
+        self,
+        pred_boxes_xyxy: np.ndarray,
+        pred_scores: np.ndarray,
+        pred_classes: np.ndarray,
+        gt_boxes_xyxy: np.ndarray,
+        gt_classes: np.ndarray,
+        image_id: int | None = None,
+    ) -> None:
         """One image: predictions (N,4) xyxy pixels, (N,), (N,) int; ground truth (M,4) xyxy, (M,) int.
         Accepts numpy arrays or CPU torch tensors; N or M may be 0. `image_id` (default: the order of
         the calls) is the COCO image id: COCOeval breaks score ties between images by sorted id."""
@@ -93,8 +100,9 @@ class DetectionEvaluator:
         gt_boxes = _as_array(gt_boxes_xyxy, np.float64).reshape(-1, 4)
         gt_cls = self._as_classes(gt_classes, "gt_classes")
         if not len(pred_boxes) == len(scores) == len(pred_cls):
-            raise ValueError(f"prediction lengths differ: boxes {len(pred_boxes)}, scores {len(scores)}, "
-                             f"classes {len(pred_cls)}")
+            raise ValueError(
+                f"prediction lengths differ: boxes {len(pred_boxes)}, scores {len(scores)}, classes {len(pred_cls)}"
+            )
         if len(gt_boxes) != len(gt_cls):
             raise ValueError(f"ground truth lengths differ: boxes {len(gt_boxes)}, classes {len(gt_cls)}")
         self._pred_boxes.append(pred_boxes)
@@ -158,7 +166,8 @@ class DetectionEvaluator:
             precision[:, :, k] = coco_interpolated_precision(tp[rows].T, fp[rows].T, num_gt[k])
             counted = ~det_ignored[rows, 0]
             p_vs_conf[k], r_vs_conf[k] = precision_recall_vs_conf(
-                det_scores[rows][counted], tp[rows, 0][counted], num_gt[k])
+                det_scores[rows][counted], tp[rows, 0][counted], num_gt[k]
+            )
         return _summarise(precision, p_vs_conf, r_vs_conf, num_gt, num_images)
 
 
@@ -188,8 +197,9 @@ def bb_iou_xywh(dets: np.ndarray, gts: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
 
 
-def greedy_match(det_group: np.ndarray, det_boxes: np.ndarray, gt_group: np.ndarray, gt_boxes: np.ndarray,
-                 gt_ignored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def greedy_match(
+    det_group: np.ndarray, det_boxes: np.ndarray, gt_group: np.ndarray, gt_boxes: np.ndarray, gt_ignored: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval's greedy matching of every (image, class) group at every IoU threshold.
 
     det_group (N,), det_boxes (N, 4) xywh sorted by (group, score desc); gt_group (M,), gt_boxes (M, 4) xywh,
@@ -219,15 +229,32 @@ def greedy_match(det_group: np.ndarray, det_boxes: np.ndarray, gt_group: np.ndar
         size = int(det_count[members].max()) * int(gt_count[members].max())
         step = max(1, CHUNK_ELEMENTS // size)
         for first in range(0, len(members), step):
-            chunk = members[first:first + step]
-            _match_chunk(det_start[chunk], det_count[chunk], gt_start[chunk], gt_count[chunk],
-                         det_boxes, gt_boxes, gt_ignored, matched, on_ignored)
+            chunk = members[first : first + step]
+            _match_chunk(
+                det_start[chunk],
+                det_count[chunk],
+                gt_start[chunk],
+                gt_count[chunk],
+                det_boxes,
+                gt_boxes,
+                gt_ignored,
+                matched,
+                on_ignored,
+            )
     return matched, on_ignored
 
 
-def _match_chunk(det_start: np.ndarray, det_count: np.ndarray, gt_start: np.ndarray, gt_count: np.ndarray,
-                 det_boxes: np.ndarray, gt_boxes: np.ndarray, gt_ignored: np.ndarray,
-                 matched: np.ndarray, on_ignored: np.ndarray) -> None:
+def _match_chunk(
+    det_start: np.ndarray,
+    det_count: np.ndarray,
+    gt_start: np.ndarray,
+    gt_count: np.ndarray,
+    det_boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_ignored: np.ndarray,
+    matched: np.ndarray,
+    on_ignored: np.ndarray,
+) -> None:
     """Match G groups at once, writing into matched / on_ignored (N, T) rows of their detections.
 
     One iteration per detection rank handles every group and threshold: each detection takes the free gt
@@ -236,31 +263,31 @@ def _match_chunk(det_start: np.ndarray, det_count: np.ndarray, gt_start: np.ndar
     which returns the first maximum, picks that last gt.
     """
     num_dets, num_gts = int(det_count.max()), int(gt_count.max())
-    det_valid = np.arange(num_dets) < det_count[:, None]                               # (G, D)
+    det_valid = np.arange(num_dets) < det_count[:, None]  # (G, D)
     det_index = np.where(det_valid, det_start[:, None] + np.arange(num_dets), 0)
-    gt_valid = np.arange(num_gts) < gt_count[:, None]                                  # (G, M)
+    gt_valid = np.arange(num_gts) < gt_count[:, None]  # (G, M)
     gt_index = np.where(gt_valid, (gt_start + gt_count - 1)[:, None] - np.arange(num_gts), 0)
 
-    iou = bb_iou_xywh(det_boxes[det_index], gt_boxes[gt_index])                        # (G, D, M)
-    iou[~(det_valid[:, :, None] & gt_valid[:, None, :])] = -1.0                        # padding never matches
-    above = iou[:, :, None, :] >= MATCH_THRESHOLDS[:, None]                            # (G, D, T, M)
-    ignored = gt_ignored[gt_index] & gt_valid                                          # (G, M)
+    iou = bb_iou_xywh(det_boxes[det_index], gt_boxes[gt_index])  # (G, D, M)
+    iou[~(det_valid[:, :, None] & gt_valid[:, None, :])] = -1.0  # padding never matches
+    above = iou[:, :, None, :] >= MATCH_THRESHOLDS[:, None]  # (G, D, T, M)
+    ignored = gt_ignored[gt_index] & gt_valid  # (G, M)
     any_ignored = bool(ignored.any())
-    taken = np.zeros((len(det_start), len(MATCH_THRESHOLDS), num_gts), bool)           # (G, T, M)
-    match_pos = np.full((len(det_start), num_dets, len(MATCH_THRESHOLDS)), -1)         # (G, D, T)
+    taken = np.zeros((len(det_start), len(MATCH_THRESHOLDS), num_gts), bool)  # (G, T, M)
+    match_pos = np.full((len(det_start), num_dets, len(MATCH_THRESHOLDS)), -1)  # (G, D, T)
     for d in range(num_dets):
         candidate = above[:, d] & ~taken
         if any_ignored:  # COCOeval sorts ignored gts last and stops at them once a regular gt matched
             regular = candidate & ~ignored[:, None, :]
             candidate = np.where(regular.any(-1, keepdims=True), regular, candidate)
-        best = np.where(candidate, iou[:, d, None, :], -1.0).argmax(-1)                 # (G, T)
+        best = np.where(candidate, iou[:, d, None, :], -1.0).argmax(-1)  # (G, T)
         hit = np.take_along_axis(candidate, best[..., None], -1)[..., 0]
         hit_group, hit_threshold = np.nonzero(hit)
         taken[hit_group, hit_threshold, best[hit_group, hit_threshold]] = True
         match_pos[:, d] = np.where(hit, best, -1)
 
     rows = det_index[det_valid]
-    pos = match_pos[det_valid]                                                         # (n, T)
+    pos = match_pos[det_valid]  # (n, T)
     matched[rows] = pos >= 0
     group_of_row = np.nonzero(det_valid)[0]
     on_ignored[rows] = (pos >= 0) & ignored[group_of_row[:, None], np.maximum(pos, 0)]
@@ -302,13 +329,14 @@ def smooth(y: np.ndarray, fraction: float) -> np.ndarray:
     return np.convolve(padded, np.ones(width) / width, mode="valid")
 
 
-def _summarise(precision: np.ndarray, p_vs_conf: np.ndarray, r_vs_conf: np.ndarray, num_gt: np.ndarray,
-               num_images: int) -> DetectionMetrics:
+def _summarise(
+    precision: np.ndarray, p_vs_conf: np.ndarray, r_vs_conf: np.ndarray, num_gt: np.ndarray, num_images: int
+) -> DetectionMetrics:
     """precision (T, 101, K) with -1 for classes without gt, curves (K, 1000) -> DetectionMetrics."""
     has_gt = num_gt > 0
-    ap = precision.mean(axis=1).T                                 # (K, T)
+    ap = precision.mean(axis=1).T  # (K, T)
     ap[~has_gt] = np.nan
-    pr_curve_50 = precision[0].T.copy()                           # (K, 101)
+    pr_curve_50 = precision[0].T.copy()  # (K, 101)
     pr_curve_50[~has_gt] = np.nan
     f1_vs_conf = 2 * p_vs_conf * r_vs_conf / (p_vs_conf + r_vs_conf + 1e-16)
     if has_gt.any():
@@ -322,13 +350,26 @@ def _summarise(precision: np.ndarray, p_vs_conf: np.ndarray, r_vs_conf: np.ndarr
         best = 0
     p, r = p_vs_conf[:, best], r_vs_conf[:, best]
     return DetectionMetrics(
-        map50=map50, map50_95=map50_95, precision=mean_p, recall=mean_r, f1=mean_f1,
-        best_conf=float(CONF_GRID[best]), ap_per_class=ap, ap50_per_class=ap[:, 0].copy(),
+        map50=map50,
+        map50_95=map50_95,
+        precision=mean_p,
+        recall=mean_r,
+        f1=mean_f1,
+        best_conf=float(CONF_GRID[best]),
+        ap_per_class=ap,
+        ap50_per_class=ap[:, 0].copy(),
         ap50_95_per_class=np.where(has_gt, precision.mean(axis=(0, 1)), np.nan),
-        precision_per_class=p.copy(), recall_per_class=r.copy(), instances_per_class=num_gt.astype(np.int64),
-        num_images=num_images, conf_grid=CONF_GRID.copy(), precision_vs_conf=p_vs_conf,
-        recall_vs_conf=r_vs_conf, f1_vs_conf=f1_vs_conf, recall_grid=RECALL_THRESHOLDS.copy(),
-        pr_curve_50=pr_curve_50)
+        precision_per_class=p.copy(),
+        recall_per_class=r.copy(),
+        instances_per_class=num_gt.astype(np.int64),
+        num_images=num_images,
+        conf_grid=CONF_GRID.copy(),
+        precision_vs_conf=p_vs_conf,
+        recall_vs_conf=r_vs_conf,
+        f1_vs_conf=f1_vs_conf,
+        recall_grid=RECALL_THRESHOLDS.copy(),
+        pr_curve_50=pr_curve_50,
+    )
 
 
 def _as_array(x: np.ndarray | torch.Tensor, dtype: type | None) -> np.ndarray:

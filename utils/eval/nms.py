@@ -10,9 +10,15 @@ from utils.boxes import xywh_to_xyxy
 MAX_BOXES_INTO_NMS = 30000  # per image, highest scores first
 
 
-def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
-                        max_det: int = 300, multi_label: bool = False, classes: list[int] | None = None,
-                        agnostic: bool = False) -> tuple[list[torch.Tensor], int]:
+def non_max_suppression(
+    prediction: torch.Tensor,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    max_det: int = 300,
+    multi_label: bool = False,
+    classes: list[int] | None = None,
+    agnostic: bool = False,
+) -> tuple[list[torch.Tensor], int]:
     """(B, N, 5 + nc) decoded predictions -> per image (n, 6) [x1, y1, x2, y2, score, class].
 
     score = objectness x class probability. With multi_label a box may be kept once per class

@@ -28,8 +28,28 @@ CONF_SHOWN = 0.25  # predictions at or below this confidence are left out of ima
 
 
 # 20 saturated colours that stay apart from each other on photos and on white; then hue steps
-_PALETTE_HEX = ("e6194b", "3cb44b", "4363d8", "f58231", "911eb4", "42d4f4", "f032e6", "bfef45", "ffe119", "469990",
-                "9a6324", "800000", "000075", "808000", "ff7f9f", "a97fff", "00c07f", "ffb870", "606060", "c0a000")
+_PALETTE_HEX = (
+    "e6194b",
+    "3cb44b",
+    "4363d8",
+    "f58231",
+    "911eb4",
+    "42d4f4",
+    "f032e6",
+    "bfef45",
+    "ffe119",
+    "469990",
+    "9a6324",
+    "800000",
+    "000075",
+    "808000",
+    "ff7f9f",
+    "a97fff",
+    "00c07f",
+    "ffb870",
+    "606060",
+    "c0a000",
+)
 
 
 def class_colour(index: int) -> tuple[int, int, int]:
@@ -97,7 +117,7 @@ def results_panels(columns: list[str]) -> list[tuple[str, str | None]]:
     partners = {}
     for c in shown:
         if c.startswith("raw/"):
-            rest = c[len("raw/"):]
+            rest = c[len("raw/") :]
             target = next((t for t in (f"metrics/{rest}", rest) if t in shown), None)
             if target is not None:
                 partners[target] = c
@@ -151,8 +171,14 @@ def _class_curves(ax: Axes, x: np.ndarray, values: np.ndarray, labels: list[str]
     valid = ~np.all(np.isnan(values), axis=1)  # all-nan row: class without ground truth
     few = len(values) < 21
     for i in np.flatnonzero(valid):
-        ax.plot(x, values[i], linewidth=1, color=_mpl_colour(i) if few else "grey", alpha=0.9 if few else 0.5,
-                label=labels[i] if few else None)
+        ax.plot(
+            x,
+            values[i],
+            linewidth=1,
+            color=_mpl_colour(i) if few else "grey",
+            alpha=0.9 if few else 0.5,
+            label=labels[i] if few else None,
+        )
     if not valid.any():
         ax.text(0.5, 0.5, "no class with labels", ha="center", va="center", transform=ax.transAxes)
         return None
@@ -168,8 +194,9 @@ def _finish_curves(fig: Figure, ax: Axes, xlabel: str, ylabel: str, title: str, 
     _save(fig, out_path)
 
 
-def plot_pr_curve(recall_grid: np.ndarray, precision: np.ndarray, ap50: np.ndarray, names: list[str],
-                  out_path: Path) -> None:
+def plot_pr_curve(
+    recall_grid: np.ndarray, precision: np.ndarray, ap50: np.ndarray, names: list[str], out_path: Path
+) -> None:
     """PR_curve.png: precision (nc, R) against recall_grid (R,) at IoU 0.5, per class and their mean."""
     recall_grid, ap50 = np.asarray(recall_grid, dtype=float), np.asarray(ap50, dtype=float)
     fig = _figure(8, 6)
@@ -182,8 +209,9 @@ def plot_pr_curve(recall_grid: np.ndarray, precision: np.ndarray, ap50: np.ndarr
     _finish_curves(fig, ax, "Recall", "Precision", "Precision-Recall curve (IoU 0.5)", out_path)
 
 
-def plot_metric_vs_conf(conf_grid: np.ndarray, values: np.ndarray, names: list[str], ylabel: str,
-                        out_path: Path) -> None:
+def plot_metric_vs_conf(
+    conf_grid: np.ndarray, values: np.ndarray, names: list[str], ylabel: str, out_path: Path
+) -> None:
     """F1_curve.png / P_curve.png / R_curve.png: values (nc, C) against confidence (C,), per class and mean.
 
     The mean is labelled with its maximum and the confidence there; for F1 that best point is marked.
@@ -194,8 +222,13 @@ def plot_metric_vs_conf(conf_grid: np.ndarray, values: np.ndarray, names: list[s
     mean = _class_curves(ax, conf_grid, values, [_name(names, i) for i in range(len(values))])
     if mean is not None and np.isfinite(mean).any():
         best = int(np.nanargmax(mean))
-        ax.plot(conf_grid, mean, linewidth=3, color=MEAN_COLOUR,
-                label=f"all classes {mean[best]:.2f} at {conf_grid[best]:.3f}")
+        ax.plot(
+            conf_grid,
+            mean,
+            linewidth=3,
+            color=MEAN_COLOUR,
+            label=f"all classes {mean[best]:.2f} at {conf_grid[best]:.3f}",
+        )
         if ylabel.upper() == "F1":
             ax.axvline(conf_grid[best], color=MEAN_COLOUR, linestyle="--", linewidth=1)
             ax.plot(conf_grid[best], mean[best], "o", color=MEAN_COLOUR, markersize=8)
@@ -222,7 +255,8 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], out_path: Path, 
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(values.max(), 1))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label(
-        "fraction of the true class" if normalize else "count")
+        "fraction of the true class" if normalize else "count"
+    )
     font = 10 if n <= 10 else 8 if n <= 20 else 6 if n <= 50 else 5
     ax.set_xticks(range(n), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=font)
     ax.set_yticks(range(n), labels, fontsize=font)
@@ -232,8 +266,15 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], out_path: Path, 
         limit = image.norm.vmax
         for (row, col), v in np.ndenumerate(values):
             if v >= 0.005:  # empty cells stay blank so the pattern reads at a glance
-                ax.text(col, row, f"{v:.2f}" if normalize else f"{int(round(v))}", ha="center", va="center",
-                        fontsize=font - 1, color="white" if v > 0.55 * limit else "black")
+                ax.text(
+                    col,
+                    row,
+                    f"{v:.2f}" if normalize else f"{int(round(v))}",
+                    ha="center",
+                    va="center",
+                    fontsize=font - 1,
+                    color="white" if v > 0.55 * limit else "black",
+                )
     _save(fig, out_path)
 
 
@@ -250,16 +291,23 @@ def plot_labels(labels: np.ndarray, names: list[str], out_path: Path) -> None:
 
     counts = np.bincount(classes, minlength=nc)
     ax_count.bar(range(nc), counts, color=[_mpl_colour(i) for i in range(nc)])
-    ax_count.set_xticks(range(nc), [_name(names, i) for i in range(nc)], rotation=90,
-                        fontsize=min(10, max(4, 700 // max(nc, 1))))
-    ax_count.set(xlim=(-0.6, nc - 0.4), ylim=(0, max(counts.max(initial=0) * 1.05, 1)), ylabel="instances",
-                 title="instances per class")
+    ax_count.set_xticks(
+        range(nc), [_name(names, i) for i in range(nc)], rotation=90, fontsize=min(10, max(4, 700 // max(nc, 1)))
+    )
+    ax_count.set(
+        xlim=(-0.6, nc - 0.4),
+        ylim=(0, max(counts.max(initial=0) * 1.05, 1)),
+        ylabel="instances",
+        title="instances per class",
+    )
     ax_count.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not len(labels):
         ax_count.text(0.5, 0.5, "no labels", ha="center", va="center", transform=ax_count.transAxes)
 
-    for ax, (i, j), (xl, yl), title in ((ax_xy, (1, 2), ("x", "y"), "box centres (image orientation)"),
-                                        (ax_wh, (3, 4), ("width", "height"), "box sizes")):
+    for ax, (i, j), (xl, yl), title in (
+        (ax_xy, (1, 2), ("x", "y"), "box centres (image orientation)"),
+        (ax_wh, (3, 4), ("width", "height"), "box sizes"),
+    ):
         hist, x_edges, y_edges = np.histogram2d(labels[:, i], labels[:, j], bins=50, range=[[0, 1], [0, 1]])
         mesh = ax.pcolormesh(x_edges, y_edges, hist.T, cmap="Blues", norm=PowerNorm(0.5, 0, max(hist.max(), 1)))
         fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03).set_label("boxes per bin")
@@ -268,17 +316,31 @@ def plot_labels(labels: np.ndarray, names: list[str], out_path: Path) -> None:
 
     shown = labels if len(labels) <= 1000 else labels[np.random.default_rng(0).choice(len(labels), 1000, False)]
     boxes = [Rectangle((0.5 - w / 2, 0.5 - h / 2), w, h) for w, h in shown[:, 3:5]]
-    ax_box.add_collection(PatchCollection(boxes, facecolor="none", linewidth=0.6, alpha=0.5,
-                                          edgecolor=[_mpl_colour(int(c)) for c in shown[:, 0]]))
-    ax_box.set(xlim=(0, 1), ylim=(1, 0), xlabel="width (centred at 0.5)", ylabel="height (centred at 0.5)",
-               title=f"box shapes, centred ({len(shown)} of {len(labels)})")
+    ax_box.add_collection(
+        PatchCollection(
+            boxes, facecolor="none", linewidth=0.6, alpha=0.5, edgecolor=[_mpl_colour(int(c)) for c in shown[:, 0]]
+        )
+    )
+    ax_box.set(
+        xlim=(0, 1),
+        ylim=(1, 0),
+        xlabel="width (centred at 0.5)",
+        ylabel="height (centred at 0.5)",
+        title=f"box shapes, centred ({len(shown)} of {len(labels)})",
+    )
     ax_box.set_aspect("equal")
     fig.tight_layout()
     _save(fig, out_path)
 
 
-def draw_box(image_bgr: np.ndarray, xyxy: tuple[int, int, int, int], colour: tuple[int, int, int], caption: str,
-             line_width: int, font_scale: float) -> None:
+def draw_box(
+    image_bgr: np.ndarray,
+    xyxy: tuple[int, int, int, int],
+    colour: tuple[int, int, int],
+    caption: str,
+    line_width: int,
+    font_scale: float,
+) -> None:
     """One box and its caption (above the box, else inside its top; kept inside the image), in place.
     An empty caption draws the box alone."""
     x1, y1, x2, y2 = xyxy
@@ -291,12 +353,14 @@ def draw_box(image_bgr: np.ndarray, xyxy: tuple[int, int, int, int], colour: tup
     left = max(min(x1, image_bgr.shape[1] - w - 2), 0)
     cv2.rectangle(image_bgr, (left, top), (left + w + 2, top + h + baseline + 2), colour, -1)
     text = (0, 0, 0) if 0.114 * colour[0] + 0.587 * colour[1] + 0.299 * colour[2] > 150 else (255, 255, 255)
-    cv2.putText(image_bgr, caption, (left + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, text, thickness,
-                cv2.LINE_AA)
+    cv2.putText(
+        image_bgr, caption, (left + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, text, thickness, cv2.LINE_AA
+    )
 
 
-def plot_image_batch(images: torch.Tensor | np.ndarray, targets: np.ndarray, names: list[str], out_path: Path,
-                     max_images: int = 16) -> None:
+def plot_image_batch(
+    images: torch.Tensor | np.ndarray, targets: np.ndarray, names: list[str], out_path: Path, max_images: int = 16
+) -> None:
     """A square JPEG grid of up to max_images images (B, 3, H, W) uint8 RGB with their boxes.
 
     targets (n, 6) [image index, class, cx, cy, w, h] normalised, or (n, 7) with a confidence last: then
@@ -328,12 +392,16 @@ def plot_image_batch(images: torch.Tensor | np.ndarray, targets: np.ndarray, nam
             tile = cv2.resize(tile, (tile_w, tile_h), interpolation=cv2.INTER_AREA)
         for row in targets[targets[:, 0] == k]:
             cls, cx, cy, w, h = int(row[1]), *row[2:6]
-            xyxy = (round((cx - w / 2) * tile_w), round((cy - h / 2) * tile_h),
-                    round((cx + w / 2) * tile_w), round((cy + h / 2) * tile_h))
+            xyxy = (
+                round((cx - w / 2) * tile_w),
+                round((cy - h / 2) * tile_h),
+                round((cx + w / 2) * tile_w),
+                round((cy + h / 2) * tile_h),
+            )
             caption = _name(names, cls) + (f" {row[6]:.2f}" if len(row) == 7 else "")
             draw_box(tile, xyxy, class_colour(cls), caption, line_width, font_scale)
         top, left = gap + (k // cols) * (tile_h + gap), gap + (k % cols) * (tile_w + gap)
-        canvas[top:top + tile_h, left:left + tile_w] = tile
+        canvas[top : top + tile_h, left : left + tile_w] = tile
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     params = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
     if not cv2.imwrite(str(out_path), canvas, params):  # 4:4:4 keeps thin coloured lines their colour

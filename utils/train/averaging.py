@@ -4,7 +4,7 @@ statistics recomputed for averaged weights (through torch.optim.swa_utils.update
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -23,11 +23,14 @@ def resolve_coefficients(coefficients: list[float] | None, count: int) -> list[f
     if len(coefficients) != count:
         raise UserError(f"--coef gives {len(coefficients)} coefficients for {count} checkpoints: give one each")
     if not all(math.isfinite(c) and c >= 0 for c in coefficients):
-        raise UserError(f"--coef {' '.join(f'{c:g}' for c in coefficients)}: coefficients of an average are "
-                        "finite and not negative")
+        raise UserError(
+            f"--coef {' '.join(f'{c:g}' for c in coefficients)}: coefficients of an average are finite and not negative"
+        )
     if abs(sum(coefficients) - 1.0) > 1e-6:
-        raise UserError(f"--coef must sum to 1 (an average), but {' + '.join(f'{c:g}' for c in coefficients)} "
-                        f"= {sum(coefficients):.6g}")
+        raise UserError(
+            f"--coef must sum to 1 (an average), but {' + '.join(f'{c:g}' for c in coefficients)} "
+            f"= {sum(coefficients):.6g}"
+        )
     return list(coefficients)
 
 
@@ -50,8 +53,12 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()), None)
 
 
-def average_state_dicts(states: list[dict[str, torch.Tensor]], coefficients: list[float],
-                        strict: bool = True, labels: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+def average_state_dicts(
+    states: list[dict[str, torch.Tensor]],
+    coefficients: list[float],
+    strict: bool = True,
+    labels: list[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """sum_i c_i * states[i] for every floating-point tensor, computed in float64; integer
     tensors (num_batches_tracked) are taken from the first state. With strict, states that
     differ from the first are refused naming the first differing tensor; without, a tensor
@@ -62,8 +69,10 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]], coefficients: lis
         for label, state in zip(labels[1:], states[1:]):
             problem = first_mismatch(reference, state)
             if problem:
-                raise UserError(f"{label} does not fit {labels[0]}: {problem} (--no-strict averages the "
-                                "tensors that match and keeps the others from the first file)")
+                raise UserError(
+                    f"{label} does not fit {labels[0]}: {problem} (--no-strict averages the "
+                    "tensors that match and keeps the others from the first file)"
+                )
     averaged, kept = {}, []
     for name, tensor in reference.items():
         matching = all(name in s and s[name].shape == tensor.shape and s[name].dtype == tensor.dtype for s in states)
@@ -78,8 +87,9 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]], coefficients: lis
     return averaged, kept
 
 
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.device,
-                          amp_dtype: torch.dtype | None) -> int:
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable, device: torch.device, amp_dtype: torch.dtype | None
+) -> int:
     """Recompute every BatchNorm's running mean and variance as the plain average over `batches`
     (uint8 image batches as the loaders yield them) with torch's update_bn; returns the number of
     images seen. Averaged weights need this: the averages of running statistics are not the
@@ -97,9 +107,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, device: torch.dev
     return seen
 
 
-def recalibrate_on_training_batches(model: nn.Module, dataset: DetectionDataset, *, epoch: int, batch_size: int,
-                                    workers: int, seed: int, device: torch.device,
-                                    amp_dtype: torch.dtype | None) -> int:
+def recalibrate_on_training_batches(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    *,
+    epoch: int,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> int:
     """recalibrate_batchnorm over one pass of the augmenting training `dataset` as it made `epoch`
     (the last epoch the weights were trained in: mosaic closed if it was), in batches of the size
     BatchNorm saw in training; returns the number of images seen. `model` must hold plain

@@ -33,8 +33,8 @@ class TrainOptions:
     data: str
     hyp: str
     epochs: int
-    batch_size: int          # the global batch: split over torchrun's processes
-    imgsz: int               # a multiple of the model's stride once the run is configured
+    batch_size: int  # the global batch: split over torchrun's processes
+    imgsz: int  # a multiple of the model's stride once the run is configured
     nosave: bool
     noval: bool
     cache: str
@@ -45,7 +45,7 @@ class TrainOptions:
     swa_epochs: int
     swa_source: str
     sync_bn: bool
-    optimizer: str           # never 'auto' once the run is configured
+    optimizer: str  # never 'auto' once the run is configured
     workers: int
     project: str
     name: str
@@ -73,9 +73,9 @@ class RunConfig:
     """Everything a run is decided by; built once by utils/train/prepare.py and never changed."""
 
     opt: TrainOptions
-    hyp: dict            # validated (utils/hyp.py); AdamW's lr0 when --optimizer auto chose it
+    hyp: dict  # validated (utils/hyp.py); AdamW's lr0 when --optimizer auto chose it
     data: DatasetConfig
-    world_size: int      # torchrun's processes (1 alone)
+    world_size: int  # torchrun's processes (1 alone)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -95,8 +95,11 @@ def options_for_run(args: argparse.Namespace, defaults: dict, resumed: dict | No
     if resumed is None:
         chosen = {**given, "device": args.device or "", "workers": 8 if args.workers is None else args.workers}
     else:
-        ignored = [f"--{k.replace('_', '-')}" for k, v in given.items()
-                   if k not in (*RUNTIME_ONLY_OPTIONS, *PLACEMENT_OPTIONS) and v != defaults[k]]
+        ignored = [
+            f"--{k.replace('_', '-')}"
+            for k, v in given.items()
+            if k not in (*RUNTIME_ONLY_OPTIONS, *PLACEMENT_OPTIONS) and v != defaults[k]
+        ]
         if ignored:
             LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
         recorded = {k: v for k, v in resumed["opt"].items() if k in given}
@@ -110,8 +113,10 @@ def check_options(opt: TrainOptions, world: World) -> None:
     if opt.epochs < 1 or opt.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
     if opt.batch_size % world.size:
-        raise UserError(f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
-                        f"{world.size} processes (each takes an equal share)")
+        raise UserError(
+            f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
+            f"{world.size} processes (each takes an equal share)"
+        )
     if not 0 <= opt.swa_epochs <= opt.epochs:
         raise UserError(f"--swa-epochs {opt.swa_epochs} must be between 0 and --epochs {opt.epochs}")
     if opt.raw and not opt.weights:
@@ -136,6 +141,8 @@ def choose_optimizer(opt: TrainOptions, hyp: dict, data: DatasetConfig) -> tuple
     images = len(list_image_files(data.train)[0])
     planned_steps = opt.epochs * math.ceil(math.ceil(images / opt.batch_size) / accumulation_steps(opt.batch_size))
     name, hyp = resolve_auto_optimizer(opt.optimizer, hyp, planned_steps)
-    LOGGER.info(f"--optimizer auto: {name} with lr0 {hyp['lr0']:g} for about {planned_steps} optimizer steps "
-                f"(SGD from {AUTO_SGD_MIN_STEPS:,} steps on)")
+    LOGGER.info(
+        f"--optimizer auto: {name} with lr0 {hyp['lr0']:g} for about {planned_steps} optimizer steps "
+        f"(SGD from {AUTO_SGD_MIN_STEPS:,} steps on)"
+    )
     return name, hyp

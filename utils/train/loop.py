@@ -25,7 +25,7 @@ def train(run: TrainingRun) -> None:
         batches = run.start_epoch()  # this epoch's batches, after those a resumed run already took
         for i, batch in enumerate(batches, start=loop.batch):
             step = i + run.batches_per_epoch * epoch  # micro-batches since the start of training
-            window_full = run.window_full(i, step)    # accumulated enough for an optimizer step
+            window_full = run.window_full(i, step)  # accumulated enough for an optimizer step
             images = to_model_input(batch.images, run.device, run.weights_dtype)
             run.buffers.take()  # BatchNorm statistics before this forward, to undo a non-finite one
             with run.gradient_sync(window_full):  # DDP averages gradients in a window's last backward only
@@ -53,8 +53,9 @@ def train(run: TrainingRun) -> None:
                 run.swa.update(ema.module if opt.swa_source == "ema" else model)
             result = raw_result = None
             if not opt.noval or final_epoch:
-                result = evaluate(ema.module, run.val_loader, device=run.device, amp_dtype=run.amp_dtype,
-                                  loss_fn=run.val_criterion)
+                result = evaluate(
+                    ema.module, run.val_loader, device=run.device, amp_dtype=run.amp_dtype, loss_fn=run.val_criterion
+                )
                 if opt.val_raw:
                     raw_result = evaluate(model, run.val_loader, device=run.device, amp_dtype=run.amp_dtype)
             is_best = run.log_epoch(epoch, result, raw_result)  # results.csv; best fitness of validated epochs

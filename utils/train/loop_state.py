@@ -14,12 +14,12 @@ class LoopState:
     Saved in every checkpoint, so --resume continues at exactly that batch with the same totals."""
 
     epoch: int = 0
-    batch: int = 0                  # next micro-batch of the epoch
-    optimizer_steps: int = 0        # steps taken or skipped since the start of training
-    window: int = 0                 # micro-batches accumulated since the last step (0 in a checkpoint)
+    batch: int = 0  # next micro-batch of the epoch
+    optimizer_steps: int = 0  # steps taken or skipped since the start of training
+    window: int = 0  # micro-batches accumulated since the last step (0 in a checkpoint)
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # the epoch's [box, obj, cls] so far
-    skipped_steps: int = 0          # of this epoch, for a non-finite loss or gradient
-    bad_streak: int = 0             # skipped steps in a row
+    skipped_steps: int = 0  # of this epoch, for a non-finite loss or gradient
+    bad_streak: int = 0  # skipped steps in a row
     best_fitness: float = 0.0
     best_epoch: int = 0
 
@@ -34,7 +34,10 @@ class LoopState:
         self.loss_sum = torch.zeros_like(self.loss_sum)
 
     def state_dict(self) -> dict:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "loss_sum": self.loss_sum.detach().cpu().clone()}
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "loss_sum": self.loss_sum.detach().cpu().clone(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> LoopState:

@@ -45,8 +45,9 @@ class DetectionLoss:
     obj, cls] items are this rank's shares, whose sum over the ranks is the global loss.
     """
 
-    def __init__(self, head: Detect, hyp: dict, img_size: int, label_smoothing: float = 0.0,
-                 world: World | None = None):
+    def __init__(
+        self, head: Detect, hyp: dict, img_size: int, label_smoothing: float = 0.0, world: World | None = None
+    ):
         nl, nc = head.nl, head.nc
         device = head.anchors.device
         self.box_gain = hyp["box"] * 3 / nl
@@ -56,7 +57,10 @@ class DetectionLoss:
         self.bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["cls_pw"]], device=device), reduction="sum")
         self.bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["obj_pw"]], device=device), reduction="sum")
         if hyp["fl_gamma"] > 0:
-            self.bce_cls, self.bce_obj = FocalBCE(self.bce_cls, hyp["fl_gamma"]), FocalBCE(self.bce_obj, hyp["fl_gamma"])
+            self.bce_cls, self.bce_obj = (
+                FocalBCE(self.bce_cls, hyp["fl_gamma"]),
+                FocalBCE(self.bce_obj, hyp["fl_gamma"]),
+            )
         self.positive, self.negative = 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing
         self.balance = LEVEL_BALANCE.get(nl, LEVEL_BALANCE_DEFAULT)
         self.head = head
@@ -92,7 +96,7 @@ class DetectionLoss:
 
         # Means over the global batch: counts summed over the ranks (unchanged in one process).
         counts = self.world.sum(torch.tensor([*positives, *cells, raw[0].shape[0]], dtype=torch.float64, device=device))
-        positives_all, cells_all, images_all = counts[:self.nl].clamp(min=1), counts[self.nl:-1], counts[-1]
+        positives_all, cells_all, images_all = counts[: self.nl].clamp(min=1), counts[self.nl : -1], counts[-1]
         dtype = raw[0].dtype
         loss_box = (torch.stack(box_sums) / positives_all).sum().to(dtype).reshape(1) * self.box_gain
         loss_obj = (torch.stack(obj_sums) / cells_all).sum().to(dtype).reshape(1) * self.obj_gain
@@ -109,7 +113,9 @@ class DetectionLoss:
         """
         device = targets.device
         num_targets = targets.shape[0]
-        anchor_ids = torch.arange(self.na, device=device, dtype=targets.dtype).view(self.na, 1).expand(self.na, num_targets)
+        anchor_ids = (
+            torch.arange(self.na, device=device, dtype=targets.dtype).view(self.na, 1).expand(self.na, num_targets)
+        )
         # (na, nt, 7): image, class, cx, cy, w, h, anchor index
         per_anchor = torch.cat((targets.expand(self.na, num_targets, 6), anchor_ids[..., None]), dim=2)
         offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device, dtype=targets.dtype)

@@ -34,14 +34,16 @@ def resolve_auto_optimizer(name: str, hyp: dict, planned_steps: int) -> tuple[st
     return "AdamW", {**hyp, **AUTO_ADAMW_HYP}
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """Groups: 0 biases (no decay), 1 conv/linear weights (decay), 2 normalisation weights (no decay)."""
     biases, decayed, norm_weights = [], [], []
     for module in model.modules():
         for name_, param in module.named_parameters(recurse=False):
             if name_ == "bias":
                 biases.append(param)
-            elif isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm)):
                 norm_weights.append(param)
             else:
                 decayed.append(param)
@@ -72,7 +74,11 @@ class TrainSchedule:
         self.lr0, self.lrf, self.epochs, self.cos_lr = hyp["lr0"], hyp["lrf"], epochs, cos_lr
         self.batch_size = batch_size
         self.full_accumulate = accumulation_steps(batch_size)  # after warmup
-        self.momentum, self.warmup_momentum, self.warmup_bias_lr = hyp["momentum"], hyp["warmup_momentum"], hyp["warmup_bias_lr"]
+        self.momentum, self.warmup_momentum, self.warmup_bias_lr = (
+            hyp["momentum"],
+            hyp["warmup_momentum"],
+            hyp["warmup_bias_lr"],
+        )
         # At least 100 micro-batches of warmup, as YOLOv5 (0 turns warmup off).
         self.warmup_steps = max(round(hyp["warmup_epochs"] * batches_per_epoch), 100) if hyp["warmup_epochs"] > 0 else 0
 
@@ -93,8 +99,11 @@ class TrainSchedule:
         """Set lr (and momentum during warmup) for micro-batch `step` counted from the start of training."""
         target = self.lr0 * self.factor(epoch)
         warming = step < self.warmup_steps
-        momentum = float(np.interp(step, [0, self.warmup_steps], [self.warmup_momentum, self.momentum])) if warming \
+        momentum = (
+            float(np.interp(step, [0, self.warmup_steps], [self.warmup_momentum, self.momentum]))
+            if warming
             else self.momentum
+        )
         for index, group in enumerate(optimizer.param_groups):
             if warming:
                 start = self.warmup_bias_lr if index == BIAS_GROUP else 0.0

@@ -54,25 +54,55 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     with local_main_first(world):  # the embedded dataset is generated once per machine
         data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, resumed)
-    img_size = check_image_size(opt.imgsz, model, batch_size=opt.batch_size // world.size, device=device,
-                                training=True)
+    img_size = check_image_size(opt.imgsz, model, batch_size=opt.batch_size // world.size, device=device, training=True)
     optimizer, hyp = choose_optimizer(opt, hyp, data) if resumed is None else (opt.optimizer, hyp)
-    config = RunConfig(opt=replace(opt, imgsz=img_size, optimizer=optimizer), hyp=hyp, data=data,
-                       world_size=world.size)
+    config = RunConfig(opt=replace(opt, imgsz=img_size, optimizer=optimizer), hyp=hyp, data=data, world_size=world.size)
     opt = config.opt
-    train_dataset = build_train_dataset(data, hyp, img_size=opt.imgsz, seed=opt.seed, single_cls=opt.single_cls,
-                                        cache=opt.cache, epochs=opt.epochs, world=world, reported=world.is_main)
-    val_loader = build_val_loader(data.val, data.nc, img_size=opt.imgsz, batch_size=2 * config.batch_per_process,
-                                  workers=opt.workers, hyp=hyp, stride=int(model.stride.max()),
-                                  single_cls=opt.single_cls, pin_memory=device.type == "cuda",
-                                  reported=True) if world.is_main else None
+    train_dataset = build_train_dataset(
+        data,
+        hyp,
+        img_size=opt.imgsz,
+        seed=opt.seed,
+        single_cls=opt.single_cls,
+        cache=opt.cache,
+        epochs=opt.epochs,
+        world=world,
+        reported=world.is_main,
+    )
+    val_loader = (
+        build_val_loader(
+            data.val,
+            data.nc,
+            img_size=opt.imgsz,
+            batch_size=2 * config.batch_per_process,
+            workers=opt.workers,
+            hyp=hyp,
+            stride=int(model.stride.max()),
+            single_cls=opt.single_cls,
+            pin_memory=device.type == "cuda",
+            reported=True,
+        )
+        if world.is_main
+        else None
+    )
     run_dir = lock = None
     if world.is_main:  # only rank 0 writes in the run folder
         run_dir, lock = open_run_dir(config, args, defaults, resumed_path, resumed)
-        write_data_report(run_dir / "data_report.txt", [("train", train_dataset.scan), ("val", val_loader.dataset.scan)])
+        write_data_report(
+            run_dir / "data_report.txt", [("train", train_dataset.scan), ("val", val_loader.dataset.scan)]
+        )
     run_dir = world.from_main(run_dir)
-    return TrainingRun(config, model, train_dataset, val_loader, run_dir, world, device, run_dir_lock=lock,
-                       state=training_state(resumed) if resumed is not None else None)
+    return TrainingRun(
+        config,
+        model,
+        train_dataset,
+        val_loader,
+        run_dir,
+        world,
+        device,
+        run_dir_lock=lock,
+        state=training_state(resumed) if resumed is not None else None,
+    )
 
 
 def _resumable_state(checkpoint: dict, path: Path) -> dict:
@@ -82,8 +112,9 @@ def _resumable_state(checkpoint: dict, path: Path) -> dict:
         raise UserError(f"--resume {path}: {error}") from None
 
 
-def open_run_dir(config: RunConfig, args: argparse.Namespace, defaults: dict, resumed_path: Path | None,
-                 resumed: dict | None) -> tuple[Path, RunDirLock]:
+def open_run_dir(
+    config: RunConfig, args: argparse.Namespace, defaults: dict, resumed_path: Path | None, resumed: dict | None
+) -> tuple[Path, RunDirLock]:
     """The run folder, locked for this run: a new project/name (with opt.yaml and hyp.yaml), or the
     resumed checkpoint's own run folder. A checkpoint copied out of its run folder continues in a
     new folder under --project/--name, never in whatever folder holds the copy."""
@@ -94,17 +125,24 @@ def open_run_dir(config: RunConfig, args: argparse.Namespace, defaults: dict, re
             LOGGER.warning(f"WARNING: {' '.join(placement)} ignored: the run continues in its own folder {run_dir}")
         lock = RunDirLock(run_dir)
         position = resumed["loop"]
-        LOGGER.info(f"Resuming {run_dir} at epoch {position['epoch']} of {config.opt.epochs}"
-                    + (f", batch {position['batch']}" if position["batch"] else ""))
+        LOGGER.info(
+            f"Resuming {run_dir} at epoch {position['epoch']} of {config.opt.epochs}"
+            + (f", batch {position['batch']}" if position["batch"] else "")
+        )
         return run_dir, lock
-    project, name, exist_ok = (Path(args.project), args.name, args.exist_ok) if resumed_path is not None else \
-        (Path(config.opt.project), config.opt.name, config.opt.exist_ok)
+    project, name, exist_ok = (
+        (Path(args.project), args.name, args.exist_ok)
+        if resumed_path is not None
+        else (Path(config.opt.project), config.opt.name, config.opt.exist_ok)
+    )
     run_dir = next_run_dir(project, name, exist_ok)
     lock = RunDirLock(run_dir)
     if resumed_path is not None:
-        LOGGER.info(f"{resumed_path} is not inside its run folder (<run>/weights/ beside the run's opt.yaml): "
-                    f"resuming at epoch {resumed['loop']['epoch']} of {config.opt.epochs} in a new run folder "
-                    f"{run_dir}, whose results.csv starts there")
+        LOGGER.info(
+            f"{resumed_path} is not inside its run folder (<run>/weights/ beside the run's opt.yaml): "
+            f"resuming at epoch {resumed['loop']['epoch']} of {config.opt.epochs} in a new run folder "
+            f"{run_dir}, whose results.csv starts there"
+        )
     (run_dir / "opt.yaml").write_text(yaml.safe_dump(config.opt.to_dict(), sort_keys=False))
     (run_dir / "hyp.yaml").write_text(yaml.safe_dump(config.hyp, sort_keys=False))
     return run_dir, lock
@@ -116,8 +154,10 @@ def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | Non
     nc = 1 if opt.single_cls else data.nc
     if checkpoint is not None:
         if checkpoint["model_yaml"]["nc"] != nc:
-            raise UserError(f"the resumed run trained {checkpoint['model_yaml']['nc']} classes, but {data.source} "
-                            f"now has {nc}; start a new run with --weights instead")
+            raise UserError(
+                f"the resumed run trained {checkpoint['model_yaml']['nc']} classes, but {data.source} "
+                f"now has {nc}; start a new run with --weights instead"
+            )
         model = DetectionModel(checkpoint["model_yaml"], nc=nc)
     else:
         initial = load_checkpoint(opt.weights, opt.trust_pickle, offers_trust_pickle=True) if opt.weights else None
@@ -128,19 +168,26 @@ def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | Non
         if initial is not None:
             # Anchors come from the model YAML when one is named explicitly, as in YOLOv5.
             weights = "model" if opt.raw else "ema"
-            moved, total = transfer_matching_weights(model, initial, exclude=("anchors",) if opt.cfg else (),
-                                                     weights=weights)
-            LOGGER.info(f"Transferred {moved}/{total} tensors from {opt.weights} ({weights} weights); a fresh "
-                        "optimizer and an EMA starting from them")
+            moved, total = transfer_matching_weights(
+                model, initial, exclude=("anchors",) if opt.cfg else (), weights=weights
+            )
+            LOGGER.info(
+                f"Transferred {moved}/{total} tensors from {opt.weights} ({weights} weights); a fresh "
+                "optimizer and an EMA starting from them"
+            )
             trained_nc = initial["model_yaml"].get("nc")
             if trained_nc is not None and trained_nc != nc:
-                LOGGER.info(f"{opt.weights} detects {trained_nc} classes and {data.source} has {nc}: the Detect "
-                            "head's output layers start afresh")
+                LOGGER.info(
+                    f"{opt.weights} detects {trained_nc} classes and {data.source} has {nc}: the Detect "
+                    "head's output layers start afresh"
+                )
     head_index = len(model.model) - 1
     frozen = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else list(opt.freeze)
     if any(i >= head_index for i in frozen):
-        raise UserError(f"--freeze {' '.join(map(str, opt.freeze))} would freeze the Detect head (layer {head_index}); "
-                        f"freeze at most the first {head_index} layers")
+        raise UserError(
+            f"--freeze {' '.join(map(str, opt.freeze))} would freeze the Detect head (layer {head_index}); "
+            f"freeze at most the first {head_index} layers"
+        )
     freeze_layers(model, frozen)
     return model
 

@@ -21,8 +21,14 @@ def metric_columns(prefix: str, result: EvalResult | None) -> dict:
     return {f"{prefix}{name}": v for name, v in zip(METRIC_NAMES, values)}
 
 
-def results_row(mean_loss: list[float], result: EvalResult | None, optimizer: torch.optim.Optimizer,
-                ema_updates: int, val_raw: bool = False, raw_result: EvalResult | None = None) -> dict:
+def results_row(
+    mean_loss: list[float],
+    result: EvalResult | None,
+    optimizer: torch.optim.Optimizer,
+    ema_updates: int,
+    val_raw: bool = False,
+    raw_result: EvalResult | None = None,
+) -> dict:
     """One results.csv row: the epoch's train losses, the EMA's validation metrics and losses,
     the raw model's metrics with --val-raw, each group's learning rate and the EMA's update count."""
     row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
@@ -45,6 +51,7 @@ class RunLogger:
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
             self.writer = SummaryWriter(str(run_dir), purge_step=start_epoch)
 
     def _keep_rows_before(self, start_epoch: int) -> None:

@@ -28,8 +28,12 @@ def rng_state() -> dict:
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"key": numpy_state[1].tolist(), "pos": numpy_state[2], "has_gauss": numpy_state[3],
-                  "cached_gaussian": numpy_state[4]},
+        "numpy": {
+            "key": numpy_state[1].tolist(),
+            "pos": numpy_state[2],
+            "has_gauss": numpy_state[3],
+            "cached_gaussian": numpy_state[4],
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -39,8 +43,15 @@ def restore_rng_state(state: dict) -> None:
     """Put back the RNG states that rng_state() recorded."""
     random.setstate(_as_tuples(state["python"]))
     numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", np.array(numpy_state["key"], dtype=np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            np.array(numpy_state["key"], dtype=np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -41,9 +42,15 @@ from utils.train.swa import finish_swa
 from utils.train.sync_bn import convert_sync_batchnorm
 
 
-def state_of(model: torch.nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer, *,
-             scaler: torch.amp.GradScaler | None = None, loop: LoopState | None = None,
-             swa: UniformAverage | None = None) -> dict:
+def state_of(
+    model: torch.nn.Module,
+    ema: ModelEMA | None,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    loop: LoopState | None = None,
+    swa: UniformAverage | None = None,
+) -> dict:
     """A run's state as its checkpoint keeps it: weights, averages, optimizer, scaler, loop
     position and RNG states (the layout of utils/checkpoint/format.py's training_state())."""
     return {
@@ -62,9 +69,18 @@ class TrainingRun:
     loaders, loop state, results log and checkpoint writer of one run. Rank 0 alone has the EMA,
     SWA average, validation loader, log and writer (None on the other ranks)."""
 
-    def __init__(self, config: RunConfig, model: DetectionModel, train_dataset: DetectionDataset,
-                 val_loader: torch.utils.data.DataLoader | None, run_dir: Path, world: World, device: torch.device,
-                 run_dir_lock: RunDirLock | None = None, state: dict | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        model: DetectionModel,
+        train_dataset: DetectionDataset,
+        val_loader: torch.utils.data.DataLoader | None,
+        run_dir: Path,
+        world: World,
+        device: torch.device,
+        run_dir_lock: RunDirLock | None = None,
+        state: dict | None = None,
+    ):
         opt, hyp = config.opt, config.hyp
         self.config, self.run_dir, self.world, self.device = config, run_dir, world, device
         self.run_dir_lock = run_dir_lock
@@ -77,8 +93,14 @@ class TrainingRun:
         if hyp["copy_paste"] > 0:
             LOGGER.warning("WARNING: copy_paste needs segment labels; with box labels it has no effect (as in YOLOv5)")
 
-        self.train_loader = build_train_loader(train_dataset, batch_size=opt.batch_size, workers=opt.workers,
-                                               seed=opt.seed, pin_memory=device.type == "cuda", world=world)
+        self.train_loader = build_train_loader(
+            train_dataset,
+            batch_size=opt.batch_size,
+            workers=opt.workers,
+            seed=opt.seed,
+            pin_memory=device.type == "cuda",
+            world=world,
+        )
         self.val_loader = val_loader
         self.batches_per_epoch = len(self.train_loader)
         self.plots = not opt.no_plots and world.is_main
@@ -93,12 +115,19 @@ class TrainingRun:
         # (broadcast_buffers). Averaging rank 0's model is therefore averaging the model every rank
         # runs, with no collective and no copy of the EMA on the other ranks.
         # --no-ema keeps the same machinery with d = 0: the "average" is then the raw model itself.
-        self.ema = ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"]) \
-            if world.is_main else None
-        self.swa = UniformAverage(self.ema.module if opt.swa_source == "ema" else self.model) \
-            if opt.swa_epochs and world.is_main else None
-        self.criterion = DetectionLoss(self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing,
-                                       world=world)
+        self.ema = (
+            ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"])
+            if world.is_main
+            else None
+        )
+        self.swa = (
+            UniformAverage(self.ema.module if opt.swa_source == "ema" else self.model)
+            if opt.swa_epochs and world.is_main
+            else None
+        )
+        self.criterion = DetectionLoss(
+            self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world
+        )
         self.val_criterion = DetectionLoss(self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
         self.loop = LoopState()
         if state is not None:
@@ -106,8 +135,11 @@ class TrainingRun:
         self.buffers = BufferSnapshot(self.model)
         # Forward passes go through DDP, which averages the gradients over the ranks in backward; the
         # optimizer, EMA, clipping and checkpoints use the bare model, whose tensors DDP shares.
-        self.forward_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None) if world.distributed else self.model
+        self.forward_model = (
+            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            if world.distributed
+            else self.model
+        )
         self._non_finite_in_window = False  # a micro-batch of the current window had a non-finite loss
         self.logger = RunLogger(run_dir, self.loop.epoch) if world.is_main else None
         self.saver = CheckpointWriter(run_dir / "weights", opt.save_interval) if world.is_main else None
@@ -124,19 +156,33 @@ class TrainingRun:
         else:
             ema = self.ema
             final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
-            LOGGER.info(f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
-                        f"optimizer steps are planned, ending near d={final_decay:.3g}"
-                        + (" (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
-                           "file to average more)" if final_decay < 0.5 else ""))
+            LOGGER.info(
+                f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
+                f"optimizer steps are planned, ending near d={final_decay:.3g}"
+                + (
+                    " (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
+                    "file to average more)"
+                    if final_decay < 0.5
+                    else ""
+                )
+            )
         if opt.noval and opt.patience:
-            LOGGER.info("--noval: only the last epoch is validated, so best.pt is written then and --patience "
-                        "(early stopping) has nothing to compare")
-        ranks = (f" over {self.world.size} processes ({self.config.batch_per_process} each"
-                 f"{', SyncBatchNorm' if opt.sync_bn else ''})" if self.world.distributed else "")
-        LOGGER.info(f"{describe_precision(self.amp_dtype, self.weights_dtype)} on {self.device}; batch "
-                    f"{opt.batch_size}{ranks} x {self.schedule.full_accumulate} accumulated, {self.batches_per_epoch} "
-                    f"batches per epoch, {len(self.val_loader.dataset)} val images\n"
-                    f"Logging to {self.run_dir}; training for {opt.epochs} epochs...")
+            LOGGER.info(
+                "--noval: only the last epoch is validated, so best.pt is written then and --patience "
+                "(early stopping) has nothing to compare"
+            )
+        ranks = (
+            f" over {self.world.size} processes ({self.config.batch_per_process} each"
+            f"{', SyncBatchNorm' if opt.sync_bn else ''})"
+            if self.world.distributed
+            else ""
+        )
+        LOGGER.info(
+            f"{describe_precision(self.amp_dtype, self.weights_dtype)} on {self.device}; batch "
+            f"{opt.batch_size}{ranks} x {self.schedule.full_accumulate} accumulated, {self.batches_per_epoch} "
+            f"batches per epoch, {len(self.val_loader.dataset)} val images\n"
+            f"Logging to {self.run_dir}; training for {opt.epochs} epochs..."
+        )
 
     # What a checkpoint keeps
 
@@ -159,9 +205,15 @@ class TrainingRun:
 
     def checkpoint(self, finished: bool = False) -> dict:
         """The run as a training checkpoint (utils/checkpoint/format.py)."""
-        return training_checkpoint(self.state_dict(), finished=finished, model_yaml=self.model.yaml,
-                                   names=list(self.config.names), hyp=self.config.hyp,
-                                   opt=self.config.opt.to_dict(), world_size=self.world.size)
+        return training_checkpoint(
+            self.state_dict(),
+            finished=finished,
+            model_yaml=self.model.yaml,
+            names=list(self.config.names),
+            hyp=self.config.hyp,
+            opt=self.config.opt.to_dict(),
+            world_size=self.world.size,
+        )
 
     # One epoch
 
@@ -178,15 +230,22 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         self._non_finite_in_window = False
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
-        return tqdm(self.train_loader, initial=loop.batch, total=self.batches_per_epoch,
-                    bar_format="{l_bar}{bar:10}{r_bar}", disable=not interactive() or not self.world.is_main)
+        return tqdm(
+            self.train_loader,
+            initial=loop.batch,
+            total=self.batches_per_epoch,
+            bar_format="{l_bar}{bar:10}{r_bar}",
+            disable=not interactive() or not self.world.is_main,
+        )
 
     def window_full(self, i: int, step: int) -> bool:
-        """Whether micro-batch i of the epoch (`step` of the run) completes an accumulation window;
-        the last window of an epoch steps with what it has."""
+        """Whether micro-batch i of the epoch (`step` of the run) completes an accumulation window.
+        The last window of an epoch steps with what it has, its gradient summed over its images and
+        not rescaled: benchmarks/short_window_study.py measured why (weight decay is under 0.2% of
+        an update; rescaling would weigh its few images up to 9 times as much as any other)."""
         return self.loop.window + 1 >= self.schedule.accumulate(step) or i + 1 == self.batches_per_epoch
 
-    def gradient_sync(self, window_full: bool) -> ContextManager:
+    def gradient_sync(self, window_full: bool) -> AbstractContextManager:
         """Under DDP, gradients are averaged over the ranks only in the window's last backward."""
         if self.world.distributed and not window_full:
             return self.forward_model.no_sync()
@@ -222,7 +281,8 @@ class TrainingRun:
             raise TrainingStopped(
                 f"{self.loop.bad_streak} optimizer steps in a row had a non-finite loss or gradient, so training "
                 f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
-                f"{self._last_checkpoint_name()}. Try a lower lr0, --no-amp, or check the data (see data_report.txt)")
+                f"{self._last_checkpoint_name()}. Try a lower lr0, --no-amp, or check the data (see data_report.txt)"
+            )
 
     def _last_checkpoint_name(self) -> str:
         """The run's last.pt for messages, as far as this rank knows (rank 0 writes it)."""
@@ -233,12 +293,18 @@ class TrainingRun:
     def show_progress(self, bar: tqdm, batch: Batch, images: torch.Tensor, i: int, step: int) -> None:
         """The progress line (mean losses so far), and the first batches drawn as the model saw them."""
         if self.plots and step < 3:
-            plot_image_batch(batch.images, batch.targets.numpy(), list(self.config.names),
-                             self.run_dir / f"train_batch{step}.jpg")
+            plot_image_batch(
+                batch.images, batch.targets.numpy(), list(self.config.names), self.run_dir / f"train_batch{step}.jpg"
+            )
         mean_loss = (self.loop.loss_sum / (i + 1)).tolist()
         memory = f"{torch.cuda.memory_reserved(self.device) / 2**30:.3g}G" if self.device.type == "cuda" else "cpu"
-        self._progress = ("%11s" * 2 + "%11.4g" * 5) % (f"{self.loop.epoch}/{self.config.opt.epochs - 1}", memory,
-                                                       *mean_loss, len(batch.targets), images.shape[-1])
+        self._progress = ("%11s" * 2 + "%11.4g" * 5) % (
+            f"{self.loop.epoch}/{self.config.opt.epochs - 1}",
+            memory,
+            *mean_loss,
+            len(batch.targets),
+            images.shape[-1],
+        )
         bar.set_description(self._progress)
 
     def end_epoch(self, bar: tqdm) -> None:
@@ -246,8 +312,10 @@ class TrainingRun:
         if not interactive() and self.world.is_main:
             LOGGER.info(self._progress)
         if self.loop.skipped_steps:
-            LOGGER.warning(f"WARNING: {self.loop.skipped_steps} optimizer step(s) of this epoch skipped for a "
-                           "non-finite loss or gradient; the EMA did not move on those")
+            LOGGER.warning(
+                f"WARNING: {self.loop.skipped_steps} optimizer step(s) of this epoch skipped for a "
+                "non-finite loss or gradient; the EMA did not move on those"
+            )
 
     def log_epoch(self, epoch: int, result: EvalResult | None, raw_result: EvalResult | None) -> bool:
         """Print the validation, append the results.csv row and keep the best fitness; True when
@@ -261,8 +329,9 @@ class TrainingRun:
         if is_best:
             self.loop.best_fitness, self.loop.best_epoch = result.metrics.fitness, epoch
         mean_loss = (self.loop.loss_sum / self.batches_per_epoch).tolist()
-        self.logger.log_epoch(epoch, results_row(mean_loss, result, self.optimizer, self.ema.updates,
-                                                 self.config.opt.val_raw, raw_result))
+        self.logger.log_epoch(
+            epoch, results_row(mean_loss, result, self.optimizer, self.ema.updates, self.config.opt.val_raw, raw_result)
+        )
         return is_best
 
     def save_epoch(self, epoch: int, finished: bool, best: bool) -> None:
@@ -279,18 +348,34 @@ class TrainingRun:
             plot_results(self.logger.csv_path, self.run_dir / "results.png")
         opt = self.config.opt
         if self.swa is not None and self.swa.updates:
-            finish_swa(self.swa, self.checkpoint(finished=True), self.train_loader, source=opt.swa_source,
-                       workers=opt.workers, seed=opt.seed, device=self.device, amp_dtype=self.amp_dtype,
-                       val_loader=self.val_loader, out_path=self.run_dir / "weights" / "swa.pt")
+            finish_swa(
+                self.swa,
+                self.checkpoint(finished=True),
+                self.train_loader,
+                source=opt.swa_source,
+                workers=opt.workers,
+                seed=opt.seed,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                val_loader=self.val_loader,
+                out_path=self.run_dir / "weights" / "swa.pt",
+            )
         elif self.swa is not None:
-            LOGGER.warning(f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
-                           "nothing and no swa.pt was written")
+            LOGGER.warning(
+                f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
+                "nothing and no swa.pt was written"
+            )
         best_path = self.saver.best_path
         if best_path.exists():
             LOGGER.info(f"Validating {best_path}...")
             _, best_model = load_for_inference(best_path, "ema", self.device)
-            result = evaluate(best_model, self.val_loader, device=self.device, amp_dtype=self.amp_dtype,
-                              plot_dir=self.run_dir if self.plots else None)
+            result = evaluate(
+                best_model,
+                self.val_loader,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                plot_dir=self.run_dir if self.plots else None,
+            )
             LOGGER.info(results_table(result, list(self.config.names), verbose=True))
             if self.plots:
                 save_validation_plots(result, list(self.config.names), self.run_dir)

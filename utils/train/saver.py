@@ -38,10 +38,15 @@ class CheckpointWriter:
             try:
                 atomic_write(path, data)
             except OSError as error:
-                kept = (f"the previous {self.last_path} is intact; free space or fix permissions, then continue "
-                        f"with: python train.py --resume {self.last_path}" if self.last_path.exists()
-                        else "no checkpoint of this run exists yet")
-                raise TrainingStopped(f"could not write {path} ({error.strerror or error}); training stopped: {kept}") from None
+                kept = (
+                    f"the previous {self.last_path} is intact; free space or fix permissions, then continue "
+                    f"with: python train.py --resume {self.last_path}"
+                    if self.last_path.exists()
+                    else "no checkpoint of this run exists yet"
+                )
+                raise TrainingStopped(
+                    f"could not write {path} ({error.strerror or error}); training stopped: {kept}"
+                ) from None
         self.last_write = time.monotonic()
 
 
@@ -53,5 +58,7 @@ def _check_finite(checkpoint: dict) -> None:
             continue
         for name, tensor in floats.items():
             if not tensor.isfinite().all():
-                raise TrainingStopped(f"the {key} weights hold a non-finite value in {name}; the checkpoint was not "
-                                      "written (this should not happen: please report it)")
+                raise TrainingStopped(
+                    f"the {key} weights hold a non-finite value in {name}; the checkpoint was not "
+                    "written (this should not happen: please report it)"
+                )

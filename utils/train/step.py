@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
-                   max_grad_norm: float = 10.0) -> bool:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module, max_grad_norm: float = 10.0
+) -> bool:
     """Unscale, clip to max_grad_norm, step, zero the grads. Returns False when the step was
     skipped because a gradient was inf/NaN (the GradScaler's verdict under fp16, the gradient
     norm otherwise): then the weights did not move, and the EMA must not either."""
@@ -31,7 +32,7 @@ class BufferSnapshot:
     when that pass turns out non-finite: a skipped step must not leave NaN running statistics."""
 
     def __init__(self, model: nn.Module):
-        self.buffers = [b for b in model.buffers()]
+        self.buffers = list(model.buffers())
         self.saved = [b.clone() for b in self.buffers]
 
     def take(self) -> None:

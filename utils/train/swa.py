@@ -14,8 +14,19 @@ from utils.train.averaging import recalibrate_on_training_batches
 from utils.train.ema import UniformAverage
 
 
-def finish_swa(swa: UniformAverage, last: dict, train_loader: DataLoader, *, source: str, workers: int, seed: int,
-               device: torch.device, amp_dtype: torch.dtype | None, val_loader: DataLoader, out_path: Path) -> None:
+def finish_swa(
+    swa: UniformAverage,
+    last: dict,
+    train_loader: DataLoader,
+    *,
+    source: str,
+    workers: int,
+    seed: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    val_loader: DataLoader,
+    out_path: Path,
+) -> None:
     """Recompute the SWA average's BatchNorm statistics on the last epoch's training batches
     (augmented: see recalibrate_on_training_batches), validate it and save it to `out_path`
     (swa.pt: an average-kind checkpoint built on the run's `last` one, whose 'swa' entry keeps
@@ -23,12 +34,21 @@ def finish_swa(swa: UniformAverage, last: dict, train_loader: DataLoader, *, sou
     # Rebuilt from the checkpoint: plain BatchNorm where the run had SyncBatchNorm (rank 0 works alone here).
     average = model_from_checkpoint({**last, "ema": swa.module.state_dict()}, "ema", source="the SWA average")
     average.to(device, memory_format=torch.channels_last)
-    images = recalibrate_on_training_batches(average, train_loader.dataset, epoch=last["epoch"],
-                                             batch_size=train_loader.batch_size, workers=workers, seed=seed,
-                                             device=device, amp_dtype=amp_dtype)
+    images = recalibrate_on_training_batches(
+        average,
+        train_loader.dataset,
+        epoch=last["epoch"],
+        batch_size=train_loader.batch_size,
+        workers=workers,
+        seed=seed,
+        device=device,
+        amp_dtype=amp_dtype,
+    )
     result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
-    description = (f"SWA of the {source} weights at the end of the last {swa.updates} epochs, "
-                   f"BatchNorm statistics recomputed on {images} augmented training images")
+    description = (
+        f"SWA of the {source} weights at the end of the last {swa.updates} epochs, "
+        f"BatchNorm statistics recomputed on {images} augmented training images"
+    )
     LOGGER.info(f"{description}:\n{results_table(result, list(average.names))}")
     state = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
     save_checkpoint(out_path, averaged_checkpoint(last, state, description, swa=last["swa"]))
