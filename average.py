@@ -10,7 +10,7 @@ in name, shape or dtype are refused, naming the first difference (--no-strict ke
 from the first file and lists them). BatchNorm statistics of an average are averages of
 statistics, not statistics of the averaged network: --recalibrate-bn recomputes them over one
 epoch of --data's training batches, augmented as in training (the statistics the weights were
-trained under; see utils/averaging.py's recalibrate_on_training_batches).
+trained under; see utils/train/averaging.py's recalibrate_on_training_batches).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from utils.checkpoint.format import (
     load_checkpoint,
     model_from_checkpoint,
     serialise,
+    trained_with_amp,
     training_option,
 )
 from utils.data.config import load_dataset_config
@@ -162,7 +163,7 @@ def recalibrate_on_train_split(
     augmented `epoch`; returns the image count."""
     data = load_dataset_config(opt.data)
     single_cls = bool(training_option(checkpoint, "single_cls", False))
-    nc = 1 if single_cls else data.nc
+    nc = data.num_classes(single_cls)
     if nc != model.nc:
         raise UserError(
             f"the checkpoints detect {model.nc} classes but {data.source} has {nc}"
@@ -183,7 +184,7 @@ def recalibrate_on_train_split(
         cache="off",
         epochs=int(training_option(checkpoint, "epochs", epoch + 1)),
     )
-    amp_dtype = inference_amp_dtype(model, device, enabled=not training_option(checkpoint, "no_amp", False))
+    amp_dtype = inference_amp_dtype(model, device, enabled=trained_with_amp(checkpoint))
     return recalibrate_on_training_batches(
         model,
         dataset,

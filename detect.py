@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from utils.boxes import letterbox_to_original
-from utils.checkpoint.format import image_size, load_for_inference
+from utils.checkpoint.format import image_size, load_for_inference, trained_with_amp
 from utils.data.augment import letterbox
 from utils.data.decode import read_image_rgb
 from utils.data.labels import IMAGE_SUFFIXES
@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-amp",
         action="store_true",
-        help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run)",
+        help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run); "
+        "default: the training precision",
     )
     p.add_argument("--save-txt", action="store_true", help="save results as YOLO label files")
     p.add_argument("--save-conf", action="store_true", help="add confidences to --save-txt labels")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     img_size = check_image_size(
         image_size(checkpoint) if opt.imgsz is None else opt.imgsz, model, batch_size=1, device=device, training=False
     )
-    amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp)
+    amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp and trained_with_amp(checkpoint))
     images = list_sources(opt.source)
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
     if opt.save_txt:

@@ -11,10 +11,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.checkpoint.format import image_size, load_for_inference, training_option, validation_batch_size
+from utils.checkpoint.format import (
+    batch_per_process,
+    image_size,
+    load_for_inference,
+    trained_with_amp,
+    training_option,
+)
 from utils.data.config import load_dataset_config
 from utils.data.labels import write_data_report
-from utils.data.loader import build_val_loader
+from utils.data.loader import build_val_loader, validation_batch_size
 from utils.device import describe_precision, inference_amp_dtype, parameter_dtype, select_device
 from utils.errors import UserError, run_cli
 from utils.eval.coco_json import cross_check_with_pycocotools
@@ -48,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", default="val", choices=("train", "val", "test"), help="which split to evaluate")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
     parser.add_argument("--workers", type=int, default=8, help="max dataloader workers")
-    parser.add_argument("--single-cls", action="store_true", help="treat the dataset as single-class")
+    parser.add_argument(
+        "--single-cls", action="store_true", help="treat the dataset as single-class (default: as the run trained)"
+    )
     parser.add_argument("--verbose", action="store_true", help="print mAP per class (always when nc < 50)")
     parser.add_argument(
         "--save-json",
@@ -81,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(opt.device)
     checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device, opt.trust_pickle)
     data = load_dataset_config(opt.data)
-    nc = 1 if opt.single_cls else data.nc
+    # By default as train.py validated: its --single-cls, batch, size and precision, so its results.csv row
+    # is reproduced exactly.
+    single_cls = opt.single_cls or bool(training_option(checkpoint, "single_cls", False))
+    nc = data.num_classes(single_cls)
     if nc != model.nc:
         raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
-    # By default the batch and size train.py validated with, so its results.csv row is reproduced exactly.
-    batch_size = validation_batch_size(checkpoint) if opt.batch_size is None else opt.batch_size
+    batch_size = validation_batch_size(batch_per_process(checkpoint)) if opt.batch_size is None else opt.batch_size
     img_size = check_image_size(
         image_size(checkpoint) if opt.imgsz is None else opt.imgsz,
         model,
@@ -93,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         training=False,
     )
-    amp_dtype = inference_amp_dtype(
-        model, device, enabled=not opt.no_amp and not training_option(checkpoint, "no_amp", False)
-    )
+    amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp and trained_with_amp(checkpoint))
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=opt.workers,
         hyp=checkpoint["hyp"],
         stride=int(model.stride.max()),
-        single_cls=opt.single_cls,
+        single_cls=single_cls,
         prefix=f"{opt.task}: ",
         pin_memory=device.type == "cuda",
         reported=saves,

@@ -136,14 +136,14 @@ def main() -> int:
         )
     except ImportError:
         print("faster-coco-eval not installed: skipped")
-    rows["ours (utils/metrics.py)"] = run_ours(images, args.classes)
+    rows["ours (utils/eval/metrics.py)"] = run_ours(images, args.classes)
 
     reference_time, reference_map50, reference_map = rows["pycocotools COCOeval"]
     print(f"\n| {'method':<26} | {'time (s)':>8} | {'speed-up':>8} | {'mAP50':>10} | {'mAP50-95':>10} |")
     print(f"|{'-' * 28}|{'-' * 9}:|{'-' * 9}:|{'-' * 11}:|{'-' * 11}:|")
     for name, (elapsed, map50, map50_95) in rows.items():
         print(f"| {name:<26} | {elapsed:8.2f} | {reference_time / elapsed:7.1f}x | {map50:10.6f} | {map50_95:10.6f} |")
-    _, ours_map50, ours_map = rows["ours (utils/metrics.py)"]
+    _, ours_map50, ours_map = rows["ours (utils/eval/metrics.py)"]
     print(f"\nours - pycocotools: mAP50 {ours_map50 - reference_map50:+.3e}, mAP50-95 {ours_map - reference_map:+.3e}")
     return 0
 

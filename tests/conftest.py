@@ -31,6 +31,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("data"), num_train=16, num_val=8, seed=1)
 
 
+# A quick run on the tiny dataset: 64 px, batches of 4 (4 per epoch), no workers, no plots.
+TINY_TRAINING = ("--imgsz", "64", "--batch-size", "4", "--workers", "0", "--no-plots")
+
+
+def tiny_train_args(data: Path, project: Path, *extra: str) -> list[str]:
+    """train.py's arguments for a quick run of the tiny dataset into `project`; `extra` may override."""
+    return ["--data", str(data), *TINY_TRAINING, "--project", str(project), *extra]
+
+
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -51,26 +60,5 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
     import train  # a script's main(), as the command line runs it
 
     project = tmp_path_factory.mktemp("tiny_run")
-    assert (
-        train.main(
-            [
-                "--data",
-                str(tiny_dataset),
-                "--epochs",
-                "2",
-                "--imgsz",
-                "64",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--no-plots",
-                "--save-period",
-                "1",
-                "--project",
-                str(project),
-            ]
-        )
-        == 0
-    )
+    assert train.main(tiny_train_args(tiny_dataset, project, "--epochs", "2", "--save-period", "1")) == 0
     return project / "exp"

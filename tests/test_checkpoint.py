@@ -14,16 +14,17 @@ import torch
 from models.yolo import build_model
 from utils.checkpoint.format import (
     FORMAT_VERSION,
+    averaged_checkpoint,
     batch_per_process,
     foreign_checkpoint,
     image_size,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    trained_with_amp,
     training_checkpoint,
     training_state,
     transfer_matching_weights,
-    validation_batch_size,
 )
 from utils.errors import UserError
 from utils.hyp import load_hyp
@@ -192,12 +193,13 @@ def test_version_1_files_are_read_as_their_kind(tmp_path, trained_checkpoint):
 
 
 def test_the_checkpoint_answers_for_its_run(trained_checkpoint):
-    """Image size, batch per process and the validation batch, as train.py used them."""
+    """Image size, batch per process (what BatchNorm saw, and what validation batches are sized
+    from) and precision, as train.py used them; YOLOv5's defaults for a foreign file."""
     *_, checkpoint = trained_checkpoint
-    assert (
-        image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16 and validation_batch_size(checkpoint) == 32
-    )
-    ddp = {**checkpoint, "opt": {**checkpoint["opt"], "batch_size": 64}, "world_size": 4}
-    assert batch_per_process(ddp) == 16 and validation_batch_size(ddp) == 32
+    assert image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16 and trained_with_amp(checkpoint)
+    ddp = {**checkpoint, "opt": {**checkpoint["opt"], "batch_size": 64, "no_amp": True}, "world_size": 4}
+    assert batch_per_process(ddp) == 16 and not trained_with_amp(ddp)
     foreign = foreign_checkpoint({"nc": 3}, ["a", "b", "c"], {}, "a YOLOv5 file")
-    assert image_size(foreign) == 640 and validation_batch_size(foreign) == 32  # YOLOv5's defaults
+    assert image_size(foreign) == 640 and batch_per_process(foreign) == 16 and trained_with_amp(foreign)
+    averaged = averaged_checkpoint({}, {}, "an average of nothing")  # a base without options
+    assert image_size(averaged) == 640 and batch_per_process(averaged) == 16

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 import train
+from tests.conftest import tiny_train_args
 from utils.boxes import letterbox_to_original, xywhn_to_xyxy
 from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
@@ -178,23 +179,4 @@ def test_training_reads_exif_tiffs_and_skips_truncated_bmps(tiny_dataset, tmp_pa
     scan = scan_labels(list_image_files([root / "images" / "train"])[0], 6, cache_path=None)
     assert scan.num_corrupt == 1 and root / "images" / "train" / "rotated.tif" in scan.image_files
     assert any("cut.bmp" in message for _, message in scan.messages)
-    assert (
-        train.main(
-            [
-                "--data",
-                str(data),
-                "--epochs",
-                "1",
-                "--imgsz",
-                "64",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--no-plots",
-                "--project",
-                str(tmp_path / "runs"),
-            ]
-        )
-        == 0
-    )
+    assert train.main(tiny_train_args(data, tmp_path / "runs", "--epochs", "1")) == 0

@@ -327,6 +327,7 @@ def test_resume_after_the_first_epoch(ddp_and_single_runs, tmp_path, direction):
     last = tmp_path / "exp" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
     shutil.copy(runs[source] / "weights" / "epoch0.pt", last)
+    shutil.copy(runs[source] / "opt.yaml", last.parent.parent)  # a run folder of its own, to continue in
     resume = (
         torchrun("--resume", str(last))
         if target == "ddp"

@@ -17,7 +17,7 @@ import average
 import detect
 import train
 import val
-from tests.conftest import run_script
+from tests.conftest import run_script, tiny_train_args
 from tests.test_labels import PLANTED, plant
 from utils.config_files import REPO_ROOT
 from utils.data.synthetic_shapes import CLASS_NAMES
@@ -221,26 +221,7 @@ def poisoned(call_numbers: set[int] | None = None, from_call: int | None = None)
 
 def test_nan_batches_skip_their_steps_and_never_reach_the_weights(tiny_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training_loop, "to_model_input", poisoned(call_numbers={2, 7}))
-    assert (
-        train.main(
-            [
-                "--data",
-                str(tiny_dataset),
-                "--epochs",
-                "2",
-                "--imgsz",
-                "64",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--no-plots",
-                "--project",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    assert train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "2")) == 0
     last = torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)
     for key in ("model", "ema"):
         assert all(torch.isfinite(t).all() for t in last[key].values() if t.dtype.is_floating_point), key
@@ -257,25 +238,7 @@ def test_nan_batches_skip_their_steps_and_never_reach_the_weights(tiny_dataset, 
 def test_a_run_of_bad_steps_stops_training_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(training_loop, "to_model_input", poisoned(from_call=5))  # from the second epoch on
     with pytest.raises(TrainingStopped, match="3 optimizer steps in a row had a non-finite") as stopped:
-        train.main(
-            [
-                "--data",
-                str(tiny_dataset),
-                "--epochs",
-                "3",
-                "--imgsz",
-                "64",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--no-plots",
-                "--max-bad-steps",
-                "3",
-                "--project",
-                str(tmp_path),
-            ]
-        )
+        train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "3", "--max-bad-steps", "3"))
     last_path = tmp_path / "exp" / "weights" / "last.pt"
     assert str(last_path) in str(stopped.value)
     last = torch.load(last_path, weights_only=True)

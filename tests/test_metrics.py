@@ -1,4 +1,4 @@
-"""utils/metrics.py against pycocotools' COCOeval, plus hand-derived values."""
+"""utils/eval/metrics.py against pycocotools' COCOeval, plus hand-derived values."""
 
 from __future__ import annotations
 

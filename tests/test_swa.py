@@ -161,6 +161,7 @@ def test_resume_continues_the_swa_average(swa_run, tmp_path):
     last = tmp_path / "exp" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
     shutil.copy(swa_run / "weights" / "epoch1.pt", last)
+    shutil.copy(swa_run / "opt.yaml", last.parent.parent)  # a run folder of its own, to continue in
     assert load(last)["swa"]["updates"] == 1
     result = run_script("train.py", "--resume", str(last))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""Tests for utils/synthetic_shapes.py: layout, label validity, tight boxes, occlusion bookkeeping,
+"""Tests for utils/data/synthetic_shapes.py: layout, label validity, tight boxes, occlusion bookkeeping,
 determinism and the never-overwrite / no-leftovers guarantees."""
 
 import hashlib

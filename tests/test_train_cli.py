@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import train
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, tiny_train_args
 from utils.errors import UserError
 from utils.train import loop as training_loop
 from utils.train.config import RunConfig, TrainOptions
@@ -92,50 +92,13 @@ def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_datas
 
     train_evaluate = training_loop.evaluate
     monkeypatch.setattr(training_loop, "evaluate", recording_evaluate)
-    assert (
-        train.main(
-            [
-                "--data",
-                str(tiny_dataset),
-                "--epochs",
-                "2",
-                "--imgsz",
-                "64",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--no-plots",
-                "--val-raw",
-                "--project",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    assert train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "2", "--val-raw")) == 0
     last = torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)
-    assert len(evaluated) == 4  # the loop validates the EMA and the raw model in each epoch
+    assert len(evaluated) == 5  # the EMA and the raw model in each epoch, then best.pt
     ema_evaluated, raw_evaluated = evaluated[2], evaluated[3]
     assert all(torch.equal(ema_evaluated[k], v) for k, v in last["ema"].items())
     assert all(torch.equal(raw_evaluated[k], v) for k, v in last["model"].items())
     assert not all(torch.equal(last["ema"][k], v) for k, v in last["model"].items())
-
-
-def tiny(data: Path, project: Path, *extra: str) -> list[str]:
-    return [
-        "--data",
-        str(data),
-        "--imgsz",
-        "64",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-plots",
-        "--project",
-        str(project),
-        *extra,
-    ]
 
 
 def test_noval_writes_best_pt_once_from_the_validated_last_epoch(tiny_dataset, tmp_path, monkeypatch):
@@ -149,7 +112,7 @@ def test_noval_writes_best_pt_once_from_the_validated_last_epoch(tiny_dataset, t
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", recording_replace)
-    assert train.main(tiny(tiny_dataset, tmp_path, "--epochs", "3", "--noval", "--patience", "1")) == 0
+    assert train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "3", "--noval", "--patience", "1")) == 0
     assert renamed.count("best.pt") == 1 and renamed.count("last.pt") == 3  # no early stop after epoch 1
     best = torch.load(tmp_path / "exp" / "weights" / "best.pt", weights_only=True)
     assert best["epoch"] == 2 and best["best_epoch"] == 2
@@ -172,20 +135,26 @@ def test_resume_fills_loop_fields_a_checkpoint_predates(tiny_run, tiny_dataset, 
     assert torch.load(path.parent / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def test_resume_of_a_copied_checkpoint_writes_only_into_a_new_run_folder(tiny_run, tiny_dataset, tmp_path):
-    """A last.pt copied out of its run folder resumes into a new run folder under --project;
-    nothing is written beside the copy or above it."""
+@pytest.mark.parametrize("folder", ["copied", "weights"])
+def test_resume_of_a_copied_checkpoint_writes_only_into_a_new_run_folder(tiny_run, tiny_dataset, tmp_path, folder):
+    """A last.pt copied out of its run folder (into any folder, one called weights/ too) resumes
+    into a new run folder under --project/--name; nothing is written beside the copy or above it."""
     source = epoch0_checkpoint(tiny_run, tmp_path)
-    elsewhere = tmp_path / "downloads" / "copied"
+    elsewhere = tmp_path / "downloads" / folder
     elsewhere.mkdir(parents=True)
     copy = elsewhere / "last.pt"
     shutil.copy(source, copy)
-    assert train.main(["--resume", str(copy), "--workers", "0", "--project", str(tmp_path / "resumed")]) == 0
+    assert (
+        train.main(["--resume", str(copy), "--workers", "0", "--project", str(tmp_path / "resumed"), "--name", "again"])
+        == 0
+    )
     assert sorted(p.relative_to(tmp_path / "downloads").as_posix() for p in (tmp_path / "downloads").rglob("*")) == [
-        "copied",
-        "copied/last.pt",
+        folder,
+        f"{folder}/last.pt",
     ]
-    run = tmp_path / "resumed" / "exp"
+    run = tmp_path / "resumed" / "again"
+    opt = yaml.safe_load((run / "opt.yaml").read_text())
+    assert (opt["project"], opt["name"]) == (str(tmp_path / "resumed"), "again")  # where it now lives
     rows = (run / "results.csv").read_text().splitlines()
     assert rows[1].startswith("1,") and len(rows) == 2  # epoch 1, the one left to train
     assert torch.load(run / "weights" / "last.pt", weights_only=True)["finished"]
@@ -194,7 +163,7 @@ def test_resume_of_a_copied_checkpoint_writes_only_into_a_new_run_folder(tiny_ru
 
 def test_an_image_size_no_memory_can_hold_is_refused_before_anything_starts(tiny_dataset, tmp_path):
     with pytest.raises(UserError, match=r"--imgsz 10000 needs at least [\d,]+ GiB for one training batch of 4"):
-        train.main(tiny(tiny_dataset, tmp_path / "runs", "--epochs", "1", "--imgsz", "10000"))
+        train.main(tiny_train_args(tiny_dataset, tmp_path / "runs", "--epochs", "1", "--imgsz", "10000"))
     assert not (tmp_path / "runs").exists()
 
 
@@ -215,7 +184,7 @@ def dataset_without_labels(tiny_dataset: Path, tmp_path: Path, darknet: bool) ->
 def test_a_train_split_without_labels_is_refused_saying_where_they_belong(tiny_dataset, tmp_path, darknet):
     data = dataset_without_labels(tiny_dataset, tmp_path, darknet)
     with pytest.raises(UserError, match="train: no labelled boxes in") as refused:
-        train.main(tiny(data, tmp_path / "runs", "--epochs", "1"))
+        train.main(tiny_train_args(data, tmp_path / "runs", "--epochs", "1"))
     message = str(refused.value)
     assert "Labels are read from a labels/ folder beside images/" in message
     assert str(tmp_path / "unlabelled" / "labels" / "train") in message
@@ -230,7 +199,7 @@ def test_a_run_folder_held_by_a_live_run_is_refused(tiny_dataset, tmp_path):
         [
             sys.executable,
             str(REPO_ROOT / "train.py"),
-            *tiny(tiny_dataset, tmp_path, "--epochs", "50", "--name", "shared", "--exist-ok"),
+            *tiny_train_args(tiny_dataset, tmp_path, "--epochs", "50", "--name", "shared", "--exist-ok"),
         ],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
@@ -243,14 +212,14 @@ def test_a_run_folder_held_by_a_live_run_is_refused(tiny_dataset, tmp_path):
             time.sleep(0.1)
         assert results.exists(), "the first run did not get going"
         with pytest.raises(UserError, match=f"{tmp_path / 'shared'} is in use by another live training run"):
-            train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok"))
+            train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok"))
         rows_now = results.read_text()
     finally:
         first.kill()
         first.wait()
     assert all(line.split(",")[0].isdigit() for line in rows_now.splitlines()[1:])
     assert (
-        train.main(tiny(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok")) == 0
+        train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "1", "--name", "shared", "--exist-ok")) == 0
     )  # free again
 
 

@@ -6,7 +6,9 @@ import re
 
 import torch
 
+import train
 import val
+from tests.conftest import tiny_train_args
 
 
 def test_a_torchrun_checkpoint_is_validated_with_the_batch_training_validated_with(
@@ -24,3 +26,25 @@ def test_a_torchrun_checkpoint_is_validated_with_the_batch_training_validated_wi
         output = capsys.readouterr().out
         assert f", batch {batch}, " in output
         assert re.search(rf"at shape \({batch}, 3, \d+, \d+\)", output), output  # 8 val images: full batches
+
+
+def test_a_single_class_run_is_validated_as_it_trained(tiny_dataset, tmp_path, capsys):
+    """val.py takes --single-cls, like the batch and size, from the run unless told otherwise."""
+    assert train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "1", "--single-cls")) == 0
+    capsys.readouterr()
+    assert (
+        val.main(
+            [
+                "--weights",
+                str(tmp_path / "exp" / "weights" / "last.pt"),
+                "--data",
+                str(tiny_dataset),
+                "--no-plots",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["all"]]
+    assert rows and rows[0][2] == "25"  # all 25 val boxes, counted as one class

@@ -56,6 +56,11 @@ class World:
             dist.barrier()
 
 
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """Each process's share of the global --batch-size (train.py refuses one that does not split)."""
+    return max(batch_size // processes, 1)
+
+
 def world_from_env() -> World:
     """The World torchrun describes in the environment (rank 0 of 1 without torchrun)."""
     env = os.environ

@@ -64,10 +64,12 @@ class RunDirLock:
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run folder a checkpoint belongs to: <run> for <run>/weights/<name>.pt; None for a
-    checkpoint copied anywhere else."""
+    """The run folder a checkpoint belongs to: <run> for <run>/weights/<name>.pt where <run> holds
+    the run's opt.yaml; None for a checkpoint copied anywhere else."""
     folder = checkpoint.resolve().parent
-    return folder.parent if folder.name == "weights" else None
+    if folder.name == "weights" and (folder.parent / "opt.yaml").is_file():
+        return folder.parent
+    return None
 
 
 def newest_last_checkpoint(search_dir: Path) -> Path:

@@ -40,6 +40,10 @@ SAFE_BUILTINS = {
 }
 
 
+# Where numpy's array and scalar builders live across numpy 1 and 2 (numpy.core became numpy._core).
+NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
+
+
 def _allowed(module: str, name: str) -> bool:
     if module in ("builtins", "__builtin__"):
         return name in SAFE_BUILTINS
@@ -51,7 +55,7 @@ def _allowed(module: str, name: str) -> bool:
         return _is_module_class(module, name)
     if module == "torch":
         return name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)
-    if module.startswith("numpy"):
+    if module in NUMPY_MODULES:
         return name in ("_reconstruct", "scalar", "dtype", "ndarray")
     return False
 

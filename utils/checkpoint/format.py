@@ -32,6 +32,7 @@ import torch
 from models.yolo import DetectionModel
 from utils.atomic_write import atomic_write
 from utils.checkpoint.foreign import read_yolov5_checkpoint
+from utils.dist import per_process_batch
 from utils.errors import UserError
 
 FORMAT = "ema-yolo-checkpoint"
@@ -233,27 +234,26 @@ def describe_kind(checkpoint: dict) -> str:
     return "a YOLOv5 checkpoint" if kind == FOREIGN else "a training checkpoint"
 
 
+def training_option(checkpoint: dict, name: str, default: object = None) -> object:
+    """One of the run's options (opt.yaml) as the checkpoint recorded it."""
+    return (checkpoint.get("opt") or {}).get(name, default)
+
+
 def image_size(checkpoint: dict) -> int:
     """The image size the weights were trained at (YOLOv5's 640 when a foreign file does not say)."""
-    return int(checkpoint.get("opt", {}).get("imgsz") or DEFAULT_IMAGE_SIZE)
+    return int(training_option(checkpoint, "imgsz") or DEFAULT_IMAGE_SIZE)
 
 
 def batch_per_process(checkpoint: dict) -> int:
     """The batch each training process ran (--batch-size is the global batch under torchrun):
-    the batch BatchNorm saw."""
-    batch = int(checkpoint.get("opt", {}).get("batch_size") or DEFAULT_BATCH_SIZE)
-    return max(batch // int(checkpoint.get("world_size") or 1), 1)
+    the batch BatchNorm saw, and the one validation batches are sized from."""
+    batch = int(training_option(checkpoint, "batch_size") or DEFAULT_BATCH_SIZE)
+    return per_process_batch(batch, int(checkpoint.get("world_size") or 1))
 
 
-def validation_batch_size(checkpoint: dict) -> int:
-    """The batch train.py validated with: twice each process's training batch. Rectangular
-    validation groups images per batch, so the same batch reproduces its mAP exactly."""
-    return 2 * batch_per_process(checkpoint)
-
-
-def training_option(checkpoint: dict, name: str, default: object = None) -> object:
-    """One of the run's options (opt.yaml) as the checkpoint recorded it."""
-    return (checkpoint.get("opt") or {}).get(name, default)
+def trained_with_amp(checkpoint: dict) -> bool:
+    """Whether the run used autocast (val.py and detect.py then run in the same precision)."""
+    return not training_option(checkpoint, "no_amp", False)
 
 
 def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = "checkpoint") -> DetectionModel:

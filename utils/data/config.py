@@ -34,6 +34,10 @@ class DatasetConfig:
     def nc(self) -> int:
         return len(self.names)
 
+    def num_classes(self, single_cls: bool) -> int:
+        """The classes a model trains or is evaluated on: 1 with --single-cls."""
+        return 1 if single_cls else self.nc
+
 
 def load_dataset_config(name_or_path: str | Path, prepare: bool = True) -> DatasetConfig:
     """Read and check a dataset YAML. With `prepare`, generate a built-in dataset if it is absent,

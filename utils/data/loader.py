@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from utils.data.config import DatasetConfig
 from utils.data.dataset import ORDER_STREAM, DetectionDataset, collate
 from utils.data.labels import scan_split
-from utils.dist import World, local_main_first
+from utils.dist import World, local_main_first, per_process_batch
 
 
 class EpochSampler(Sampler):
@@ -128,7 +128,7 @@ def build_train_loader(
     batch_size / world.size images of each global batch."""
     return build_dataloader(
         dataset,
-        batch_size // world.size,
+        per_process_batch(batch_size, world.size),
         workers,
         shuffle=True,
         seed=seed,
@@ -137,6 +137,12 @@ def build_train_loader(
         world_size=world.size,
         processes_per_machine=world.local_size,
     )
+
+
+def validation_batch_size(train_batch_per_process: int) -> int:
+    """The batch train.py validates with (twice each process's training batch), and so val.py's
+    default: rectangular batches group images, so the batch decides the mAP."""
+    return 2 * train_batch_per_process
 
 
 def build_val_loader(

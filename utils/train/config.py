@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass
 
 from utils.data.config import DatasetConfig
 from utils.data.labels import list_image_files
-from utils.dist import World
+from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
-from utils.train.optim import AUTO_SGD_MIN_STEPS, accumulation_steps, resolve_auto_optimizer
+from utils.train.optim import AUTO_SGD_MIN_STEPS, optimizer_steps, resolve_auto_optimizer
 
 RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
-PLACEMENT_OPTIONS = ("project", "name", "exist_ok")  # on --resume: where a checkpoint outside its run folder goes
+PLACEMENT_OPTIONS = ("project", "name", "exist_ok")  # on --resume, where a copy outside its run folder continues
 SINGLE_CLASS_NAME = "item"
 
 
@@ -83,28 +83,35 @@ class RunConfig:
 
     @property
     def batch_per_process(self) -> int:
-        return self.opt.batch_size // self.world_size
+        return per_process_batch(self.opt.batch_size, self.world_size)
 
 
-def options_for_run(args: argparse.Namespace, defaults: dict, resumed: dict | None) -> TrainOptions:
+def options_for_run(
+    args: argparse.Namespace, defaults: dict, resumed: dict | None, placement_from_command_line: bool = True
+) -> TrainOptions:
     """The options a run uses. A new run: the command line, with --device and --workers resolved.
     A resumed run: the original run's options (defaults for those added since, none for those
-    removed since), of which only --device and --workers may be changed; others given are
-    reported as ignored. Every command-line option must be a field of TrainOptions."""
+    removed since), of which only --device and --workers may be changed, and --project, --name
+    and --exist-ok when the checkpoint is outside its run folder (`placement_from_command_line`:
+    where the run continues); others given are reported as ignored. Every command-line option
+    must be a field of TrainOptions."""
     given = {k: v for k, v in vars(args).items() if k != "resume"}
     if resumed is None:
         chosen = {**given, "device": args.device or "", "workers": 8 if args.workers is None else args.workers}
     else:
+        changeable = RUNTIME_ONLY_OPTIONS + (PLACEMENT_OPTIONS if placement_from_command_line else ())
         ignored = [
             f"--{k.replace('_', '-')}"
             for k, v in given.items()
-            if k not in (*RUNTIME_ONLY_OPTIONS, *PLACEMENT_OPTIONS) and v != defaults[k]
-        ]
+            if k not in changeable and k != "project" and v != defaults[k]
+        ]  # --project: where to look
         if ignored:
             LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
         recorded = {k: v for k, v in resumed["opt"].items() if k in given}
         chosen = {**{k: defaults[k] for k in given}, **recorded}
         chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
+        if placement_from_command_line:
+            chosen.update({k: given[k] for k in PLACEMENT_OPTIONS})
     return TrainOptions(**{**chosen, "freeze": tuple(chosen["freeze"])})
 
 
@@ -138,8 +145,8 @@ def choose_optimizer(opt: TrainOptions, hyp: dict, data: DatasetConfig) -> tuple
     optimizer steps, once, and the result recorded in opt.yaml, hyp.yaml and every checkpoint."""
     if opt.optimizer != "auto":
         return opt.optimizer, hyp
-    images = len(list_image_files(data.train)[0])
-    planned_steps = opt.epochs * math.ceil(math.ceil(images / opt.batch_size) / accumulation_steps(opt.batch_size))
+    batches_per_epoch = math.ceil(len(list_image_files(data.train)[0]) / opt.batch_size)
+    planned_steps = optimizer_steps(opt.epochs, batches_per_epoch, opt.batch_size)
     name, hyp = resolve_auto_optimizer(opt.optimizer, hyp, planned_steps)
     LOGGER.info(
         f"--optimizer auto: {name} with lr0 {hyp['lr0']:g} for about {planned_steps} optimizer steps "

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import time
 
+from utils.checkpoint.format import load_for_inference
 from utils.device import autocast, to_model_input
-from utils.eval.evaluate import evaluate
+from utils.eval.evaluate import evaluate, results_table, save_validation_plots
+from utils.eval.plots import plot_results
 from utils.log import LOGGER
 from utils.train.run import TrainingRun
+from utils.train.swa import finish_swa
 
 
 def train(run: TrainingRun) -> None:
@@ -68,4 +71,48 @@ def train(run: TrainingRun) -> None:
             LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
             break
     if world.is_main:
-        run.finish(elapsed_s=time.time() - started, epochs_run=loop.epoch - first_epoch)
+        finish(run, elapsed_s=time.time() - started, epochs_run=loop.epoch - first_epoch)
+
+
+def finish(run: TrainingRun, elapsed_s: float, epochs_run: int) -> None:
+    """After the last epoch (rank 0): close the log, plot, finish SWA, validate best.pt, free the run folder."""
+    run.logger.close()
+    LOGGER.info(f"\n{epochs_run} epochs completed in {elapsed_s / 3600:.3f} hours.")
+    if run.plots:
+        plot_results(run.logger.csv_path, run.run_dir / "results.png")
+    opt = run.config.opt
+    if run.swa is not None and run.swa.updates:
+        finish_swa(
+            run.swa,
+            run.checkpoint(finished=True),
+            run.train_loader,
+            source=opt.swa_source,
+            workers=opt.workers,
+            seed=opt.seed,
+            device=run.device,
+            amp_dtype=run.amp_dtype,
+            val_loader=run.val_loader,
+            out_path=run.run_dir / "weights" / "swa.pt",
+        )
+    elif run.swa is not None:
+        LOGGER.warning(
+            f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
+            "nothing and no swa.pt was written"
+        )
+    best_path = run.saver.best_path
+    if best_path.exists():
+        LOGGER.info(f"Validating {best_path}...")
+        _, best_model = load_for_inference(best_path, "ema", run.device)
+        result = evaluate(
+            best_model,
+            run.val_loader,
+            device=run.device,
+            amp_dtype=run.amp_dtype,
+            plot_dir=run.run_dir if run.plots else None,
+        )
+        LOGGER.info(results_table(result, list(run.config.names), verbose=True))
+        if run.plots:
+            save_validation_plots(result, list(run.config.names), run.run_dir)
+    LOGGER.info(f"Results saved to {run.run_dir}")
+    if run.run_dir_lock is not None:
+        run.run_dir_lock.release()

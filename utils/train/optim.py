@@ -23,6 +23,12 @@ def accumulation_steps(batch_size: int) -> int:
     return max(round(NOMINAL_BATCH_SIZE / batch_size), 1)
 
 
+def optimizer_steps(epochs: int, batches_per_epoch: int, batch_size: int) -> int:
+    """Optimizer steps of `epochs` after warmup: each epoch's windows of accumulation_steps()
+    micro-batches, the last one short (warmup's shorter windows add a few)."""
+    return epochs * math.ceil(batches_per_epoch / accumulation_steps(batch_size))
+
+
 def resolve_auto_optimizer(name: str, hyp: dict, planned_steps: int) -> tuple[str, dict]:
     """The optimizer and hyp a run uses: `name` and `hyp` unchanged unless name is 'auto', which
     picks SGD with the hyp's values for runs of AUTO_SGD_MIN_STEPS optimizer steps or more, and

@@ -15,15 +15,16 @@ from models.yolo import DetectionModel, build_model
 from utils.checkpoint.format import load_checkpoint, training_state, transfer_matching_weights
 from utils.data.config import DatasetConfig, load_dataset_config
 from utils.data.labels import write_data_report
-from utils.data.loader import build_train_dataset, build_val_loader
+from utils.data.loader import build_train_dataset, build_val_loader, validation_batch_size
 from utils.device import select_device
-from utils.dist import World, init_process_group, local_main_first
+from utils.dist import World, init_process_group, local_main_first, per_process_batch
 from utils.errors import UserError
 from utils.hyp import load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
 from utils.run_dir import RunDirLock, newest_last_checkpoint, next_run_dir, run_dir_of
 from utils.train.config import RunConfig, TrainOptions, check_options, choose_optimizer, options_for_run
+from utils.train.loop_state import LoopState
 from utils.train.rng import seed_everything, use_deterministic_algorithms
 from utils.train.run import TrainingRun
 
@@ -34,16 +35,25 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     """The run train.py's command line asks for, ready to train (under torchrun: in every
     process, each of which finds the same options, data and checkpoint); None when a resumed
     run has already finished. `defaults`: the command line's default values."""
-    resumed_path = resumed = None
+    resumed = state = home = None
     if args.resume:
         resumed_path = Path(args.resume) if isinstance(args.resume, str) else newest_last_checkpoint(Path(args.project))
         resumed = load_checkpoint(resumed_path)
-    opt = options_for_run(args, defaults, resumed)
-    if resumed is not None:
-        state = _resumable_state(resumed, resumed_path)
-        if resumed.get("finished") or state["loop"]["epoch"] >= opt.epochs:
-            LOGGER.info(f"{resumed_path} is from a finished run ({state['loop']['epoch']} epochs); nothing to resume")
-            return None
+        try:
+            state = training_state(resumed)
+        except UserError as error:
+            raise UserError(f"--resume {resumed_path}: {error}") from None
+        home = run_dir_of(resumed_path)  # None for a copy outside its run folder: it continues in a new one
+        if home is None:
+            LOGGER.info(
+                f"{resumed_path} is not inside its run folder (<run>/weights/ beside the run's opt.yaml): "
+                "it resumes in a new run folder under --project/--name"
+            )
+    opt = options_for_run(args, defaults, resumed, placement_from_command_line=home is None)
+    position = LoopState.from_state_dict(state["loop"]) if state is not None else LoopState()
+    if resumed is not None and (resumed.get("finished") or position.epoch >= opt.epochs):
+        LOGGER.info(f"{args.resume} is from a finished run ({position.epoch} epochs); nothing to resume")
+        return None
     check_options(opt, world)
     hyp = resumed["hyp"] if resumed is not None else load_hyp(opt.hyp)
     device = select_device(opt.device)
@@ -54,7 +64,15 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     with local_main_first(world):  # the embedded dataset is generated once per machine
         data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, resumed)
-    img_size = check_image_size(opt.imgsz, model, batch_size=opt.batch_size // world.size, device=device, training=True)
+    # Each process holds its share of the batch; CPU processes share the machine's memory.
+    img_size = check_image_size(
+        opt.imgsz,
+        model,
+        batch_size=per_process_batch(opt.batch_size, world.size),
+        device=device,
+        training=True,
+        processes=world.local_size if device.type == "cpu" else 1,
+    )
     optimizer, hyp = choose_optimizer(opt, hyp, data) if resumed is None else (opt.optimizer, hyp)
     config = RunConfig(opt=replace(opt, imgsz=img_size, optimizer=optimizer), hyp=hyp, data=data, world_size=world.size)
     opt = config.opt
@@ -69,12 +87,13 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         world=world,
         reported=world.is_main,
     )
-    val_loader = (
-        build_val_loader(
+    val_loader = None
+    if world.is_main:  # rank 0 alone validates
+        val_loader = build_val_loader(
             data.val,
             data.nc,
             img_size=opt.imgsz,
-            batch_size=2 * config.batch_per_process,
+            batch_size=validation_batch_size(config.batch_per_process),
             workers=opt.workers,
             hyp=hyp,
             stride=int(model.stride.max()),
@@ -82,68 +101,31 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
             pin_memory=device.type == "cuda",
             reported=True,
         )
-        if world.is_main
-        else None
-    )
     run_dir = lock = None
     if world.is_main:  # only rank 0 writes in the run folder
-        run_dir, lock = open_run_dir(config, args, defaults, resumed_path, resumed)
+        run_dir, lock = open_run_dir(config, home, position)
         write_data_report(
             run_dir / "data_report.txt", [("train", train_dataset.scan), ("val", val_loader.dataset.scan)]
         )
     run_dir = world.from_main(run_dir)
-    return TrainingRun(
-        config,
-        model,
-        train_dataset,
-        val_loader,
-        run_dir,
-        world,
-        device,
-        run_dir_lock=lock,
-        state=training_state(resumed) if resumed is not None else None,
-    )
+    return TrainingRun(config, model, train_dataset, val_loader, run_dir, world, device, run_dir_lock=lock, state=state)
 
 
-def _resumable_state(checkpoint: dict, path: Path) -> dict:
-    try:
-        return training_state(checkpoint)
-    except UserError as error:
-        raise UserError(f"--resume {path}: {error}") from None
-
-
-def open_run_dir(
-    config: RunConfig, args: argparse.Namespace, defaults: dict, resumed_path: Path | None, resumed: dict | None
-) -> tuple[Path, RunDirLock]:
-    """The run folder, locked for this run: a new project/name (with opt.yaml and hyp.yaml), or the
-    resumed checkpoint's own run folder. A checkpoint copied out of its run folder continues in a
-    new folder under --project/--name, never in whatever folder holds the copy."""
-    run_dir = run_dir_of(resumed_path) if resumed_path is not None else None
-    if run_dir is not None:
-        placement = [f"--{k.replace('_', '-')}" for k in ("name", "exist_ok") if getattr(args, k) != defaults[k]]
-        if placement:
-            LOGGER.warning(f"WARNING: {' '.join(placement)} ignored: the run continues in its own folder {run_dir}")
-        lock = RunDirLock(run_dir)
-        position = resumed["loop"]
-        LOGGER.info(
-            f"Resuming {run_dir} at epoch {position['epoch']} of {config.opt.epochs}"
-            + (f", batch {position['batch']}" if position["batch"] else "")
-        )
-        return run_dir, lock
-    project, name, exist_ok = (
-        (Path(args.project), args.name, args.exist_ok)
-        if resumed_path is not None
-        else (Path(config.opt.project), config.opt.name, config.opt.exist_ok)
-    )
-    run_dir = next_run_dir(project, name, exist_ok)
+def open_run_dir(config: RunConfig, home: Path | None, position: LoopState) -> tuple[Path, RunDirLock]:
+    """The run folder, locked for this run: a resumed checkpoint's own (`home`), else a new
+    --project/--name with opt.yaml and hyp.yaml (for a new run, and for a checkpoint copied out
+    of its run folder, which never continues in whatever folder holds the copy)."""
+    opt = config.opt
+    where = f" at epoch {position.epoch} of {opt.epochs}" + (f", batch {position.batch}" if position.batch else "")
+    if home is not None:
+        lock = RunDirLock(home)
+        LOGGER.info(f"Resuming {home}{where}")
+        return home, lock
+    run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
     lock = RunDirLock(run_dir)
-    if resumed_path is not None:
-        LOGGER.info(
-            f"{resumed_path} is not inside its run folder (<run>/weights/ beside the run's opt.yaml): "
-            f"resuming at epoch {resumed['loop']['epoch']} of {config.opt.epochs} in a new run folder "
-            f"{run_dir}, whose results.csv starts there"
-        )
-    (run_dir / "opt.yaml").write_text(yaml.safe_dump(config.opt.to_dict(), sort_keys=False))
+    if position.epoch or position.batch:
+        LOGGER.info(f"Resuming in the new run folder {run_dir}{where}; its results.csv starts there")
+    (run_dir / "opt.yaml").write_text(yaml.safe_dump(opt.to_dict(), sort_keys=False))
     (run_dir / "hyp.yaml").write_text(yaml.safe_dump(config.hyp, sort_keys=False))
     return run_dir, lock
 
@@ -151,7 +133,7 @@ def open_run_dir(
 def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | None) -> DetectionModel:
     """The run's model: the resumed checkpoint's, else --cfg (or the --weights checkpoint's YAML)
     with --weights transferred; checked against the dataset and --freeze."""
-    nc = 1 if opt.single_cls else data.nc
+    nc = data.num_classes(opt.single_cls)
     if checkpoint is not None:
         if checkpoint["model_yaml"]["nc"] != nc:
             raise UserError(

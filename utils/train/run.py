@@ -19,32 +19,31 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.yolo import DetectionModel
-from utils.checkpoint.format import load_for_inference, training_checkpoint
+from utils.checkpoint.format import training_checkpoint
 from utils.data.dataset import Batch, DetectionDataset
 from utils.data.loader import build_train_loader
 from utils.device import amp_dtype_for, describe_precision
 from utils.dist import World
 from utils.errors import TrainingStopped
-from utils.eval.evaluate import EvalResult, evaluate, results_table, save_validation_plots
-from utils.eval.plots import plot_image_batch, plot_labels, plot_results
+from utils.eval.evaluate import EvalResult, results_table
+from utils.eval.plots import plot_image_batch, plot_labels
 from utils.log import LOGGER, interactive
 from utils.run_dir import RunDirLock
 from utils.train.config import RunConfig
 from utils.train.ema import ModelEMA, UniformAverage
 from utils.train.loop_state import LoopState
 from utils.train.loss import DetectionLoss
-from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer
+from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer, optimizer_steps
 from utils.train.results import LOSS_NAMES, RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
 from utils.train.saver import CheckpointWriter
 from utils.train.step import BufferSnapshot, optimizer_step
-from utils.train.swa import finish_swa
 from utils.train.sync_bn import convert_sync_batchnorm
 
 
 def state_of(
     model: torch.nn.Module,
-    ema: ModelEMA | None,
+    ema: ModelEMA,
     optimizer: torch.optim.Optimizer,
     *,
     scaler: torch.amp.GradScaler | None = None,
@@ -55,7 +54,7 @@ def state_of(
     position and RNG states (the layout of utils/checkpoint/format.py's training_state())."""
     return {
         "model": model.state_dict(),  # saved at once, so the live tensors need no copy
-        "ema": ema.state_dict() if ema is not None else None,
+        "ema": ema.state_dict(),
         "swa": swa.state_dict() if swa is not None else None,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -86,7 +85,7 @@ class TrainingRun:
         self.run_dir_lock = run_dir_lock
         self.weights_dtype = torch.float64 if opt.float64 else torch.float32
         self.amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=self.weights_dtype)
-        model.names, model.hyp = list(config.names), hyp
+        model.names, model.hyp = list(config.names), dict(hyp)  # the model's own copy: the config stays as decided
         model.to(device, self.weights_dtype, memory_format=torch.channels_last)  # before a resumed state is loaded
         self.model = convert_sync_batchnorm(model, device) if opt.sync_bn and world.distributed else model
         LOGGER.info(f"Model: {self.model.summary(opt.imgsz)}")
@@ -144,13 +143,14 @@ class TrainingRun:
         self.logger = RunLogger(run_dir, self.loop.epoch) if world.is_main else None
         self.saver = CheckpointWriter(run_dir / "weights", opt.save_interval) if world.is_main else None
         if world.is_main:
-            self._describe(train_dataset, new_run=state is None)
+            self.log_plan(train_dataset, new_run=state is None)
 
-    def _describe(self, train_dataset: DetectionDataset, new_run: bool) -> None:
+    def log_plan(self, train_dataset: DetectionDataset, new_run: bool) -> None:
+        """Say what the run will do (and draw its labels once): EMA horizon, precision, batches."""
         opt, loop = self.config.opt, self.loop
         if self.plots and new_run:
             plot_labels(np.concatenate(train_dataset.labels), list(self.config.names), self.run_dir / "labels.jpg")
-        planned_steps = (opt.epochs - loop.epoch) * math.ceil(self.batches_per_epoch / self.schedule.full_accumulate)
+        planned_steps = optimizer_steps(opt.epochs - loop.epoch, self.batches_per_epoch, opt.batch_size)
         if opt.no_ema:
             LOGGER.info("--no-ema: no weight averaging; the raw weights are validated and saved as 'ema' too")
         else:
@@ -339,46 +339,3 @@ class TrainingRun:
         save_period = self.config.opt.save_period
         copy_name = f"epoch{epoch}.pt" if save_period > 0 and epoch % save_period == 0 else None
         self.saver.write(self.checkpoint(finished=finished), best=best, copy_name=copy_name)
-
-    def finish(self, elapsed_s: float, epochs_run: int) -> None:
-        """After the last epoch (rank 0): close the log, plot, finish SWA, validate best.pt."""
-        self.logger.close()
-        LOGGER.info(f"\n{epochs_run} epochs completed in {elapsed_s / 3600:.3f} hours.")
-        if self.plots:
-            plot_results(self.logger.csv_path, self.run_dir / "results.png")
-        opt = self.config.opt
-        if self.swa is not None and self.swa.updates:
-            finish_swa(
-                self.swa,
-                self.checkpoint(finished=True),
-                self.train_loader,
-                source=opt.swa_source,
-                workers=opt.workers,
-                seed=opt.seed,
-                device=self.device,
-                amp_dtype=self.amp_dtype,
-                val_loader=self.val_loader,
-                out_path=self.run_dir / "weights" / "swa.pt",
-            )
-        elif self.swa is not None:
-            LOGGER.warning(
-                f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
-                "nothing and no swa.pt was written"
-            )
-        best_path = self.saver.best_path
-        if best_path.exists():
-            LOGGER.info(f"Validating {best_path}...")
-            _, best_model = load_for_inference(best_path, "ema", self.device)
-            result = evaluate(
-                best_model,
-                self.val_loader,
-                device=self.device,
-                amp_dtype=self.amp_dtype,
-                plot_dir=self.run_dir if self.plots else None,
-            )
-            LOGGER.info(results_table(result, list(self.config.names), verbose=True))
-            if self.plots:
-                save_validation_plots(result, list(self.config.names), self.run_dir)
-        LOGGER.info(f"Results saved to {self.run_dir}")
-        if self.run_dir_lock is not None:
-            self.run_dir_lock.release()
