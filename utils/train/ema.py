@@ -20,7 +20,7 @@ class ModelEMA:
     After the n-th optimizer step: d = decay * (1 - exp(-n / tau)) and ema = d * ema + (1 - d) * model.
     The ramp lets the average follow the fast-moving early weights. Integer buffers
     (num_batches_tracked) are copied. The averaged module is kept in eval mode, without grads.
-    One update is two foreach kernels over the state dict (benchmarks/bench_ema.py: under 0.1%
+    One update is two foreach kernels over the state dict (benchmarks/bench_ema.py: 0.1-0.2%
     of a CPU training step).
     """
 
