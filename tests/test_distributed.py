@@ -355,7 +355,14 @@ def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, ti
     )
     assert detected.returncode == 0 and "8 images" in detected.stdout, detected.stdout + detected.stderr
     result = run_script(
-        "val.py", "--weights", str(ddp_dir / "weights" / "last.pt"), "--data", str(tiny_dataset), "--imgsz", "64"
+        "val.py",
+        "--weights",
+        str(ddp_dir / "weights" / "last.pt"),
+        "--data",
+        str(tiny_dataset),
+        "--imgsz",
+        "64",
+        "--no-plots",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     with open(ddp_dir / "results.csv", newline="") as f:

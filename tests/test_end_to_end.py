@@ -108,7 +108,9 @@ def test_val_reproduces_results_csv(trained_run, tiny_dataset):
     assert printed_all_row(last.stdout) == expected
     fitness = [0.1 * float(r["metrics/mAP_0.5"]) + 0.9 * float(r["metrics/mAP_0.5:0.95"]) for r in rows]
     best_row = rows[max(i for i, f in enumerate(fitness) if f == max(fitness))]
-    best = run_script("val.py", "--weights", str(trained_run / "weights" / "best.pt"), "--data", str(tiny_dataset))
+    best = run_script(
+        "val.py", "--weights", str(trained_run / "weights" / "best.pt"), "--data", str(tiny_dataset), "--no-plots"
+    )
     assert best.returncode == 0, best.stderr
     assert printed_all_row(best.stdout)[2:] == [
         three_significant(best_row["metrics/mAP_0.5"]),
