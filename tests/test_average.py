@@ -55,6 +55,21 @@ def write_checkpoint(path: Path, seed: int, nc: int = len(CLASS_NAMES), dtype: t
     return checkpoint
 
 
+def recalibrate_args(weights, data: Path, out: Path) -> list[str]:
+    """average.py's arguments to average `weights` into `out` with BatchNorm recomputed on `data`."""
+    return [
+        "--weights",
+        *map(str, weights),
+        "--data",
+        str(data),
+        "--recalibrate-bn",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
+
+
 @pytest.fixture
 def three_checkpoints(tmp_path) -> list[Path]:
     paths = [tmp_path / f"{name}.pt" for name in "abc"]
@@ -192,19 +207,7 @@ def test_recalibrated_average_keeps_the_averaged_weights_and_recomputes_batchnor
         write_checkpoint(path, seed, dtype=dtype)
     plain, recalibrated = tmp_path / "plain.pt", tmp_path / "recalibrated.pt"
     average.main(["--weights", *map(str, paths), "--out", str(plain)])
-    average.main(
-        [
-            "--weights",
-            *map(str, paths),
-            "--data",
-            str(tiny_dataset),
-            "--recalibrate-bn",
-            "--workers",
-            "0",
-            "--out",
-            str(recalibrated),
-        ]
-    )
+    average.main(recalibrate_args(paths, tiny_dataset, recalibrated))
     plain_state, result = torch.load(plain, weights_only=True), torch.load(recalibrated, weights_only=True)
     assert "BatchNorm statistics recomputed on 16 augmented training images" in result["source"]
     for name, tensor in result["ema"].items():
@@ -223,19 +226,7 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
     for seed, path in enumerate(paths, start=1):  # epochs 1 and 2
         write_checkpoint(path, seed)
     out = tmp_path / "recalibrated.pt"
-    average.main(
-        [
-            "--weights",
-            *map(str, paths),
-            "--data",
-            str(tiny_dataset),
-            "--recalibrate-bn",
-            "--workers",
-            "0",
-            "--out",
-            str(out),
-        ]
-    )
+    average.main(recalibrate_args(paths, tiny_dataset, out))
     result = torch.load(out, weights_only=True)
     device, data = torch.device("cpu"), load_dataset_config(tiny_dataset)
 
@@ -315,16 +306,4 @@ def test_the_class_count_error_names_the_count_it_compared(three_checkpoints, tm
         checkpoint = torch.load(path, weights_only=True)
         torch.save({**checkpoint, "opt": {**checkpoint["opt"], "single_cls": True}}, path)
     with pytest.raises(UserError, match=r"detect 6 classes but .* has 1 \(the run trained with --single-cls\)"):
-        average.main(
-            [
-                "--weights",
-                *map(str, three_checkpoints),
-                "--data",
-                str(tiny_dataset),
-                "--recalibrate-bn",
-                "--workers",
-                "0",
-                "--out",
-                str(tmp_path / "x.pt"),
-            ]
-        )
+        average.main(recalibrate_args(three_checkpoints, tiny_dataset, tmp_path / "x.pt"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,10 @@ import yaml
 
 import detect
 from utils.errors import UserError
+
+
+def detect_args(weights: Path, source: Path, project: Path, *extra: str) -> list[str]:
+    return ["--weights", str(weights), "--source", str(source), "--project", str(project), *extra]
 
 
 def test_images_with_the_same_name_in_different_folders_keep_their_results(tiny_run, tiny_dataset, tmp_path):
@@ -22,27 +27,23 @@ def test_images_with_the_same_name_in_different_folders_keep_their_results(tiny_
         shutil.copy(image, tmp_path / "in" / folder / "x.jpg")
     assert (
         detect.main(
-            [
-                "--weights",
-                str(tiny_run / "weights" / "best.pt"),
-                "--source",
+            detect_args(
+                tiny_run / "weights" / "best.pt",
                 str(tmp_path / "in" / "**" / "*.jpg"),
+                str(tmp_path / "out"),
                 "--conf-thres",
                 "0",
                 "--max-det",
                 "1",
                 "--save-txt",
-                "--project",
-                str(tmp_path / "out"),
-            ]
+            )
         )
         == 0
     )
     run = tmp_path / "out" / "exp"
     assert {p.relative_to(run).as_posix() for p in run.rglob("*.jpg")} == {"a/x.jpg", "b/x.jpg"}
     assert {p.relative_to(run).as_posix() for p in run.rglob("*.txt")} == {"labels/a/x.txt", "labels/b/x.txt"}
-    import cv2  # the annotated images are of their own inputs, not one written twice
-
+    # the annotated images are of their own inputs, not one written twice
     assert cv2.imread(str(run / "a" / "x.jpg")).shape == cv2.imread(str(first)).shape
     assert not np.array_equal(cv2.imread(str(run / "a" / "x.jpg")), cv2.imread(str(run / "b" / "x.jpg")))
 
@@ -51,20 +52,17 @@ def test_a_single_folder_keeps_plain_file_names(tiny_run, tiny_dataset, tmp_path
     source = Path(yaml.safe_load(tiny_dataset.read_text())["path"]) / "images" / "val"
     assert (
         detect.main(
-            [
-                "--weights",
-                str(tiny_run / "weights" / "best.pt"),
-                "--source",
+            detect_args(
+                tiny_run / "weights" / "best.pt",
                 str(source),
+                str(tmp_path),
                 "--nosave",
                 "--conf-thres",
                 "0",
                 "--max-det",
                 "1",
                 "--save-txt",
-                "--project",
-                str(tmp_path),
-            ]
+            )
         )
         == 0
     )
@@ -79,16 +77,7 @@ def test_a_video_source_says_videos_are_not_supported_yet(tiny_run, tmp_path):
     clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")
     for source in (clip, clip.parent):
         with pytest.raises(UserError, match="street.mp4 is a video; detect.py reads images only so far"):
-            detect.main(
-                [
-                    "--weights",
-                    str(tiny_run / "weights" / "best.pt"),
-                    "--source",
-                    str(source),
-                    "--project",
-                    str(tmp_path / "out"),
-                ]
-            )
+            detect.main(detect_args(tiny_run / "weights" / "best.pt", source, tmp_path / "out"))
 
 
 def test_the_smallest_image_size_is_the_models_stride(tiny_run, tiny_dataset, tmp_path):
@@ -114,11 +103,6 @@ def test_the_smallest_image_size_is_the_models_stride(tiny_run, tiny_dataset, tm
     small = tmp_path / "p4.pt"
     torch.save({**state, "model_yaml": yaml_p4, "ema": model.state_dict(), "model": model.state_dict()}, small)
     image = sorted((Path(yaml.safe_load(tiny_dataset.read_text())["path"]) / "images" / "val").glob("*.jpg"))[0]
-    assert (
-        detect.main(
-            ["--weights", str(small), "--source", str(image), "--imgsz", "16", "--nosave", "--project", str(tmp_path)]
-        )
-        == 0
-    )
+    assert detect.main(detect_args(small, image, tmp_path, "--imgsz", "16", "--nosave")) == 0
     with pytest.raises(UserError, match="--imgsz 8 is smaller than the model's stride 16: use at least 16"):
-        detect.main(["--weights", str(small), "--source", str(image), "--imgsz", "8", "--project", str(tmp_path)])
+        detect.main(detect_args(small, image, tmp_path, "--imgsz", "8"))

@@ -229,6 +229,7 @@ class TrainingRun:
         loop.loss_sum = loop.loss_sum.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self._non_finite_in_window = False
+        self._progress = ""  # the epoch's progress line, logged at its end
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
         return tqdm(
             self.train_loader,
