@@ -26,7 +26,7 @@ from utils.data.decode import read_image_rgb
 from utils.data.labels import IMAGE_SUFFIXES
 from utils.device import autocast, inference_amp_dtype, parameter_dtype, select_device, to_model_input
 from utils.errors import UserError, run_cli
-from utils.eval.nms import non_max_suppression
+from utils.eval.nms import default_iou_threshold, non_max_suppression
 from utils.eval.plots import class_colour, draw_box
 from utils.image_size import check_image_size
 from utils.log import LOGGER, setup_logging
@@ -107,7 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="inference size (default: the checkpoint's training size)",
     )
     p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
-    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
+    p.add_argument(
+        "--iou-thres", type=float, default=None, help="NMS IoU threshold (default: 0.45 anchor-based, 0.7 anchor-free)"
+    )
     p.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
     p.add_argument("--classes", nargs="+", type=int, help="keep only these class ids")
     p.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if opt.save_txt:
         (run_dir / "labels").mkdir(exist_ok=True)
 
+    iou_thres = opt.iou_thres if opt.iou_thres is not None else default_iou_threshold(model.anchor_free, inference=True)
     total_detections, started = 0, time.perf_counter()
     for path, out_name in zip(images, output_names(images)):
         rgb = read_image_rgb(path)
@@ -167,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         with autocast(device, amp_dtype):
             decoded, _ = model(tensor)
         (det,), _ = non_max_suppression(
-            decoded, opt.conf_thres, opt.iou_thres, max_det=opt.max_det, classes=opt.classes, agnostic=opt.agnostic_nms
+            decoded,
+            opt.conf_thres,
+            iou_thres,
+            max_det=opt.max_det,
+            classes=opt.classes,
+            agnostic=opt.agnostic_nms,
+            objectness=not model.anchor_free,
         )
         det = det.cpu()
         det[:, :4] = letterbox_to_original(det[:, :4], (h0, w0), scale_xy, pad_xy)

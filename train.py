@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cfg", default="", help=f"model YAML (default: the --weights checkpoint's, else {DEFAULT_CFG})")
     p.add_argument("--data", default="data/shapes.yaml", help="dataset YAML (shapes.yaml is generated on first use)")
-    p.add_argument("--hyp", default="hyp/scratch-low.yaml", help="hyperparameter YAML")
+    p.add_argument(
+        "--hyp",
+        default=None,
+        help="hyperparameter YAML (default: hyp/scratch-low.yaml for YOLOv5's anchor-based models, "
+        "hyp/anchor-free.yaml for YOLOv5u/YOLOv8/YOLO11)",
+    )
     p.add_argument("--epochs", type=int, default=30, help="total training epochs")
     p.add_argument(
         "--batch-size",
@@ -88,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer",
         default="auto",
         choices=OPTIMIZERS,
-        help="auto: AdamW (lr0 0.003) for runs under 10,000 optimizer steps, else SGD with the hyp's lr0",
+        help="auto: AdamW (the hyp's auto_lr0 and auto_momentum) for runs under 10,000 optimizer steps, else SGD",
     )
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
     add_run_dir_arguments(p, "runs/train")

@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch size (default: as train.py validated: twice the batch of each training process)",
     )
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
-    parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument(
+        "--iou-thres", type=float, default=None, help="NMS IoU threshold (default: 0.6 anchor-based, 0.7 anchor-free)"
+    )
     parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
     parser.add_argument("--task", default="val", choices=("train", "val", "test"), help="which split to evaluate")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")

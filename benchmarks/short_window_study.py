@@ -54,7 +54,7 @@ from utils.data.loader import build_train_dataset, build_train_loader  # noqa: E
 from utils.device import to_model_input  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
 from utils.train.loss import DetectionLoss  # noqa: E402
-from utils.train.optim import AUTO_ADAMW_HYP, NOMINAL_BATCH_SIZE, accumulation_steps, build_optimizer  # noqa: E402
+from utils.train.optim import NOMINAL_BATCH_SIZE, accumulation_steps, build_optimizer  # noqa: E402
 from utils.train.rng import seed_everything  # noqa: E402
 from utils.train.step import optimizer_step  # noqa: E402
 
@@ -80,7 +80,7 @@ def run(
     accumulate = accumulation_steps(args.batch_size)
     full_images = args.batch_size * accumulate
     weight_decay = hyp["weight_decay"] * full_images / NOMINAL_BATCH_SIZE
-    lr = AUTO_ADAMW_HYP["lr0"] if optimizer_name == "AdamW" else hyp["lr0"]
+    lr = hyp["auto_lr0"] if optimizer_name == "AdamW" else hyp["lr0"]
     optimizer = build_optimizer(model, optimizer_name, lr, hyp["momentum"], weight_decay)
     criterion = DetectionLoss(model.detect_head, hyp, args.imgsz)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -1,6 +1,8 @@
-"""YOLOv5 building blocks: plain nn.Modules whose attribute names match YOLOv5's state dicts."""
+"""Convolutional building blocks of YOLOv5, YOLOv8 and YOLO11, with the attribute names of their state dicts."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -43,14 +45,31 @@ class Conv(nn.Module):
         self.bn = nn.Identity()
 
 
-class Bottleneck(nn.Module):
-    """1x1 then 3x3 convolution, with a residual connection when shapes allow."""
+class DWConv(Conv):
+    """Depth-wise convolution: a Conv with as many groups as the channel counts allow."""
 
-    def __init__(self, c_in: int, c_out: int, shortcut: bool = True, groups: int = 1, expansion: float = 0.5):
+    def __init__(
+        self, c_in: int, c_out: int, kernel_size: int = 1, stride: int = 1, dilation: int = 1, act: bool = True
+    ):
+        super().__init__(c_in, c_out, kernel_size, stride, groups=math.gcd(c_in, c_out), dilation=dilation, act=act)
+
+
+class Bottleneck(nn.Module):
+    """Two convolutions (1x1 then 3x3 by default), with a residual connection when shapes allow."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        shortcut: bool = True,
+        groups: int = 1,
+        expansion: float = 0.5,
+        kernels: tuple[int, int] = (1, 3),
+    ):
         super().__init__()
         c_hidden = int(c_out * expansion)
-        self.cv1 = Conv(c_in, c_hidden, 1, 1)
-        self.cv2 = Conv(c_hidden, c_out, 3, 1, groups=groups)
+        self.cv1 = Conv(c_in, c_hidden, kernels[0], 1)
+        self.cv2 = Conv(c_hidden, c_out, kernels[1], 1, groups=groups)
         self.add = shortcut and c_in == c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,17 +81,84 @@ class C3(nn.Module):
     """CSP block with three convolutions: two 1x1 branches, n bottlenecks on one, then a 1x1 merge."""
 
     def __init__(
-        self, c_in: int, c_out: int, n: int = 1, shortcut: bool = True, groups: int = 1, expansion: float = 0.5
+        self,
+        c_in: int,
+        c_out: int,
+        n: int = 1,
+        shortcut: bool = True,
+        groups: int = 1,
+        expansion: float = 0.5,
+        kernels: tuple[int, int] = (1, 3),
     ):
         super().__init__()
         c_hidden = int(c_out * expansion)
         self.cv1 = Conv(c_in, c_hidden, 1, 1)
         self.cv2 = Conv(c_in, c_hidden, 1, 1)
         self.cv3 = Conv(2 * c_hidden, c_out, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_hidden, c_hidden, shortcut, groups, expansion=1.0) for _ in range(n)))
+        self.m = nn.Sequential(*(Bottleneck(c_hidden, c_hidden, shortcut, groups, 1.0, kernels) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))
+
+
+class C3k(C3):
+    """C3 whose bottlenecks are two k x k convolutions (YOLO11's inner block)."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        n: int = 1,
+        shortcut: bool = True,
+        groups: int = 1,
+        expansion: float = 0.5,
+        kernel_size: int = 3,
+    ):
+        super().__init__(c_in, c_out, n, shortcut, groups, expansion, kernels=(kernel_size, kernel_size))
+
+
+class C2f(nn.Module):
+    """YOLOv8's CSP block: split a 1x1 projection in two, chain n blocks on one half and
+    concatenate every intermediate output before the 1x1 merge."""
+
+    def __init__(
+        self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, groups: int = 1, expansion: float = 0.5
+    ):
+        super().__init__()
+        self.c = int(c_out * expansion)
+        self.cv1 = Conv(c_in, 2 * self.c, 1, 1)
+        self.cv2 = Conv((2 + n) * self.c, c_out, 1)
+        self.m = nn.ModuleList(
+            Bottleneck(self.c, self.c, shortcut, groups, expansion=1.0, kernels=(3, 3)) for _ in range(n)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = list(self.cv1(x).chunk(2, dim=1))
+        for block in self.m:
+            ys.append(block(ys[-1]))
+        return self.cv2(torch.cat(ys, dim=1))
+
+
+class C3k2(C2f):
+    """YOLO11's C2f: its blocks are C3k (for the m/l/x scales) or 3x3 bottlenecks of half width."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        n: int = 1,
+        c3k: bool = False,
+        expansion: float = 0.5,
+        groups: int = 1,
+        shortcut: bool = True,
+    ):
+        super().__init__(c_in, c_out, n, shortcut, groups, expansion)
+        self.m = nn.ModuleList(
+            C3k(self.c, self.c, 2, shortcut, groups)
+            if c3k
+            else Bottleneck(self.c, self.c, shortcut, groups, kernels=(3, 3))
+            for _ in range(n)
+        )
 
 
 class SPPF(nn.Module):

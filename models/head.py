@@ -1,4 +1,4 @@
-"""Detect: per-level 1x1 convolutions from feature maps to anchor-based predictions."""
+"""YOLOv5's Detect: per-level 1x1 convolutions from feature maps to anchor-based predictions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import torch
 from torch import nn
+
+from utils.log import LOGGER
 
 
 class Detect(nn.Module):
@@ -27,7 +29,7 @@ class Detect(nn.Module):
         # once strides are known, after which they are in grid cells (what the loss uses).
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
-        self.stride = torch.zeros(self.nl)  # set by DetectionModel
+        self.stride = torch.zeros(self.nl)  # set by attach_strides
         self._grids: dict[tuple, torch.Tensor] = {}
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -70,6 +72,18 @@ class Detect(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._grids = {}  # a device change invalidates the cached grids
         return super()._apply(fn, *args, **kwargs)
+
+    def attach_strides(self, stride: torch.Tensor) -> None:
+        """Record the level strides, turn the anchors from pixels into grid cells of their level
+        (what the loss uses), put larger anchors with larger strides, and set the bias priors."""
+        self.stride = stride
+        with torch.no_grad():
+            self.anchors /= stride.view(-1, 1, 1)
+            area = self.anchors.prod(-1).mean(-1) * stride**2  # mean anchor area per level, pixels
+            if (area[-1] - area[0]).sign() != (stride[-1] - stride[0]).sign():
+                LOGGER.info("Reversing anchor order so that larger anchors go with larger strides")
+                self.anchors[:] = self.anchors.flip(0)
+            self.initialize_biases()
 
     def initialize_biases(self) -> None:
         """YOLOv5's priors: objectness for ~8 objects per 640x640 image, class probability 0.6 / nc."""

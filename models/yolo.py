@@ -9,15 +9,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.anchor_free_head import AnchorFreeDetect
 from models.blocks import Conv
 from models.head import Detect
 from models.parse import build_layers, read_model_yaml, validate_model_config
-from utils.config_files import resolve_config_path
 from utils.log import LOGGER
 
 
 class DetectionModel(nn.Module):
-    """A YOLOv5 detector. State-dict names follow YOLOv5's (`model.0.conv.weight`, ...)."""
+    """A detector built from a model YAML: YOLOv5's anchor-based head, or the anchor-free head of
+    YOLOv5u/YOLOv8/YOLO11. State-dict names follow YOLOv5's and Ultralytics' (`model.0.conv.weight`, ...)."""
 
     def __init__(self, cfg: dict, in_channels: int = 3, nc: int | None = None):
         super().__init__()
@@ -32,12 +33,8 @@ class DetectionModel(nn.Module):
         self.names = [str(i) for i in range(self.nc)]
         self.hyp: dict = {}
 
-        head = self.detect_head
-        head.stride = self._measure_strides(in_channels)
-        self.stride = head.stride
-        head.anchors /= head.stride.view(-1, 1, 1)  # pixels -> grid cells of each level
-        self._check_anchor_order()
-        head.initialize_biases()
+        self.detect_head.attach_strides(self._measure_strides(in_channels))
+        self.stride = self.detect_head.stride
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eps, m.momentum = 1e-3, 0.03  # YOLOv5's BatchNorm settings
@@ -45,8 +42,12 @@ class DetectionModel(nn.Module):
                 m.inplace = True
 
     @property
-    def detect_head(self) -> Detect:
+    def detect_head(self) -> Detect | AnchorFreeDetect:
         return self.model[-1]
+
+    @property
+    def anchor_free(self) -> bool:
+        return isinstance(self.detect_head, AnchorFreeDetect)
 
     def forward(self, x: torch.Tensor):
         outputs: list[torch.Tensor | None] = []
@@ -58,20 +59,16 @@ class DetectionModel(nn.Module):
         return x
 
     def _measure_strides(self, in_channels: int, size: int = 256) -> torch.Tensor:
-        """Strides from one eval-mode pass (eval, so the BatchNorm statistics stay untouched)."""
+        """Strides from one eval-mode pass over the head's inputs (eval, so BatchNorm statistics stay untouched)."""
+        sizes = []
+        hook = self.detect_head.register_forward_pre_hook(lambda _, args: sizes.extend(x.shape[-2] for x in args[0]))
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            _, raw = self.forward(torch.zeros(1, in_channels, size, size))
+            self.forward(torch.zeros(1, in_channels, size, size))
         self.train(was_training)
-        return torch.tensor([size / r.shape[2] for r in raw])
-
-    def _check_anchor_order(self) -> None:
-        head = self.detect_head
-        area = head.anchors.prod(-1).mean(-1) * head.stride**2  # mean anchor area per level, pixels
-        if (area[-1] - area[0]).sign() != (head.stride[-1] - head.stride[0]).sign():
-            LOGGER.info("Reversing anchor order so that larger anchors go with larger strides")
-            head.anchors[:] = head.anchors.flip(0)
+        hook.remove()
+        return torch.tensor([size / h for h in sizes], dtype=torch.float32)
 
     def fuse(self) -> DetectionModel:
         """Fold every BatchNorm into its convolution, for inference."""
@@ -104,5 +101,5 @@ class DetectionModel(nn.Module):
 
 
 def build_model(cfg_path: str | Path, nc: int | None = None) -> DetectionModel:
-    """Read a model YAML (a path, or a shipped name such as 'yolov5s.yaml') and build the detector."""
-    return DetectionModel(read_model_yaml(resolve_config_path(cfg_path, "models")), nc=nc)
+    """Read a model YAML (a path, or a shipped name such as 'yolov5s.yaml' or 'yolo11n.yaml') and build the detector."""
+    return DetectionModel(read_model_yaml(cfg_path), nc=nc)

@@ -7,14 +7,28 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from utils.errors import UserError
-from utils.hyp import OPTIONAL_DEFAULTS, REQUIRED_KEYS, load_hyp
+from utils.hyp import LOSS_KEYS, OPTIONAL_DEFAULTS, REQUIRED_KEYS, load_hyp
 
 
 @pytest.mark.parametrize("name", ["scratch-low.yaml", "scratch-med.yaml", "scratch-high.yaml", "hyp.scratch-low.yaml"])
 def test_shipped_recipes_load(name):
     hyp = load_hyp(name)
-    assert set(hyp) == set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS)
+    assert set(hyp) == set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS) | set(LOSS_KEYS["anchor-based"])
     assert hyp["ema_decay"] == 0.9999 and hyp["ema_tau"] == 2000
+
+
+def test_anchor_free_recipe_has_ultralytics_gains_and_is_the_default_for_anchor_free_models():
+    hyp = load_hyp(None, anchor_free=True)
+    assert set(hyp) == set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS) | set(LOSS_KEYS["anchor-free"])
+    assert (hyp["box"], hyp["cls"], hyp["dfl"], hyp["close_mosaic"]) == (7.5, 0.5, 1.5, 10)
+    assert load_hyp(None) == load_hyp("scratch-low.yaml")
+
+
+def test_a_recipe_for_the_other_head_is_refused_with_the_right_one_named():
+    with pytest.raises(UserError, match=r"missing dfl, which the anchor-free head's loss needs \(hyp/anchor-free.yaml"):
+        load_hyp("scratch-low.yaml", anchor_free=True)
+    with pytest.raises(UserError, match=r"missing cls_pw, obj, .*hyp/scratch-low.yaml is the anchor-based recipe"):
+        load_hyp("anchor-free.yaml")
 
 
 def test_scratch_low_has_yolov5_values():

@@ -119,8 +119,8 @@ def base_cfg() -> dict:
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c: c["backbone"].__setitem__(2, [-1, 1, "C2f", [128]]), "unknown block 'C2f'"),
-        (lambda c: c.pop("anchors"), "missing key(s) anchors"),
+        (lambda c: c["backbone"].__setitem__(2, [-1, 1, "C2x", [128]]), "unknown block 'C2x'"),
+        (lambda c: c.pop("anchors"), "Detect [nc, anchors] needs the anchors key"),
         (lambda c: c.__setitem__("nc", "eighty"), "nc must be a positive integer"),
         (lambda c: c.__setitem__("anchors", 3), "automatic anchor fitting"),
         (lambda c: c["head"].__setitem__(0, [30, 1, "Conv", [512, 1, 1]]), "does not name an earlier layer"),
@@ -150,3 +150,35 @@ def test_nc_override_keeps_the_yaml_consistent(caplog):
     assert model.nc == 6 and model.yaml["nc"] == 6 and model.detect_head.no == 11
     # through the project's one logger, which is quiet on torchrun ranks other than 0 (utils/log.py)
     assert [r.name for r in caplog.records if "Overriding model nc" in r.message] == [LOGGER.name]
+
+
+def test_ultralytics_scale_comes_from_the_file_name(tmp_path, caplog):
+    """yolo11s.yaml reads yolo11.yaml at scale s (recorded in the config); the bare name warns and takes n."""
+    assert read_model_yaml("yolo11s.yaml")["scale"] == "s"
+    assert read_model_yaml("yolov5mu.yaml")["scale"] == "m"
+    caplog.set_level("WARNING")
+    assert read_model_yaml("yolov8.yaml")["scale"] == "n"
+    assert "names no scale: using scale 'n'" in caplog.text
+    cfg = read_model_yaml("yolov8.yaml")
+    (tmp_path / "mine8s.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "scale"}))
+    assert read_model_yaml(tmp_path / "mine8s.yaml")["scale"] == "s"
+    model = DetectionModel(read_model_yaml("yolo11s.yaml"))
+    assert DetectionModel(model.yaml).state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c["scales"].__setitem__("n", [0.5, 0.25]), "scale 'n' must be [depth, width, max_channels]"),
+        (lambda c: c.__setitem__("scale", "q"), "scale 'q' is not one of"),
+        (lambda c: c["backbone"].__setitem__(10, [-1, 2, "C2PSA", [1024, 0.5, 7, 9]]), "layer 10 (C2PSA"),
+    ],
+)
+def test_bad_ultralytics_yaml_is_a_clear_error(tmp_path, mutate, message):
+    cfg = yaml.safe_load((REPO_ROOT / "models" / "yolo11.yaml").read_text())
+    cfg["scale"] = "n"
+    mutate(cfg)
+    path = write_yaml(tmp_path, cfg)
+    with pytest.raises(UserError) as error:
+        DetectionModel(read_model_yaml(path))
+    assert message in str(error.value)

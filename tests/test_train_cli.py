@@ -65,7 +65,9 @@ def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
         )
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    names = ("box_loss", "obj_loss", "cls_loss")
     row = results_row(
+        names,
         [1.0, 2.0, 3.0],
         result(0.5, 0.6, 0.7, 0.4),
         optimizer,
@@ -77,7 +79,7 @@ def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
     assert [row[f"metrics/{c}"] for c in columns] == [0.5, 0.6, 0.7, 0.4]
     assert [row[f"raw/{c}"] for c in columns] == [0.3, 0.2, 0.25, 0.1]
     assert row["ema/updates"] == 7 and row["val/cls_loss"] == 0.3
-    assert not any(k.startswith("raw/") for k in results_row([1.0, 2.0, 3.0], None, optimizer, 7))
+    assert not any(k.startswith("raw/") for k in results_row(names, [1.0, 2.0, 3.0], None, optimizer, 7))
 
 
 def test_val_raw_validates_the_ema_and_the_trained_weights_each_epoch(tiny_dataset, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Hyperparameters: YOLOv5's hyp YAML keys plus a few of ours with defaults, validated once."""
+"""Hyperparameters: YOLOv5's hyp YAML keys (or, for the anchor-free head, its loss gains) plus a
+few of ours with defaults, validated once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from utils.config_files import read_yaml, resolve_config_path
 from utils.errors import UserError
 
-# Keys every YOLOv5 hyp file has. `iou_t` is kept for file compatibility; YOLOv5 does not use it either.
+# Keys every hyp file has, whichever the head.
 REQUIRED_KEYS = (
     "lr0",
     "lrf",
@@ -18,12 +19,6 @@ REQUIRED_KEYS = (
     "warmup_bias_lr",
     "box",
     "cls",
-    "cls_pw",
-    "obj",
-    "obj_pw",
-    "iou_t",
-    "anchor_t",
-    "fl_gamma",
     "hsv_h",
     "hsv_s",
     "hsv_v",
@@ -38,8 +33,16 @@ REQUIRED_KEYS = (
     "mixup",
     "copy_paste",
 )
+# The loss keys of each head. `iou_t` is kept for YOLOv5 file compatibility; YOLOv5 does not use it either.
+LOSS_KEYS = {
+    "anchor-based": ("cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma"),
+    "anchor-free": ("dfl",),
+}
+# The hyp file a run uses when --hyp is not given, per head.
+DEFAULT_HYP = {"anchor-based": "scratch-low.yaml", "anchor-free": "anchor-free.yaml"}
 # Ours, optional in the file: albumentations probabilities (YOLOv5 hard-codes 0.01), the EMA, and
-# the number of final epochs trained without mosaic (0: mosaic to the end, as YOLOv5).
+# the number of final epochs trained without mosaic (0: mosaic to the end, as YOLOv5), and the
+# AdamW learning rate and beta1 that --optimizer auto takes for short runs.
 OPTIONAL_DEFAULTS = {
     "blur": 0.01,
     "median_blur": 0.01,
@@ -48,30 +51,46 @@ OPTIONAL_DEFAULTS = {
     "ema_decay": 0.9999,
     "ema_tau": 2000.0,
     "close_mosaic": 0,
+    "auto_lr0": 0.003,
+    "auto_momentum": 0.937,
 }
 INTEGER_KEYS = ("close_mosaic",)  # counts; every other value is a float
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
 
-def load_hyp(name_or_path: str | Path) -> dict:
-    """Read a hyp YAML, fill our optional keys, validate; UserError names the file and the key."""
-    path = resolve_config_path(name_or_path, "hyp", strip_prefix="hyp.")
-    return validate_hyp(read_yaml(path, "hyperparameter file"), source=str(path))
+def head_family(anchor_free: bool) -> str:
+    return "anchor-free" if anchor_free else "anchor-based"
 
 
-def validate_hyp(raw: object, source: str) -> dict:
-    """Check a hyp mapping and return it with the optional keys filled in."""
+def load_hyp(name_or_path: str | Path | None, anchor_free: bool = False) -> dict:
+    """Read a hyp YAML (None: the head's default), fill our optional keys, validate it for the
+    model's head; UserError names the file and the key."""
+    family = head_family(anchor_free)
+    path = resolve_config_path(name_or_path or DEFAULT_HYP[family], "hyp", strip_prefix="hyp.")
+    return validate_hyp(read_yaml(path, "hyperparameter file"), source=str(path), anchor_free=anchor_free)
+
+
+def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
+    """Check a hyp mapping for a model with the given head and return it with the optional keys filled in."""
     if not isinstance(raw, dict):
         raise UserError(f"hyperparameter file {source}: expected a mapping of names to numbers")
+    family = head_family(anchor_free)
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise UserError(f"hyperparameter file {source}: missing {', '.join(missing)}")
+    missing = [k for k in LOSS_KEYS[family] if k not in raw]
+    if missing:
+        raise UserError(
+            f"hyperparameter file {source}: missing {', '.join(missing)}, which the {family} head's loss "
+            f"needs (hyp/{DEFAULT_HYP[family]} is the {family} recipe)"
+        )
     if "anchors" in raw:
         raise UserError(
             f"hyperparameter file {source}: 'anchors' asks for automatic anchor fitting, "
             "which is not supported; set anchors in the model YAML instead"
         )
-    unknown = sorted(set(raw) - set(REQUIRED_KEYS) - set(OPTIONAL_DEFAULTS))
+    known = {*REQUIRED_KEYS, *OPTIONAL_DEFAULTS, *(k for keys in LOSS_KEYS.values() for k in keys)}
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"hyperparameter file {source}: unknown key(s) {', '.join(unknown)}")
     hyp = {**OPTIONAL_DEFAULTS, **raw}

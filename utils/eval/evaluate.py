@@ -19,11 +19,11 @@ from utils.device import autocast, parameter_dtype, to_model_input
 from utils.eval.coco_json import image_ids
 from utils.eval.confusion import ConfusionMatrix
 from utils.eval.metrics import DetectionEvaluator, DetectionMetrics
-from utils.eval.nms import non_max_suppression
+from utils.eval.nms import default_iou_threshold, non_max_suppression
 from utils.eval.plots import plot_confusion_matrix, plot_image_batch, plot_metric_vs_conf, plot_pr_curve
 from utils.log import LOGGER, interactive
 
-# (raw Detect outputs, targets) -> (total loss, detached [box, obj, cls]): the training loss
+# (raw Detect outputs, targets) -> (total loss, detached loss items): the training loss
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 
@@ -33,7 +33,7 @@ class EvalResult:
     metrics: DetectionMetrics
     confusion: ConfusionMatrix | None  # with plot_dir only: it is drawn, never logged
     images_per_class: np.ndarray  # (nc,) images holding at least one box of the class
-    loss: np.ndarray | None  # mean [box, obj, cls] loss when a loss function was given
+    loss: np.ndarray | None  # mean loss items ([box, obj, cls] or [box, cls, dfl]) when a loss function was given
     speed_ms: tuple[float, float, float]  # per image: pre-process, inference, NMS
     input_shape: tuple[int, ...]  # shape of the last batch
     predictions: dict[int, np.ndarray]  # dataset index -> (n, 6) x1, y1, x2, y2, score, class in original
@@ -48,7 +48,7 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     conf_thres: float = 0.001,
-    iou_thres: float = 0.6,
+    iou_thres: float | None = None,
     max_det: int = 300,
     loss_fn: LossFn | None = None,
     keep_predictions: bool = False,
@@ -56,14 +56,17 @@ def evaluate(
 ) -> EvalResult:
     """mAP of `model` on `loader` (no augmentation), in original-image coordinates.
 
-    Runs under autocast with the given dtype; the model's own weights are never cast. With
-    plot_dir, the first three batches are drawn there with their labels and predictions.
+    Runs under autocast with the given dtype; the model's own weights are never cast. The NMS
+    IoU threshold defaults to the model family's reference (utils/eval/nms.py). With plot_dir,
+    the first three batches are drawn there with their labels and predictions.
     """
     dataset: DetectionDataset = loader.dataset
     was_training = model.training
     input_dtype = parameter_dtype(model)
     model.eval()
-    nc = model.nc
+    nc, anchor_free = model.nc, model.anchor_free
+    if iou_thres is None:
+        iou_thres = default_iou_threshold(anchor_free)
     evaluator = DetectionEvaluator(nc)
     confusion = ConfusionMatrix(nc) if plot_dir is not None else None
     coco_ids = image_ids(dataset.image_files)  # the ids pycocotools would see, for its tie order
@@ -85,7 +88,9 @@ def evaluate(
             loss_sum += loss_fn(raw, batch.targets)[1]
             num_batches += 1
         t2 = time.perf_counter()
-        detections, truncated = non_max_suppression(decoded, conf_thres, iou_thres, max_det=max_det, multi_label=True)
+        detections, truncated = non_max_suppression(
+            decoded, conf_thres, iou_thres, max_det=max_det, multi_label=True, objectness=not anchor_free
+        )
         num_truncated += truncated
         t3 = time.perf_counter()
         times += (t1 - t0, t2 - t1, t3 - t2)

@@ -10,6 +10,14 @@ from utils.boxes import xywh_to_xyxy
 MAX_BOXES_INTO_NMS = 30000  # per image, highest scores first
 
 
+def default_iou_threshold(anchor_free: bool, inference: bool = False) -> float:
+    """NMS IoU threshold of each family's reference: YOLOv5's 0.6 in val.py and 0.45 in detect.py,
+    Ultralytics' 0.7 in both."""
+    if anchor_free:
+        return 0.7
+    return 0.45 if inference else 0.6
+
+
 def non_max_suppression(
     prediction: torch.Tensor,
     conf_thres: float = 0.25,
@@ -18,18 +26,25 @@ def non_max_suppression(
     multi_label: bool = False,
     classes: list[int] | None = None,
     agnostic: bool = False,
+    objectness: bool = True,
 ) -> tuple[list[torch.Tensor], int]:
-    """(B, N, 5 + nc) decoded predictions -> per image (n, 6) [x1, y1, x2, y2, score, class].
+    """Decoded predictions -> per image (n, 6) [x1, y1, x2, y2, score, class].
 
-    score = objectness x class probability. With multi_label a box may be kept once per class
+    With `objectness` (YOLOv5's head) predictions are (B, N, 5 + nc) and score = objectness x
+    class probability; without (the anchor-free head) they are (B, N, 4 + nc) and score = class
+    probability. With multi_label a box may be kept once per class
     above conf_thres (validation), otherwise only for its best class (inference). Returns the
     detections and how many images had more than MAX_BOXES_INTO_NMS candidates and were cut
     to the best-scoring ones (the caller reports it; no image is ever dropped).
     """
     output, num_truncated = [], 0
     for image_pred in prediction:
-        x = image_pred[image_pred[:, 4] > conf_thres].float()
-        scores = x[:, 5:] * x[:, 4:5]
+        if objectness:
+            x = image_pred[image_pred[:, 4] > conf_thres].float()
+            scores = x[:, 5:] * x[:, 4:5]
+        else:
+            x = image_pred[image_pred[:, 4:].amax(1) > conf_thres].float()
+            scores = x[:, 4:]
         boxes = xywh_to_xyxy(x[:, :4])
         if multi_label:
             rows, cls = (scores > conf_thres).nonzero(as_tuple=True)

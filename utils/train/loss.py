@@ -45,6 +45,8 @@ class DetectionLoss:
     obj, cls] items are this rank's shares, whose sum over the ranks is the global loss.
     """
 
+    names = ("box_loss", "obj_loss", "cls_loss")  # the loss items, as results.csv names them
+
     def __init__(
         self, head: Detect, hyp: dict, img_size: int, label_smoothing: float = 0.0, world: World | None = None
     ):

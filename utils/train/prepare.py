@@ -19,7 +19,7 @@ from utils.data.loader import build_train_dataset, build_val_loader, validation_
 from utils.device import select_device
 from utils.dist import World, init_process_group, local_main_first, per_process_batch
 from utils.errors import UserError
-from utils.hyp import load_hyp
+from utils.hyp import DEFAULT_HYP, head_family, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
 from utils.run_dir import RunDirLock, newest_last_checkpoint, next_run_dir, run_dir_of
@@ -55,7 +55,6 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         LOGGER.info(f"{args.resume} is from a finished run ({position.epoch} epochs); nothing to resume")
         return None
     check_options(opt, world)
-    hyp = resumed["hyp"] if resumed is not None else load_hyp(opt.hyp)
     device = select_device(opt.device)
     init_process_group(world, device)
     if opt.deterministic:
@@ -64,6 +63,13 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     with local_main_first(world):  # the embedded dataset is generated once per machine
         data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, resumed)
+    if resumed is not None:
+        hyp = resumed["hyp"]
+    else:
+        hyp = load_hyp(opt.hyp, anchor_free=model.anchor_free)
+        opt = replace(opt, hyp=opt.hyp or f"hyp/{DEFAULT_HYP[head_family(model.anchor_free)]}")
+    if model.anchor_free and opt.label_smoothing:
+        raise UserError("--label-smoothing applies to YOLOv5's anchor-based loss; the anchor-free loss has none")
     # Each process holds its share of the batch; CPU processes share the machine's memory.
     img_size = check_image_size(
         opt.imgsz,

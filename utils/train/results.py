@@ -10,7 +10,6 @@ import torch
 
 from utils.eval.evaluate import EvalResult
 
-LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
 METRIC_NAMES = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
 
 
@@ -22,6 +21,7 @@ def metric_columns(prefix: str, result: EvalResult | None) -> dict:
 
 
 def results_row(
+    loss_names: tuple[str, ...],
     mean_loss: list[float],
     result: EvalResult | None,
     optimizer: torch.optim.Optimizer,
@@ -31,10 +31,10 @@ def results_row(
 ) -> dict:
     """One results.csv row: the epoch's train losses, the EMA's validation metrics and losses,
     the raw model's metrics with --val-raw, each group's learning rate and the EMA's update count."""
-    row = {f"train/{n}": v for n, v in zip(LOSS_NAMES, mean_loss)}
+    row = {f"train/{n}": v for n, v in zip(loss_names, mean_loss)}
     row.update(metric_columns("metrics/", result))
-    val_losses = result.loss.tolist() if result is not None else [0.0] * len(LOSS_NAMES)
-    row.update({f"val/{n}": v for n, v in zip(LOSS_NAMES, val_losses)})
+    val_losses = result.loss.tolist() if result is not None else [0.0] * len(loss_names)
+    row.update({f"val/{n}": v for n, v in zip(loss_names, val_losses)})
     if val_raw:
         row.update(metric_columns("raw/", raw_result))
     row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})

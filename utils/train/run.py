@@ -30,11 +30,11 @@ from utils.eval.plots import plot_image_batch, plot_labels
 from utils.log import LOGGER, interactive
 from utils.run_dir import RunDirLock
 from utils.train.config import RunConfig
+from utils.train.criterion import build_criterion
 from utils.train.ema import ModelEMA, UniformAverage
 from utils.train.loop_state import LoopState
-from utils.train.loss import DetectionLoss
 from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer, optimizer_steps
-from utils.train.results import LOSS_NAMES, RunLogger, results_row
+from utils.train.results import RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
 from utils.train.saver import CheckpointWriter
 from utils.train.step import BufferSnapshot, optimizer_step
@@ -124,10 +124,8 @@ class TrainingRun:
             if opt.swa_epochs and world.is_main
             else None
         )
-        self.criterion = DetectionLoss(
-            self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world
-        )
-        self.val_criterion = DetectionLoss(self.model.detect_head, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
+        self.criterion = build_criterion(self.model, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world)
+        self.val_criterion = build_criterion(self.model, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
         self.loop = LoopState()
         if state is not None:
             self.load_state_dict(state)
@@ -230,7 +228,7 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         self._non_finite_in_window = False
         self._progress = ""  # the epoch's progress line, logged at its end
-        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *LOSS_NAMES, "Instances", "Size"))
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *self.criterion.names, "Instances", "Size"))
         return tqdm(
             self.train_loader,
             initial=loop.batch,
@@ -331,7 +329,16 @@ class TrainingRun:
             self.loop.best_fitness, self.loop.best_epoch = result.metrics.fitness, epoch
         mean_loss = (self.loop.loss_sum / self.batches_per_epoch).tolist()
         self.logger.log_epoch(
-            epoch, results_row(mean_loss, result, self.optimizer, self.ema.updates, self.config.opt.val_raw, raw_result)
+            epoch,
+            results_row(
+                self.criterion.names,
+                mean_loss,
+                result,
+                self.optimizer,
+                self.ema.updates,
+                self.config.opt.val_raw,
+                raw_result,
+            ),
         )
         return is_best
 

@@ -1,0 +1,115 @@
+"""The anchor-free models (YOLOv5u, YOLOv8, YOLO11) against Ultralytics 8.4: architecture, forward
+pass, loss, assignment and gradients.
+
+The reference numbers in tests/reference/ultralytics_8_4.json were computed once with the
+`ultralytics` package (tests/reference/make_ultralytics_reference.py) on the closed-form inputs
+of tests/reference/fixed_values.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.yolo import build_model
+from tests.reference import fixed_values
+from utils.train.anchor_free_loss import AnchorFreeLoss
+
+REFERENCE = json.loads((Path(__file__).parent / "reference" / "ultralytics_8_4.json").read_text())
+# Parameter counts at nc=80 as Ultralytics reports them (fused: BatchNorm folded into the convolutions).
+PARAMETERS = {
+    "yolov5nu": (2_654_816, 2_649_200),
+    "yolov5su": (9_153_152, None),
+    "yolov8n": (3_157_200, 3_151_904),
+    "yolov8s": (11_166_560, None),
+    "yolo11n": (2_624_080, 2_616_248),
+    "yolo11s": (9_458_752, None),
+    "yolo11m": (20_114_688, None),
+}
+GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", PARAMETERS)
+def test_parameter_counts_equal_ultralytics(name):
+    params, fused = PARAMETERS[name]
+    model = build_model(f"{name}.yaml", nc=80)
+    assert count(model) == params == REFERENCE["models"][name]["params"]
+    if fused is not None:
+        assert count(copy.deepcopy(model).fuse()) == fused
+
+
+@pytest.mark.parametrize("name", REFERENCE["models"])
+def test_state_dict_names_and_shapes_equal_ultralytics(name):
+    """Every scale of the three families: the same tensors under the same names, so weights map one to one."""
+    expected = REFERENCE["models"][name]
+    state = build_model(f"{name}.yaml", nc=80).state_dict()
+    if "state_dict" in expected:
+        assert [[k, list(v.shape)] for k, v in state.items()] == expected["state_dict"]
+    lines = "\n".join(f"{k} {list(v.shape)}" for k, v in state.items())
+    assert len(state) == expected["num_keys"]
+    assert hashlib.sha256(lines.encode()).hexdigest() == expected["digest"]
+
+
+@pytest.mark.parametrize("name", REFERENCE["forward"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_pass_equals_ultralytics(name, fused):
+    """Same weights, same image: the decoded boxes and class probabilities equal Ultralytics'."""
+    expected = REFERENCE["forward"][name]
+    model = build_model(f"{name}.yaml", nc=80)
+    fixed_values.fill_state_dict(model)
+    model.eval()
+    if fused:
+        model.fuse()
+    with torch.no_grad():
+        decoded, _ = model(fixed_values.fixed_image())
+    output = decoded.transpose(1, 2).double()  # ours (B, A, 4 + nc), Ultralytics' (B, 4 + nc, A)
+    assert list(output.shape) == expected["shape"]
+    tolerance = 1e-4 if fused else 1e-5
+    assert output.sum().item() == pytest.approx(expected["sum"], rel=tolerance)
+    assert output.abs().sum().item() == pytest.approx(expected["abs_sum"], rel=tolerance)
+    samples = output.flatten()[:: expected["sample_step"]].numpy()
+    np.testing.assert_allclose(samples, expected["samples"], rtol=tolerance, atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("case", fixed_values.LOSS_CASES)
+def test_loss_assignment_and_gradients_equal_ultralytics(case):
+    """The task-aligned assignment, the three loss items, the total and its gradients within 1e-5."""
+    spec, expected = fixed_values.LOSS_CASES[case], REFERENCE["loss"][case]
+    model = build_model("yolov8n.yaml", nc=spec["nc"])
+    criterion = AnchorFreeLoss(model.detect_head, GAINS)
+    feats = [f.requires_grad_(True) for f in fixed_values.loss_case_feats(spec["batch"], spec["nc"], spec["scale"])]
+    targets = torch.tensor(spec["labels"], dtype=torch.float32)
+
+    total, items = criterion(feats, targets)
+    total.backward()
+    np.testing.assert_allclose(items.numpy(), list(expected["items"].values()), rtol=1e-5)
+    assert total.item() == pytest.approx(expected["total"], rel=1e-5)
+    for feat, grad in zip(feats, expected["grads"]):
+        g = feat.grad.double()
+        assert g.sum().item() == pytest.approx(grad["sum"], rel=1e-5)
+        assert g.abs().sum().item() == pytest.approx(grad["abs_sum"], rel=1e-5)
+        assert (g**2).sum().item() == pytest.approx(grad["sq_sum"], rel=1e-5)
+        np.testing.assert_allclose(g.flatten()[:: grad["sample_step"]].numpy(), grad["samples"], rtol=1e-5, atol=1e-9)
+
+    # The assignment itself, from the same inputs the loss gave the assigner.
+    reference = expected["assigner"]
+    captured = {}
+    assign = criterion.assigner.__call__
+    criterion.assigner = lambda *args: captured.setdefault("out", assign(*args))
+    criterion(fixed_values.loss_case_feats(spec["batch"], spec["nc"], spec["scale"]), targets)
+    out = captured["out"]
+    assert out.foreground.nonzero().tolist() == reference["fg"]
+    fg = out.foreground
+    assert out.gt_index[fg].tolist() == reference["target_gt_idx"]
+    np.testing.assert_allclose(out.boxes[fg].numpy(), reference["target_bboxes"], rtol=1e-6)
+    np.testing.assert_allclose(out.scores.numpy(), reference["target_scores"], rtol=1e-5, atol=1e-7)
