@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow --weights to be a pickled YOLOv5 checkpoint (unpickling can run code: trusted files only)",
+        help="allow --weights to be a pickled YOLOv5 or Ultralytics checkpoint (unpickling runs code: trust it)",
     )
     p.add_argument("--cfg", default="", help=f"model YAML (default: the --weights checkpoint's, else {DEFAULT_CFG})")
     p.add_argument("--data", default="data/shapes.yaml", help="dataset YAML (shapes.yaml is generated on first use)")

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow a pickled YOLOv5 checkpoint as --weights (unpickling can run code: trusted files only)",
+        help="allow a pickled YOLOv5 or Ultralytics checkpoint as --weights (unpickling runs code: trusted files only)",
     )
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
     parser.add_argument(

@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-channels-last", action="store_true", help="steps: keep the model and inputs NCHW")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     parser.add_argument("--weights", help="val: the checkpoint to evaluate")
-    parser.add_argument("--trust-pickle", action="store_true", help="val: --weights is a YOLOv5 checkpoint")
+    parser.add_argument("--trust-pickle", action="store_true", help="val: --weights is a pickled checkpoint")
     return parser.parse_args()
 
 

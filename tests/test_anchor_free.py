@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from models.yolo import build_model
 from tests.reference import fixed_values
+from utils.checkpoint.format import foreign_checkpoint, transfer_matching_weights
 from utils.train.anchor_free_loss import AnchorFreeLoss
 
 REFERENCE = json.loads((Path(__file__).parent / "reference" / "ultralytics_8_4.json").read_text())
@@ -113,3 +115,25 @@ def test_loss_assignment_and_gradients_equal_ultralytics(case):
     assert out.gt_index[fg].tolist() == reference["target_gt_idx"]
     np.testing.assert_allclose(out.boxes[fg].numpy(), reference["target_bboxes"], rtol=1e-6)
     np.testing.assert_allclose(out.scores.numpy(), reference["target_scores"], rtol=1e-5, atol=1e-7)
+
+
+def test_fine_tuning_to_other_classes_keeps_the_box_branch_and_restarts_the_class_outputs():
+    """80-class weights into a 3-class YOLO11n: everything but the class branch's class-sized layers moves."""
+    torch.manual_seed(0)
+    trained = build_model("yolo11n.yaml", nc=80)
+    checkpoint = foreign_checkpoint(trained.yaml, [str(i) for i in range(80)], trained.state_dict(), "test")
+    model = build_model("yolo11n.yaml", nc=3)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    moved, total = transfer_matching_weights(model, checkpoint)
+    state, head = model.state_dict(), len(model.model) - 1
+    kept = [
+        k for k in state if torch.equal(state[k], trained.state_dict()[k] if k in trained.state_dict() else fresh[k])
+    ]
+    restarted = sorted(set(state) - set(kept))
+    assert moved == len(kept) and total == len(state)
+    # YOLO11's class branch is max(64, min(nc, 100)) wide: 80 channels for 80 classes, 64 for 3, so
+    # its layers after each level's depth-wise convolution start afresh; the box branch and DFL keep theirs.
+    depthwise = re.compile(rf"model\.{head}\.cv3\.\d\.0\.0\.")  # each level's first (depth-wise) convolution
+    assert restarted and all(k.startswith(f"model.{head}.cv3.") and not depthwise.match(k) for k in restarted)
+    assert all(k in kept for k in state if k.startswith((f"model.{head}.cv2.", f"model.{head}.dfl.")))
+    assert all(k in kept for k in state if not k.startswith(f"model.{head}."))

@@ -25,11 +25,12 @@ from torch import nn
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
 from tests.conftest import REPO_ROOT, run_script
-from utils.config_files import resolve_config_path
 from utils.dist import World
 from utils.hyp import load_hyp
-from utils.train.loss import DetectionLoss
+from utils.train.criterion import build_criterion
 from utils.train.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
+
+MODELS = ("yolov5n.yaml", "yolo11n.yaml")  # both heads
 
 
 def free_port() -> int:
@@ -83,13 +84,13 @@ def test_cpu_sync_batchnorm_equals_batchnorm_over_the_global_batch(momentum):
     in_two_processes(_sync_bn_matches_full_batch, momentum)
 
 
-def _loss_gradient_matches_one_process(rank: int, world_size: int) -> None:
+def _loss_gradient_matches_one_process(rank: int, world_size: int, cfg: str) -> None:
     torch.manual_seed(0)
-    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=3).train()
+    model = DetectionModel(read_model_yaml(cfg), nc=3).train()
     for module in model.modules():  # BatchNorm with fixed statistics: the batch split alone differs
         if isinstance(module, nn.BatchNorm2d):
             module.eval()
-    hyp = load_hyp("scratch-low.yaml")
+    hyp = load_hyp(None, anchor_free=model.anchor_free)
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     targets = torch.tensor(
         [
@@ -101,7 +102,7 @@ def _loss_gradient_matches_one_process(rank: int, world_size: int) -> None:
             [3, 2, 0.5, 0.5, 0.9, 0.8],
         ]
     )
-    single_loss, single_items = DetectionLoss(model.detect_head, hyp, 64)(model(images), targets)
+    single_loss, single_items = build_criterion(model, hyp, 64)(model(images), targets)
     single_loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -110,7 +111,7 @@ def _loss_gradient_matches_one_process(rank: int, world_size: int) -> None:
     mine = slice(rank * 2, rank * 2 + 2)
     own = targets[(targets[:, 0] >= rank * 2) & (targets[:, 0] < rank * 2 + 2)].clone()
     own[:, 0] -= rank * 2  # image index within this rank's batch
-    loss, items = DetectionLoss(model.detect_head, hyp, 64, world=world)(model(images[mine]), own)
+    loss, items = build_criterion(model, hyp, 64, world=world)(model(images[mine]), own)
     loss.backward()
     for p in model.parameters():  # what DDP does: the mean of the ranks' gradients
         dist.all_reduce(p.grad)
@@ -121,11 +122,11 @@ def _loss_gradient_matches_one_process(rank: int, world_size: int) -> None:
     torch.testing.assert_close(items, single_items, rtol=1e-5, atol=1e-7)
 
 
-def _model_gradient_matches_in_float64(rank: int, world_size: int) -> None:
+def _model_gradient_matches_in_float64(rank: int, world_size: int, cfg: str) -> None:
     torch.manual_seed(0)
-    model = DetectionModel(read_model_yaml(resolve_config_path("yolov5n.yaml", "models")), nc=3).double().train()
+    model = DetectionModel(read_model_yaml(cfg), nc=3).double().train()
     synced = convert_sync_batchnorm(copy.deepcopy(model), torch.device("cpu"))
-    hyp = load_hyp("scratch-low.yaml")
+    hyp = load_hyp(None, anchor_free=model.anchor_free)
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     targets = torch.tensor(
         [
@@ -136,11 +137,11 @@ def _model_gradient_matches_in_float64(rank: int, world_size: int) -> None:
             [3, 2, 0.5, 0.5, 0.9, 0.8],
         ]
     )
-    DetectionLoss(model.detect_head, hyp, 64)(model(images), targets)[0].backward()
+    build_criterion(model, hyp, 64)(model(images), targets)[0].backward()
     world = World(rank=rank, size=world_size, local_rank=rank, local_size=world_size)
     own = targets[(targets[:, 0] >= rank * 2) & (targets[:, 0] < rank * 2 + 2)].clone()
     own[:, 0] -= rank * 2
-    DetectionLoss(synced.detect_head, hyp, 64, world=world)(synced(images[rank * 2 : rank * 2 + 2]), own)[0].backward()
+    build_criterion(synced, hyp, 64, world=world)(synced(images[rank * 2 : rank * 2 + 2]), own)[0].backward()
     for (name, a), b in zip(model.named_parameters(), synced.parameters()):
         dist.all_reduce(b.grad)
         b.grad /= world_size  # DDP's average
@@ -149,18 +150,20 @@ def _model_gradient_matches_in_float64(rank: int, world_size: int) -> None:
         assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), name
 
 
-def test_sync_bn_and_loss_over_two_ranks_give_one_process_gradient_in_float64():
+@pytest.mark.parametrize("cfg", MODELS)
+def test_sync_bn_and_loss_over_two_ranks_give_one_process_gradient_in_float64(cfg):
     """The whole detector in training mode, BatchNorm included: two ranks with SyncBatchNorm and
     the globally normalised loss take one process's gradient and BatchNorm statistics, to float64
     rounding (fp32 rounding is what remains in the end-to-end test below)."""
-    in_two_processes(_model_gradient_matches_in_float64)
+    in_two_processes(_model_gradient_matches_in_float64, cfg)
 
 
-def test_loss_over_two_ranks_gives_the_one_process_gradient():
+@pytest.mark.parametrize("cfg", MODELS)
+def test_loss_over_two_ranks_gives_the_one_process_gradient(cfg):
     """Positives, cells and images counted over the ranks: the averaged gradient of two ranks with
     two images each equals one process's with the four images, though the ranks hold different
     numbers of targets (rank 0: three, rank 1: three of one image and none of the other)."""
-    in_two_processes(_loss_gradient_matches_one_process)
+    in_two_processes(_loss_gradient_matches_one_process, cfg)
 
 
 # End to end under torchrun: two gloo processes against one process with the same global batch.
@@ -176,8 +179,6 @@ DDP_TINY = (
     "8",
     "--workers",
     "1",
-    "--cfg",
-    "yolov5n.yaml",
     "--sync-bn",
     "--deterministic",
     "--float64",
@@ -231,11 +232,16 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.fixture(scope="module", params=MODELS)
+def ddp_cfg(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ddp_and_single_runs(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
+def ddp_and_single_runs(tiny_dataset, tmp_path_factory, ddp_cfg) -> tuple[Path, Path]:
     """The same 3-epoch run under torchrun (2 processes) and in one process."""
     project = tmp_path_factory.mktemp("ddp")
-    common = ("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--project", str(project))
+    common = ("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--cfg", ddp_cfg, "--project", str(project))
     run_command(torchrun(*common, "--name", "ddp"))
     run_command([sys.executable, str(REPO_ROOT / "train.py"), *common, "--name", "single"])
     return project / "ddp", project / "single"
@@ -266,7 +272,7 @@ def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
 
 
 @pytest.mark.slow
-def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs, tiny_dataset, tmp_path):
+def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs, tiny_dataset, tmp_path, ddp_cfg):
     """torchrun and its workers ended after the first checkpoint, written mid-epoch (a checkpoint
     at every step), then torchrun --resume: each rank continues at its place."""
     ddp_dir = ddp_and_single_runs[0]
@@ -276,6 +282,8 @@ def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs,
         "--epochs",
         "3",
         *DDP_TINY,
+        "--cfg",
+        ddp_cfg,
         "--save-interval",
         "1e-6",
         "--project",

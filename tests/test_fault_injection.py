@@ -26,7 +26,7 @@ from utils.train.saver import CheckpointWriter
 pytestmark = pytest.mark.slow
 
 
-def train_command(data: Path, project: Path, name: str) -> list[str]:
+def train_command(data: Path, project: Path, name: str, cfg: str) -> list[str]:
     # 16 images in batches of 4 for 3 epochs; a last.pt at nearly every optimizer step.
     return [
         sys.executable,
@@ -42,7 +42,7 @@ def train_command(data: Path, project: Path, name: str) -> list[str]:
         "--workers",
         "2",
         "--cfg",
-        "yolov5n.yaml",
+        cfg,
         "--deterministic",
         "--save-interval",
         "0.001",
@@ -80,9 +80,14 @@ def small_dataset(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("data"), num_train=48, num_val=8, seed=4)
 
 
-def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset, tmp_path):
+@pytest.mark.parametrize("cfg", ["yolov5n.yaml", "yolo11n.yaml"])
+def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset, tmp_path, cfg):
     reference = subprocess.run(
-        train_command(small_dataset, tmp_path, "straight"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+        train_command(small_dataset, tmp_path, "straight", cfg),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert reference.returncode == 0, reference.stdout + reference.stderr
 
@@ -90,7 +95,7 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset
     last = tmp_path / "killed" / "weights" / "last.pt"
     positions = []
     process = subprocess.Popen(
-        train_command(small_dataset, tmp_path, "killed"),
+        train_command(small_dataset, tmp_path, "killed", cfg),
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -110,7 +115,7 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset
             positions.append((position["epoch"], position["batch"]))
             command = [sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(last)]
         else:  # killed before its first checkpoint: start again
-            command = train_command(small_dataset, tmp_path, "killed")
+            command = train_command(small_dataset, tmp_path, "killed", cfg)
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert process.wait(timeout=600) == 0
     assert any(batch > 0 for _, batch in positions), f"never resumed inside an epoch: {positions}"

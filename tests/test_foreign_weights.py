@@ -1,7 +1,11 @@
-"""YOLOv5 checkpoints (pickled models): refused by default, read exactly with --trust-pickle,
-and even then a hostile pickle cannot run code."""
+"""YOLOv5 and Ultralytics checkpoints (pickled models): refused by default, read exactly with
+--trust-pickle, and even then a hostile pickle cannot run code."""
 
 from __future__ import annotations
+
+import sys
+import types
+from unittest import mock
 
 import pytest
 import torch
@@ -35,6 +39,64 @@ def yolov5_style_checkpoint(tmp_path):
     return path, model.float()
 
 
+# Where Ultralytics 8.4 defines the classes of a YOLO11 model (our class name -> its module, its name).
+ULTRALYTICS_CLASSES = {
+    "DetectionModel": ("ultralytics.nn.tasks", "DetectionModel"),
+    "Conv": ("ultralytics.nn.modules.conv", "Conv"),
+    "DWConv": ("ultralytics.nn.modules.conv", "DWConv"),
+    "Concat": ("ultralytics.nn.modules.conv", "Concat"),
+    **{
+        name: ("ultralytics.nn.modules.block", name)
+        for name in ("Bottleneck", "C3k", "C3k2", "C2PSA", "PSABlock", "Attention", "SPPF", "DFL")
+    },
+    "AnchorFreeDetect": ("ultralytics.nn.modules.head", "Detect"),
+}
+
+
+@pytest.fixture
+def ultralytics_style_checkpoint(tmp_path):
+    """A checkpoint laid out as Ultralytics 8.4 writes one: its classes (here stand-ins registered
+    under its module names while saving, gone before reading), fp16, options under train_args."""
+    torch.manual_seed(0)
+    model = build_model("yolo11n.yaml", nc=3)
+    model.train()(torch.rand(2, 3, 64, 64))  # non-trivial BatchNorm statistics
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.names = {0: "cat", 1: "dog", 2: "bird"}
+    path = tmp_path / "yolo11n_custom.pt"
+    with mock.patch.dict(sys.modules):
+        for module_name in ("ultralytics", "ultralytics.nn", "ultralytics.nn.modules"):
+            sys.modules[module_name] = types.ModuleType(module_name)
+        for module in model.modules():
+            if type(module).__name__ in ULTRALYTICS_CLASSES:
+                module_name, name = ULTRALYTICS_CLASSES[type(module).__name__]
+                home = sys.modules.setdefault(module_name, types.ModuleType(module_name))
+                if not hasattr(home, name):
+                    setattr(home, name, type(name, (type(module),), {"__module__": module_name, "__qualname__": name}))
+                module.__class__ = getattr(home, name)
+        torch.save({"model": model.half(), "ema": None, "train_args": {"imgsz": 320}, "version": "8.4.0"}, path)
+    assert "ultralytics" not in sys.modules
+    return path, expected
+
+
+def test_ultralytics_checkpoint_read_exactly_with_the_flag(ultralytics_style_checkpoint):
+    path, expected = ultralytics_style_checkpoint
+    with pytest.raises(UserError, match="If it is a YOLOv5 or Ultralytics checkpoint you trust, add --trust-pickle"):
+        load_checkpoint(path, offers_trust_pickle=True)
+    checkpoint = load_checkpoint(path, trust_pickle=True)
+    assert "ultralytics" not in sys.modules  # read through placeholders, never imported
+    assert checkpoint["source"] == f"Ultralytics checkpoint {path}"
+    assert checkpoint["names"] == ["cat", "dog", "bird"] and checkpoint["opt"] == {"imgsz": 320}
+    assert checkpoint["model_yaml"]["scale"] == "n" and checkpoint["ema"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(checkpoint["ema"][name], tensor.half().float() if tensor.is_floating_point() else tensor), (
+            name
+        )
+    rebuilt = model_from_checkpoint(checkpoint, "ema")
+    assert rebuilt.anchor_free and rebuilt.nc == 3
+    moved, total = transfer_matching_weights(build_model("yolo11n.yaml", nc=3), checkpoint)
+    assert moved == total
+
+
 def test_refused_without_the_flag(yolov5_style_checkpoint):
     """Refused; the message suggests --trust-pickle only to a command that has the option."""
     path, _ = yolov5_style_checkpoint
@@ -66,7 +128,7 @@ def test_a_hostile_pickle_runs_nothing_even_when_trusted(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"model": Payload(marker), "ema": Payload(marker)}, evil)
-    with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
+    with pytest.raises(UserError, match="not a YOLOv5 or Ultralytics checkpoint"):
         load_checkpoint(evil, trust_pickle=True)
     assert not marker.exists()
 
@@ -87,7 +149,7 @@ def test_a_trusted_pickle_cannot_call_torch_functions(tmp_path):
     hooks = torch.nn.modules.module._global_forward_hooks
     before = dict(hooks)
     try:
-        with pytest.raises(UserError, match="not a YOLOv5 checkpoint"):
+        with pytest.raises(UserError, match="not a YOLOv5 or Ultralytics checkpoint"):
             load_checkpoint(evil, trust_pickle=True)
         assert dict(hooks) == before, "the pickle registered a process-wide forward hook"
     finally:

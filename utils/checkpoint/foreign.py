@@ -1,10 +1,11 @@
-"""YOLOv5 checkpoints (pickled model objects) read on the user's explicit word: --trust-pickle.
+"""YOLOv5 and Ultralytics (YOLOv5u/YOLOv8/YOLO11) checkpoints, pickled model objects, read on the
+user's explicit word: --trust-pickle.
 
-Our own checkpoints never need this. A YOLOv5 .pt stores its model as pickled Python objects,
+Our own checkpoints never need this. Their .pt files store the model as pickled Python objects,
 hence the opt-in. Even then the file goes through torch's restricted (weights_only) unpickler:
 the other framework's code is never imported and no function outside a short allowlist is
 called, because every other global it names is mapped to an inert placeholder that keeps its
-pickled state. The tensors, the model YAML and the class names are taken from those. YOLOv5's
+pickled state. The tensors, the model YAML and the class names are taken from those. Their
 state-dict names equal ours, so the weights load one to one.
 """
 
@@ -113,36 +114,45 @@ def _module_state(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class ForeignWeights:
-    """What a YOLOv5 checkpoint says about its model."""
+    """What a YOLOv5 or Ultralytics checkpoint says about its model."""
 
+    framework: str  # "YOLOv5" or "Ultralytics"
     model_yaml: dict
     names: list[str]
-    state: dict[str, torch.Tensor]  # fp32 state dict (YOLOv5 keeps one model: its EMA when it trained with one)
+    state: dict[str, torch.Tensor]  # fp32 state dict (they keep one model: the EMA when they trained with one)
     image_size: int | None  # its training --imgsz, when recorded
 
 
-def read_yolov5_checkpoint(path: Path) -> ForeignWeights:
-    """The model of a YOLOv5 checkpoint: its YAML, class names, weights and training image size."""
+def read_pickled_checkpoint(path: Path) -> ForeignWeights:
+    """The model of a YOLOv5 or Ultralytics checkpoint: its YAML, class names, weights and training image size."""
     try:
         with safe_globals(_stand_ins(path)):  # torch's restricted unpickler, told what each name stands for
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # anything a foreign pickle can raise means: not readable as YOLOv5
-        raise UserError(f"{path} could not be read as a YOLOv5 checkpoint: {type(error).__name__}: {error}") from None
+    except Exception as error:  # anything a foreign pickle can raise means: not readable as YOLOv5's
+        raise UserError(
+            f"{path} could not be read as a YOLOv5 or Ultralytics checkpoint: {type(error).__name__}: {error}"
+        ) from None
     model = raw.get("ema") or raw.get("model") if isinstance(raw, dict) else None
     state = getattr(model, "pickled_state", None)
     if not isinstance(state, dict) or not isinstance(state.get("yaml"), dict):
-        raise UserError(f"{path} is not a YOLOv5 checkpoint (no pickled model with a model YAML inside)")
-    names = state.get("names") or [str(i) for i in range(state["yaml"].get("nc", 0))]
+        raise UserError(f"{path} is not a YOLOv5 or Ultralytics checkpoint (no pickled model with a model YAML inside)")
+    framework = "Ultralytics" if type(model).__module__.startswith("ultralytics.") else "YOLOv5"
+    model_yaml = dict(state["yaml"])
+    if isinstance(model_yaml.get("scales"), dict) and model_yaml.get("scale") not in model_yaml["scales"]:
+        model_yaml["scale"] = next(iter(model_yaml["scales"]), None)  # what Ultralytics builds without one
+    names = state.get("names") or [str(i) for i in range(model_yaml.get("nc", 0))]
     try:
         weights = _module_state(model)
     except Exception as error:  # a structure we do not know: say so rather than guess
         raise UserError(
-            f"{path}: its pickled model could not be read as YOLOv5's ({type(error).__name__}: {error})"
+            f"{path}: its pickled model could not be read as {framework}'s ({type(error).__name__}: {error})"
         ) from None
-    train_opt = raw.get("opt") if isinstance(raw.get("opt"), dict) else {}
+    # The training options: YOLOv5 keeps them under 'opt', Ultralytics under 'train_args'.
+    train_opt = next((raw[k] for k in ("opt", "train_args") if isinstance(raw.get(k), dict)), {})
     image_size = train_opt.get("imgsz") if isinstance(train_opt.get("imgsz"), int) else None
     return ForeignWeights(
-        model_yaml=dict(state["yaml"]),
+        framework=framework,
+        model_yaml=model_yaml,
         names=list(names.values()) if isinstance(names, dict) else list(names),
         state=weights,
         image_size=image_size,

@@ -12,7 +12,7 @@ Kinds (the 'kind' key):
   cuda), swa (the --swa-epochs running average so far, or None), date, versions.
 - average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
   weights as both ema and model, a 'source' line saying what they average; not resumable.
-- foreign: a YOLOv5 checkpoint read with --trust-pickle (in memory only, never written): model_yaml,
+- foreign: a YOLOv5 or Ultralytics checkpoint read with --trust-pickle (in memory only, never written): model_yaml,
   names, ema and model, and its training image size when it recorded one.
 
 Version 1 files (before 'kind') are read as version 2.
@@ -31,7 +31,7 @@ import torch
 
 from models.yolo import DetectionModel
 from utils.atomic_write import atomic_write
-from utils.checkpoint.foreign import read_yolov5_checkpoint
+from utils.checkpoint.foreign import read_pickled_checkpoint
 from utils.dist import per_process_batch
 from utils.errors import UserError
 
@@ -166,7 +166,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_p
     """Read one of our checkpoints with weights_only=True; any other file is a UserError naming it.
 
     With trust_pickle (the user's --trust-pickle), a file that needs full unpickling is read as a
-    YOLOv5 checkpoint instead (a foreign-kind checkpoint). offers_trust_pickle: the command has
+    YOLOv5 or Ultralytics checkpoint instead (a foreign-kind checkpoint). offers_trust_pickle: the command has
     that option, so a refusal may suggest it."""
     path = Path(path)
     if not path.is_file():
@@ -186,15 +186,19 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_p
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if trust_pickle:
-            weights = read_yolov5_checkpoint(path)
+            weights = read_pickled_checkpoint(path)
             return foreign_checkpoint(
-                weights.model_yaml, weights.names, weights.state, f"YOLOv5 checkpoint {path}", weights.image_size
+                weights.model_yaml,
+                weights.names,
+                weights.state,
+                f"{weights.framework} checkpoint {path}",
+                weights.image_size,
             )
         hint = (
-            "If it is a YOLOv5 checkpoint you trust, add --trust-pickle to read its weights"
+            "If it is a YOLOv5 or Ultralytics checkpoint you trust, add --trust-pickle to read its weights"
             if offers_trust_pickle
-            else "A YOLOv5 checkpoint you trust can be read by train.py --weights, val.py and detect.py with "
-            "--trust-pickle"
+            else "A YOLOv5 or Ultralytics checkpoint you trust can be read by train.py --weights, val.py and "
+            "detect.py with --trust-pickle"
         )
         raise UserError(
             f"{path} is not a checkpoint of this framework: loading it would need full unpickling, "
@@ -227,11 +231,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def describe_kind(checkpoint: dict) -> str:
-    """'a training checkpoint', 'an average of weights (...)' or 'a YOLOv5 checkpoint', for messages."""
+    """'a training checkpoint', 'an average of weights (...)' or 'a YOLOv5 or Ultralytics checkpoint'."""
     kind = checkpoint.get("kind")
     if kind == AVERAGE:
         return f"an average of weights ({checkpoint.get('source')})"
-    return "a YOLOv5 checkpoint" if kind == FOREIGN else "a training checkpoint"
+    return "a YOLOv5 or Ultralytics checkpoint" if kind == FOREIGN else "a training checkpoint"
 
 
 def training_option(checkpoint: dict, name: str, default: object = None) -> object:

@@ -165,10 +165,13 @@ def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | Non
             )
             trained_nc = initial["model_yaml"].get("nc")
             if trained_nc is not None and trained_nc != nc:
-                LOGGER.info(
-                    f"{opt.weights} detects {trained_nc} classes and {data.source} has {nc}: the Detect "
-                    "head's output layers start afresh"
+                restarted = (
+                    "the class branch's layers sized by the class count start afresh; the box branch and DFL "
+                    "keep their weights"
+                    if model.anchor_free
+                    else "the Detect head's output layers start afresh"
                 )
+                LOGGER.info(f"{opt.weights} detects {trained_nc} classes and {data.source} has {nc}: {restarted}")
     head_index = len(model.model) - 1
     frozen = list(range(opt.freeze[0])) if len(opt.freeze) == 1 else list(opt.freeze)
     if any(i >= head_index for i in frozen):
