@@ -6,7 +6,7 @@
 For each MODEL:EPOCHS, `python train.py --cfg MODEL.yaml` (our default recipe for its head) once
 per seed, and `yolo train model=MODEL.yaml` (Ultralytics' defaults) once; with --yolov5n-epochs,
 also our YOLOv5n and the `yolov5` package's. Every run: the embedded dataset (the references get
-a copy), --imgsz, --batch, --workers and the epochs given, from scratch, images cached in RAM.
+a copy), --imgsz, --batch, --workers, --device and the epochs given, from scratch, images cached in RAM.
 results.csv is watched, so every epoch's mAP gets the wall-clock time since launch. The table
 gives mAP@0.5 and mAP@0.5:0.95 at epochs 10/20/30 (or the last), wall time, training images/s
 (epochs x training images / wall time, validation included) and the share of the reference's
@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="every run's device: cpu, or a CUDA index such as 0")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench_accuracy")
     parser.add_argument("--resume-bench", action="store_true", help="keep the finished runs in WORKDIR/runs.json")
     return parser.parse_args()
@@ -67,6 +68,7 @@ def parse_args() -> argparse.Namespace:
 def planned_runs(args: argparse.Namespace, ref_data: Path | None) -> dict[str, tuple[list[str], str, bool]]:
     """Run name -> (command, run folder name, needs the reference environment)."""
     common = ["--imgsz", str(args.imgsz), "--batch-size", str(args.batch), "--workers", str(args.workers)]
+    common += ["--device", args.device]
     runs_dir = args.workdir / "runs"
 
     def ours(cfg: str, epochs: int, seed: int) -> tuple[list[str], str, bool]:
@@ -92,7 +94,7 @@ def planned_runs(args: argparse.Namespace, ref_data: Path | None) -> dict[str, t
                     f"imgsz={args.imgsz}",
                     f"batch={args.batch}",
                     f"workers={args.workers}",
-                    "device=cpu",
+                    f"device={args.device}",
                     "pretrained=False",
                     "cache=ram",
                     f"project={runs_dir}",
@@ -184,10 +186,6 @@ def main() -> None:
     args = parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = reference_environment(args.workdir)
-    ultra_settings = args.workdir / "ref_config" / "Ultralytics"  # 8.4 reads its fonts from here
-    ultra_settings.mkdir(exist_ok=True)
-    for font in ("Arial.ttf", "Arial.Unicode.ttf"):
-        shutil.copy(args.workdir / "ref_config" / font, ultra_settings / font)
     ref_data = None
     if args.ultralytics_venv is not None or args.yolov5_venv is not None:
         ref_data, _ = reference_dataset(args.data, args.workdir)

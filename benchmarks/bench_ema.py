@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
 from utils.device import amp_dtype_for, autocast  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
+from utils.train.criterion import build_criterion  # noqa: E402
 from utils.train.ema import ModelEMA  # noqa: E402
-from utils.train.loss import DetectionLoss  # noqa: E402
 from utils.train.optim import accumulation_steps, build_optimizer  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def training_step_seconds(model: torch.nn.Module, imgsz: int, batch: int, repeat
     """One optimizer step of the default recipe: accumulate x (forward + loss + backward) + step."""
     dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
     model = model.to(memory_format=torch.channels_last).train()
-    criterion = DetectionLoss(model.detect_head, load_hyp("scratch-low.yaml"), imgsz)
+    criterion = build_criterion(model, load_hyp(None, anchor_free=model.anchor_free), imgsz)
     optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, imgsz, imgsz, generator=generator).contiguous(memory_format=torch.channels_last)

@@ -27,8 +27,8 @@ from utils.data.loader import build_train_dataset, build_train_loader, build_val
 from utils.device import amp_dtype_for, autocast, describe_precision, to_model_input  # noqa: E402
 from utils.eval.evaluate import evaluate  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
+from utils.train.criterion import build_criterion  # noqa: E402
 from utils.train.ema import ModelEMA  # noqa: E402
-from utils.train.loss import DetectionLoss  # noqa: E402
 from utils.train.optim import NOMINAL_BATCH_SIZE, accumulation_steps, build_optimizer  # noqa: E402
 from utils.train.rng import seed_everything  # noqa: E402
 from utils.train.step import optimizer_step  # noqa: E402
@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("mode", choices=("steps", "val"))
     parser.add_argument("--data", default="data/shapes.yaml")
     parser.add_argument("--cfg", default="yolov5n.yaml")
-    parser.add_argument("--hyp", default="scratch-low.yaml")
+    parser.add_argument("--hyp", default=None, help="default: the model head's recipe")
     parser.add_argument("--optimizer", default="SGD")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
@@ -59,10 +59,10 @@ def parse_args() -> argparse.Namespace:
 def time_steps(args: argparse.Namespace) -> dict:
     device = torch.device("cpu")
     amp_dtype = amp_dtype_for(device, enabled=not args.no_amp)
-    hyp = load_hyp(args.hyp)
     data = load_dataset_config(args.data)
     seed_everything(0)
     model = build_model(args.cfg, nc=data.nc)
+    hyp = load_hyp(args.hyp, anchor_free=model.anchor_free)
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model.to(device, memory_format=memory_format)
     dataset = build_train_dataset(
@@ -79,7 +79,7 @@ def time_steps(args: argparse.Namespace) -> dict:
     )
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     ema = ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
-    criterion = DetectionLoss(model.detect_head, hyp, args.imgsz)
+    criterion = build_criterion(model, hyp, args.imgsz)
     forward = torch.compile(model) if args.compile else model
     first_batch_seconds = None
     phases = {"data": 0.0, "forward_loss": 0.0, "backward": 0.0, "optimizer": 0.0, "ema": 0.0}

@@ -24,11 +24,12 @@ MAP50_COLUMNS = {"ours": "metrics/mAP_0.5", "yolov5": "metrics/mAP_0.5", "ultral
 def reference_environment(workdir: Path) -> dict:
     """Environment for the reference CLIs: offline, fonts in place, pickled checkpoints allowed."""
     config_dir = workdir / "ref_config"
-    config_dir.mkdir(parents=True, exist_ok=True)
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        if not (config_dir / name).exists():
-            shutil.copy(font, config_dir / name)
+    for folder in (config_dir, config_dir / "Ultralytics"):  # Ultralytics 8.4 reads its fonts from the subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            if not (folder / name).exists():
+                shutil.copy(font, folder / name)
     return {
         **os.environ,
         "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",

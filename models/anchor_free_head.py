@@ -7,15 +7,21 @@ import math
 
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 
 from models.blocks import Conv, DWConv
 
 
-class DFL(nn.Module):
-    """Distribution focal loss integral: softmax over `reg_max` bins, then the expected bin index.
+def expected_distances(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """(..., reg_max) logits over distance bins -> (...) expected distance: softmax, then the mean bin."""
+    return logits.softmax(-1) @ bins.to(logits.dtype)
 
-    The projection is a fixed 1x1 convolution with weights 0..reg_max-1 (kept in the state dict,
-    never trained), so Ultralytics' weights load one to one.
+
+class DFL(nn.Module):
+    """Distribution focal loss integral: the expected bin of each box side's distribution.
+
+    The bin values 0..reg_max-1 are held as a fixed 1x1 convolution weight (kept in the state
+    dict, never trained), so Ultralytics' weights load one to one.
     """
 
     def __init__(self, reg_max: int = 16):
@@ -28,8 +34,8 @@ class DFL(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 4 * reg_max, A) logits -> (B, 4, A) expected distances in grid cells."""
         b, _, a = x.shape
-        bins = x.view(b, 4, self.reg_max, a).transpose(2, 1).softmax(1)  # (B, reg_max, 4, A)
-        return self.conv(bins).view(b, 4, a)
+        per_side = x.view(b, 4, self.reg_max, a).transpose(2, 3)  # (B, 4, A, reg_max)
+        return expected_distances(per_side, self.conv.weight.view(self.reg_max))
 
 
 def make_anchor_points(
@@ -47,12 +53,10 @@ def make_anchor_points(
 
 
 def distances_to_boxes(distances: torch.Tensor, points: torch.Tensor, xywh: bool) -> torch.Tensor:
-    """(..., 4) left/top/right/bottom distances from (..., 2) points -> xyxy or xywh boxes."""
-    left_top, right_bottom = distances.chunk(2, dim=-1)
-    x1y1, x2y2 = points - left_top, points + right_bottom
-    if xywh:
-        return torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), dim=-1)
-    return torch.cat((x1y1, x2y2), dim=-1)
+    """(..., 4) distances from (..., 2) points to the left, top, right and bottom box sides ->
+    corner boxes (x1, y1, x2, y2), or centre/size boxes with xywh."""
+    corners = torch.cat((points - distances[..., :2], points + distances[..., 2:]), dim=-1)
+    return box_convert(corners, "xyxy", "cxcywh") if xywh else corners
 
 
 class AnchorFreeDetect(nn.Module):
@@ -99,13 +103,16 @@ class AnchorFreeDetect(nn.Module):
         return self.decode(raw), raw
 
     def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
-        """Raw level outputs -> (B, A, 4 + nc) with xywh in input pixels, computed in float32."""
-        b = raw[0].shape[0]
-        flat = torch.cat([r.float().view(b, self.no, -1) for r in raw], dim=2)
-        box_logits, cls_logits = flat.split((4 * self.reg_max, self.nc), dim=1)
-        points, strides = self.anchor_points([r.shape[2:] for r in raw], flat.device)
-        boxes = distances_to_boxes(self.dfl(box_logits).transpose(1, 2), points, xywh=True) * strides
-        return torch.cat((boxes, cls_logits.transpose(1, 2).sigmoid()), dim=2)
+        """Raw level outputs -> (B, A, 4 + nc) with xywh in input pixels, computed in float32
+        (float64 for a float64 model), outside any autocast."""
+        b, dtype = raw[0].shape[0], torch.promote_types(raw[0].dtype, torch.float32)
+        with torch.autocast(raw[0].device.type, enabled=False):
+            flat = torch.cat([r.to(dtype).view(b, self.no, -1) for r in raw], dim=2)
+            box_logits, cls_logits = flat.split((4 * self.reg_max, self.nc), dim=1)
+            points, strides = self.anchor_points([r.shape[2:] for r in raw], flat.device)
+            distances = self.dfl(box_logits).transpose(1, 2)
+            boxes = distances_to_boxes(distances, points.to(dtype), xywh=True) * strides.to(dtype)
+            return torch.cat((boxes, cls_logits.transpose(1, 2).sigmoid()), dim=2)
 
     def anchor_points(self, sizes: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, 2) cell centres in grid cells and (A, 1) their strides, cached per feature-map sizes."""

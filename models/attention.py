@@ -25,6 +25,7 @@ class Attention(nn.Module):
         self.pe = Conv(dim, dim, 3, 1, groups=dim, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W): every cell attends to every cell."""
         b, c, h, w = x.shape
         # Channels are grouped by head; within a head: queries, keys, values.
         q, k, v = (
@@ -47,8 +48,11 @@ class PSABlock(nn.Module):
         self.add = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x) if self.add else self.attn(x)
-        return x + self.ffn(x) if self.add else self.ffn(x)
+        """Attention, then the feed-forward; each added to its input when `add`."""
+        if not self.add:
+            return self.ffn(self.attn(x))
+        attended = x + self.attn(x)
+        return attended + self.ffn(attended)
 
 
 class C2PSA(nn.Module):
@@ -59,10 +63,13 @@ class C2PSA(nn.Module):
         if c_in != c_out:
             raise ValueError(f"C2PSA keeps the channel count, got {c_in} in and {c_out} out")
         self.c = int(c_in * expansion)
+        if self.c < 64:
+            raise ValueError(f"C2PSA needs at least 64 hidden channels (one attention head per 64), got {self.c}")
         self.cv1 = Conv(c_in, 2 * self.c, 1, 1)
         self.cv2 = Conv(2 * self.c, c_in, 1)
         self.m = nn.Sequential(*(PSABlock(self.c, attn_ratio=0.5, num_heads=self.c // 64) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.cv1(x).split((self.c, self.c), dim=1)
-        return self.cv2(torch.cat((a, self.m(b)), dim=1))
+        """(B, C, H, W) -> (B, C, H, W); attention on half of the projected channels."""
+        kept, attended = self.cv1(x).chunk(2, dim=1)
+        return self.cv2(torch.cat((kept, self.m(attended)), dim=1))

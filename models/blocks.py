@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -119,24 +120,36 @@ class C3k(C3):
 
 class C2f(nn.Module):
     """YOLOv8's CSP block: split a 1x1 projection in two, chain n blocks on one half and
-    concatenate every intermediate output before the 1x1 merge."""
+    concatenate every intermediate output before the 1x1 merge. The blocks are 3x3 bottlenecks
+    of full width unless `block` (a factory of width -> module) says otherwise."""
 
     def __init__(
-        self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False, groups: int = 1, expansion: float = 0.5
+        self,
+        c_in: int,
+        c_out: int,
+        n: int = 1,
+        shortcut: bool = False,
+        groups: int = 1,
+        expansion: float = 0.5,
+        block: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         self.c = int(c_out * expansion)
+        if block is None:
+
+            def block(c: int) -> nn.Module:
+                return Bottleneck(c, c, shortcut, groups, expansion=1.0, kernels=(3, 3))
+
         self.cv1 = Conv(c_in, 2 * self.c, 1, 1)
         self.cv2 = Conv((2 + n) * self.c, c_out, 1)
-        self.m = nn.ModuleList(
-            Bottleneck(self.c, self.c, shortcut, groups, expansion=1.0, kernels=(3, 3)) for _ in range(n)
-        )
+        self.m = nn.ModuleList(block(self.c) for _ in range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ys = list(self.cv1(x).chunk(2, dim=1))
+        """(B, c_in, H, W) -> (B, c_out, H, W)."""
+        outputs = list(self.cv1(x).chunk(2, dim=1))
         for block in self.m:
-            ys.append(block(ys[-1]))
-        return self.cv2(torch.cat(ys, dim=1))
+            outputs.append(block(outputs[-1]))
+        return self.cv2(torch.cat(outputs, dim=1))
 
 
 class C3k2(C2f):
@@ -152,13 +165,12 @@ class C3k2(C2f):
         groups: int = 1,
         shortcut: bool = True,
     ):
-        super().__init__(c_in, c_out, n, shortcut, groups, expansion)
-        self.m = nn.ModuleList(
-            C3k(self.c, self.c, 2, shortcut, groups)
-            if c3k
-            else Bottleneck(self.c, self.c, shortcut, groups, kernels=(3, 3))
-            for _ in range(n)
-        )
+        def block(c: int) -> nn.Module:
+            if c3k:
+                return C3k(c, c, 2, shortcut, groups)
+            return Bottleneck(c, c, shortcut, groups, kernels=(3, 3))
+
+        super().__init__(c_in, c_out, n, shortcut, groups, expansion, block=block)
 
 
 class SPPF(nn.Module):

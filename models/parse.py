@@ -91,7 +91,7 @@ def _choose_scale(cfg: dict, scale: str | None, path: Path) -> object:
 
 def model_multiples(cfg: dict) -> tuple[float, float, float]:
     """(depth multiple, width multiple, maximum channels) of a validated config."""
-    if "scales" in cfg:
+    if is_anchor_free(cfg) and "scales" in cfg:
         depth, width, max_channels = cfg["scales"][cfg["scale"]]
         return depth, width, max_channels
     return cfg.get("depth_multiple", 1.0), cfg.get("width_multiple", 1.0), math.inf
@@ -110,10 +110,17 @@ def validate_model_config(cfg: object, source: str) -> None:
     if not isinstance(cfg, dict):
         fail("expected a mapping with nc, backbone, head and either anchors or scales")
     anchor_free = is_anchor_free(cfg)
-    required = ("nc", "backbone", "head") if anchor_free else ("nc", "depth_multiple", "width_multiple", "anchors")
+    required = ("nc",) if anchor_free else ("nc", "depth_multiple", "width_multiple", "anchors")
     missing = [k for k in (*required, "backbone", "head") if k not in cfg]
     if missing:
-        fail(f"missing key(s) {', '.join(dict.fromkeys(missing))}")
+        fail(f"missing key(s) {', '.join(missing)}")
+    if not anchor_free and "scales" in cfg:
+        fail("has both anchors (YOLOv5's format) and scales (Ultralytics'): keep the keys of one format")
+    unsupported = [k for k in ("kpt_shape", "end2end") if cfg.get(k)] + (
+        ["reg_max"] if cfg.get("reg_max", 16) != 16 else []
+    )
+    if unsupported:
+        fail(f"{', '.join(unsupported)}: only detection models with the reg_max 16 Detect head are supported")
     if not isinstance(cfg["nc"], int) or isinstance(cfg["nc"], bool) or cfg["nc"] < 1:
         fail(f"nc must be a positive integer, got {cfg['nc']!r}")
     for key in ("depth_multiple", "width_multiple"):

@@ -13,6 +13,7 @@ from models.anchor_free_head import AnchorFreeDetect
 from models.blocks import Conv
 from models.head import Detect
 from models.parse import build_layers, read_model_yaml, validate_model_config
+from utils.errors import UserError
 from utils.log import LOGGER
 
 
@@ -64,10 +65,14 @@ class DetectionModel(nn.Module):
         hook = self.detect_head.register_forward_pre_hook(lambda _, args: sizes.extend(x.shape[-2] for x in args[0]))
         was_training = self.training
         self.eval()
-        with torch.no_grad():
-            self.forward(torch.zeros(1, in_channels, size, size))
-        self.train(was_training)
-        hook.remove()
+        try:
+            with torch.no_grad():
+                self.forward(torch.zeros(1, in_channels, size, size))
+        except RuntimeError as error:  # layers whose outputs do not fit the next ones
+            raise UserError(f"model config: its layers do not fit together: {str(error).splitlines()[0]}") from None
+        finally:
+            self.train(was_training)
+            hook.remove()
         return torch.tensor([size / h for h in sizes], dtype=torch.float32)
 
     def fuse(self) -> DetectionModel:

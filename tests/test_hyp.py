@@ -7,7 +7,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from utils.errors import UserError
-from utils.hyp import LOSS_KEYS, OPTIONAL_DEFAULTS, REQUIRED_KEYS, load_hyp
+from utils.hyp import LOSS_KEYS, OPTIONAL_DEFAULTS, OPTIONAL_KEYS, REQUIRED_KEYS, load_hyp
 
 
 @pytest.mark.parametrize("name", ["scratch-low.yaml", "scratch-med.yaml", "scratch-high.yaml", "hyp.scratch-low.yaml"])
@@ -19,7 +19,7 @@ def test_shipped_recipes_load(name):
 
 def test_anchor_free_recipe_has_ultralytics_gains_and_is_the_default_for_anchor_free_models():
     hyp = load_hyp(None, anchor_free=True)
-    assert set(hyp) == set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS) | set(LOSS_KEYS["anchor-free"])
+    assert set(hyp) == set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS) | set(OPTIONAL_KEYS) | set(LOSS_KEYS["anchor-free"])
     assert (hyp["box"], hyp["cls"], hyp["dfl"], hyp["close_mosaic"]) == (7.5, 0.5, 1.5, 10)
     assert load_hyp(None) == load_hyp("scratch-low.yaml")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.ops import nms
 
@@ -56,3 +57,20 @@ def test_candidate_cap_is_reported_not_silent(monkeypatch):
     output, truncated = non_max_suppression(pred, conf_thres=0.01, iou_thres=0.5, max_det=300)
     assert truncated == 1 and len(output) == 2  # every image comes back, the capped one is counted
     assert len(output[1]) > 0
+
+
+def test_without_objectness_the_class_probabilities_are_the_scores():
+    """The anchor-free head's (B, N, 4 + nc) predictions: a box's score is its class probability."""
+    pred = torch.tensor(
+        [
+            [
+                [50.0, 50.0, 20.0, 20.0, 0.9, 0.3],  # kept for class 0 (and for class 1 with multi_label)
+                [51.0, 50.0, 20.0, 20.0, 0.8, 0.1],  # same place, same class, lower: suppressed
+                [150.0, 50.0, 20.0, 20.0, 0.2, 0.1],  # below conf_thres for every class: dropped
+            ]
+        ]
+    )
+    (single,), _ = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5, objectness=False)
+    assert single[:, 4:].tolist() == [[pytest.approx(0.9), 0.0]]
+    (multi,), _ = non_max_suppression(pred, conf_thres=0.25, iou_thres=0.5, multi_label=True, objectness=False)
+    assert sorted(multi[:, 4:].tolist()) == [[pytest.approx(0.3), 1.0], [pytest.approx(0.9), 0.0]]

@@ -35,6 +35,9 @@ from utils.train.results import results_row
         (["--weights", "no_such.pt"], "does not exist"),
         (["--raw"], "--raw picks the raw weights of the --weights checkpoint; give --weights too"),
         (["--swa-epochs", "2"], "--swa-epochs 2 must be between 0 and --epochs 1"),
+        (["--cfg", "yolo11n.yaml", "--label-smoothing", "0.1"], "the anchor-free loss has none"),
+        (["--cfg", "yolo11n.yaml", "--hyp", "scratch-low.yaml"], "missing dfl, which the anchor-free head's loss"),
+        (["--cfg", "yolo11n.yaml", "--freeze", "24"], "would freeze the Detect head (layer 23)"),
     ],
 )
 def test_bad_options_leave_no_run_folder(tiny_dataset, tmp_path, extra, message):

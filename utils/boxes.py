@@ -72,6 +72,11 @@ def complete_iou(boxes1_xywh: torch.Tensor, boxes2_xywh: torch.Tensor, eps: floa
     return iou - centre_distance - alpha * aspect
 
 
+def complete_iou_xyxy(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """complete_iou of two (broadcastable) corner-form box sets."""
+    return complete_iou(box_convert(boxes1, "xyxy", "cxcywh"), box_convert(boxes2, "xyxy", "cxcywh"))
+
+
 def letterbox_to_original(
     boxes_xyxy: torch.Tensor, original_hw: tuple[int, int], scale_xy: tuple[float, float], pad_xy: tuple[float, float]
 ) -> torch.Tensor:

@@ -42,7 +42,7 @@ LOSS_KEYS = {
 DEFAULT_HYP = {"anchor-based": "scratch-low.yaml", "anchor-free": "anchor-free.yaml"}
 # Ours, optional in the file: albumentations probabilities (YOLOv5 hard-codes 0.01), the EMA, and
 # the number of final epochs trained without mosaic (0: mosaic to the end, as YOLOv5), and the
-# AdamW learning rate and beta1 that --optimizer auto takes for short runs.
+# AdamW learning rate that --optimizer auto takes for short runs.
 OPTIONAL_DEFAULTS = {
     "blur": 0.01,
     "median_blur": 0.01,
@@ -52,21 +52,27 @@ OPTIONAL_DEFAULTS = {
     "ema_tau": 2000.0,
     "close_mosaic": 0,
     "auto_lr0": 0.003,
-    "auto_momentum": 0.937,
 }
+# Ours, optional, with no default: AdamW's beta1 from --optimizer auto (else the hyp's momentum).
+OPTIONAL_KEYS = ("auto_momentum",)
 INTEGER_KEYS = ("close_mosaic",)  # counts; every other value is a float
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
 
 def head_family(anchor_free: bool) -> str:
+    """The key of LOSS_KEYS and DEFAULT_HYP for a model's head."""
     return "anchor-free" if anchor_free else "anchor-based"
+
+
+def default_hyp_path(anchor_free: bool) -> str:
+    """The hyp file a model trains with when --hyp is not given."""
+    return f"hyp/{DEFAULT_HYP[head_family(anchor_free)]}"
 
 
 def load_hyp(name_or_path: str | Path | None, anchor_free: bool = False) -> dict:
     """Read a hyp YAML (None: the head's default), fill our optional keys, validate it for the
     model's head; UserError names the file and the key."""
-    family = head_family(anchor_free)
-    path = resolve_config_path(name_or_path or DEFAULT_HYP[family], "hyp", strip_prefix="hyp.")
+    path = resolve_config_path(name_or_path or default_hyp_path(anchor_free), "hyp", strip_prefix="hyp.")
     return validate_hyp(read_yaml(path, "hyperparameter file"), source=str(path), anchor_free=anchor_free)
 
 
@@ -89,7 +95,7 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
             f"hyperparameter file {source}: 'anchors' asks for automatic anchor fitting, "
             "which is not supported; set anchors in the model YAML instead"
         )
-    known = {*REQUIRED_KEYS, *OPTIONAL_DEFAULTS, *(k for keys in LOSS_KEYS.values() for k in keys)}
+    known = {*REQUIRED_KEYS, *OPTIONAL_DEFAULTS, *OPTIONAL_KEYS, *(k for keys in LOSS_KEYS.values() for k in keys)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"hyperparameter file {source}: unknown key(s) {', '.join(unknown)}")

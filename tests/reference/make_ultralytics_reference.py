@@ -1,11 +1,12 @@
 """Compute reference numbers from the installed `ultralytics` package (imported, never copied).
 
-Run once, in a separate venv holding `ultralytics` 8.4 (see benchmarks/README.md for making it):
-    YOLO_OFFLINE=1 YOLO_CONFIG_DIR=<folder with a font> <venv>/bin/python tests/reference/make_ultralytics_reference.py
+Run once, in a separate venv holding `ultralytics` 8.4 (benchmarks/bench_accuracy.py says how to
+make one), with a font in $YOLO_CONFIG_DIR and its Ultralytics/ subfolder:
+    YOLO_OFFLINE=1 YOLO_CONFIG_DIR=DIR VENV/bin/python tests/reference/make_ultralytics_reference.py
 
-Writes tests/reference/ultralytics_8_4.json, which tests/test_anchor_free.py reads. Builds every
-model from its YAML name only: no weights are loaded. Deterministic inputs come from fixed_values.py
-beside this file.
+Writes tests/reference/ultralytics_8_4.json, which tests/test_ultralytics_models.py and
+tests/test_anchor_free_loss.py read. Builds every model from its YAML name only: no weights are
+loaded. Deterministic inputs come from fixed_values.py beside this file.
 """
 
 from __future__ import annotations

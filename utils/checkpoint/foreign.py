@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
+from models.parse import validate_model_config
 from utils.errors import UserError
 
 # The only globals that unpickle as themselves: what tensors and torch modules are rebuilt from.
@@ -140,6 +141,7 @@ def read_pickled_checkpoint(path: Path) -> ForeignWeights:
     model_yaml = dict(state["yaml"])
     if isinstance(model_yaml.get("scales"), dict) and model_yaml.get("scale") not in model_yaml["scales"]:
         model_yaml["scale"] = next(iter(model_yaml["scales"]), None)  # what Ultralytics builds without one
+    validate_model_config(model_yaml, source=f"of {framework} checkpoint {path}")  # e.g. a Segment or Pose model
     names = state.get("names") or [str(i) for i in range(model_yaml.get("nc", 0))]
     try:
         weights = _module_state(model)

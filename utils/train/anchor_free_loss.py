@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert
 
-from models.anchor_free_head import AnchorFreeDetect, distances_to_boxes
-from utils.boxes import complete_iou
+from models.anchor_free_head import AnchorFreeDetect, distances_to_boxes, expected_distances
+from utils.boxes import complete_iou_xyxy
 from utils.dist import World
 from utils.train.assigner import TaskAlignedAssigner
 
@@ -25,7 +25,9 @@ def distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch
     )
 
 
-def pad_targets(targets: torch.Tensor, batch_size: int, width: float, height: float):
+def pad_targets(
+    targets: torch.Tensor, batch_size: int, width: float, height: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M, 6) [image, class, cx, cy, w, h] normalised -> per image, in input order: labels (B, K)
     long, xyxy boxes in pixels (B, K, 4) and a mask (B, K) of real boxes (K = most boxes in one image)."""
     device = targets.device
@@ -50,9 +52,10 @@ class AnchorFreeLoss:
     """Loss of raw AnchorFreeDetect outputs against targets (M, 6) [image, class, cx, cy, w, h] normalised.
 
     Returns (total loss x batch size, detached [box, cls, dfl]), gains box/cls/dfl from the hyp.
-    Under DistributedDataParallel the normaliser (the sum of the class targets) is summed over
-    the ranks and the total multiplied by the world size, so N ranks compute the gradient of one
-    process with the same global batch (as DetectionLoss does for YOLOv5's loss).
+    Under DistributedDataParallel the normaliser (the sum of the class targets) and the batch
+    size are summed over the ranks and the total multiplied by the world size, so N ranks
+    compute the gradient of one process with the same global batch (as DetectionLoss does for
+    YOLOv5's loss).
     """
 
     names = ("box_loss", "cls_loss", "dfl_loss")  # the loss items, as results.csv names them
@@ -63,11 +66,11 @@ class AnchorFreeLoss:
         self.gains = (hyp["box"], hyp["cls"], hyp["dfl"])
         # Boxes narrower than the second level's stride are widened to it for the inside test (Ultralytics 8.4).
         min_side = float(head.stride[1] if head.nl > 1 else head.stride[0])
-        self.assigner = TaskAlignedAssigner(head.nc, topk=10, alpha=0.5, beta=6.0, min_side=min_side)
+        self.assigner = TaskAlignedAssigner(topk=10, alpha=0.5, beta=6.0, min_side=min_side)
         self.world = world or World()
 
     def __call__(self, raw: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = [p.to(torch.promote_types(p.dtype, torch.float32)) for p in raw]  # float32 under any autocast
+        raw = [p.to(torch.promote_types(p.dtype, torch.float32)) for p in raw]  # fp16/bf16 outputs upcast
         b, dtype, device = raw[0].shape[0], raw[0].dtype, raw[0].device
         flat = torch.cat([p.view(b, self.head.no, -1) for p in raw], dim=2).transpose(1, 2)  # (B, A, no)
         box_logits, cls_logits = flat.split((4 * self.reg_max, self.nc), dim=2)
@@ -76,7 +79,7 @@ class AnchorFreeLoss:
         gt_labels, gt_boxes, gt_mask = pad_targets(targets.to(device, dtype), b, width, height)
 
         bins = torch.arange(self.reg_max, device=device, dtype=dtype)
-        distances = box_logits.view(b, -1, 4, self.reg_max).softmax(3) @ bins  # (B, A, 4) in grid cells
+        distances = expected_distances(box_logits.view(b, -1, 4, self.reg_max), bins)  # (B, A, 4) in grid cells
         pred_boxes = distances_to_boxes(distances, points, xywh=False)
         assigned = self.assigner(
             cls_logits.detach().sigmoid(),
@@ -93,9 +96,7 @@ class AnchorFreeLoss:
         if fg.any():
             weight = assigned.scores.sum(-1)[fg]
             target_boxes = assigned.boxes / strides  # grid cells of each point's level
-            ciou = complete_iou(
-                box_convert(pred_boxes[fg], "xyxy", "cxcywh"), box_convert(target_boxes[fg], "xyxy", "cxcywh")
-            )
+            ciou = complete_iou_xyxy(pred_boxes[fg], target_boxes[fg])
             loss_box = ((1.0 - ciou) * weight).sum() / score_sum
             point_xy = points.expand(b, -1, -1)[fg]
             x1y1, x2y2 = target_boxes[fg].chunk(2, dim=-1)
@@ -105,4 +106,6 @@ class AnchorFreeLoss:
         items = torch.cat(
             [(loss * gain).reshape(1) for loss, gain in zip((loss_box, loss_cls.reshape(1), loss_dfl), self.gains)]
         )
-        return items.sum() * b * self.world.size, items.detach()
+        # The global batch's images (this rank's alone in one process), times the ranks DDP averages over.
+        images = self.world.sum(torch.tensor([float(b)], dtype=torch.float64, device=device)).to(dtype)
+        return items.sum() * images * self.world.size, items.detach()

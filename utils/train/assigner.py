@@ -15,21 +15,15 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import box_convert
 
-from utils.boxes import complete_iou
+from utils.boxes import complete_iou_xyxy
 
 
 @dataclass
 class Assignment:
-    labels: torch.Tensor  # (B, A) class of the assigned box (0 for background points)
     boxes: torch.Tensor  # (B, A, 4) xyxy of the assigned box, in the units of the inputs
     scores: torch.Tensor  # (B, A, nc) soft class targets, zero for background points
     foreground: torch.Tensor  # (B, A) bool
     gt_index: torch.Tensor  # (B, A) index of the assigned box among the image's boxes
-
-
-def xyxy_complete_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Element-wise (broadcast) CIoU of two xyxy box sets."""
-    return complete_iou(box_convert(boxes1, "xyxy", "cxcywh"), box_convert(boxes2, "xyxy", "cxcywh"))
 
 
 class TaskAlignedAssigner:
@@ -37,14 +31,13 @@ class TaskAlignedAssigner:
 
     def __init__(
         self,
-        num_classes: int,
         topk: int = 10,
         alpha: float = 0.5,
         beta: float = 6.0,
         min_side: float = 0.0,
         eps: float = 1e-9,
     ):
-        self.num_classes, self.topk, self.alpha, self.beta, self.eps = num_classes, topk, alpha, beta, eps
+        self.topk, self.alpha, self.beta, self.eps = topk, alpha, beta, eps
         self.min_side = min_side
 
     @torch.no_grad()
@@ -63,7 +56,6 @@ class TaskAlignedAssigner:
         m = gt_labels.shape[1]
         if m == 0:
             return Assignment(
-                labels=torch.zeros((b, a), dtype=torch.long, device=scores.device),
                 boxes=torch.zeros_like(boxes),
                 scores=torch.zeros_like(scores),
                 foreground=torch.zeros((b, a), dtype=torch.bool, device=scores.device),
@@ -83,7 +75,7 @@ class TaskAlignedAssigner:
         image, box, point = candidate.nonzero(as_tuple=True)
         class_score[image, box, point] = scores[image, point, gt_labels[image, box]]
         overlap[image, box, point] = (
-            xyxy_complete_iou(gt_boxes[image, box], boxes[image, point]).clamp(0).to(overlap.dtype)
+            complete_iou_xyxy(gt_boxes[image, box], boxes[image, point]).clamp(0).to(overlap.dtype)
         )
         alignment = class_score.pow(self.alpha) * overlap.pow(self.beta)
 
@@ -108,7 +100,6 @@ class TaskAlignedAssigner:
         point_weight = (alignment * best_overlap / (best_alignment + self.eps)).amax(1)  # (B, A)
         one_hot = torch.nn.functional.one_hot(labels, nc).to(scores.dtype) * foreground[..., None]
         return Assignment(
-            labels=labels,
             boxes=assigned_boxes,
             scores=one_hot * point_weight[..., None],
             foreground=foreground,

@@ -11,7 +11,7 @@ from torch import nn
 NOMINAL_BATCH_SIZE = 64  # gradients are accumulated to about this many images per step
 OPTIMIZERS = ("auto", "SGD", "Adam", "AdamW")
 # --optimizer auto: YOLOv5's SGD recipe for long runs; for short ones AdamW with the hyp's auto_lr0
-# and auto_momentum, which for YOLOv5n on the shapes dataset (30 epochs, ~265 steps, lr0 0.003)
+# (and auto_momentum), which for YOLOv5n on the shapes dataset (30 epochs, ~265 steps, lr0 0.003)
 # ends at mAP@0.5:0.95 0.17 where SGD ends at 0.11 (benchmarks/bench_train.py). SGD's lr0 0.01
 # and bias warmup from 0.1 are far too large for Adam.
 AUTO_SGD_MIN_STEPS = 10_000
@@ -32,13 +32,14 @@ def optimizer_steps(epochs: int, batches_per_epoch: int, batch_size: int) -> int
 def resolve_auto_optimizer(name: str, hyp: dict, planned_steps: int) -> tuple[str, dict]:
     """The optimizer and hyp a run uses: `name` and `hyp` unchanged unless name is 'auto', which
     picks SGD with the hyp's values for runs of AUTO_SGD_MIN_STEPS optimizer steps or more, and
-    otherwise AdamW with lr0 and momentum (beta1) from the hyp's auto_lr0 and auto_momentum, and
-    no bias warmup."""
+    otherwise AdamW with the hyp's auto_lr0, auto_momentum as beta1 (when the hyp has one, else
+    its momentum) and no bias warmup."""
     if name != "auto":
         return name, hyp
     if planned_steps >= AUTO_SGD_MIN_STEPS:
         return "SGD", hyp
-    return "AdamW", {**hyp, "lr0": hyp["auto_lr0"], "momentum": hyp["auto_momentum"], "warmup_bias_lr": 0.0}
+    momentum = hyp.get("auto_momentum", hyp["momentum"])
+    return "AdamW", {**hyp, "lr0": hyp["auto_lr0"], "momentum": momentum, "warmup_bias_lr": 0.0}
 
 
 def build_optimizer(

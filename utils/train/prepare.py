@@ -19,7 +19,7 @@ from utils.data.loader import build_train_dataset, build_val_loader, validation_
 from utils.device import select_device
 from utils.dist import World, init_process_group, local_main_first, per_process_batch
 from utils.errors import UserError
-from utils.hyp import DEFAULT_HYP, head_family, load_hyp
+from utils.hyp import default_hyp_path, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
 from utils.run_dir import RunDirLock, newest_last_checkpoint, next_run_dir, run_dir_of
@@ -67,7 +67,7 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         hyp = resumed["hyp"]
     else:
         hyp = load_hyp(opt.hyp, anchor_free=model.anchor_free)
-        opt = replace(opt, hyp=opt.hyp or f"hyp/{DEFAULT_HYP[head_family(model.anchor_free)]}")
+        opt = replace(opt, hyp=opt.hyp or default_hyp_path(model.anchor_free))
     if model.anchor_free and opt.label_smoothing:
         raise UserError("--label-smoothing applies to YOLOv5's anchor-based loss; the anchor-free loss has none")
     # Each process holds its share of the batch; CPU processes share the machine's memory.
