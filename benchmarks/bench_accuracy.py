@@ -148,8 +148,8 @@ def print_table(results: dict[str, dict], train_images: int, args: argparse.Name
         "since launch\n"
     )
     header = " | ".join(f"mAP50 / 50-95 @{e}" for e in MILESTONES)
-    print(f"| run | epochs | {header} | wall s | train img/s | reference's final mAP50-95 reached at |")
-    print("|---|--:|" + "--:|" * len(MILESTONES) + "--:|--:|--:|")
+    print(f"| run | epochs | {header} | final mAP50 / 50-95 | wall s | train img/s | reference's final reached at |")
+    print("|---|--:|" + "--:|" * len(MILESTONES) + "--:|--:|--:|--:|")
     for name, r in results.items():
         cells = [f"{at_epoch(r['map50'], e)} / {at_epoch(r['map50_95'], e)}" for e in MILESTONES]
         framework, model = name.split()[:2]
@@ -165,7 +165,8 @@ def print_table(results: dict[str, dict], train_images: int, args: argparse.Name
                 reach = "not reached"
         epochs = len(r["times"])
         print(
-            f"| {name} | {epochs} | {' | '.join(cells)} | {r['times'][-1]:.0f} | "
+            f"| {name} | {epochs} | {' | '.join(cells)} | {r['map50'][-1]:.3f} / {r['map50_95'][-1]:.3f} | "
+            f"{r['times'][-1]:.0f} | "
             f"{epochs * train_images / r['times'][-1]:.1f} | {reach} |"
         )
 

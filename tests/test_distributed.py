@@ -104,7 +104,7 @@ def _loss_gradient_matches_one_process(rank: int, world_size: int, cfg: str) -> 
     )
     single_loss, single_items = build_criterion(model, hyp, 64)(model(images), targets)
     single_loss.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
     world = World(rank=rank, size=world_size, local_rank=rank, local_size=world_size)
@@ -113,11 +113,11 @@ def _loss_gradient_matches_one_process(rank: int, world_size: int, cfg: str) -> 
     own[:, 0] -= rank * 2  # image index within this rank's batch
     loss, items = build_criterion(model, hyp, 64, world=world)(model(images[mine]), own)
     loss.backward()
-    for p in model.parameters():  # what DDP does: the mean of the ranks' gradients
-        dist.all_reduce(p.grad)
-        p.grad /= world_size
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, p in model.named_parameters():  # what DDP does: the mean of the ranks' gradients
+        if name in expected:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     dist.all_reduce(items)  # the items are shares of the global loss
     torch.testing.assert_close(items, single_items, rtol=1e-5, atol=1e-7)
 
@@ -142,10 +142,15 @@ def _model_gradient_matches_in_float64(rank: int, world_size: int, cfg: str) -> 
     own = targets[(targets[:, 0] >= rank * 2) & (targets[:, 0] < rank * 2 + 2)].clone()
     own[:, 0] -= rank * 2
     build_criterion(synced, hyp, 64, world=world)(synced(images[rank * 2 : rank * 2 + 2]), own)[0].backward()
+    # Relative to the tensor's gradient, or to a millionth of the whole gradient for the few whose
+    # gradient is zero up to rounding (a BatchNorm bias whose shift a later BatchNorm removes).
+    whole = torch.stack([a.grad.norm() for a in model.parameters() if a.requires_grad]).norm()
     for (name, a), b in zip(model.named_parameters(), synced.parameters()):
+        if not a.requires_grad:  # the DFL's fixed bins
+            continue
         dist.all_reduce(b.grad)
         b.grad /= world_size  # DDP's average
-        assert float((b.grad - a.grad).norm() / a.grad.norm()) < 1e-9, name
+        assert float((b.grad - a.grad).norm() / torch.max(a.grad.norm(), 1e-6 * whole)) < 1e-9, name
     for (name, a), b in zip(model.named_buffers(), synced.buffers()):
         assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), name
 
