@@ -1,8 +1,19 @@
-"""Average the weights of compatible checkpoints into one checkpoint that val.py and detect.py read.
+"""Average the weights of compatible checkpoints into one checkpoint that val.py and detect.py read,
+or reconstruct a post-hoc EMA of any width from a run's snapshots.
 
     python average.py --weights runs/train/exp/weights/epoch27.pt epoch28.pt epoch29.pt --out avg.pt
     python average.py --weights a.pt b.pt --coef 0.7 0.3 --source model \
         --data data/shapes.yaml --recalibrate-bn --out avg.pt
+    python average.py --posthoc runs/train/exp --sigma-rel 0.08 --out ema_0.08.pt
+    python average.py --posthoc runs/train/exp --sweep --out best_ema.pt
+
+Post-hoc EMA (a run trained with --posthoc-ema N; utils/train/posthoc.py): the power-function EMA of
+relative width --sigma-rel at the end of training (or of --at-epoch E) as the least-squares
+combination of the run's snapshots. --sweep reconstructs a grid of widths (or those of
+--sigma-rel), validates each on the run's val split as train.py did, prints the table, plots mAP
+against width next to --out and writes the best (by fitness, as best.pt) to --out. --bn
+recalibrate (the default) recomputes each reconstruction's BatchNorm statistics on augmented
+training batches; --bn average keeps the combined statistics.
 
 Averages the EMA weights (--source ema, default) or the raw model weights (--source model),
 with coefficients that default to uniform and must sum to 1. Checkpoints whose tensors differ
@@ -20,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from models.yolo import DetectionModel
 from utils.atomic_write import atomic_write
 from utils.checkpoint.format import (
     averaged_checkpoint,
@@ -29,26 +39,45 @@ from utils.checkpoint.format import (
     load_checkpoint,
     model_from_checkpoint,
     serialise,
-    trained_with_amp,
     training_option,
 )
 from utils.data.config import load_dataset_config
-from utils.data.loader import build_train_dataset
-from utils.device import inference_amp_dtype, select_device
+from utils.device import select_device
 from utils.errors import UserError, run_cli
+from utils.eval.plots import plot_posthoc_sweep
 from utils.image_size import check_image_size
 from utils.log import LOGGER, setup_logging
-from utils.train.averaging import (
-    average_state_dicts,
-    first_non_finite,
-    recalibrate_on_training_batches,
-    resolve_coefficients,
+from utils.train.as_trained import val_loader_as_trained
+from utils.train.averaging import TrainingBatches, average_state_dicts, first_non_finite, resolve_coefficients
+from utils.train.ema import power_exponent
+from utils.train.posthoc_sweep import (
+    BN_MODES,
+    SWEEP_WIDTHS,
+    PosthocRun,
+    prepared_model,
+    reconstructed_checkpoint,
+    sweep,
+    sweep_table,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Average the weights of compatible checkpoints.")
-    p.add_argument("--weights", nargs="+", required=True, help="two or more checkpoints written by train.py")
+    p.add_argument("--weights", nargs="+", default=None, help="two or more checkpoints written by train.py")
+    p.add_argument("--posthoc", default=None, metavar="RUN_DIR", help="a run folder with --posthoc-ema snapshots")
+    p.add_argument(
+        "--sigma-rel", nargs="+", type=float, default=None, help="--posthoc: relative width(s) of the EMA to make"
+    )
+    p.add_argument(
+        "--sweep", action="store_true", help=f"--posthoc: validate widths ({' '.join(map(str, SWEEP_WIDTHS))})"
+    )
+    p.add_argument("--at-epoch", type=int, default=None, help="--posthoc: the EMA at the end of this epoch")
+    p.add_argument(
+        "--bn",
+        choices=BN_MODES,
+        default="recalibrate",
+        help="--posthoc: BatchNorm statistics recomputed on training batches, or combined as the weights",
+    )
     p.add_argument("--coef", nargs="+", type=float, default=None, help="one coefficient per checkpoint, summing to 1")
     p.add_argument("--source", choices=("ema", "model"), default="ema", help="average the EMA or the raw weights")
     p.add_argument("--out", required=True, help="where to write the averaged checkpoint")
@@ -61,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--recalibrate-bn", action="store_true", help="recompute BatchNorm statistics on --data's train split"
     )
-    p.add_argument("--data", default=None, help="dataset YAML for --recalibrate-bn")
+    p.add_argument("--data", default=None, help="dataset YAML for --recalibrate-bn and --posthoc (default: the run's)")
     p.add_argument("--imgsz", type=int, default=None, help="image size for --recalibrate-bn (default: the run's)")
     p.add_argument(
         "--batch-size",
@@ -106,7 +135,11 @@ def average_checkpoints(
 def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     setup_logging()
-    if len(opt.weights) < 2:
+    if opt.posthoc is not None:
+        if opt.weights:
+            raise UserError("give --weights (checkpoints to average) or --posthoc (a run's snapshots), not both")
+        return posthoc(opt)
+    if not opt.weights or len(opt.weights) < 2:
         raise UserError("--weights needs at least two checkpoints to average")
     if opt.recalibrate_bn and not opt.data:
         raise UserError("--recalibrate-bn needs --data: the dataset whose training images give the statistics")
@@ -133,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         device = select_device(opt.device)
         model = model_from_checkpoint(result, "ema", source=opt.out).to(device, memory_format=torch.channels_last)
         last_epoch = max(int(c.get("epoch", 0)) for c in checkpoints)  # the newest weights' augmentation
-        images = recalibrate_on_train_split(model, result, last_epoch, opt, device)
+        batch_size = opt.batch_size or batch_per_process(result)
+        img_size = check_image_size(
+            opt.imgsz or image_size(result), model, batch_size=batch_size, device=device, training=False
+        )
+        data = load_dataset_config(opt.data)
+        batches = TrainingBatches(
+            result, data, model.nc, last_epoch, img_size=img_size, batch_size=batch_size, workers=workers(opt)
+        )
+        images = batches.recalibrate(model, device)
         result["ema"] = result["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         result["source"] += f"; BatchNorm statistics recomputed on {images} augmented training images"
         not_finite = first_non_finite(result["ema"])
@@ -142,59 +183,66 @@ def main(argv: list[str] | None = None) -> int:
                 f"BatchNorm recalibration gave NaN or inf in '{not_finite}' (the average's activations "
                 f"overflow on --data's images); {opt.out} was not written"
             )
+    write_output(out, result)
+    LOGGER.info(f"{result['source']}\nSaved {opt.out}")
+    return 0
+
+
+def write_output(out: Path, checkpoint: dict) -> None:
+    """Write --out atomically; a path that cannot be written is a UserError."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, serialise(result))
+        atomic_write(out, serialise(checkpoint))
     except OSError as error:
         reason = (
             f"{out.parent} is not a folder"
             if out.parent.exists() and not out.parent.is_dir()
             else error.strerror or error
         )
-        raise UserError(f"could not write --out {opt.out}: {reason}") from None
-    LOGGER.info(f"{result['source']}\nSaved {opt.out}")
+        raise UserError(f"could not write --out {out}: {reason}") from None
+
+
+def posthoc(opt: argparse.Namespace) -> int:
+    """--posthoc: reconstruct the EMA of --sigma-rel (or, with --sweep, of each width, validated) from
+    a run's snapshots and write it (the best) to --out."""
+    widths = opt.sigma_rel or (list(SWEEP_WIDTHS) if opt.sweep else None)
+    if not widths:
+        raise UserError("--posthoc needs --sigma-rel S (the width to make) or --sweep (choose on the val split)")
+    if len(widths) > 1 and not opt.sweep:
+        raise UserError("several --sigma-rel widths: add --sweep to validate them and keep the best")
+    for width in widths:
+        power_exponent(width)  # refuses a width no power EMA has, before any work
+    run = PosthocRun.open(opt.posthoc, opt.at_epoch)
+    data = load_dataset_config(opt.data or training_option(run.last, "data"))
+    device = select_device(opt.device)
+    model = model_from_checkpoint(run.last, "ema", source=str(run.run_dir))
+    batches = None
+    if opt.bn == "recalibrate":
+        img_size = opt.imgsz or image_size(run.last)
+        batch_size = opt.batch_size or batch_per_process(run.last)
+        img_size = check_image_size(img_size, model, batch_size=batch_size, device=device, training=False)
+        batches = TrainingBatches(
+            run.last, data, model.nc, run.epoch, img_size=img_size, batch_size=batch_size, workers=workers(opt)
+        )
+    out = Path(opt.out)
+    if not opt.sweep:
+        best = reconstructed_checkpoint(run, widths[0])
+        prepared_model(best, opt.bn, batches, device)
+    else:
+        loader = val_loader_as_trained(run.last, model, data, workers=workers(opt))
+        rows, best = sweep(run, widths, bn=opt.bn, batches=batches, loader=loader, device=device)
+        LOGGER.info(sweep_table(rows, best["posthoc"]["sigma_rel"]))
+        plot_path = out.with_name(f"{out.stem}_sweep.png")
+        maps = [row.metrics.map50_95 for row in rows]
+        plot_posthoc_sweep([row.sigma_rel for row in rows], maps, best["posthoc"]["sigma_rel"], plot_path)
+        LOGGER.info(f"Plot: {plot_path}")
+    write_output(out, best)
+    LOGGER.info(f"{best['source']}\nSaved {opt.out}")
     return 0
 
 
-def recalibrate_on_train_split(
-    model: DetectionModel, checkpoint: dict, epoch: int, opt: argparse.Namespace, device: torch.device
-) -> int:
-    """BatchNorm statistics of `model` recomputed on the train split of --data, augmented as the run
-    augmented `epoch`; returns the image count."""
-    data = load_dataset_config(opt.data)
-    single_cls = bool(training_option(checkpoint, "single_cls", False))
-    nc = data.num_classes(single_cls)
-    if nc != model.nc:
-        raise UserError(
-            f"the checkpoints detect {model.nc} classes but {data.source} has {nc}"
-            + (" (the run trained with --single-cls)" if single_cls else "")
-        )
-    # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
-    batch_size = opt.batch_size or batch_per_process(checkpoint)
-    img_size = check_image_size(
-        opt.imgsz or image_size(checkpoint), model, batch_size=batch_size, device=device, training=False
-    )
-    seed = int(training_option(checkpoint, "seed", 0))
-    dataset = build_train_dataset(
-        data,
-        checkpoint["hyp"],
-        img_size=img_size,
-        seed=seed,
-        single_cls=single_cls,
-        cache="off",
-        epochs=int(training_option(checkpoint, "epochs", epoch + 1)),
-    )
-    amp_dtype = inference_amp_dtype(model, device, enabled=trained_with_amp(checkpoint))
-    return recalibrate_on_training_batches(
-        model,
-        dataset,
-        epoch=epoch,
-        batch_size=batch_size,
-        workers=2 if opt.workers is None else opt.workers,
-        seed=seed,
-        device=device,
-        amp_dtype=amp_dtype,
-    )
+def workers(opt: argparse.Namespace) -> int:
+    return 2 if opt.workers is None else opt.workers
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from utils.dist import close_process_group, world_from_env
 from utils.errors import run_cli
 from utils.log import LOGGER, setup_logging
 from utils.run_dir import add_run_dir_arguments
+from utils.train.ema import check_average_name, check_validated_name
 from utils.train.loop import train
 from utils.train.optim import OPTIMIZERS
 from utils.train.prepare import DEFAULT_CFG, prepare_run
@@ -78,7 +79,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no weight averaging: validate and save the raw weights (decay 0, for an honest comparison)",
     )
-    p.add_argument("--val-raw", action="store_true", help="also validate the raw model each epoch (raw/... columns)")
+    p.add_argument(
+        "--ema",
+        choices=("steps", "images"),
+        default="steps",
+        help="the EMA's decay rule: YOLOv5's ramp over optimizer steps (hyp ema_decay, ema_tau) or a half-life "
+        "in images (hyp ema_half_life, ema_ramp), the same at any batch size and process count",
+    )
+    p.add_argument(
+        "--average",
+        nargs="+",
+        type=check_average_name,
+        default=[],
+        metavar="NAME",
+        help="also track these averages, saved in every checkpoint and at the end as weights/NAME.pt: "
+        "ema-steps, ema-images, power-S (power-function EMA of relative width S, e.g. power-0.07)",
+    )
+    p.add_argument(
+        "--val",
+        nargs="+",
+        type=check_validated_name,
+        default=[],
+        metavar="NAME",
+        help="also validate these each epoch (NAME/... columns in results.csv): raw, or an average as for --average",
+    )
+    p.add_argument("--val-raw", action="store_true", help="also validate the raw model each epoch (as --val raw)")
+    p.add_argument(
+        "--posthoc-ema",
+        type=int,
+        default=0,
+        metavar="N",
+        help="post-hoc EMA: track power EMAs of widths 0.05 and 0.10 and save N snapshots of them into "
+        "weights/posthoc/; average.py --posthoc RUN_DIR then makes the EMA of any width",
+    )
     p.add_argument(
         "--swa-epochs",
         type=int,

@@ -1,140 +1,263 @@
-"""What weight averaging buys on the embedded dataset: raw weights, the EMA, and SWA of each (with and
-without BatchNorm recalibration), at the same number of epochs. Prints a table and writes a plot.
+"""What weight averaging buys on the embedded dataset: raw weights, the default EMA (YOLOv5's step
+ramp), the EMA with a half-life in images, the best post-hoc EMA and SWA of the last epochs, each
+with BatchNorm statistics as averaged and recomputed on training batches, over several seeds and
+run lengths. Prints the tables and writes a plot.
 
-    python benchmarks/averaging_study.py [--epochs 30] [--swa-epochs 10] [--data data/shapes.yaml]
+    python benchmarks/averaging_study.py --epochs 30 150 --seeds 0 1 2
 
-Two runs of train.py with the same seed (so the same training), --val-raw and --swa-epochs K:
-one averaging the EMA weights, one the raw weights (--swa-source raw). Raw and EMA mAP per epoch
-come from results.csv; each run's swa.pt is the average with BatchNorm recomputed, and its 'swa'
-entry the plain average (BatchNorm statistics averaged too), both validated here as val.py does.
+One train.py run per (run length, seed) tracks everything at once: --val raw ema-images,
+--average power-0.07, --posthoc-ema 20, --swa-epochs 10 --swa-source raw. Finished runs are kept
+(an interrupted one resumes from its last.pt) and each run's evaluations are cached in its
+study.json, so the script can be run again to add seeds or run lengths. Every number is an
+evaluation on the val split as train.py validated (utils/train/as_trained.py), so val.py on the
+same weights prints it. The post-hoc width is chosen on the same val split it is reported on (as
+average.py --sweep does): an optimistic choice, said in the table; the sweep table shows each
+fixed width too. The power EMA of width 0.07 tracked directly during training is compared with
+its reconstruction from the snapshots (the exactness of post-hoc EMA on a trained model).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import mean
 
 import torch
 from matplotlib.figure import Figure
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from utils.checkpoint.format import (  # noqa: E402
-    image_size,
-    load_for_inference,
-    training_option,
-    validation_batch_size,
-)
+from utils.checkpoint.format import averaged_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
-from utils.data.loader import build_val_loader  # noqa: E402
-from utils.device import inference_amp_dtype, select_device  # noqa: E402
-from utils.eval.evaluate import evaluate  # noqa: E402
+from utils.device import select_device  # noqa: E402
+from utils.train.as_trained import evaluate_as_trained, val_loader_as_trained  # noqa: E402
+from utils.train.averaging import TrainingBatches  # noqa: E402
+from utils.train.posthoc_sweep import (  # noqa: E402
+    SWEEP_WIDTHS,
+    PosthocRun,
+    prepared_model,
+    reconstructed_checkpoint,
+    sweep,
+)
+
+METHODS = {  # key -> label
+    "raw": "raw weights",
+    "ema": "EMA, YOLOv5's step ramp (default)",
+    "ema-images": "EMA, half-life in images (--ema images)",
+    "posthoc": "post-hoc EMA, best width on val",
+    "swa": "SWA of the last epochs (--swa-epochs, raw weights)",
+}
+SHORT = {
+    "raw": "raw",
+    "ema": "EMA, steps\n(default)",
+    "ema-images": "EMA,\nimages",
+    "posthoc": "post-hoc\n(best)",
+    "swa": "SWA",
+}
+BN_LABELS = {"average": "BN averaged", "recalibrate": "BN recomputed"}  # the order of the tables
+TRACKED = ("--val", "raw", "ema-images", "--average", "power-0.07")
 
 
-def run(*args: str) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{' '.join(args[:2])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
-def validated_map(weights: Path, data: str) -> float:
-    """mAP@0.5:0.95 of a checkpoint's EMA entry on the val split, as `val.py --weights W --data D`
-    computes it (its default device, the run's precision), unrounded."""
-    device = select_device("")
-    checkpoint, model = load_for_inference(weights, "ema", device)
-    config = load_dataset_config(data)
-    loader = build_val_loader(
-        config.val,
-        config.nc,
-        img_size=image_size(checkpoint),
-        batch_size=validation_batch_size(checkpoint),
-        workers=2,
-        hyp=checkpoint["hyp"],
-        stride=int(model.stride.max()),
-    )
-    amp_dtype = inference_amp_dtype(model, device, enabled=not training_option(checkpoint, "no_amp", False))
-    return evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics.map50_95
-
-
-def plain_average_checkpoint(swa_path: Path) -> Path:
-    """swa.pt with its plain average (BatchNorm statistics averaged, not recomputed) as the weights."""
-    checkpoint = torch.load(swa_path, map_location="cpu", weights_only=True)
-    plain = checkpoint["swa"]["module"]
-    out = swa_path.with_name("swa_plain.pt")
-    torch.save({**checkpoint, "ema": plain, "model": plain, "source": "SWA, BatchNorm statistics averaged"}, out)
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--swa-epochs", type=int, default=10)
-    parser.add_argument("--data", default="data/shapes.yaml")
-    parser.add_argument("--project", default="runs/averaging_study")
-    args = parser.parse_args()
-    runs = {}
-    for source in ("ema", "raw"):
-        name = f"swa_{source}"
-        print(f"training {name} ({args.epochs} epochs)...", flush=True)
-        run(
+def train(run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> None:
+    """Train the run (or finish an interrupted one) unless it is done."""
+    if (run_dir / "weights" / "swa.pt").exists():
+        return
+    last = run_dir / "weights" / "last.pt"
+    if last.exists():
+        command = ["train.py", "--resume", str(last)]
+    else:
+        command = [
             "train.py",
             "--data",
             args.data,
             "--epochs",
-            str(args.epochs),
-            "--val-raw",
+            str(epochs),
+            "--seed",
+            str(seed),
+            *TRACKED,
+            "--posthoc-ema",
+            str(args.snapshots),
             "--swa-epochs",
             str(args.swa_epochs),
             "--swa-source",
-            source,
+            "raw",
             "--project",
-            args.project,
+            str(run_dir.parent),
             "--name",
-            name,
+            run_dir.name,
             "--exist-ok",
+        ]
+    print(f"training {run_dir.name}...", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        result = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        sys.exit(f"training {run_dir.name} failed: see {run_dir.parent / f'{run_dir.name}.log'}")
+
+
+def relative_error(a: dict, b: dict) -> float:
+    """|a - b| / |b| over all floating-point tensors."""
+    keys = [k for k, v in b.items() if v.is_floating_point()]
+    difference = sum((a[k].double() - b[k].double()).square().sum() for k in keys).sqrt()
+    return float(difference / sum(b[k].double().square().sum() for k in keys).sqrt())
+
+
+def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
+    """Every method in both BatchNorm modes, the post-hoc sweep and the exactness check (cached)."""
+    cache = run_dir / "study.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    device = select_device("")
+    run = PosthocRun.open(run_dir)
+    data = load_dataset_config(args.data)
+    probe = model_from_checkpoint(run.last, "ema")
+    loader = val_loader_as_trained(run.last, probe, data, workers=2)
+    batches = TrainingBatches(run.last, data, probe.nc, run.epoch)
+    weights = run_dir / "weights"
+    swa = torch.load(weights / "swa.pt", map_location="cpu", weights_only=True)
+    sources = {
+        "raw": run.last["model"],
+        "ema": run.last["ema"],
+        "ema-images": load_checkpoint(weights / "ema-images.pt")["ema"],
+        "swa": swa["swa"]["module"],  # the plain average; swa.pt's weights have BatchNorm recomputed
+    }
+    result = {"epochs": int(run.last["opt"]["epochs"]), "seed": int(run.last["opt"]["seed"])}
+    for method, state in sources.items():
+        for bn in BN_LABELS:
+            checkpoint = averaged_checkpoint(run.last, state, method)
+            model = prepared_model(checkpoint, bn, batches, device)
+            metrics = evaluate_as_trained(model, checkpoint, loader, device).metrics
+            result[f"{method}/{bn}"] = [metrics.map50, metrics.map50_95]
+            print(f"{run_dir.name} {method} {BN_LABELS[bn]}: {metrics.map50_95:.4f}", flush=True)
+    result["sweep"] = {}
+    for bn in BN_LABELS:
+        rows, best = sweep(run, list(args.widths), bn=bn, batches=batches, loader=loader, device=device)
+        result["sweep"][bn] = [[r.sigma_rel, r.metrics.map50, r.metrics.map50_95, r.metrics.fitness] for r in rows]
+        top = max(rows, key=lambda r: r.metrics.fitness)
+        result[f"posthoc/{bn}"] = [top.metrics.map50, top.metrics.map50_95, top.sigma_rel]
+        print(f"{run_dir.name} post-hoc {BN_LABELS[bn]}: {top.metrics.map50_95:.4f} at {top.sigma_rel:g}", flush=True)
+    # Exactness: the 0.07 power EMA tracked during training against its reconstruction (BatchNorm as combined).
+    tracked = load_checkpoint(weights / "power-0.07.pt")
+    rebuilt = reconstructed_checkpoint(run, 0.07)
+    maps = []
+    for checkpoint in (tracked, rebuilt):
+        model = prepared_model(checkpoint, "average", None, device)
+        maps.append(evaluate_as_trained(model, checkpoint, loader, device).metrics.map50_95)
+    result["exactness"] = {
+        "weight_error": relative_error(rebuilt["ema"], tracked["ema"]),
+        "profile_residual": rebuilt["posthoc"]["residual"],
+        "map_tracked": maps[0],
+        "map_rebuilt": maps[1],
+    }
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def spread(values: list[float]) -> float:
+    return max(values) - min(values)
+
+
+def report(epochs: int, results: list[dict]) -> list[tuple[str, str, float, float]]:
+    """Print the table of one run length; returns (method, bn, mean, spread) rows for the plot."""
+    seeds = [r["seed"] for r in results]
+    print(f"\n### {epochs} epochs, seeds {', '.join(map(str, seeds))}: mAP@0.5:0.95 on val\n")
+    print("| weights | BatchNorm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | vs raw (paired) |")
+    print("|---|---|" + "--:|" * (len(seeds) + 3))
+    raw = [r["raw/average"][1] for r in results]
+    rows = []
+    for method, label in METHODS.items():
+        for bn in BN_LABELS:
+            values = [r[f"{method}/{bn}"][1] for r in results]
+            gains = [v - base for v, base in zip(values, raw)]
+            key = f"{method}/{bn}"
+            chosen = ", ".join(f"{r[key][2]:g}" for r in results) if method == "posthoc" else ""
+            width = f" (sigma_rel {chosen})" if chosen else ""
+            print(
+                f"| {label}{width} | {BN_LABELS[bn]} | "
+                + " | ".join(f"{v:.4f}" for v in values)
+                + f" | {mean(values):.4f} | {spread(values):.4f} | {mean(gains):+.4f} (min {min(gains):+.4f}) |"
+            )
+            rows.append((SHORT[method], bn, mean(values), spread(values)))
+    print(f"\nPost-hoc sweep, mean mAP@0.5:0.95 over seeds, {epochs} epochs:\n")
+    print("| sigma_rel | " + " | ".join(BN_LABELS[bn] for bn in BN_LABELS) + " |\n|--:|--:|--:|")
+    for i, width in enumerate(results[0]["sweep"]["average"]):
+        cells = [mean(r["sweep"][bn][i][2] for r in results) for bn in BN_LABELS]
+        print(f"| {width[0]:g} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    print("\nExactness: the power EMA of width 0.07 tracked in training against its reconstruction:\n")
+    print("| seed | relative weight error | profile residual | mAP tracked | mAP rebuilt | difference |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for r in results:
+        e = r["exactness"]
+        print(
+            f"| {r['seed']} | {e['weight_error']:.2e} | {e['profile_residual']:.2%} | {e['map_tracked']:.4f} | "
+            f"{e['map_rebuilt']:.4f} | {e['map_rebuilt'] - e['map_tracked']:+.4f} |"
         )
-        runs[source] = REPO / args.project / name
+    return rows
 
-    with open(runs["ema"] / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    epochs = [int(float(r["epoch"])) for r in rows]
-    ema = [float(r["metrics/mAP_0.5:0.95"]) for r in rows]
-    raw = [float(r["raw/mAP_0.5:0.95"]) for r in rows]
-    results = {"raw (last epoch)": raw[-1], "EMA (last epoch)": ema[-1]}
-    for source, label in (("ema", "EMA"), ("raw", "raw")):
-        swa = runs[source] / "weights" / "swa.pt"
-        results[f"SWA of {label}, BatchNorm averaged"] = validated_map(plain_average_checkpoint(swa), args.data)
-        results[f"SWA of {label}, BatchNorm recomputed"] = validated_map(swa, args.data)
 
-    print(f"\n{args.data}, {args.epochs} epochs, SWA over the last {args.swa_epochs}; mAP@0.5:0.95 on val\n")
-    print("| weights | mAP@0.5:0.95 |\n|---|--:|")
-    for label, value in results.items():
-        print(f"| {label} | {value:.4f} |")
-    ahead = [e for e, a, b in zip(epochs, ema, raw) if a > b]
-    print(
-        f"\nEMA above raw at {len(ahead)} of {len(epochs)} epochs"
-        + ("" if len(ahead) == len(epochs) else f" (not at {sorted(set(epochs) - set(ahead))})")
-        + f"; at the end {ema[-1]:.4f} vs {raw[-1]:.4f} ({ema[-1] - raw[-1]:+.4f})"
-    )
-
-    fig = Figure(figsize=(7, 4), dpi=150)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(epochs, raw, marker=".", label="raw")
-    ax.plot(epochs, ema, marker=".", label="EMA")
-    for (label, value), style in zip(list(results.items())[2:], (":", "--", ":", "--")):
-        ax.axhline(value, linestyle=style, linewidth=1, label=label, color="tab:green" if "EMA" in label else "tab:red")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mAP@0.5:0.95")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    out = REPO / args.project / "averaging_study.png"
+def plot(tables: dict[int, list], sweeps: dict[int, list[dict]], out: Path) -> None:
+    """Per run length: each method's mean with its seed range; and the post-hoc sweep curves."""
+    fig = Figure(figsize=(6 * len(tables), 7.5), dpi=150)
+    for column, (epochs, rows) in enumerate(tables.items()):
+        ax = fig.add_subplot(2, len(tables), column + 1)
+        labels = list(dict.fromkeys(label for label, *_ in rows))
+        for offset, bn, colour in ((-0.2, "average", "tab:blue"), (0.2, "recalibrate", "tab:orange")):
+            points = [(labels.index(label) + offset, m, s) for label, b, m, s in rows if b == bn]
+            x, y, e = zip(*points)
+            ax.errorbar(x, y, yerr=[v / 2 for v in e], fmt="o", color=colour, capsize=3, label=BN_LABELS[bn])
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(f"{epochs} epochs: mean over seeds, bar = seed range", fontsize=9)
+        ax.set_ylabel("mAP@0.5:0.95")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax = fig.add_subplot(2, len(tables), len(tables) + column + 1)
+        for bn, colour in (("average", "tab:blue"), ("recalibrate", "tab:orange")):
+            results = sweeps[epochs]
+            widths = [w[0] for w in results[0]["sweep"][bn]]
+            ax.plot(
+                widths,
+                [mean(r["sweep"][bn][i][2] for r in results) for i in range(len(widths))],
+                "o-",
+                color=colour,
+                label=BN_LABELS[bn],
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("post-hoc EMA relative width sigma_rel")
+        ax.set_ylabel("mAP@0.5:0.95 (mean over seeds)")
+        ax.set_title(f"{epochs} epochs: post-hoc sweep", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    print(f"plot: {out}")
+    print(f"\nplot: {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[30, 150])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--snapshots", type=int, default=20, help="--posthoc-ema N")
+    parser.add_argument("--swa-epochs", type=int, default=10)
+    parser.add_argument("--widths", type=float, nargs="+", default=list(SWEEP_WIDTHS), help="post-hoc sweep")
+    parser.add_argument("--data", default="data/shapes.yaml")
+    parser.add_argument("--project", default="runs/averaging_study")
+    parser.add_argument("--plot", default=None, help="where to write the plot (default: PROJECT/averaging_study.png)")
+    args = parser.parse_args()
+    project = (REPO / args.project).resolve()
+    tables, sweeps = {}, {}
+    for epochs in args.epochs:
+        results = []
+        for seed in args.seeds:
+            run_dir = project / f"e{epochs}_s{seed}"
+            train(run_dir, epochs, seed, args)
+            results.append(evaluate_run(run_dir, args))
+        tables[epochs], sweeps[epochs] = report(epochs, results), results
+    plot(tables, sweeps, Path(args.plot) if args.plot else project / "averaging_study.png")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ DDP_TINY = (
     "1",
     "--swa-epochs",
     "2",
+    "--average",  # the image-horizon EMA counts each step's images over both processes
+    "ema-images",
+    "power-0.07",
 )
 AGREEMENT = 1e-8  # relative, per tensor: the issue asks for 1e-4; float64 runs measured up to ~5e-12
 
@@ -272,6 +275,13 @@ def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
     ddp, single = load(ddp_dir / "weights" / "last.pt"), load(single_dir / "weights" / "last.pt")
     assert not any(k.startswith("module.") for k in (*ddp["ema"], *ddp["model"]))
     assert_same_ema(ddp, single)
+    # The tracked averages too: the same images counted per step (the whole global batch), so the
+    # image-horizon EMA gives every image the same weight under 1 and 2 processes.
+    train_images = 16  # conftest's tiny_dataset
+    for name in ("ema-images", "power-0.07"):
+        a, b = ddp["averages"][name], single["averages"][name]
+        assert a["updates"] == b["updates"] == single["updates"] and a["images"] == b["images"] == 3 * train_images
+        assert max(relative_differences(a["module"], b["module"]).values()) < AGREEMENT, name
     # SWA of the EMA: the same average; rank 0 recomputed its BatchNorm statistics alone, outside SyncBatchNorm
     ddp_swa, single_swa = load(ddp_dir / "weights" / "swa.pt")["swa"], load(single_dir / "weights" / "swa.pt")["swa"]
     assert ddp_swa["updates"] == single_swa["updates"] == 2

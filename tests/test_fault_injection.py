@@ -24,6 +24,7 @@ from utils.train.run import state_of
 from utils.train.saver import CheckpointWriter
 
 pytestmark = pytest.mark.slow
+POSTHOC = {"power-0.05", "power-0.1"}  # the power EMAs --posthoc-ema tracks
 
 
 def train_command(data: Path, project: Path, name: str, cfg: str) -> list[str]:
@@ -44,6 +45,14 @@ def train_command(data: Path, project: Path, name: str, cfg: str) -> list[str]:
         "--cfg",
         cfg,
         "--deterministic",
+        # Every kind of tracked average, and post-hoc snapshots, must survive the kills too.
+        "--ema",
+        "images",
+        "--average",
+        "ema-steps",
+        "power-0.07",
+        "--posthoc-ema",
+        "2",
         "--save-interval",
         "0.001",
         "--no-plots",
@@ -124,9 +133,28 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset
     straight = torch.load(tmp_path / "straight" / "weights" / "last.pt", weights_only=True)
     resumed = torch.load(last, weights_only=True)
     assert resumed["updates"] == straight["updates"]
+    assert resumed["ema_state"] == straight["ema_state"] and straight["ema_state"]["images"] == 3 * 48
     for key in ("model", "ema"):
         for name, tensor in straight[key].items():
             assert torch.equal(resumed[key][name], tensor), (key, name)
+    assert resumed["averages"].keys() == straight["averages"].keys() == {"ema-steps", "power-0.07", *POSTHOC}
+    for average, state in straight["averages"].items():
+        assert {k: v for k, v in resumed["averages"][average].items() if k != "module"} == {
+            k: v for k, v in state.items() if k != "module"
+        }
+        for name, tensor in state["module"].items():
+            assert torch.equal(resumed["averages"][average]["module"][name], tensor), (average, name)
+    snapshots = sorted(p.name for p in (tmp_path / "straight" / "weights" / "posthoc").iterdir())
+    assert snapshots == ["epoch0001.pt", "epoch0002.pt"]  # 2 over 3 epochs: evenly spaced, the last at the end
+    for snapshot in snapshots:
+        a, b = (
+            torch.load(tmp_path / run / "weights" / "posthoc" / snapshot, weights_only=True)
+            for run in ("killed", "straight")
+        )
+        for average in POSTHOC:
+            assert a["averages"][average]["updates"] == b["averages"][average]["updates"]
+            for name, tensor in b["averages"][average]["module"].items():
+                assert torch.equal(a["averages"][average]["module"][name], tensor), (snapshot, average, name)
     for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
         assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     assert read_rows(tmp_path / "killed") == read_rows(tmp_path / "straight")

@@ -74,13 +74,14 @@ def test_results_panels_order_and_raw_pairing():
         "x/lr0",
         "ema/updates",
         "raw/mAP_0.5",
+        "power-0.05/mAP_0.5",
         "raw/unpaired",
     ]
     assert results_panels(columns) == [
-        ("train/box_loss", None),
-        ("metrics/mAP_0.5", "raw/mAP_0.5"),
-        ("val/box_loss", None),
-        ("raw/unpaired", None),
+        ("train/box_loss", []),
+        ("metrics/mAP_0.5", ["raw/mAP_0.5", "power-0.05/mAP_0.5"]),
+        ("val/box_loss", []),
+        ("raw/unpaired", []),
     ]
 
 

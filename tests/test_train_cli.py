@@ -59,8 +59,9 @@ def test_global_batch_must_split_evenly_over_torchrun_processes(monkeypatch, tin
         train.main(["--data", str(tiny_dataset), "--batch-size", "3"])
 
 
-def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
-    """--val-raw: the EMA's metrics go to metrics/, the raw model's to raw/, column for column."""
+def test_results_row_puts_each_validated_model_in_its_columns():
+    """--val raw power-0.07: the EMA's metrics go to metrics/, the raw model's to raw/, the power
+    EMA's to power-0.07/, column for column (zeros in an epoch not validated)."""
 
     def result(p, r, m50, m):
         return SimpleNamespace(
@@ -75,12 +76,14 @@ def test_results_row_puts_the_raw_model_metrics_in_the_raw_columns():
         result(0.5, 0.6, 0.7, 0.4),
         optimizer,
         ema_updates=7,
-        val_raw=True,
-        raw_result=result(0.3, 0.2, 0.25, 0.1),
+        others={"raw": result(0.3, 0.2, 0.25, 0.1), "power-0.07": result(0.35, 0.3, 0.3, 0.2)},
     )
     columns = ("precision", "recall", "mAP_0.5", "mAP_0.5:0.95")
     assert [row[f"metrics/{c}"] for c in columns] == [0.5, 0.6, 0.7, 0.4]
     assert [row[f"raw/{c}"] for c in columns] == [0.3, 0.2, 0.25, 0.1]
+    assert [row[f"power-0.07/{c}"] for c in columns] == [0.35, 0.3, 0.3, 0.2]
+    not_validated = results_row(names, [1.0, 2.0, 3.0], None, optimizer, 7, others={"raw": None})
+    assert [not_validated[f"raw/{c}"] for c in columns] == [0.0] * 4
     assert row["ema/updates"] == 7 and row["val/cls_loss"] == 0.3
     assert not any(k.startswith("raw/") for k in results_row(names, [1.0, 2.0, 3.0], None, optimizer, 7))
 
@@ -239,3 +242,18 @@ def test_the_run_configuration_is_frozen_and_recorded_with_its_types(tiny_run):
     config = RunConfig(opt=TrainOptions(**{**opt, "freeze": tuple(opt["freeze"])}), hyp=hyp, data=None, world_size=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.opt.epochs = 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--no-ema", "--ema", "images"), "--no-ema turns the EMA off"),
+        (("--posthoc-ema", "1"), "at least 2"),
+        (("--average", "power-0.9"), "unknown average 'power-0.9'"),
+        (("--val", "ema-hours"), "unknown average 'ema-hours'"),
+    ],
+)
+def test_averaging_options_are_checked(tiny_dataset, tmp_path, args, message):
+    with pytest.raises(UserError, match=message):
+        train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "1", *args))
+    assert not (tmp_path / "exp").exists()

@@ -50,6 +50,12 @@ OPTIONAL_DEFAULTS = {
     "clahe": 0.01,
     "ema_decay": 0.9999,
     "ema_tau": 2000.0,
+    # train.py --ema images (and the ema-images average): a half-life in images, capped early on at
+    # ema_ramp times the images seen so far (EDM2's traditional EMA). 443,000 images is the
+    # half-life of YOLOv5's d = 0.9999 at the nominal 64 images per step, so long runs average as
+    # YOLOv5's; short runs get the ramp's 5% of the images seen.
+    "ema_half_life": 443000.0,
+    "ema_ramp": 0.05,
     "close_mosaic": 0,
     "auto_lr0": 0.003,
 }
@@ -109,4 +115,6 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
         raise UserError(f"hyperparameter file {source}: close_mosaic is a number of epochs, got {hyp['close_mosaic']}")
     if not 0 < hyp["ema_decay"] < 1 or hyp["ema_tau"] <= 0:
         raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
+    if hyp["ema_half_life"] <= 0:
+        raise UserError(f"hyperparameter file {source}: ema_half_life is a number of images, above 0")
     return {k: int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}

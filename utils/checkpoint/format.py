@@ -7,11 +7,16 @@ Kinds (the 'kind' key):
   completed, 0-based), best_fitness, best_epoch, finished, loop (where training goes on: next
   epoch and batch, the epoch's loss sums and step counters), model (fp32 state dict of the raw
   model, float64 with train.py --float64: training resumes from it), ema (same dtype), updates,
-  ema_decay, ema_tau, optimizer, scaler, model_yaml, names, hyp, opt (the run's options),
-  world_size (its processes: opt's batch_size is split over them), rng (python, numpy, torch,
-  cuda), swa (the --swa-epochs running average so far, or None), date, versions.
+  ema_state (the EMA's rule, its settings and its update and image counts; files before it have
+  ema_decay and ema_tau, still written for the step rule), averages (the running averages that
+  --average, --val and --posthoc-ema track, by name), optimizer, scaler, model_yaml, names, hyp,
+  opt (the run's options), world_size (its processes: opt's batch_size is split over them), rng
+  (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or None), date, versions.
 - average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
   weights as both ema and model, a 'source' line saying what they average; not resumable.
+- posthoc-snapshot: weights/posthoc/epochNNNN.pt, the power EMAs of --posthoc-ema at the end of
+  an epoch (epoch, averages by name: module, updates, images, sigma_rel); utils/train/posthoc.py
+  combines them.
 - foreign: a YOLOv5 or Ultralytics checkpoint read with --trust-pickle (in memory only, never written): model_yaml,
   names, ema and model, and its training image size when it recorded one.
 
@@ -37,11 +42,11 @@ from utils.errors import UserError
 
 FORMAT = "ema-yolo-checkpoint"
 FORMAT_VERSION = 2
-TRAINING, AVERAGE, FOREIGN = "training", "average", "foreign"
+TRAINING, AVERAGE, FOREIGN, SNAPSHOT = "training", "average", "foreign", "posthoc-snapshot"
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_IMAGE_SIZE, DEFAULT_BATCH_SIZE = 640, 16  # YOLOv5's, for a foreign checkpoint that does not say
 # What an averaged checkpoint keeps of the checkpoint it is built on: the model and how it was trained.
-DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "world_size", "epoch", "loop", "ema_decay", "ema_tau")
+DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "world_size", "epoch", "loop", "ema_state")
 
 
 # Building
@@ -50,9 +55,10 @@ DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "world_size", "epoch", 
 def training_checkpoint(
     state: dict, *, finished: bool, model_yaml: dict, names: list[str], hyp: dict, opt: dict, world_size: int
 ) -> dict:
-    """A training checkpoint from a run's state_dict() (model, ema, swa, optimizer, scaler, loop,
-    rng: see utils/train/run.py) and the run's description; training_state() is its inverse."""
+    """A training checkpoint from a run's state_dict() (model, ema, averages, swa, optimizer, scaler,
+    loop, rng: see utils/train/run.py) and the run's description; training_state() is its inverse."""
     ema, loop = state["ema"], state["loop"]
+    ema_state = {k: v for k, v in ema.items() if k != "module"}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -65,8 +71,10 @@ def training_checkpoint(
         "model": state["model"],
         "ema": ema["module"],
         "updates": ema["updates"],
-        "ema_decay": ema["decay"],
-        "ema_tau": ema["tau"],
+        "ema_state": ema_state,
+        "ema_decay": ema.get("decay"),  # the layout before ema_state, for readers of older files
+        "ema_tau": ema.get("tau"),
+        "averages": state["averages"],
         "optimizer": state["optimizer"],
         "scaler": state["scaler"],
         "model_yaml": model_yaml,
@@ -95,12 +103,28 @@ def training_state(checkpoint: dict) -> dict:
         "loop": checkpoint["loop"],
         "rng": checkpoint["rng"],
         "swa": checkpoint.get("swa"),
-        "ema": {
-            "module": checkpoint["ema"],
-            "updates": checkpoint["updates"],
-            "decay": checkpoint["ema_decay"],
-            "tau": checkpoint["ema_tau"],
-        },
+        "averages": checkpoint.get("averages") or {},
+        "ema": {"module": checkpoint["ema"], **ema_state(checkpoint)},
+    }
+
+
+def ema_state(checkpoint: dict) -> dict:
+    """The EMA's counters and settings (ModelEMA.state_dict() without the weights), also from files
+    written before ema_state (YOLOv5's step rule, images not counted)."""
+    if checkpoint.get("ema_state") is not None:
+        return dict(checkpoint["ema_state"])
+    return {"updates": checkpoint["updates"], "decay": checkpoint["ema_decay"], "tau": checkpoint["ema_tau"]}
+
+
+def posthoc_snapshot(epoch: int, averages: dict[str, dict]) -> dict:
+    """A post-hoc EMA snapshot: the state_dict() of each power EMA at the end of `epoch`."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": SNAPSHOT,
+        "epoch": epoch,
+        "averages": averages,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -235,6 +259,8 @@ def describe_kind(checkpoint: dict) -> str:
     kind = checkpoint.get("kind")
     if kind == AVERAGE:
         return f"an average of weights ({checkpoint.get('source')})"
+    if kind == SNAPSHOT:
+        return "a post-hoc EMA snapshot (average.py --posthoc RUN_DIR combines them into a checkpoint)"
     return "a YOLOv5 or Ultralytics checkpoint" if kind == FOREIGN else "a training checkpoint"
 
 
@@ -264,6 +290,8 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
     """Rebuild the detector from a checkpoint's model YAML and load the `ema` or `model` weights."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if checkpoint.get("kind") == SNAPSHOT:
+        raise UserError(f"{source} is {describe_kind(checkpoint)}, not a model checkpoint")
     state = checkpoint.get(weights)
     if state is None:
         raise UserError(f"{source} holds no '{weights}' weights")

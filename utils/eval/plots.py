@@ -107,31 +107,33 @@ def _read_csv(csv_path: Path) -> dict[str, np.ndarray]:
     return {name: table[:, i] for i, name in enumerate(header)}
 
 
-def results_panels(columns: list[str]) -> list[tuple[str, str | None]]:
-    """Panels of results.png in order, as (column, its raw-model partner or None).
+def results_panels(columns: list[str]) -> list[tuple[str, list[str]]]:
+    """Panels of results.png in order, as (column, the columns of other weights drawn with it).
 
     Train losses, then metrics, then val losses, then anything else; 'epoch', 'x/...' and 'ema/...' are
-    left out; 'raw/NAME' joins the panel of 'metrics/NAME' (or of 'NAME') when that column exists.
+    left out. A column of other validated weights, 'raw/NAME' or 'power-0.05/NAME' (train.py --val),
+    joins the panel of 'metrics/NAME' (or of 'NAME') when that column exists.
     """
     shown = [c for c in columns if c != "epoch" and not c.startswith(("x/", "ema/"))]
-    partners = {}
+    partners: dict[str, list[str]] = {}
     for c in shown:
-        if c.startswith("raw/"):
-            rest = c[len("raw/") :]
-            target = next((t for t in (f"metrics/{rest}", rest) if t in shown), None)
+        prefix, _, rest = c.partition("/")
+        if rest and prefix not in ("train", "metrics", "val"):
+            target = next((t for t in (f"metrics/{rest}", rest) if t in shown and t != c), None)
             if target is not None:
-                partners[target] = c
-    panels = [c for c in shown if c not in partners.values()]
+                partners.setdefault(target, []).append(c)
+    joined = {c for group in partners.values() for c in group}
+    panels = [c for c in shown if c not in joined]
     group = {"train/": 0, "metrics/": 1, "val/": 2}
     panels.sort(key=lambda c: group.get(c.split("/")[0] + "/", 3))  # stable: file order within a group
-    return [(c, partners.get(c)) for c in panels]
+    return [(c, partners.get(c, [])) for c in panels]
 
 
 def plot_results(csv_path: Path, out_path: Path) -> None:
     """results.png from results.csv: one panel per column against epoch (2 x 5 for the usual 10 columns).
 
-    Each panel shows the values with markers and a light smoothed line; a 'raw/...' column is drawn in
-    the panel of its 'metrics/...' column as a second line (legend 'EMA' / 'raw'). One row is enough.
+    Each panel shows the values with markers and a light smoothed line; a 'raw/...' (or other --val)
+    column is drawn in the panel of its 'metrics/...' column as another line (legend 'EMA' / 'raw'). One row is enough.
     """
     data = _read_csv(csv_path)
     panels = results_panels(list(data))
@@ -142,11 +144,15 @@ def plot_results(csv_path: Path, out_path: Path) -> None:
     epochs = data.get("epoch", np.arange(len(any_column), dtype=float))
     if not panels:
         fig.text(0.5, 0.5, f"{Path(csv_path).name}: no columns to plot", ha="center", va="center")
-    for k, (column, raw) in enumerate(panels):
+    others = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+    for k, (column, joined) in enumerate(panels):
         ax = fig.add_subplot(num_rows, num_cols, k + 1)
-        for name, colour, label in ((column, "tab:blue", "EMA" if raw else None), (raw, "tab:green", "raw")):
-            if name is None:
-                continue
+        lines = [(column, "tab:blue", "EMA" if joined else None)]
+        lines += [
+            (name, "tab:green" if name.startswith("raw/") else others[i % len(others)], name.split("/")[0])
+            for i, name in enumerate(joined)
+        ]
+        for name, colour, label in lines:
             finite = np.isfinite(data[name])
             x, y = epochs[finite], data[name][finite]
             ax.plot(x, y, marker=".", markersize=4, linewidth=1, color=colour, label=label)
@@ -159,7 +165,7 @@ def plot_results(csv_path: Path, out_path: Path) -> None:
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if raw:
+        if joined:
             ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, out_path)
@@ -406,3 +412,18 @@ def plot_image_batch(
     params = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
     if not cv2.imwrite(str(out_path), canvas, params):  # 4:4:4 keeps thin coloured lines their colour
         raise OSError(f"could not write {out_path}")
+
+
+def plot_posthoc_sweep(widths: list[float], maps: list[float], best: float, out_path: Path) -> None:
+    """mAP@0.5:0.95 against the relative width of post-hoc EMA reconstructions (average.py --sweep)."""
+    fig = _figure(5, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(widths, maps, marker="o", markersize=4, linewidth=1.2, color="tab:blue")
+    ax.axvline(best, linestyle=":", color="tab:orange", label=f"best: {best:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("relative width sigma_rel of the power EMA")
+    ax.set_ylabel("mAP@0.5:0.95")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_path)

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from utils.checkpoint.format import batch_per_process, image_size, trained_with_amp, training_option
+from utils.data.config import DatasetConfig
 from utils.data.dataset import DetectionDataset
-from utils.data.loader import build_dataloader
-from utils.device import autocast, parameter_dtype, to_model_input
+from utils.data.loader import build_dataloader, build_train_dataset
+from utils.device import autocast, inference_amp_dtype, parameter_dtype, to_model_input
 from utils.errors import UserError
 
 
@@ -131,3 +133,54 @@ def recalibrate_on_training_batches(
     loader = build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed)
     loader.sampler.set_epoch(max(epoch, 0))
     return recalibrate_batchnorm(model, loader, device, amp_dtype)
+
+
+class TrainingBatches:
+    """The augmenting training split of `data` as the checkpoint's run augmented `epoch` (its image
+    size, seed, --single-cls, batch per process, precision), built once to recalibrate the BatchNorm
+    statistics of any number of averages of that run's weights."""
+
+    def __init__(
+        self,
+        checkpoint: dict,
+        data: DatasetConfig,
+        nc: int,
+        epoch: int,
+        *,
+        img_size: int | None = None,
+        batch_size: int | None = None,
+        workers: int = 2,
+    ):
+        single_cls = bool(training_option(checkpoint, "single_cls", False))
+        if data.num_classes(single_cls) != nc:
+            raise UserError(
+                f"the weights detect {nc} classes but {data.source} has {data.num_classes(single_cls)}"
+                + (" (the run trained with --single-cls)" if single_cls else "")
+            )
+        # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
+        self.batch_size = batch_size or batch_per_process(checkpoint)
+        self.workers, self.seed = workers, int(training_option(checkpoint, "seed", 0))
+        self.with_amp, self.epoch = trained_with_amp(checkpoint), epoch
+        epochs = int(training_option(checkpoint, "epochs", epoch + 1))
+        self.dataset = build_train_dataset(
+            data,
+            checkpoint["hyp"],
+            img_size=img_size or image_size(checkpoint),
+            seed=self.seed,
+            single_cls=single_cls,
+            cache="off",
+            epochs=epochs,
+        )
+
+    def recalibrate(self, model: nn.Module, device: torch.device) -> int:
+        """recalibrate_on_training_batches over the split as it made the epoch; returns the images seen."""
+        return recalibrate_on_training_batches(
+            model,
+            self.dataset,
+            epoch=self.epoch,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            seed=self.seed,
+            device=device,
+            amp_dtype=inference_amp_dtype(model, device, enabled=self.with_amp),
+        )

@@ -15,6 +15,7 @@ from utils.data.labels import list_image_files
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
+from utils.train.ema import tracked_names
 from utils.train.optim import AUTO_SGD_MIN_STEPS, optimizer_steps, resolve_auto_optimizer
 
 RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
@@ -41,7 +42,11 @@ class TrainOptions:
     device: str
     single_cls: bool
     no_ema: bool
-    val_raw: bool
+    ema: str  # the EMA's rule: 'steps' (YOLOv5's ramp) or 'images' (a half-life in images)
+    average: tuple[str, ...]  # averages tracked besides the EMA (utils/train/ema.py names)
+    val: tuple[str, ...]  # validated each epoch besides the EMA: 'raw' or averages
+    val_raw: bool  # as val: ('raw',), kept for the command line and runs recorded before --val
+    posthoc_ema: int  # snapshots of the post-hoc power EMAs to save (0: none)
     swa_epochs: int
     swa_source: str
     sync_bn: bool
@@ -66,6 +71,16 @@ class TrainOptions:
     def to_dict(self) -> dict:
         """Plain types, as opt.yaml and the checkpoints hold them."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def validated(self) -> tuple[str, ...]:
+        """What each epoch validates besides the EMA: --val, with raw first for --val-raw."""
+        return tuple(dict.fromkeys((*(("raw",) if self.val_raw else ()), *self.val)))
+
+    @property
+    def tracked(self) -> tuple[str, ...]:
+        """The averages the run keeps besides its EMA (--average, --val's averages, --posthoc-ema's)."""
+        return tracked_names(self.average, self.validated, self.posthoc_ema > 0)
 
 
 @dataclass(frozen=True)
@@ -112,7 +127,7 @@ def options_for_run(
         chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
         if placement_from_command_line:
             chosen.update({k: given[k] for k in PLACEMENT_OPTIONS})
-    return TrainOptions(**{**chosen, "freeze": tuple(chosen["freeze"])})
+    return TrainOptions(**{**chosen, **{k: tuple(chosen[k]) for k in ("freeze", "average", "val")}})
 
 
 def check_options(opt: TrainOptions, world: World) -> None:
@@ -136,8 +151,20 @@ def check_options(opt: TrainOptions, world: World) -> None:
         LOGGER.warning("WARNING: --sync-bn only acts under torchrun with several processes; ignored")
     if opt.swa_source != "ema" and not opt.swa_epochs:
         LOGGER.warning(f"WARNING: --swa-source {opt.swa_source} only acts with --swa-epochs K; ignored")
-    if opt.val_raw and opt.no_ema:
-        LOGGER.warning("WARNING: with --no-ema the validated weights are the raw ones; --val-raw adds the same numbers")
+    if "raw" in opt.validated and opt.no_ema:
+        LOGGER.warning("WARNING: with --no-ema the validated weights are the raw ones; --val raw adds the same numbers")
+    if opt.no_ema and opt.ema != "steps":
+        raise UserError(f"--no-ema turns the EMA off; --ema {opt.ema} chooses its rule: give one of them")
+    if opt.posthoc_ema < 0 or opt.posthoc_ema == 1:
+        raise UserError(
+            f"--posthoc-ema {opt.posthoc_ema}: the number of snapshots to save, at least 2 "
+            "(a reconstruction needs several; 0 turns post-hoc EMA off)"
+        )
+    if opt.posthoc_ema > opt.epochs:
+        LOGGER.warning(
+            f"WARNING: --posthoc-ema {opt.posthoc_ema} snapshots over {opt.epochs} epochs: one per epoch, "
+            f"{opt.epochs} in all"
+        )
 
 
 def choose_optimizer(opt: TrainOptions, hyp: dict, data: DatasetConfig) -> tuple[str, dict]:

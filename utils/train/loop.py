@@ -10,8 +10,8 @@ from utils.device import autocast, to_model_input
 from utils.eval.evaluate import evaluate, results_table, save_validation_plots
 from utils.eval.plots import plot_results
 from utils.log import LOGGER
+from utils.train.final_averages import finish_swa, save_tracked_average
 from utils.train.run import TrainingRun
-from utils.train.swa import finish_swa
 
 
 def train(run: TrainingRun) -> None:
@@ -37,10 +37,16 @@ def train(run: TrainingRun) -> None:
                 loss, loss_items = run.criterion(predictions, batch.targets)
                 run.backward(loss, loss_items)  # skipped on every rank if any rank's loss is not finite
             loop.window += 1
+            loop.window_images += batch.images.shape[0]
             if window_full:
                 stepped = run.optimizer_step(epoch, step)  # schedule, unscale, clip, step; False if skipped
                 if stepped and ema is not None:
-                    ema.update(model)  # once per optimizer step taken, never per micro-batch
+                    # once per optimizer step taken, never per micro-batch; the step's images over all
+                    # ranks (DistributedSampler gives every rank as many)
+                    images_in_step = loop.window_images * world.size
+                    ema.update(model, images_in_step)
+                    for average in run.averages.values():  # --average, --val, --posthoc-ema
+                        average.update(model, images_in_step)
                 loop.record_step(stepped)
                 run.stop_if_diverging()
                 if run.saver is not None and run.saver.due() and i + 1 < run.batches_per_epoch:
@@ -51,19 +57,23 @@ def train(run: TrainingRun) -> None:
 
         final_epoch, stop_early, is_best = epoch + 1 == opt.epochs, False, False
         if world.is_main:
-            ema.copy_attributes(model)  # validate what we ship: the EMA, carrying the model's attributes
+            for average in (ema, *run.averages.values()):
+                average.copy_attributes(model)  # validate what we ship: averages carrying the model's attributes
             if run.swa is not None and epoch >= opt.epochs - opt.swa_epochs:
                 run.swa.update(ema.module if opt.swa_source == "ema" else model)
-            result = raw_result = None
+            result, others = None, dict.fromkeys(opt.validated)
             if not opt.noval or final_epoch:
                 result = evaluate(
                     ema.module, run.val_loader, device=run.device, amp_dtype=run.amp_dtype, loss_fn=run.val_criterion
                 )
-                if opt.val_raw:
-                    raw_result = evaluate(model, run.val_loader, device=run.device, amp_dtype=run.amp_dtype)
-            is_best = run.log_epoch(epoch, result, raw_result)  # results.csv; best fitness of validated epochs
+                for name in others:  # --val: the raw model or tracked averages, only when asked
+                    others[name] = evaluate(
+                        run.validated(name), run.val_loader, device=run.device, amp_dtype=run.amp_dtype
+                    )
+            is_best = run.log_epoch(epoch, result, others)  # results.csv; best fitness of validated epochs
             # Only validated epochs count: with --noval nothing stops the run early.
             stop_early = result is not None and epoch - loop.best_epoch >= patience and not final_epoch
+            run.save_snapshot(epoch, stopping=final_epoch or stop_early)  # --posthoc-ema, when due
         loop.start_next_epoch()
         if world.is_main and (not opt.nosave or final_epoch or stop_early):
             run.save_epoch(epoch, finished=final_epoch or stop_early, best=is_best)
@@ -80,11 +90,11 @@ def finish(run: TrainingRun, elapsed_s: float, epochs_run: int) -> None:
     LOGGER.info(f"\n{epochs_run} epochs completed in {elapsed_s / 3600:.3f} hours.")
     if run.plots:
         plot_results(run.logger.csv_path, run.run_dir / "results.png")
-    opt = run.config.opt
+    opt, last = run.config.opt, run.checkpoint(finished=True)
     if run.swa is not None and run.swa.updates:
         finish_swa(
             run.swa,
-            run.checkpoint(finished=True),
+            last,
             run.train_loader,
             source=opt.swa_source,
             workers=opt.workers,
@@ -99,6 +109,9 @@ def finish(run: TrainingRun, elapsed_s: float, epochs_run: int) -> None:
             f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
             "nothing and no swa.pt was written"
         )
+    for name, average in run.averages.items():  # --average, --val, --posthoc-ema: weights/NAME.pt
+        path = run.run_dir / "weights" / f"{name}.pt"
+        save_tracked_average(path, last, average, name)
     best_path = run.saver.best_path
     if best_path.exists():
         LOGGER.info(f"Validating {best_path}...")

@@ -17,6 +17,7 @@ class LoopState:
     batch: int = 0  # next micro-batch of the epoch
     optimizer_steps: int = 0  # steps taken or skipped since the start of training
     window: int = 0  # micro-batches accumulated since the last step (0 in a checkpoint)
+    window_images: int = 0  # images in those micro-batches, on this process
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # the epoch's [box, obj, cls] so far
     skipped_steps: int = 0  # of this epoch, for a non-finite loss or gradient
     bad_streak: int = 0  # skipped steps in a row
@@ -25,7 +26,7 @@ class LoopState:
 
     def record_step(self, taken: bool) -> None:
         self.optimizer_steps += 1
-        self.window = 0
+        self.window = self.window_images = 0
         self.skipped_steps += not taken
         self.bad_streak = 0 if taken else self.bad_streak + 1
 

@@ -26,17 +26,17 @@ def results_row(
     result: EvalResult | None,
     optimizer: torch.optim.Optimizer,
     ema_updates: int,
-    val_raw: bool = False,
-    raw_result: EvalResult | None = None,
+    others: dict[str, EvalResult | None] | None = None,
 ) -> dict:
-    """One results.csv row: the epoch's train losses, the EMA's validation metrics and losses,
-    the raw model's metrics with --val-raw, each group's learning rate and the EMA's update count."""
+    """One results.csv row: the epoch's train losses, the EMA's validation metrics and losses, the
+    metrics of what --val names (raw/..., power-0.05/...), each group's learning rate and the EMA's
+    update count."""
     row = {f"train/{n}": v for n, v in zip(loss_names, mean_loss)}
     row.update(metric_columns("metrics/", result))
     val_losses = result.loss.tolist() if result is not None else [0.0] * len(loss_names)
     row.update({f"val/{n}": v for n, v in zip(loss_names, val_losses)})
-    if val_raw:
-        row.update(metric_columns("raw/", raw_result))
+    for name, other in (others or {}).items():
+        row.update(metric_columns(f"{name}/", other))
     row.update({f"x/lr{k}": group["lr"] for k, group in enumerate(optimizer.param_groups)})
     row["ema/updates"] = ema_updates
     return row

@@ -31,9 +31,10 @@ from utils.log import LOGGER, interactive
 from utils.run_dir import RunDirLock
 from utils.train.config import RunConfig
 from utils.train.criterion import build_criterion
-from utils.train.ema import ModelEMA, UniformAverage
+from utils.train.ema import ImageEMA, ModelEMA, UniformAverage, WeightAverage, build_average
 from utils.train.loop_state import LoopState
 from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer, optimizer_steps
+from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter, posthoc_names
 from utils.train.results import RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
 from utils.train.saver import CheckpointWriter
@@ -49,12 +50,14 @@ def state_of(
     scaler: torch.amp.GradScaler | None = None,
     loop: LoopState | None = None,
     swa: UniformAverage | None = None,
+    averages: dict[str, WeightAverage] | None = None,
 ) -> dict:
     """A run's state as its checkpoint keeps it: weights, averages, optimizer, scaler, loop
     position and RNG states (the layout of utils/checkpoint/format.py's training_state())."""
     return {
         "model": model.state_dict(),  # saved at once, so the live tensors need no copy
         "ema": ema.state_dict(),
+        "averages": {name: average.state_dict() for name, average in (averages or {}).items()},
         "swa": swa.state_dict() if swa is not None else None,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -114,11 +117,18 @@ class TrainingRun:
         # (broadcast_buffers). Averaging rank 0's model is therefore averaging the model every rank
         # runs, with no collective and no copy of the EMA on the other ranks.
         # --no-ema keeps the same machinery with d = 0: the "average" is then the raw model itself.
-        self.ema = (
-            ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"])
-            if world.is_main
-            else None
-        )
+        # Under torchrun, each step's images are counted over all ranks (ImageEMA's horizon is in images).
+        self.ema: WeightAverage | None = None
+        self.averages: dict[str, WeightAverage] = {}  # tracked besides the EMA (--average, --val, --posthoc-ema)
+        self.snapshots: SnapshotWriter | None = None
+        if world.is_main:
+            if opt.ema == "images":
+                self.ema = ImageEMA(self.model, half_life=hyp["ema_half_life"], ramp=hyp["ema_ramp"])
+            else:
+                self.ema = ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"])
+            self.averages = {name: build_average(name, self.model, hyp) for name in opt.tracked}
+            if opt.posthoc_ema:
+                self.snapshots = SnapshotWriter(run_dir / "weights" / SNAPSHOT_FOLDER, opt.epochs, opt.posthoc_ema)
         self.swa = (
             UniformAverage(self.ema.module if opt.swa_source == "ema" else self.model)
             if opt.swa_epochs and world.is_main
@@ -151,6 +161,15 @@ class TrainingRun:
         planned_steps = optimizer_steps(opt.epochs - loop.epoch, self.batches_per_epoch, opt.batch_size)
         if opt.no_ema:
             LOGGER.info("--no-ema: no weight averaging; the raw weights are validated and saved as 'ema' too")
+        elif isinstance(self.ema, ImageEMA):
+            images_per_epoch = len(train_dataset)
+            final = self.ema.images + (opt.epochs - loop.epoch) * images_per_epoch
+            half_life = min(self.ema.half_life, self.ema.ramp * final)
+            LOGGER.info(
+                f"EMA: half-life {self.ema.half_life:g} images, at most {self.ema.ramp:g} of the images seen; "
+                f"about {final} images by the end, where the half-life is {half_life:.0f} images "
+                f"({half_life / images_per_epoch:.2g} epochs)"
+            )
         else:
             ema = self.ema
             final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
@@ -158,8 +177,8 @@ class TrainingRun:
                 f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
                 f"optimizer steps are planned, ending near d={final_decay:.3g}"
                 + (
-                    " (the average stays close to the raw weights; raise epochs or lower ema_tau in the hyp "
-                    "file to average more)"
+                    " (the average stays close to the raw weights; --ema images averages over a share of "
+                    "the images seen instead, see the README's 'Choosing the averaging')"
                     if final_decay < 0.5
                     else ""
                 )
@@ -186,13 +205,24 @@ class TrainingRun:
 
     def state_dict(self) -> dict:
         """Everything a resume needs besides the configuration (rank 0's: the one that writes checkpoints)."""
-        return state_of(self.model, self.ema, self.optimizer, scaler=self.scaler, loop=self.loop, swa=self.swa)
+        return state_of(
+            self.model,
+            self.ema,
+            self.optimizer,
+            scaler=self.scaler,
+            loop=self.loop,
+            swa=self.swa,
+            averages=self.averages,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from what state_dict() returned (on every rank; the averages on rank 0)."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        for name, average in self.averages.items():
+            if name in state.get("averages", {}):
+                average.load_state_dict(state["averages"][name])
         if self.swa is not None and state.get("swa"):
             self.swa.load_state_dict(state["swa"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -316,14 +346,20 @@ class TrainingRun:
                 "non-finite loss or gradient; the EMA did not move on those"
             )
 
-    def log_epoch(self, epoch: int, result: EvalResult | None, raw_result: EvalResult | None) -> bool:
+    def validated(self, name: str) -> torch.nn.Module:
+        """What --val NAME validates: the raw model or a tracked average."""
+        return self.model if name == "raw" else self.averages[name].module
+
+    def log_epoch(self, epoch: int, result: EvalResult | None, others: dict[str, EvalResult | None]) -> bool:
         """Print the validation, append the results.csv row and keep the best fitness; True when
-        this epoch is the best so far. An epoch not validated (--noval) has no fitness."""
+        this epoch is the best so far. An epoch not validated (--noval) has no fitness. `others`:
+        the results of --val's names (None when not validated)."""
         names = list(self.config.names)
         if result is not None:
             LOGGER.info(results_table(result, names))
-        if raw_result is not None:
-            LOGGER.info(f"raw model: mAP50 {raw_result.metrics.map50:.3g}, mAP50-95 {raw_result.metrics.map50_95:.3g}")
+        for name, other in others.items():
+            if other is not None:
+                LOGGER.info(f"{name}: mAP50 {other.metrics.map50:.3g}, mAP50-95 {other.metrics.map50_95:.3g}")
         is_best = result is not None and result.metrics.fitness >= self.loop.best_fitness
         if is_best:
             self.loop.best_fitness, self.loop.best_epoch = result.metrics.fitness, epoch
@@ -336,11 +372,17 @@ class TrainingRun:
                 result,
                 self.optimizer,
                 self.ema.updates,
-                self.config.opt.val_raw,
-                raw_result,
+                others,
             ),
         )
         return is_best
+
+    def save_snapshot(self, epoch: int, stopping: bool) -> None:
+        """--posthoc-ema: the power EMAs at the end of `epoch` into weights/posthoc/ when a snapshot
+        is due, or when the run stops here."""
+        if self.snapshots is not None:
+            posthoc = {name: self.averages[name] for name in posthoc_names()}
+            self.snapshots.write(epoch, posthoc, force=stopping)
 
     def save_epoch(self, epoch: int, finished: bool, best: bool) -> None:
         """last.pt, and best.pt / epochN.pt when due, at the end of an epoch."""

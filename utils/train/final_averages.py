@@ -1,4 +1,5 @@
-"""Finishing SWA (--swa-epochs): the running average's BatchNorm statistics recomputed, validated, saved."""
+"""The averages a run writes when it ends: SWA (--swa-epochs), its BatchNorm statistics recomputed,
+validated and saved; the averages tracked by --average, --val and --posthoc-ema, saved as they are."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from utils.checkpoint.format import averaged_checkpoint, model_from_checkpoint, 
 from utils.eval.evaluate import evaluate, results_table
 from utils.log import LOGGER
 from utils.train.averaging import recalibrate_on_training_batches
-from utils.train.ema import UniformAverage
+from utils.train.ema import UniformAverage, WeightAverage
 
 
 def finish_swa(
@@ -53,3 +54,13 @@ def finish_swa(
     state = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
     save_checkpoint(out_path, averaged_checkpoint(last, state, description, swa=last["swa"]))
     LOGGER.info(f"Saved {out_path}")
+
+
+def save_tracked_average(path: Path, last: dict, average: WeightAverage, name: str) -> None:
+    """Save a tracked average as an average-kind checkpoint built on the run's `last` one (BatchNorm
+    statistics averaged, as the EMA's are), for val.py and detect.py."""
+    state = {k: v.detach().cpu().clone() for k, v in average.module.state_dict().items()}
+    description = f"the {name} average of the run's weights after {average.updates} optimizer steps"
+    settings = {k: v for k, v in average.state_dict().items() if k != "module"}
+    save_checkpoint(path, averaged_checkpoint(last, state, description, tracked={"name": name, **settings}))
+    LOGGER.info(f"Saved {path} ({description})")

@@ -1,0 +1,149 @@
+"""Post-hoc EMA after training: a run's snapshots turned into checkpoints of any relative width,
+BatchNorm statistics recomputed or combined, and a sweep of widths validated as train.py validated
+(average.py --posthoc and benchmarks/averaging_study.py)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.checkpoint.format import averaged_checkpoint, load_checkpoint, model_from_checkpoint
+from utils.errors import UserError
+from utils.eval.metrics import DetectionMetrics
+from utils.train.as_trained import evaluate_as_trained
+from utils.train.averaging import TrainingBatches, first_non_finite
+from utils.train.ema import power_exponent
+from utils.train.posthoc import Snapshot, find_snapshots, reconstruct
+
+SWEEP_WIDTHS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.17, 0.22, 0.28)  # the relative widths a sweep tries
+BN_MODES = ("recalibrate", "average")
+
+
+@dataclass(frozen=True)
+class PosthocRun:
+    """A finished (or stopped) run with snapshots: its last.pt, its snapshots, and the optimizer
+    step and epoch to reconstruct at."""
+
+    run_dir: Path
+    last: dict
+    snapshots: list[Snapshot]
+    updates: int
+    epoch: int
+
+    @classmethod
+    def open(cls, path: str | Path, at_epoch: int | None = None) -> PosthocRun:
+        """The run of folder `path` (or of its weights/last.pt), at its last snapshot or at the end
+        of `at_epoch` (from a snapshot of that epoch, else the run's results.csv 'ema/updates')."""
+        run_dir = Path(path)
+        if run_dir.is_file():
+            run_dir = run_dir.parent.parent
+        last_path = run_dir / "weights" / "last.pt"
+        if not last_path.is_file():
+            raise UserError(f"{path} is not a run folder: it has no weights/last.pt")
+        snapshots = find_snapshots(run_dir)
+        if at_epoch is None:
+            latest = max(snapshots, key=lambda s: s.updates)
+            return cls(run_dir, load_checkpoint(last_path), snapshots, latest.updates, latest.epoch)
+        updates = next((s.updates for s in snapshots if s.epoch == at_epoch), None)
+        if updates is None:
+            updates = updates_at_epoch(run_dir / "results.csv", at_epoch)
+        return cls(run_dir, load_checkpoint(last_path), snapshots, updates, at_epoch)
+
+
+def updates_at_epoch(csv_path: Path, epoch: int) -> int:
+    """The EMA's update count (the optimizer steps taken) at the end of `epoch`, from results.csv."""
+    rows = []
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    updates = next((int(float(r["ema/updates"])) for r in rows if int(r["epoch"]) == epoch), None)
+    if updates is None:
+        raise UserError(f"epoch {epoch}: {csv_path} has no row for it")
+    return updates
+
+
+def reconstructed_checkpoint(run: PosthocRun, sigma_rel: float) -> dict:
+    """The post-hoc EMA of relative width `sigma_rel` as an average-kind checkpoint (BatchNorm
+    statistics combined like the weights), recording how it was made under 'posthoc'."""
+    power_exponent(sigma_rel)  # a width no power EMA has is refused here
+    weights, coefficients, residual = reconstruct(run.snapshots, sigma_rel, run.updates)
+    usable = [s for s in run.snapshots if s.updates <= run.updates]
+    description = (
+        f"post-hoc EMA of relative width {sigma_rel:g} after {run.updates} optimizer steps (epoch {run.epoch}): "
+        f"the least-squares combination of {len(usable)} power-EMA snapshots (profile residual {residual:.2%})"
+    )
+    not_finite = first_non_finite(weights)
+    if not_finite is not None:
+        raise UserError(f"the reconstruction of width {sigma_rel:g} holds NaN or inf in '{not_finite}'")
+    posthoc = {
+        "sigma_rel": sigma_rel,
+        "updates": run.updates,
+        "epoch": run.epoch,
+        "residual": residual,
+        "coefficients": coefficients,
+        "snapshots": [f"{s.path.name}:{s.name}" for s in usable],
+    }
+    return averaged_checkpoint(run.last, weights, description, posthoc=posthoc)
+
+
+def prepared_model(checkpoint: dict, bn: str, batches: TrainingBatches | None, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model on `device`, ready to validate. bn 'recalibrate': its BatchNorm
+    statistics recomputed on `batches` (made for the run's epoch), written back into the
+    checkpoint (whose 'source' says so); 'average': kept as combined."""
+    model = model_from_checkpoint(checkpoint, "ema", source=checkpoint["source"])
+    model = model.to(device, memory_format=torch.channels_last)
+    if bn == "recalibrate":
+        images = batches.recalibrate(model, device)
+        checkpoint["ema"] = checkpoint["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        checkpoint["source"] += f"; BatchNorm statistics recomputed on {images} augmented training images"
+        not_finite = first_non_finite(checkpoint["ema"])
+        if not_finite is not None:
+            raise UserError(f"BatchNorm recalibration gave NaN or inf in '{not_finite}'")
+    else:
+        checkpoint["source"] += "; BatchNorm statistics combined as the weights"
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    sigma_rel: float
+    residual: float
+    metrics: DetectionMetrics
+
+
+def sweep(
+    run: PosthocRun,
+    widths: list[float],
+    *,
+    bn: str,
+    batches: TrainingBatches | None,
+    loader: DataLoader,
+    device: torch.device,
+) -> tuple[list[SweepRow], dict]:
+    """Reconstruct and validate each width; the rows and the best checkpoint (by fitness, as best.pt)."""
+    rows, best, best_fitness = [], None, -1.0
+    for width in widths:
+        checkpoint = reconstructed_checkpoint(run, width)
+        model = prepared_model(checkpoint, bn, batches, device)
+        metrics = evaluate_as_trained(model, checkpoint, loader, device).metrics
+        rows.append(SweepRow(width, checkpoint["posthoc"]["residual"], metrics))
+        if metrics.fitness > best_fitness:
+            best, best_fitness = checkpoint, metrics.fitness
+    return rows, best
+
+
+def sweep_table(rows: list[SweepRow], best: float) -> str:
+    """The sweep as a markdown table, the best width marked."""
+    lines = ["| sigma_rel | profile residual | P | R | mAP@0.5 | mAP@0.5:0.95 |", "|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        m = row.metrics
+        mark = " (best)" if row.sigma_rel == best else ""
+        lines.append(
+            f"| {row.sigma_rel:g}{mark} | {row.residual:.2%} | {m.precision:.4f} | {m.recall:.4f} | "
+            f"{m.map50:.4f} | {m.map50_95:.4f} |"
+        )
+    return "\n".join(lines)
