@@ -41,7 +41,7 @@ from utils.checkpoint.format import (
     serialise,
     training_option,
 )
-from utils.data.config import load_dataset_config
+from utils.data.config import DatasetConfig, load_dataset_config
 from utils.device import select_device
 from utils.errors import UserError, run_cli
 from utils.eval.plots import plot_posthoc_sweep
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--bn",
         choices=BN_MODES,
-        default="recalibrate",
+        default=None,
         help="--posthoc: BatchNorm statistics recomputed on training batches, or combined as the weights",
     )
     p.add_argument("--coef", nargs="+", type=float, default=None, help="one coefficient per checkpoint, summing to 1")
@@ -132,12 +132,32 @@ def average_checkpoints(
     return result, kept
 
 
+def check_mode_options(opt: argparse.Namespace) -> None:
+    """Refuse options of the other mode: --weights averages checkpoints, --posthoc a run's snapshots."""
+    if opt.posthoc is not None and opt.weights:
+        raise UserError("give --weights (checkpoints to average) or --posthoc (a run's snapshots), not both")
+    if opt.posthoc is not None:
+        given = {
+            "--coef": opt.coef is not None,
+            "--source": opt.source != "ema",
+            "--recalibrate-bn": opt.recalibrate_bn,
+        }
+        given["--no-strict"] = not opt.strict
+        other = "--weights"
+    else:
+        given = {"--sigma-rel": opt.sigma_rel is not None, "--sweep": opt.sweep, "--at-epoch": opt.at_epoch is not None}
+        given["--bn"] = opt.bn is not None
+        other = "--posthoc"
+    wrong = [name for name, was_given in given.items() if was_given]
+    if wrong:
+        raise UserError(f"{' '.join(wrong)} only act(s) with {other}")
+
+
 def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     setup_logging()
+    check_mode_options(opt)
     if opt.posthoc is not None:
-        if opt.weights:
-            raise UserError("give --weights (checkpoints to average) or --posthoc (a run's snapshots), not both")
         return posthoc(opt)
     if not opt.weights or len(opt.weights) < 2:
         raise UserError("--weights needs at least two checkpoints to average")
@@ -164,25 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if opt.recalibrate_bn:
         device = select_device(opt.device)
-        model = model_from_checkpoint(result, "ema", source=opt.out).to(device, memory_format=torch.channels_last)
         last_epoch = max(int(c.get("epoch", 0)) for c in checkpoints)  # the newest weights' augmentation
-        batch_size = opt.batch_size or batch_per_process(result)
-        img_size = check_image_size(
-            opt.imgsz or image_size(result), model, batch_size=batch_size, device=device, training=False
-        )
-        data = load_dataset_config(opt.data)
-        batches = TrainingBatches(
-            result, data, model.nc, last_epoch, img_size=img_size, batch_size=batch_size, workers=workers(opt)
-        )
-        images = batches.recalibrate(model, device)
-        result["ema"] = result["model"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        result["source"] += f"; BatchNorm statistics recomputed on {images} augmented training images"
-        not_finite = first_non_finite(result["ema"])
-        if not_finite is not None:
-            raise UserError(
-                f"BatchNorm recalibration gave NaN or inf in '{not_finite}' (the average's activations "
-                f"overflow on --data's images); {opt.out} was not written"
-            )
+        batches = training_batches(opt, result, load_dataset_config(opt.data), last_epoch, device)
+        prepared_model(result, "recalibrate", batches, device)
     write_output(out, result)
     LOGGER.info(f"{result['source']}\nSaved {opt.out}")
     return 0
@@ -215,22 +219,16 @@ def posthoc(opt: argparse.Namespace) -> int:
     run = PosthocRun.open(opt.posthoc, opt.at_epoch)
     data = load_dataset_config(opt.data or training_option(run.last, "data"))
     device = select_device(opt.device)
-    model = model_from_checkpoint(run.last, "ema", source=str(run.run_dir))
-    batches = None
-    if opt.bn == "recalibrate":
-        img_size = opt.imgsz or image_size(run.last)
-        batch_size = opt.batch_size or batch_per_process(run.last)
-        img_size = check_image_size(img_size, model, batch_size=batch_size, device=device, training=False)
-        batches = TrainingBatches(
-            run.last, data, model.nc, run.epoch, img_size=img_size, batch_size=batch_size, workers=workers(opt)
-        )
+    bn = opt.bn or "recalibrate"
+    batches = training_batches(opt, run.last, data, run.epoch, device) if bn == "recalibrate" else None
     out = Path(opt.out)
     if not opt.sweep:
         best = reconstructed_checkpoint(run, widths[0])
-        prepared_model(best, opt.bn, batches, device)
+        prepared_model(best, bn, batches, device)
     else:
-        loader = val_loader_as_trained(run.last, model, data, workers=workers(opt))
-        rows, best = sweep(run, widths, bn=opt.bn, batches=batches, loader=loader, device=device)
+        model = model_from_checkpoint(run.last, "ema", source=str(run.run_dir))
+        loader = val_loader_as_trained(run.last, model, data, workers=loader_workers(opt))
+        rows, best = sweep(run, widths, bn=bn, batches=batches, loader=loader, device=device)
         LOGGER.info(sweep_table(rows, best["posthoc"]["sigma_rel"]))
         plot_path = out.with_name(f"{out.stem}_sweep.png")
         maps = [row.metrics.map50_95 for row in rows]
@@ -241,8 +239,24 @@ def posthoc(opt: argparse.Namespace) -> int:
     return 0
 
 
-def workers(opt: argparse.Namespace) -> int:
+def loader_workers(opt: argparse.Namespace) -> int:
+    """--workers, 2 when not given."""
     return 2 if opt.workers is None else opt.workers
+
+
+def training_batches(
+    opt: argparse.Namespace, checkpoint: dict, data: DatasetConfig, epoch: int, device: torch.device
+) -> TrainingBatches:
+    """The training batches BatchNorm statistics are recomputed on: the run's (--imgsz, --batch-size
+    override its image size and batch per process), augmented as `epoch` was."""
+    model = model_from_checkpoint(checkpoint, "ema", source=opt.out)
+    batch_size = opt.batch_size or batch_per_process(checkpoint)
+    img_size = check_image_size(
+        opt.imgsz or image_size(checkpoint), model, batch_size=batch_size, device=device, training=False
+    )
+    return TrainingBatches(
+        checkpoint, data, model.nc, epoch, img_size=img_size, batch_size=batch_size, workers=loader_workers(opt)
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ run lengths. Prints the tables and writes a plot.
 
     python benchmarks/averaging_study.py --epochs 30 150 --seeds 0 1 2
 
-One train.py run per (run length, seed) tracks everything at once: --val raw ema-images,
---average power-0.07, --posthoc-ema 20, --swa-epochs 10 --swa-source raw. Finished runs are kept
+One train.py run per (run length, seed) tracks everything at once: --average ema-images
+power-0.07, --posthoc-ema 20, --swa-epochs 10 --swa-source raw (add --val raw ema-images to a
+run for per-epoch curves of the raw weights and the image EMA: it changes no trained weight). Finished runs are kept
 (an interrupted one resumes from its last.pt) and each run's evaluations are cached in its
 study.json, so the script can be run again to add seeds or run lengths. Every number is an
 evaluation on the val split as train.py validated (utils/train/as_trained.py), so val.py on the
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.state_dicts import relative_difference  # noqa: E402
 from utils.checkpoint.format import averaged_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
@@ -58,7 +60,7 @@ SHORT = {
     "swa": "SWA",
 }
 BN_LABELS = {"average": "BN averaged", "recalibrate": "BN recomputed"}  # the order of the tables
-TRACKED = ("--val", "raw", "ema-images", "--average", "power-0.07")
+TRACKED = ("--average", "ema-images", "power-0.07")
 
 
 def train(run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> None:
@@ -96,13 +98,6 @@ def train(run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> No
         result = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
         sys.exit(f"training {run_dir.name} failed: see {run_dir.parent / f'{run_dir.name}.log'}")
-
-
-def relative_error(a: dict, b: dict) -> float:
-    """|a - b| / |b| over all floating-point tensors."""
-    keys = [k for k, v in b.items() if v.is_floating_point()]
-    difference = sum((a[k].double() - b[k].double()).square().sum() for k in keys).sqrt()
-    return float(difference / sum(b[k].double().square().sum() for k in keys).sqrt())
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -147,7 +142,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         model = prepared_model(checkpoint, "average", None, device)
         maps.append(evaluate_as_trained(model, checkpoint, loader, device).metrics.map50_95)
     result["exactness"] = {
-        "weight_error": relative_error(rebuilt["ema"], tracked["ema"]),
+        "weight_error": relative_difference(rebuilt["ema"], tracked["ema"]),
         "profile_residual": rebuilt["posthoc"]["residual"],
         "map_tracked": maps[0],
         "map_rebuilt": maps[1],
@@ -157,6 +152,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def spread(values: list[float]) -> float:
+    """The range of the seeds' values."""
     return max(values) - min(values)
 
 

@@ -186,8 +186,11 @@ def serialise(checkpoint: dict) -> bytes:
     return buffer.getvalue()
 
 
-def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_pickle: bool = False) -> dict:
+def load_checkpoint(
+    path: str | Path, trust_pickle: bool = False, offers_trust_pickle: bool = False, mmap: bool = False
+) -> dict:
     """Read one of our checkpoints with weights_only=True; any other file is a UserError naming it.
+    mmap: tensors are mapped from the file and read when used (torch.load's mmap).
 
     With trust_pickle (the user's --trust-pickle), a file that needs full unpickling is read as a
     YOLOv5 or Ultralytics checkpoint instead (a foreign-kind checkpoint). offers_trust_pickle: the command has
@@ -207,7 +210,7 @@ def load_checkpoint(path: str | Path, trust_pickle: bool = False, offers_trust_p
     try:
         with warnings.catch_warnings():  # a foreign pickle is reported below as one clear error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         if trust_pickle:
             weights = read_pickled_checkpoint(path)

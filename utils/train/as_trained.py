@@ -14,11 +14,20 @@ from utils.errors import UserError
 from utils.eval.evaluate import EvalResult, evaluate
 
 
+def single_class_as_trained(checkpoint: dict, data: DatasetConfig, nc: int) -> bool:
+    """The run's --single-cls, after checking that `data` has the `nc` classes the weights detect."""
+    single_cls = bool(training_option(checkpoint, "single_cls", False))
+    if data.num_classes(single_cls) != nc:
+        raise UserError(
+            f"the weights detect {nc} classes but {data.source} has {data.num_classes(single_cls)}"
+            + (" (the run trained with --single-cls)" if single_cls else "")
+        )
+    return single_cls
+
+
 def val_loader_as_trained(checkpoint: dict, model: torch.nn.Module, data: DatasetConfig, workers: int) -> DataLoader:
     """The val loader train.py validated `checkpoint`'s run with (twice its batch per process)."""
-    single_cls = bool(training_option(checkpoint, "single_cls", False))
-    if data.num_classes(single_cls) != model.nc:
-        raise UserError(f"the weights detect {model.nc} classes but {data.source} has {data.num_classes(single_cls)}")
+    single_cls = single_class_as_trained(checkpoint, data, model.nc)
     return build_val_loader(
         data.val,
         data.nc,

@@ -16,6 +16,7 @@ from utils.data.dataset import DetectionDataset
 from utils.data.loader import build_dataloader, build_train_dataset
 from utils.device import autocast, inference_amp_dtype, parameter_dtype, to_model_input
 from utils.errors import UserError
+from utils.train.as_trained import single_class_as_trained
 
 
 def resolve_coefficients(coefficients: list[float] | None, count: int) -> list[float]:
@@ -151,12 +152,7 @@ class TrainingBatches:
         batch_size: int | None = None,
         workers: int = 2,
     ):
-        single_cls = bool(training_option(checkpoint, "single_cls", False))
-        if data.num_classes(single_cls) != nc:
-            raise UserError(
-                f"the weights detect {nc} classes but {data.source} has {data.num_classes(single_cls)}"
-                + (" (the run trained with --single-cls)" if single_cls else "")
-            )
+        single_cls = single_class_as_trained(checkpoint, data, nc)
         # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
         self.batch_size = batch_size or batch_per_process(checkpoint)
         self.workers, self.seed = workers, int(training_option(checkpoint, "seed", 0))

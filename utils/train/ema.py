@@ -141,6 +141,7 @@ class PowerEMA(WeightAverage):
         return (1.0 - 1.0 / self.updates) ** (self.gamma + 1.0)
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned, and the exponent of its width."""
         super().load_state_dict(state)
         self.gamma = power_exponent(self.sigma_rel)
 
@@ -155,13 +156,18 @@ class UniformAverage(WeightAverage):
 
 
 # Averages by name: what --average, --val and --posthoc-ema track.
-RAW, EMA, EMA_STEPS, EMA_IMAGES, POWER_PREFIX = "raw", "ema", "ema-steps", "ema-images", "power-"
+RAW, EMA_STEPS, EMA_IMAGES, POWER_PREFIX = "raw", "ema-steps", "ema-images", "power-"
 POSTHOC_WIDTHS = (0.05, 0.10)  # the two power EMAs post-hoc EMA keeps (Karras et al. 2024, section 3)
 
 
 def power_name(sigma_rel: float) -> str:
     """'power-0.05' for the power EMA of relative width 0.05."""
     return f"{POWER_PREFIX}{sigma_rel:g}"
+
+
+def posthoc_names() -> list[str]:
+    """The averages --posthoc-ema tracks: power EMAs of relative widths 0.05 and 0.10."""
+    return [power_name(width) for width in POSTHOC_WIDTHS]
 
 
 def check_average_name(name: str) -> str:
@@ -190,7 +196,7 @@ def check_validated_name(name: str) -> str:
 def tracked_names(average: tuple[str, ...], validated: tuple[str, ...], posthoc: bool) -> tuple[str, ...]:
     """The averages a run tracks besides its EMA: those of --average, the averages of --val, and
     the two power EMAs of post-hoc EMA; each once, in that order."""
-    names = [*average, *(n for n in validated if n != RAW), *(map(power_name, POSTHOC_WIDTHS) if posthoc else ())]
+    names = [*average, *(n for n in validated if n != RAW), *(posthoc_names() if posthoc else ())]
     return tuple(dict.fromkeys(names))
 
 

@@ -42,7 +42,7 @@ def train(run: TrainingRun) -> None:
                 stepped = run.optimizer_step(epoch, step)  # schedule, unscale, clip, step; False if skipped
                 if stepped and ema is not None:
                     # once per optimizer step taken, never per micro-batch; the step's images over all
-                    # ranks (DistributedSampler gives every rank as many)
+                    # ranks (our sampler gives every rank as many, repeating a few images to even them out)
                     images_in_step = loop.window_images * world.size
                     ema.update(model, images_in_step)
                     for average in run.averages.values():  # --average, --val, --posthoc-ema

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.checkpoint.format import load_checkpoint, posthoc_snapshot, save_checkpoint
+from utils.checkpoint.format import SNAPSHOT, load_checkpoint, posthoc_snapshot, save_checkpoint
 from utils.errors import UserError
-from utils.train.ema import POSTHOC_WIDTHS, PowerEMA, power_exponent, power_name
+from utils.log import LOGGER
+from utils.train.ema import PowerEMA, power_exponent
 
 SNAPSHOT_FOLDER = "posthoc"  # under the run's weights/
 
@@ -54,10 +55,17 @@ def least_squares_coefficients(
 
 class SnapshotWriter:
     """During training (rank 0): saves the post-hoc power EMAs into weights/posthoc/ at the end of
-    the scheduled epochs (and at an early stop), each file written atomically."""
+    the scheduled epochs (and at an early stop), each file written atomically. A new run first
+    removes the snapshots an earlier run left in its folder (--exist-ok), so that they are never
+    combined with its own; a resumed run keeps its own."""
 
-    def __init__(self, folder: Path, epochs: int, count: int):
+    def __init__(self, folder: Path, epochs: int, count: int, new_run: bool):
         self.folder, self.due = folder, set(snapshot_epochs(epochs, count))
+        stale = sorted(folder.glob("epoch*.pt")) if new_run and folder.is_dir() else []
+        for path in stale:
+            path.unlink()
+        if stale:
+            LOGGER.info(f"Removed {len(stale)} post-hoc snapshot(s) of an earlier run from {folder}")
 
     def write(self, epoch: int, averages: dict[str, PowerEMA], force: bool = False) -> Path | None:
         """Save the snapshot of `epoch` if it is due (or `force`: the run stops here); returns its path."""
@@ -65,14 +73,8 @@ class SnapshotWriter:
             return None
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"epoch{epoch:04d}.pt"
-        states = {name: {**average.state_dict()} for name, average in averages.items()}
-        save_checkpoint(path, posthoc_snapshot(epoch, states))
+        save_checkpoint(path, posthoc_snapshot(epoch, {name: a.state_dict() for name, a in averages.items()}))
         return path
-
-
-def posthoc_names() -> list[str]:
-    """The averages --posthoc-ema tracks: power EMAs of relative widths 0.05 and 0.10."""
-    return [power_name(width) for width in POSTHOC_WIDTHS]
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ def find_snapshots(run_dir: Path) -> list[Snapshot]:
         raise UserError(f"{run_dir} has no post-hoc EMA snapshots in {folder}: train with --posthoc-ema N to save them")
     snapshots = []
     for path in paths:
-        checkpoint = load_checkpoint(path)
-        if checkpoint.get("kind") != "posthoc-snapshot":
+        checkpoint = load_checkpoint(path, mmap=True)  # only the counters are read here
+        if checkpoint.get("kind") != SNAPSHOT:
             raise UserError(f"{path} is not a post-hoc EMA snapshot")
         for name, state in checkpoint["averages"].items():
             updates = int(state["updates"])
@@ -105,32 +107,43 @@ def find_snapshots(run_dir: Path) -> list[Snapshot]:
     return snapshots
 
 
+@dataclass(frozen=True)
+class Reconstruction:
+    """A reconstructed power EMA: its weights, the snapshots combined, their coefficients and the
+    relative residual of the profile fit."""
+
+    weights: dict[str, torch.Tensor]
+    sources: list[Snapshot]
+    coefficients: list[float]
+    residual: float
+
+
 def reconstruct(
-    snapshots: list[Snapshot], sigma_rel: float, updates: int
-) -> tuple[dict[str, torch.Tensor], list[float], float]:
+    snapshots: list[Snapshot], sigma_rel: float, updates: int, stored_as: torch.dtype | None = None
+) -> Reconstruction:
     """The power EMA of relative width `sigma_rel` after `updates` steps, as the least-squares
     combination of the snapshots taken at or before that step (sums in float64, then the snapshots'
-    dtype); returns the weights, the coefficients per snapshot and the relative profile residual."""
-    usable = [s for s in snapshots if s.updates <= updates]
-    if not usable:
+    dtype; `stored_as`: each snapshot rounded to that dtype first, to measure what storing them so
+    would cost). Integer buffers (num_batches_tracked) are the latest snapshot's."""
+    sources = sorted((s for s in snapshots if s.updates <= updates), key=lambda s: s.updates)
+    if not sources:
         raise UserError(f"no post-hoc snapshot was taken at or before optimizer step {updates}")
     coefficients, residual = least_squares_coefficients(
-        [(s.gamma, s.updates) for s in usable], power_exponent(sigma_rel), updates
+        [(s.gamma, s.updates) for s in sources], power_exponent(sigma_rel), updates
     )
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for path in sorted({s.path for s in usable}):  # each file read once
-        averages = load_checkpoint(path)["averages"]
-        for snapshot, coefficient in zip(usable, coefficients):
+    for path in sorted({s.path for s in sources}):  # in epoch order, each file read once
+        averages = load_checkpoint(path, mmap=True)["averages"]
+        for snapshot, coefficient in zip(sources, coefficients):
             if snapshot.path != path:
                 continue
             for key, tensor in averages[snapshot.name]["module"].items():
                 dtypes.setdefault(key, tensor.dtype)
                 if not tensor.dtype.is_floating_point:
-                    total.setdefault(key, tensor.clone())  # num_batches_tracked: not averaged
-                elif key in total:
-                    total[key] += coefficient * tensor.double()
-                else:
-                    total[key] = coefficient * tensor.double()
+                    total[key] = tensor.clone()  # not averaged: the latest file's
+                    continue
+                term = coefficient * (tensor.to(stored_as) if stored_as else tensor).double()
+                total[key] = total[key] + term if key in total else term
     weights = {key: tensor.to(dtypes[key]) for key, tensor in total.items()}
-    return weights, [float(c) for c in coefficients], residual
+    return Reconstruction(weights, sources, [float(c) for c in coefficients], residual)

@@ -67,27 +67,29 @@ def updates_at_epoch(csv_path: Path, epoch: int) -> int:
 
 
 def reconstructed_checkpoint(run: PosthocRun, sigma_rel: float) -> dict:
-    """The post-hoc EMA of relative width `sigma_rel` as an average-kind checkpoint (BatchNorm
-    statistics combined like the weights), recording how it was made under 'posthoc'."""
+    """The post-hoc EMA of relative width `sigma_rel` as an average-kind checkpoint of the run's
+    epoch (BatchNorm statistics combined like the weights), recording how it was made under 'posthoc'."""
     power_exponent(sigma_rel)  # a width no power EMA has is refused here
-    weights, coefficients, residual = reconstruct(run.snapshots, sigma_rel, run.updates)
-    usable = [s for s in run.snapshots if s.updates <= run.updates]
+    result = reconstruct(run.snapshots, sigma_rel, run.updates)
     description = (
         f"post-hoc EMA of relative width {sigma_rel:g} after {run.updates} optimizer steps (epoch {run.epoch}): "
-        f"the least-squares combination of {len(usable)} power-EMA snapshots (profile residual {residual:.2%})"
+        f"the least-squares combination of {len(result.sources)} power-EMA snapshots "
+        f"(profile residual {result.residual:.2%})"
     )
-    not_finite = first_non_finite(weights)
+    not_finite = first_non_finite(result.weights)
     if not_finite is not None:
         raise UserError(f"the reconstruction of width {sigma_rel:g} holds NaN or inf in '{not_finite}'")
     posthoc = {
         "sigma_rel": sigma_rel,
         "updates": run.updates,
         "epoch": run.epoch,
-        "residual": residual,
-        "coefficients": coefficients,
-        "snapshots": [f"{s.path.name}:{s.name}" for s in usable],
+        "residual": result.residual,
+        "coefficients": result.coefficients,
+        "snapshots": [f"{s.path.name}:{s.name}" for s in result.sources],
     }
-    return averaged_checkpoint(run.last, weights, description, posthoc=posthoc)
+    checkpoint = averaged_checkpoint(run.last, result.weights, description, posthoc=posthoc)
+    checkpoint["epoch"] = run.epoch  # the weights' epoch (--at-epoch), which a recalibration augments as
+    return checkpoint
 
 
 def prepared_model(checkpoint: dict, bn: str, batches: TrainingBatches | None, device: torch.device) -> torch.nn.Module:
@@ -102,7 +104,10 @@ def prepared_model(checkpoint: dict, bn: str, batches: TrainingBatches | None, d
         checkpoint["source"] += f"; BatchNorm statistics recomputed on {images} augmented training images"
         not_finite = first_non_finite(checkpoint["ema"])
         if not_finite is not None:
-            raise UserError(f"BatchNorm recalibration gave NaN or inf in '{not_finite}'")
+            raise UserError(
+                f"BatchNorm recalibration gave NaN or inf in '{not_finite}' (the average's activations "
+                "overflow on the training images); nothing was written"
+            )
     else:
         checkpoint["source"] += "; BatchNorm statistics combined as the weights"
     return model.eval()
@@ -110,6 +115,8 @@ def prepared_model(checkpoint: dict, bn: str, batches: TrainingBatches | None, d
 
 @dataclass(frozen=True)
 class SweepRow:
+    """One width of a sweep: the fit's profile residual and the validation metrics."""
+
     sigma_rel: float
     residual: float
     metrics: DetectionMetrics
@@ -136,12 +143,12 @@ def sweep(
     return rows, best
 
 
-def sweep_table(rows: list[SweepRow], best: float) -> str:
+def sweep_table(rows: list[SweepRow], best_width: float) -> str:
     """The sweep as a markdown table, the best width marked."""
     lines = ["| sigma_rel | profile residual | P | R | mAP@0.5 | mAP@0.5:0.95 |", "|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
         m = row.metrics
-        mark = " (best)" if row.sigma_rel == best else ""
+        mark = " (best)" if row.sigma_rel == best_width else ""
         lines.append(
             f"| {row.sigma_rel:g}{mark} | {row.residual:.2%} | {m.precision:.4f} | {m.recall:.4f} | "
             f"{m.map50:.4f} | {m.map50_95:.4f} |"

@@ -24,17 +24,17 @@ from utils.data.dataset import Batch, DetectionDataset
 from utils.data.loader import build_train_loader
 from utils.device import amp_dtype_for, describe_precision
 from utils.dist import World
-from utils.errors import TrainingStopped
+from utils.errors import TrainingStopped, UserError
 from utils.eval.evaluate import EvalResult, results_table
 from utils.eval.plots import plot_image_batch, plot_labels
 from utils.log import LOGGER, interactive
 from utils.run_dir import RunDirLock
 from utils.train.config import RunConfig
 from utils.train.criterion import build_criterion
-from utils.train.ema import ImageEMA, ModelEMA, UniformAverage, WeightAverage, build_average
+from utils.train.ema import ImageEMA, ModelEMA, UniformAverage, WeightAverage, build_average, posthoc_names
 from utils.train.loop_state import LoopState
 from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer, optimizer_steps
-from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter, posthoc_names
+from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter
 from utils.train.results import RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
 from utils.train.saver import CheckpointWriter
@@ -128,7 +128,8 @@ class TrainingRun:
                 self.ema = ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"])
             self.averages = {name: build_average(name, self.model, hyp) for name in opt.tracked}
             if opt.posthoc_ema:
-                self.snapshots = SnapshotWriter(run_dir / "weights" / SNAPSHOT_FOLDER, opt.epochs, opt.posthoc_ema)
+                folder = run_dir / "weights" / SNAPSHOT_FOLDER
+                self.snapshots = SnapshotWriter(folder, opt.epochs, opt.posthoc_ema, new_run=state is None)
         self.swa = (
             UniformAverage(self.ema.module if opt.swa_source == "ema" else self.model)
             if opt.swa_epochs and world.is_main
@@ -178,7 +179,7 @@ class TrainingRun:
                 f"optimizer steps are planned, ending near d={final_decay:.3g}"
                 + (
                     " (the average stays close to the raw weights; --ema images averages over a share of "
-                    "the images seen instead, see the README's 'Choosing the averaging')"
+                    "the images seen instead: see the README's 'Choosing the averaging')"
                     if final_decay < 0.5
                     else ""
                 )
@@ -221,8 +222,9 @@ class TrainingRun:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         for name, average in self.averages.items():
-            if name in state.get("averages", {}):
-                average.load_state_dict(state["averages"][name])
+            if name not in state.get("averages", {}):
+                raise UserError(f"the checkpoint holds no '{name}' average, which this run tracks: it cannot resume it")
+            average.load_state_dict(state["averages"][name])
         if self.swa is not None and state.get("swa"):
             self.swa.load_state_dict(state["swa"])
         self.optimizer.load_state_dict(state["optimizer"])
