@@ -151,6 +151,13 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+def sweep_means(results: list[dict], bn: str) -> list[tuple[float, float]]:
+    """(width, mAP@0.5:0.95 mean over the runs) for the widths every run's sweep tried."""
+    by_width = [{w: m for w, _, m, _ in r["sweep"][bn]} for r in results]
+    common = sorted(set.intersection(*(set(b) for b in by_width)))
+    return [(w, mean(b[w] for b in by_width)) for w in common]
+
+
 def spread(values: list[float]) -> float:
     """The range of the seeds' values."""
     return max(values) - min(values)
@@ -179,9 +186,9 @@ def report(epochs: int, results: list[dict]) -> list[tuple[str, str, float, floa
             rows.append((SHORT[method], bn, mean(values), spread(values)))
     print(f"\nPost-hoc sweep, mean mAP@0.5:0.95 over seeds, {epochs} epochs:\n")
     print("| sigma_rel | " + " | ".join(BN_LABELS[bn] for bn in BN_LABELS) + " |\n|--:|--:|--:|")
-    for i, width in enumerate(results[0]["sweep"]["average"]):
-        cells = [mean(r["sweep"][bn][i][2] for r in results) for bn in BN_LABELS]
-        print(f"| {width[0]:g} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    means = {bn: dict(sweep_means(results, bn)) for bn in BN_LABELS}
+    for width in means["average"]:
+        print(f"| {width:g} | " + " | ".join(f"{means[bn][width]:.4f}" for bn in BN_LABELS) + " |")
     print("\nExactness: the power EMA of width 0.07 tracked in training against its reconstruction:\n")
     print("| seed | relative weight error | profile residual | mAP tracked | mAP rebuilt | difference |")
     print("|--:|--:|--:|--:|--:|--:|")
@@ -212,16 +219,17 @@ def plot(tables: dict[int, list], sweeps: dict[int, list[dict]], out: Path) -> N
         ax.legend(fontsize=7)
         ax = fig.add_subplot(2, len(tables), len(tables) + column + 1)
         for bn, colour in (("average", "tab:blue"), ("recalibrate", "tab:orange")):
-            results = sweeps[epochs]
-            widths = [w[0] for w in results[0]["sweep"][bn]]
+            widths, maps = zip(*sweep_means(sweeps[epochs], bn))
             ax.plot(
                 widths,
-                [mean(r["sweep"][bn][i][2] for r in results) for i in range(len(widths))],
+                maps,
                 "o-",
                 color=colour,
                 label=BN_LABELS[bn],
             )
         ax.set_xscale("log")
+        ax.set_xticks(widths, [f"{w:g}" for w in widths], fontsize=7)
+        ax.minorticks_off()
         ax.set_xlabel("post-hoc EMA relative width sigma_rel")
         ax.set_ylabel("mAP@0.5:0.95 (mean over seeds)")
         ax.set_title(f"{epochs} epochs: post-hoc sweep", fontsize=9)
