@@ -31,7 +31,15 @@ from utils.log import LOGGER, interactive
 from utils.run_dir import RunDirLock
 from utils.train.config import RunConfig
 from utils.train.criterion import build_criterion
-from utils.train.ema import ImageEMA, ModelEMA, UniformAverage, WeightAverage, build_average, posthoc_names
+from utils.train.ema import (
+    EMA_IMAGES,
+    EMA_STEPS,
+    ImageEMA,
+    UniformAverage,
+    WeightAverage,
+    build_average,
+    posthoc_names,
+)
 from utils.train.loop_state import LoopState
 from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer, optimizer_steps
 from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter
@@ -44,7 +52,7 @@ from utils.train.sync_bn import convert_sync_batchnorm
 
 def state_of(
     model: torch.nn.Module,
-    ema: ModelEMA,
+    ema: WeightAverage,
     optimizer: torch.optim.Optimizer,
     *,
     scaler: torch.amp.GradScaler | None = None,
@@ -122,10 +130,8 @@ class TrainingRun:
         self.averages: dict[str, WeightAverage] = {}  # tracked besides the EMA (--average, --val, --posthoc-ema)
         self.snapshots: SnapshotWriter | None = None
         if world.is_main:
-            if opt.ema == "images":
-                self.ema = ImageEMA(self.model, half_life=hyp["ema_half_life"], ramp=hyp["ema_ramp"])
-            else:
-                self.ema = ModelEMA(self.model, decay=0.0 if opt.no_ema else hyp["ema_decay"], tau=hyp["ema_tau"])
+            rule = EMA_IMAGES if opt.ema == "images" else EMA_STEPS  # the hyp's settings, as for --average
+            self.ema = build_average(rule, self.model, {**hyp, "ema_decay": 0.0} if opt.no_ema else hyp)
             self.averages = {name: build_average(name, self.model, hyp) for name in opt.tracked}
             if opt.posthoc_ema:
                 folder = run_dir / "weights" / SNAPSHOT_FOLDER
