@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
     p.add_argument("--noval", action="store_true", help="only validate the final epoch")
     p.add_argument(
+        "--noautoanchor",
+        action="store_true",
+        help="keep the model YAML's anchors: no check against the training labels, no fit (YOLOv5's AutoAnchor)",
+    )
+    p.add_argument(
         "--cache",
         nargs="?",
         const="ram",

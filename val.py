@@ -11,28 +11,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.checkpoint.format import (
-    batch_per_process,
-    image_size,
-    load_for_inference,
-    trained_with_amp,
-    training_option,
-)
 from utils.data.config import load_dataset_config
 from utils.data.labels import write_data_report
 from utils.data.loader import build_val_loader, validation_batch_size
-from utils.device import describe_precision, inference_amp_dtype, parameter_dtype, select_device
+from utils.device import describe_precision, parameter_dtype, select_device
 from utils.errors import UserError, run_cli
 from utils.eval.coco_json import cross_check_with_pycocotools
 from utils.eval.evaluate import evaluate, results_table, save_validation_plots
-from utils.image_size import check_image_size
+from utils.hyp import load_hyp
+from utils.infer.backends import inference_image_size, load_weights
 from utils.log import LOGGER, setup_logging
 from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint's EMA weights on a dataset split.")
-    parser.add_argument("--weights", required=True, help="checkpoint (.pt) written by train.py")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="checkpoint (.pt) written by train.py, or an export.py file (.onnx, .torchscript)",
+    )
     parser.add_argument("--data", default="data/shapes.yaml", help="dataset YAML")
     parser.add_argument(
         "--imgsz",
@@ -67,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-plots", action="store_true", help="do not save plots")
     parser.add_argument(
+        "--no-rect",
+        action="store_true",
+        help="square --imgsz batches instead of rectangular ones (how a fixed-shape export runs: compare a .pt "
+        "with one this way)",
+    )
+    parser.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow a pickled YOLOv5 or Ultralytics checkpoint as --weights (unpickling runs code: trusted files only)",
@@ -89,23 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     if (opt.batch_size is not None and opt.batch_size < 1) or opt.workers < 0:
         raise UserError("--batch-size must be at least 1, --workers not negative")
     device = select_device(opt.device)
-    checkpoint, model = load_for_inference(opt.weights, "model" if opt.raw else "ema", device, opt.trust_pickle)
+    loaded = load_weights(opt.weights, device, raw=opt.raw, amp=not opt.no_amp, trust_pickle=opt.trust_pickle)
+    model = loaded.model
+    fixed_shape = getattr(model, "fixed_shape", None)
     data = load_dataset_config(opt.data)
     # By default as train.py validated: its --single-cls, batch, size and precision, so its results.csv row
     # is reproduced exactly.
-    single_cls = opt.single_cls or bool(training_option(checkpoint, "single_cls", False))
+    single_cls = opt.single_cls or loaded.single_cls
     nc = data.num_classes(single_cls)
     if nc != model.nc:
         raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
-    batch_size = validation_batch_size(batch_per_process(checkpoint)) if opt.batch_size is None else opt.batch_size
-    img_size = check_image_size(
-        image_size(checkpoint) if opt.imgsz is None else opt.imgsz,
-        model,
-        batch_size=batch_size,
-        device=device,
-        training=False,
-    )
-    amp_dtype = inference_amp_dtype(model, device, enabled=not opt.no_amp and trained_with_amp(checkpoint))
+    batch_size = validation_batch_size(loaded.batch_per_process) if opt.batch_size is None else opt.batch_size
+    img_size = inference_image_size(loaded, opt.imgsz, batch_size, device)
+    amp_dtype = loaded.amp_dtype
+    if fixed_shape is not None:
+        LOGGER.info(
+            f"{opt.weights} has a fixed input shape {fixed_shape}: square {img_size}x{img_size} batches (--no-rect), "
+            "run in chunks of its batch; a --dynamic export validates with the rectangular batches a .pt uses"
+        )
     split = {"train": data.train, "val": data.val, "test": data.test}[opt.task]
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")
@@ -117,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         img_size=img_size,
         batch_size=batch_size,
         workers=opt.workers,
-        hyp=checkpoint["hyp"],
+        hyp=loaded.hyp or load_hyp(None, model.anchor_free),
         stride=int(model.stride.max()),
         single_cls=single_cls,
         prefix=f"{opt.task}: ",
         pin_memory=device.type == "cuda",
         reported=saves,
+        rect=fixed_shape is None and not opt.no_rect,
     )
     run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok) if saves else None
     if run_dir is not None:
@@ -138,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_predictions=opt.save_json,
         plot_dir=None if opt.no_plots else run_dir,
     )
-    weights_used = checkpoint.get("source") or ("raw model" if opt.raw else f"EMA ({checkpoint['updates']} updates)")
     LOGGER.info(
-        f"{opt.weights}: {weights_used}, {img_size} px, batch {batch_size}, "
+        f"{opt.weights}: {loaded.description}, {img_size} px, batch {batch_size}, "
         f"{describe_precision(amp_dtype, parameter_dtype(model))}"
     )
     LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))

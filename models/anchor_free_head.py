@@ -115,7 +115,10 @@ class AnchorFreeDetect(nn.Module):
             return torch.cat((boxes, cls_logits.transpose(1, 2).sigmoid()), dim=2)
 
     def anchor_points(self, sizes: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, 2) cell centres in grid cells and (A, 1) their strides, cached per feature-map sizes."""
+        """(A, 2) cell centres in grid cells and (A, 1) their strides, cached per feature-map sizes
+        (computed afresh from the sizes in a graph being traced or exported: see Detect._grid)."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return make_anchor_points([tuple(s) for s in sizes], self.stride, device)
         key = (tuple(tuple(s) for s in sizes), device)
         if key not in self._anchors:
             self._anchors[key] = make_anchor_points([tuple(s) for s in sizes], self.stride, device)

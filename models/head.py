@@ -10,6 +10,16 @@ from torch import nn
 from utils.log import LOGGER
 
 
+def make_grid(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """(1, 1, H, W, 2) xy cell offsets of an H x W feature map, shifted by -0.5 as the xy decoding expects."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack((xs, ys), dim=-1).view(1, 1, h, w, 2) - 0.5
+
+
 class Detect(nn.Module):
     """YOLOv5 detection head.
 
@@ -45,28 +55,28 @@ class Detect(nn.Module):
 
     def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
         """Raw level outputs -> (B, N, 5 + nc) with xywh in input pixels, computed in float32."""
-        out = []
+        # The strides as Python floats: constants of the model, also in a traced or exported graph.
+        out, strides = [], self.stride.tolist()
         for i, p in enumerate(raw):
             b, _, h, w, _ = p.shape
             grid = self._grid(i, h, w, p.device)
             # Anchors may be replaced by load_state_dict, so their pixel sizes are not cached.
-            anchor_grid = (self.anchors[i].float() * float(self.stride[i])).view(1, self.na, 1, 1, 2)
+            anchor_grid = (self.anchors[i].float() * strides[i]).view(1, self.na, 1, 1, 2)
             y = p.float().sigmoid()
-            xy = (y[..., 0:2] * 2 + grid) * float(self.stride[i])
+            xy = (y[..., 0:2] * 2 + grid) * strides[i]
             wh = (y[..., 2:4] * 2) ** 2 * anchor_grid
             out.append(torch.cat((xy, wh, y[..., 4:]), dim=-1).view(b, -1, self.no))
         return torch.cat(out, dim=1)
 
     def _grid(self, level: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """(1, 1, H, W, 2) cell offsets, shifted by -0.5 as the xy decoding expects."""
+        """(1, 1, H, W, 2) cell offsets, shifted by -0.5 as the xy decoding expects, cached per size. A
+        graph being traced or exported computes them from the input's shape instead: a cached grid
+        would enter it as a constant of one size, and torch.export's symbolic sizes are no dict keys."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return make_grid(h, w, device)
         key = (level, h, w, device)
         if key not in self._grids:
-            ys, xs = torch.meshgrid(
-                torch.arange(h, device=device, dtype=torch.float32),
-                torch.arange(w, device=device, dtype=torch.float32),
-                indexing="ij",
-            )
-            self._grids[key] = torch.stack((xs, ys), dim=-1).view(1, 1, h, w, 2) - 0.5
+            self._grids[key] = make_grid(h, w, device)
         return self._grids[key]
 
     def _apply(self, fn, *args, **kwargs):

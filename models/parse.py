@@ -8,7 +8,8 @@ Two formats are read, told apart by their keys:
   recorded in the config as `scale`.
 
 The YAML is parsed, never eval-ed: a block name is looked up in BLOCKS and the only symbolic
-arguments are `nc` and `anchors`.
+arguments are `nc` and `anchors`. `anchors: N` (a count, as in YOLOv5) builds N placeholder
+anchors per level, which training fits to the data (AutoAnchor) and records in the config as a list.
 """
 
 from __future__ import annotations
@@ -147,16 +148,15 @@ def validate_model_config(cfg: object, source: str) -> None:
             f"Detect {layers[-1][3]} in a file without anchors: the anchor-free head takes [nc]; "
             "YOLOv5's anchor-based Detect [nc, anchors] needs the anchors key"
         )
-    if not anchor_free and len(detect_sources) != len(cfg["anchors"]):
+    if not anchor_free and isinstance(cfg["anchors"], list) and len(detect_sources) != len(cfg["anchors"]):
         fail(f"Detect takes {len(detect_sources)} inputs but anchors has {len(cfg['anchors'])} levels")
 
 
 def _validate_anchors(anchors: object, fail) -> None:
-    if isinstance(anchors, int):
-        fail(
-            "anchors given as a count need automatic anchor fitting, which is not supported: "
-            "list the anchor sizes per level, e.g. [[10,13, 16,30, 33,23], ...]"
-        )
+    if isinstance(anchors, int) and not isinstance(anchors, bool):
+        if anchors < 1:
+            fail(f"anchors given as a count (anchors per level, fitted to the data) must be at least 1, got {anchors}")
+        return
     if (
         not isinstance(anchors, list)
         or not anchors
@@ -164,7 +164,26 @@ def _validate_anchors(anchors: object, fail) -> None:
         or len({len(level) for level in anchors}) != 1
         or not all(isinstance(v, (int, float)) and v > 0 for level in anchors for v in level)
     ):
-        fail("anchors must be a list of levels, each an equal-length list of positive w,h pairs")
+        fail(
+            "anchors must be a list of levels, each an equal-length list of positive w,h pairs, "
+            "or a count of anchors per level to fit to the data"
+        )
+
+
+def _anchors_per_level(cfg: dict) -> int:
+    """The anchors per level of a validated YOLOv5-format config: its `anchors: N`, or the pairs of a level."""
+    anchors = cfg["anchors"]
+    return anchors if isinstance(anchors, int) else len(anchors[0]) // 2
+
+
+def _placeholder_anchors(levels: int, per_level: int) -> list[list[float]]:
+    """Anchors for `anchors: N` until they are fitted to the data: squares of 1 to N times 8 * 2**level
+    pixels (level i is stride 8 * 2**i in YOLOv5's layouts), so that larger ones go with larger strides."""
+    anchors = []
+    for level in range(levels):
+        sides = [8.0 * 2**level * (j + 1) for j in range(per_level)]
+        anchors.append([v for side in sides for v in (side, side)])  # w, h pairs
+    return anchors
 
 
 def _validate_scales(cfg: dict, fail) -> None:
@@ -217,7 +236,7 @@ def build_layers(cfg: dict, in_channels: int = 3) -> tuple[nn.Sequential, list[i
     nc, anchor_free = cfg["nc"], is_anchor_free(cfg)
     depth, width, max_channels = model_multiples(cfg)
     # A channel count equal to the head's output width is not scaled (YOLOv5's and Ultralytics' rule).
-    unscaled_channels = nc if anchor_free else len(cfg["anchors"][0]) // 2 * (nc + 5)
+    unscaled_channels = nc if anchor_free else _anchors_per_level(cfg) * (nc + 5)
     layer_specs = cfg["backbone"] + cfg["head"]
     # Ultralytics builds YOLO11's class branch (depth-wise) when the model has C3k2 blocks.
     legacy_head = not any(spec[2] == "C3k2" for spec in layer_specs)
@@ -247,6 +266,8 @@ def build_layers(cfg: dict, in_channels: int = 3) -> tuple[nn.Sequential, list[i
             if anchor_free:
                 block, args = AnchorFreeDetect, [args[0] if args else nc, level_channels, 16, legacy_head]
             else:
+                if isinstance(args[1], int):  # `anchors: N`: placeholders, fitted to the data before training
+                    args[1] = _placeholder_anchors(len(level_channels), args[1])
                 args.append(level_channels)
         else:
             c_out = channels[sources]

@@ -50,6 +50,20 @@ class DetectionModel(nn.Module):
     def anchor_free(self) -> bool:
         return isinstance(self.detect_head, AnchorFreeDetect)
 
+    @property
+    def needs_anchor_fit(self) -> bool:
+        """Whether the anchors are placeholders still to be fitted to the data (the YAML's `anchors: N`)."""
+        return not self.anchor_free and isinstance(self.yaml["anchors"], int)
+
+    def set_anchors(self, anchors_px: list[list[float]]) -> None:
+        """Replace the anchor-based head's anchors by per-level [w1, h1, w2, h2, ...] in input pixels,
+        in the head and in the YAML, so that a model rebuilt from its YAML has them too."""
+        head = self.detect_head
+        sizes = torch.tensor(anchors_px, dtype=torch.float32).view(head.nl, head.na, 2)
+        with torch.no_grad():  # grid cells of each level, as the head keeps them (Detect.attach_strides)
+            head.anchors.copy_(sizes / head.stride.view(-1, 1, 1))
+        self.yaml["anchors"] = [[float(v) for v in level] for level in anchors_px]
+
     def forward(self, x: torch.Tensor):
         outputs: list[torch.Tensor | None] = []
         for layer in self.model:

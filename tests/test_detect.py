@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import detect
+from tests.conftest import run_script
 from utils.errors import UserError
 
 
@@ -71,13 +72,57 @@ def test_a_single_folder_keeps_plain_file_names(tiny_run, tiny_dataset, tmp_path
     )
 
 
-def test_a_video_source_says_videos_are_not_supported_yet(tiny_run, tmp_path):
-    clip = tmp_path / "clips" / "street.mp4"
-    clip.parent.mkdir()
-    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")
-    for source in (clip, clip.parent):
-        with pytest.raises(UserError, match="street.mp4 is a video; detect.py reads images only so far"):
-            detect.main(detect_args(tiny_run / "weights" / "best.pt", source, tmp_path / "out"))
+def write_clip(path: Path, frames: int, size_wh: tuple[int, int], fps: float = 12.0) -> None:
+    """A short mp4 of moving squares, as detect.py users feed it."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size_wh)
+    for i in range(frames):
+        image = np.full((size_wh[1], size_wh[0], 3), 40, np.uint8)
+        cv2.rectangle(image, (5 + 3 * i, 10), (35 + 3 * i, 40), (0, 200, 255), -1)
+        writer.write(image)
+    writer.release()
+
+
+def read_clip(path: Path) -> tuple[int, tuple[int, int], float]:
+    """(frames, (width, height), fps) of a video file, counted by decoding it."""
+    capture = cv2.VideoCapture(str(path))
+    size = (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    fps, frames = capture.get(cv2.CAP_PROP_FPS), 0
+    while capture.read()[0]:
+        frames += 1
+    capture.release()
+    return frames, size, fps
+
+
+def test_a_video_is_written_back_with_its_frames_size_and_rate(tiny_run, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, frames=10, size_wh=(96, 64))
+    weights = tiny_run / "weights" / "best.pt"
+    assert (
+        detect.main(detect_args(weights, clip, tmp_path / "out", "--conf-thres", "0", "--max-det", "3", "--save-txt"))
+        == 0
+    )
+    assert read_clip(tmp_path / "out" / "exp" / "clip.mp4") == (10, (96, 64), 12.0)
+    labels = sorted((tmp_path / "out" / "exp" / "labels").glob("clip_*.txt"))
+    assert labels and all(0 <= int(p.stem.split("_")[1]) < 10 for p in labels)  # one file per frame with boxes
+    # --vid-stride 2: frames 0, 2, ..., 8 at half the rate
+    assert detect.main(detect_args(weights, clip, tmp_path / "out", "--vid-stride", "2", "--name", "s2")) == 0
+    assert read_clip(tmp_path / "out" / "s2" / "clip.mp4") == (5, (96, 64), 6.0)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("99", "--source 99: cannot open webcam 99 (no camera on this machine?)"),
+        ("rtsp://127.0.0.1:9/none", "--source rtsp://127.0.0.1:9/none: cannot open the stream"),
+    ],
+)
+def test_a_source_that_cannot_be_opened_is_one_error_line(tiny_run, tmp_path, source, message):
+    """As a user runs it: exit status 2, one line on stderr, no traceback, no run folder."""
+    result = run_script("detect.py", *detect_args(tiny_run / "weights" / "best.pt", source, tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"detect.py: error: {message}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_smallest_image_size_is_the_models_stride(tiny_run, tiny_dataset, tmp_path):

@@ -1,11 +1,11 @@
 """The import rules that keep the layout meaningful, checked on the source (an AST walk, nothing imported).
 
-- Entry scripts (train.py, val.py, detect.py, average.py) are imported by nobody; tests and
+- Entry scripts (train.py, val.py, detect.py, average.py, export.py, hubconf.py) are imported by nobody; tests and
   benchmarks may call a script's main() only.
 - models/ and the basics at the root of utils/ import no data, evaluation, checkpoint or training code.
 - utils/data imports neither evaluation, checkpoint nor training code; utils/eval and
-  utils/checkpoint no training code.
-- The inference paths (detect.py, val.py) reach no training module: no loss, EMA or optimiser.
+  utils/checkpoint no training code; utils/export no data, evaluation or training code.
+- The inference paths (detect.py, val.py, export.py, hubconf.py) reach no training module: no loss, EMA or optimiser.
 - Every public function and class of the library is used by the library or a script, not only by tests.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 from utils.config_files import REPO_ROOT
 
-SCRIPTS = ("train", "val", "detect", "average")
+SCRIPTS = ("train", "val", "detect", "average", "export", "hubconf")
 LIBRARY_FOLDERS = ("models", "utils")
 # Packages a layer may not import, by the layer's package.
 FORBIDDEN = {
@@ -27,6 +27,8 @@ FORBIDDEN = {
     "utils.data": ("utils.eval", "utils.checkpoint", "utils.train"),
     "utils.eval": ("utils.checkpoint", "utils.train"),
     "utils.checkpoint": ("utils.data", "utils.eval", "utils.train"),
+    "utils.export": ("utils.data", "utils.eval", "utils.train"),  # models, checkpoints and the basics only
+    "utils.infer": ("utils.train",),  # inference: no loss, EMA or optimiser
 }
 
 
@@ -119,7 +121,7 @@ def reachable(script: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("script", ["detect", "val"])
+@pytest.mark.parametrize("script", ["detect", "val", "export", "hubconf"])
 def test_inference_reaches_no_training_code(script):
     modules = reachable(script)
     assert "utils.checkpoint.format" in modules and "models.yolo" in modules  # the walk follows imports

@@ -122,7 +122,7 @@ def base_cfg() -> dict:
         (lambda c: c["backbone"].__setitem__(2, [-1, 1, "C2x", [128]]), "unknown block 'C2x'"),
         (lambda c: c.pop("anchors"), "Detect [nc, anchors] needs the anchors key"),
         (lambda c: c.__setitem__("nc", "eighty"), "nc must be a positive integer"),
-        (lambda c: c.__setitem__("anchors", 3), "automatic anchor fitting"),
+        (lambda c: c.__setitem__("anchors", 0), "anchors given as a count (anchors per level, fitted to the data)"),
         (lambda c: c["head"].__setitem__(0, [30, 1, "Conv", [512, 1, 1]]), "does not name an earlier layer"),
         (lambda c: c["head"].__setitem__(0, "__import__('os').system('true')"), "must be [from, number, module, args]"),
     ],

@@ -70,8 +70,9 @@ def amp_dtype_for(
 
 
 def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of `model`'s weights: float32, or float64 from a train.py --float64 run."""
-    return next(model.parameters()).dtype
+    """The dtype of `model`'s weights: float32, or float64 from a train.py --float64 run; for an
+    exported model (no parameters of its own), the input dtype it was exported for."""
+    return getattr(model, "input_dtype", None) or next(model.parameters()).dtype
 
 
 def inference_amp_dtype(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.dtype | None:

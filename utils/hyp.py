@@ -99,7 +99,7 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
     if "anchors" in raw:
         raise UserError(
             f"hyperparameter file {source}: 'anchors' asks for automatic anchor fitting, "
-            "which is not supported; set anchors in the model YAML instead"
+            "whose anchor count comes from the model YAML here: give `anchors: N` there instead"
         )
     known = {*REQUIRED_KEYS, *OPTIONAL_DEFAULTS, *OPTIONAL_KEYS, *(k for keys in LOSS_KEYS.values() for k in keys)}
     unknown = sorted(set(raw) - known)

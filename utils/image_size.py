@@ -75,3 +75,18 @@ def activation_elements_per_pixel(model: nn.Module, probe_size: int) -> tuple[fl
         for handle in handles:
             handle.remove()
     return sum(sizes) / probe_size**2, max(sizes) / probe_size**2
+
+
+def exact_image_size(sizes: list[int], stride: int, option: str = "--imgsz") -> tuple[int, int]:
+    """One size or (height, width), each a positive multiple of the model's max stride, as (h, w);
+    anything else is a UserError naming the sizes that would do (a fixed input shape is not rounded)."""
+    if len(sizes) not in (1, 2):
+        raise UserError(f"{option} takes one size or two (height width), got {len(sizes)}")
+    height, width = sizes * 2 if len(sizes) == 1 else sizes
+    if any(s < stride or s % stride for s in (height, width)):
+        nearest = " ".join(str(max(round(s / stride), 1) * stride) for s in sizes)
+        raise UserError(
+            f"{option} {' '.join(map(str, sizes))}: each side must be a multiple of the model's stride {stride}, "
+            f"e.g. {option} {nearest}"
+        )
+    return height, width

@@ -158,12 +158,14 @@ def build_val_loader(
     prefix: str = "val: ",
     pin_memory: bool = False,
     reported: bool = False,
+    rect: bool = True,
 ) -> DataLoader:
     """The rectangular, non-augmented loader of a verified split (images ordered by aspect ratio,
-    so `batch_size` decides each batch's shape and with it the mAP). `reported`: its problem files
-    go to the run's data_report.txt."""
+    so `batch_size` decides each batch's shape and with it the mAP; rect=False: every image
+    letterboxed to img_size x img_size, for a model of fixed input shape). `reported`: its problem
+    files go to the run's data_report.txt."""
     scan = scan_split(sources, num_classes, prefix=prefix, reported=reported)
     dataset = DetectionDataset(
-        scan, img_size, hyp, augment=False, rect=True, batch_size=batch_size, stride=stride, single_cls=single_cls
+        scan, img_size, hyp, augment=False, rect=rect, batch_size=batch_size, stride=stride, single_cls=single_cls
     )
     return build_dataloader(dataset, batch_size, workers, shuffle=False, pin_memory=pin_memory)

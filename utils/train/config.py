@@ -38,6 +38,7 @@ class TrainOptions:
     imgsz: int  # a multiple of the model's stride once the run is configured
     nosave: bool
     noval: bool
+    noautoanchor: bool  # no AutoAnchor check and fit of the anchors at the start of a new run
     cache: str
     device: str
     single_cls: bool

@@ -23,6 +23,7 @@ from utils.hyp import default_hyp_path, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
 from utils.run_dir import RunDirLock, newest_last_checkpoint, next_run_dir, run_dir_of
+from utils.train.autoanchor import autoanchor
 from utils.train.config import RunConfig, TrainOptions, check_options, choose_optimizer, options_for_run
 from utils.train.loop_state import LoopState
 from utils.train.rng import seed_everything, use_deterministic_algorithms
@@ -70,6 +71,11 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         opt = replace(opt, hyp=opt.hyp or default_hyp_path(model.anchor_free))
     if model.anchor_free and opt.label_smoothing:
         raise UserError("--label-smoothing applies to YOLOv5's anchor-based loss; the anchor-free loss has none")
+    if model.needs_anchor_fit and opt.noautoanchor:
+        raise UserError(
+            f"the model YAML gives `anchors: {model.yaml['anchors']}`, a count: the anchors must be fitted to the "
+            "training labels, which --noautoanchor turns off; drop --noautoanchor, or list the anchor sizes in the YAML"
+        )
     # Each process holds its share of the batch; CPU processes share the machine's memory.
     img_size = check_image_size(
         opt.imgsz,
@@ -93,6 +99,10 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         world=world,
         reported=world.is_main,
     )
+    if resumed is None and not model.anchor_free and not opt.noautoanchor:
+        # Before TrainingRun copies the model into its EMA and other averages: they start with these anchors.
+        # A resumed run's anchors come back with its checkpoint.
+        autoanchor(model, train_dataset, img_size, hyp["anchor_t"], world)
     val_loader = None
     if world.is_main:  # rank 0 alone validates
         val_loader = build_val_loader(

@@ -1,0 +1,1 @@
+"""Inference inputs and outputs for detect.py: sources of frames, annotated videos."""

@@ -1,0 +1,114 @@
+"""Which image and video files a --source names (a file, a folder, a glob pattern, a list file), and
+where each one's result goes so that no two inputs share an output."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from utils.data.labels import IMAGE_SUFFIXES
+from utils.errors import UserError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".gif")
+OUTPUT_VIDEO_SUFFIX = ".mp4"  # every video result is written as mp4v in .mp4, whatever the input's container
+MAX_NAME_CHARS = 80
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def has_glob_pattern(source: str) -> bool:
+    return any(ch in source for ch in "*?[")
+
+
+def media_files(entry: str, where: str) -> list[Path]:
+    """The images and videos `entry` names, sorted: a file, a folder (its files, not its subfolders)
+    or a glob pattern (** recurses). `where` prefixes the error: "--source x" or a list file's line."""
+    path = Path(entry)
+    if has_glob_pattern(entry):
+        files = [Path(p) for p in glob.glob(entry, recursive=True)]
+    elif path.is_dir():
+        files = list(path.iterdir())
+    elif path.is_file():
+        if not (is_image(path) or is_video(path)):
+            raise UserError(
+                f"{where} is neither an image ({' '.join(IMAGE_SUFFIXES)}) nor a video ({' '.join(VIDEO_SUFFIXES)})"
+            )
+        return [path]
+    else:
+        raise UserError(
+            f"{where} does not exist (expected an image, a video, a folder, a glob pattern, "
+            "a webcam index, a stream URL or a .streams file)"
+        )
+    found = sorted(p for p in files if (is_image(p) or is_video(p)) and p.is_file())
+    if not found:
+        raise UserError(f"{where}: no images or videos in it ({' '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
+    return found
+
+
+def _collision_key(name: Path) -> str:
+    """Names compared case-insensitively; images without their suffix, as a.jpg and a.png would share
+    the label file a.txt."""
+    return (name.with_suffix("") if is_image(name) else name).as_posix().casefold()
+
+
+def unique_names(names: list[Path], renamed: list[bool] | None = None) -> list[Path]:
+    """The names with `_2`, `_3`, ... added to the stem of any that another already has (see _collision_key).
+    Names that are their input's own (renamed[i] False) are served first: clip.mp4 keeps its name and a
+    clip.avi beside it, which becomes a .mp4 too, gets clip_2.mp4."""
+    order = sorted(range(len(names)), key=lambda i: renamed is not None and renamed[i])
+    taken: set[str] = set()
+    unique = list(names)
+    for i in order:
+        name = candidate = names[i]
+        n = 1
+        while _collision_key(candidate) in taken:
+            n += 1
+            candidate = name.with_name(f"{name.stem}_{n}{name.suffix}")
+        taken.add(_collision_key(candidate))
+        unique[i] = candidate
+    return unique
+
+
+def file_output_names(files: list[Path]) -> list[Path]:
+    """Where each file's result goes, relative to the run folder: its path below the folder the files
+    have in common (two a.jpg in different folders both keep theirs; files of one folder keep their
+    names), videos with the suffix .mp4."""
+    absolute = [Path(os.path.abspath(p)) for p in files]
+    root = Path(os.path.commonpath([p.parent for p in absolute]))
+    names = [p.relative_to(root) for p in absolute]
+    outputs = [n.with_suffix(OUTPUT_VIDEO_SUFFIX) if is_video(n) else n for n in names]
+    return unique_names(outputs, [output != name for output, name in zip(outputs, names)])
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user:password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def stream_output_name(entry: str) -> Path:
+    """A readable video name for a stream: webcam0.mp4; the URL's host and path without credentials, query
+    or video suffix (rtsp://cam.local:554/live/1 -> cam_local_554_live_1.mp4, http://h/a.mp4 -> h_a.mp4);
+    a listed video file's stem."""
+    if entry.isdigit():
+        text = f"webcam{int(entry)}"
+    elif "://" in entry:
+        parts = urlsplit(entry)
+        path = parts.path[: -len(Path(parts.path).suffix)] if is_video(Path(parts.path)) else parts.path
+        text = parts.netloc.rsplit("@", 1)[-1] + path
+    else:
+        text = Path(entry).stem
+    # no dots: a label file named stem_12.txt must not lose part of the stem to with_suffix
+    text = re.sub(r"[^A-Za-z0-9-]+", "_", text).strip("_")[:MAX_NAME_CHARS] or "stream"
+    return Path(text + OUTPUT_VIDEO_SUFFIX)
