@@ -19,10 +19,30 @@ from pathlib import Path
 
 from utils.errors import run_cli
 from utils.infer.predictor import Detector
-from utils.infer.sources import open_source
+from utils.infer.sources import Frame, open_source
 from utils.infer.video_writer import VideoWriter
 from utils.log import LOGGER, setup_logging
 from utils.run_dir import add_run_dir_arguments, next_run_dir
+
+
+def label_name(frame: Frame) -> Path:
+    """Where a frame's --save-txt labels go below labels/: an image's output name as .txt, frame 12
+    (counted from 1, as logged) of clip.mp4 as clip_12.txt, YOLOv5's names."""
+    name = frame.output_name
+    if frame.kind == "image":
+        return name.with_suffix(".txt")
+    return name.with_name(f"{name.stem}_{frame.frame_index + 1}.txt")
+
+
+def unused_name(path: Path, used: set[Path]) -> Path:
+    """`path`, or path_2, path_3, ... when this run already wrote it (an image clip_3.jpg beside frame 3
+    of clip.mp4), recorded in `used`."""
+    candidate, n = path, 1
+    while candidate in used:
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    used.add(candidate)
+    return candidate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         amp=not opt.no_amp,
         trust_pickle=opt.trust_pickle,
     )
-    frames = open_source(opt.source, opt.vid_stride)  # a source that cannot be opened fails here, before any output
-    run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
     plot_options = {"line_width": opt.line_thickness, "hide_labels": opt.hide_labels, "hide_conf": opt.hide_conf}
     num_frames = num_detections = 0
-    started = time.perf_counter()
-    with frames, VideoWriter() as videos:
+    label_files: set[Path] = set()
+    # A source that cannot be opened fails here, before any output is made.
+    with open_source(opt.source, opt.vid_stride) as frames, VideoWriter() as videos:
+        run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
+        started = time.perf_counter()
         for frame in frames:
             t0 = time.perf_counter()
             (result,) = detector.detect([frame.image_rgb], [frame.source if frame.kind == "image" else None])
@@ -103,16 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             LOGGER.info(f"{frame.description}: {result.summary()}, {(time.perf_counter() - t0) * 1e3:.1f}ms")
             if not opt.nosave:
                 if frame.kind == "image":
-                    result.save(run_dir / frame.output_name, **plot_options)
+                    result.save(run_dir / frame.output_name.parent, frame.output_name.name, **plot_options)
                 else:
                     # a video file's output is complete once the next input starts; streams interleave
                     video = run_dir / frame.output_name
                     videos.write(video, result.plot(**plot_options), frame.fps, one_at_a_time=frame.kind == "video")
             if opt.save_txt and len(result):  # as YOLOv5: no file for an image without detections
-                name = frame.output_name
-                if frame.kind != "image":  # one file per frame: clip_12.txt
-                    name = name.with_name(f"{name.stem}_{frame.frame_index}.txt")
-                label_file = run_dir / "labels" / name.with_suffix(".txt")
+                label_file = unused_name(run_dir / "labels" / label_name(frame), label_files)
                 label_file.parent.mkdir(parents=True, exist_ok=True)
                 label_file.write_text("".join(f"{line}\n" for line in result.yolo_lines(opt.save_conf)))
     elapsed = time.perf_counter() - started

@@ -23,13 +23,11 @@ from utils.checkpoint.format import describe_kind, image_size, load_for_inferenc
 from utils.device import select_device
 from utils.errors import UserError, run_cli
 from utils.export.graph import DecodedOutput, example_images
-from utils.export.metadata import export_metadata
+from utils.export.metadata import EXPORT_SUFFIXES, export_metadata
 from utils.export.onnx_export import DEFAULT_OPSET, export_onnx
 from utils.export.torchscript_export import export_torchscript
 from utils.image_size import exact_image_size, round_image_size
 from utils.log import LOGGER, setup_logging
-
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}  # --include names and the files they write
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--include",
         nargs="+",
         default=["torchscript"],
-        help=f"formats to write: {', '.join(SUFFIXES)} (default: torchscript)",
+        help=f"formats to write: {', '.join(EXPORT_SUFFIXES)} (default: torchscript)",
     )
     p.add_argument(
         "--imgsz",
@@ -54,7 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dynamic", action="store_true", help="any batch and image size (ONNX axes; TorchScript checked)")
     p.add_argument("--half", action="store_true", help="fp16 weights and input (CUDA only)")
     p.add_argument("--raw", action="store_true", help="export the raw model weights instead of the EMA")
-    p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default: a TorchScript trace runs on the device type it was made on) or a cuda device, i.e. 0 "
+        "(needed for --half)",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset version (default {DEFAULT_OPSET})")
     p.add_argument(
         "--trust-pickle",
@@ -67,15 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def requested_formats(include: list[str]) -> list[str]:
     """--include as known format names, in order, each once; an unknown one is a UserError listing them."""
     formats = list(dict.fromkeys(name.lower() for name in include))
-    unknown = [name for name in formats if name not in SUFFIXES]
+    unknown = [name for name in formats if name not in EXPORT_SUFFIXES]
     if unknown:
-        raise UserError(f"--include {' '.join(unknown)}: unknown format; export.py writes {', '.join(SUFFIXES)}")
+        raise UserError(f"--include {' '.join(unknown)}: unknown format; export.py writes {', '.join(EXPORT_SUFFIXES)}")
     return formats
 
 
 def export_path(weights: Path, fmt: str, raw: bool) -> Path:
     """Where a format's file goes: next to the checkpoint, best.pt -> best.onnx (best-raw.onnx for --raw)."""
-    return weights.with_name(weights.stem + ("-raw" if raw else "") + SUFFIXES[fmt])
+    return weights.with_name(weights.stem + ("-raw" if raw else "") + EXPORT_SUFFIXES[fmt])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_weights(opt.weights, device, raw=opt.raw, amp=not opt.no_amp, trust_pickle=opt.trust_pickle)
     model = loaded.model
     fixed_shape = getattr(model, "fixed_shape", None)
+    if fixed_shape is not None and fixed_shape[1] != fixed_shape[2]:
+        raise UserError(
+            f"{opt.weights} takes {fixed_shape[1]}x{fixed_shape[2]} inputs only, and val.py letterboxes to "
+            "squares or rectangular batches: export it square (--imgsz S) or with --dynamic to validate it"
+        )
     data = load_dataset_config(opt.data)
     # By default as train.py validated: its --single-cls, batch, size and precision, so its results.csv row
     # is reproduced exactly.

@@ -84,15 +84,17 @@ class Detect(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def attach_strides(self, stride: torch.Tensor) -> None:
-        """Record the level strides, turn the anchors from pixels into grid cells of their level
-        (what the loss uses), put larger anchors with larger strides, and set the bias priors."""
+        """Record the level strides, put larger anchors with larger strides (reversing a list given
+        the other way round, in pixels), turn the anchors from pixels into grid cells of their level
+        (what the loss uses), and set the bias priors."""
         self.stride = stride
         with torch.no_grad():
-            self.anchors /= stride.view(-1, 1, 1)
-            area = self.anchors.prod(-1).mean(-1) * stride**2  # mean anchor area per level, pixels
-            if (area[-1] - area[0]).sign() != (stride[-1] - stride[0]).sign():
+            area = self.anchors.prod(-1).mean(-1)  # mean anchor area per level, pixels
+            area_change, stride_change = float(area[-1] - area[0]), float(stride[-1] - stride[0])
+            if area_change * stride_change < 0:  # strictly the other way round: equal areas are left alone
                 LOGGER.info("Reversing anchor order so that larger anchors go with larger strides")
                 self.anchors[:] = self.anchors.flip(0)
+            self.anchors /= stride.view(-1, 1, 1)
             self.initialize_biases()
 
     def initialize_biases(self) -> None:

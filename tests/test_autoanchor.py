@@ -1,11 +1,13 @@
 """AutoAnchor: YOLOv5's fit measures on a hand-computed case, the fit on boxes the default anchors
-miss, where the fitted anchors go (model, YAML, EMA, checkpoints), and `anchors: N` from YAML to val.py."""
+miss, where the fitted anchors go (model, YAML, EMA, checkpoints), `anchors: N` from YAML to val.py, and
+the edge cases: sub-pixel labels, fewer label sizes than anchors, no labels."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -22,7 +24,14 @@ from utils.data.dataset import DetectionDataset
 from utils.data.loader import build_train_dataset
 from utils.errors import UserError
 from utils.hyp import load_hyp
-from utils.train.autoanchor import GOOD_BPR, anchor_metrics, autoanchor, fit_anchors, label_sizes
+from utils.train.autoanchor import (
+    GOOD_BPR,
+    MIN_ANCHOR_SIZE,
+    anchor_metrics,
+    autoanchor,
+    fit_anchors,
+    label_sizes,
+)
 from utils.train.config import TrainOptions, options_for_run
 from utils.train.criterion import build_criterion
 from utils.train.ema import EMA_STEPS, build_average
@@ -165,6 +174,69 @@ def test_an_anchor_count_builds_placeholders_that_must_be_fitted(tmp_path, elong
         build_criterion(model, load_hyp(None), IMG_SIZE)
     autoanchor(model, elongated_train, IMG_SIZE, 4.0)  # always fitted, whatever the placeholders' recall
     assert not model.needs_anchor_fit and len(model.yaml["anchors"]) == 3 and len(model.yaml["anchors"][0]) == 4
+
+
+def label_set(sizes_px) -> SimpleNamespace:
+    """The training set as AutoAnchor reads it (labels, shapes): one IMG_SIZE square image holding
+    boxes of these (w, h) sizes in pixels."""
+    wh = np.asarray(sizes_px, np.float64).reshape(-1, 2) / IMG_SIZE
+    labels = np.concatenate([np.zeros((len(wh), 1)), np.full((len(wh), 2), 0.5), wh], 1).astype(np.float32)
+    return SimpleNamespace(labels=[labels], shapes=np.array([[IMG_SIZE, IMG_SIZE]]))
+
+
+def test_sub_pixel_labels_give_anchors_at_the_minimum_and_a_model_that_rebuilds(tmp_path, caplog):
+    """Boxes of 0.02-0.04 px were once fitted 0.0 px anchors, which the YAML check refuses and the
+    loss divides by: every side is now at least MIN_ANCHOR_SIZE, after the rounding the YAML records."""
+    model = build_model(anchors_count_yaml(tmp_path), nc=1)
+    sizes = np.random.default_rng(0).uniform(0.02, 0.04, (50, 2))
+    autoanchor(model, label_set(sizes), IMG_SIZE, 4.0)
+    assert "WARNING: AutoAnchor: all 50 labels are under 2 px at this image size" in caplog.text
+    anchors = np.array(model.yaml["anchors"])
+    assert not model.needs_anchor_fit and anchors.shape == (3, 6) and anchors.min() >= MIN_ANCHOR_SIZE
+    rebuilt = DetectionModel(yaml.safe_load(yaml.safe_dump(model.yaml)))  # as val.py and --resume rebuild it
+    assert rebuilt.yaml["anchors"] == model.yaml["anchors"] and not rebuilt.needs_anchor_fit
+    # A 0.8 px box matches a 2 px anchor (ratio 0.4 > 1/4): the loss divides by it, and stays finite.
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.8 / IMG_SIZE, 0.8 / IMG_SIZE]])
+    loss, _ = build_criterion(model, load_hyp(None), IMG_SIZE)(model(torch.rand(1, 3, IMG_SIZE, IMG_SIZE)), targets)
+    assert torch.isfinite(loss).all()
+
+
+def test_fewer_label_sizes_than_anchors_are_fitted_with_a_warning(tmp_path, caplog):
+    """3 labels of 2 distinct sizes for 9 anchors: the anchors cover both (some alike); one label alone too."""
+    model = build_model(anchors_count_yaml(tmp_path), nc=1)
+    sizes = np.array([[12.0, 30.0], [40.0, 9.0], [12.0, 30.0]])
+    autoanchor(model, label_set(sizes), IMG_SIZE, 4.0)
+    assert "WARNING: AutoAnchor: only 2 distinct label size(s) for 9 anchors" in caplog.text
+    anchors = pixel_anchors(model)
+    assert anchors.min() >= MIN_ANCHOR_SIZE and anchor_metrics(sizes, anchors, 4.0)[0] == 1.0
+    assert torch.equal(DetectionModel(model.yaml).detect_head.anchors, model.detect_head.anchors)
+    single = fit_anchors(np.array([[5.0, 1.5]]), 9, 4.0)
+    assert single.shape == (9, 2) and single.min() >= MIN_ANCHOR_SIZE
+    assert anchor_metrics(np.array([[5.0, 1.5]]), single, 4.0)[0] == 1.0
+
+
+def test_no_labels_with_an_anchor_count_is_one_clear_error(tmp_path, caplog):
+    """No box with a size (none, or only zero-width ones): `anchors: N` cannot be fitted, a one-line
+    UserError; anchors the YAML lists are kept, with a warning."""
+    no_boxes = SimpleNamespace(
+        labels=[np.zeros((0, 5), np.float32), np.array([[0, 0.5, 0.5, 0.0, 0.3]], np.float32)],
+        shapes=np.array([[IMG_SIZE, IMG_SIZE]] * 2),
+    )
+    model = build_model(anchors_count_yaml(tmp_path), nc=1)
+    with pytest.raises(UserError) as error:
+        autoanchor(model, no_boxes, IMG_SIZE, 4.0)
+    assert str(error.value) == (
+        "the model YAML gives `anchors: 3`, a count, but the training labels hold no box with a size to fit the "
+        "anchors to; add labelled boxes to the train split, or list the anchor sizes in the YAML"
+    )
+    assert model.needs_anchor_fit
+    listed = build_model("yolov5n.yaml", nc=1)
+    anchors, model_yaml = listed.detect_head.anchors.clone(), dict(listed.yaml)
+    autoanchor(listed, no_boxes, IMG_SIZE, 4.0)
+    assert torch.equal(listed.detect_head.anchors, anchors) and listed.yaml == model_yaml
+    assert "WARNING: AutoAnchor: the training labels hold no box with a size: the model YAML's anchors are kept" in (
+        caplog.text
+    )
 
 
 def test_noautoanchor_with_an_anchor_count_is_one_clear_error(tiny_dataset, tmp_path):

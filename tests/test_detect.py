@@ -103,10 +103,24 @@ def test_a_video_is_written_back_with_its_frames_size_and_rate(tiny_run, tmp_pat
     )
     assert read_clip(tmp_path / "out" / "exp" / "clip.mp4") == (10, (96, 64), 12.0)
     labels = sorted((tmp_path / "out" / "exp" / "labels").glob("clip_*.txt"))
-    assert labels and all(0 <= int(p.stem.split("_")[1]) < 10 for p in labels)  # one file per frame with boxes
+    assert labels and all(1 <= int(p.stem.split("_")[1]) <= 10 for p in labels)  # per frame with boxes, from 1
     # --vid-stride 2: frames 0, 2, ..., 8 at half the rate
     assert detect.main(detect_args(weights, clip, tmp_path / "out", "--vid-stride", "2", "--name", "s2")) == 0
     assert read_clip(tmp_path / "out" / "s2" / "clip.mp4") == (5, (96, 64), 6.0)
+
+
+def test_an_image_named_like_a_frame_keeps_its_labels(tiny_run, tmp_path):
+    """clip_1.jpg beside clip.mp4: frame 1's labels and the image's both survive."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_clip(folder / "clip.mp4", frames=2, size_wh=(96, 64))
+    cv2.imwrite(str(folder / "clip_1.jpg"), np.full((64, 96, 3), 90, np.uint8))
+    args = detect_args(
+        tiny_run / "weights" / "best.pt", folder, tmp_path / "out", "--conf-thres", "0", "--max-det", "2"
+    )
+    assert detect.main([*args, "--save-txt", "--nosave"]) == 0
+    labels = sorted(p.name for p in (tmp_path / "out" / "exp" / "labels").iterdir())
+    assert labels == ["clip_1.txt", "clip_1_2.txt", "clip_2.txt"]
 
 
 @pytest.mark.parametrize(

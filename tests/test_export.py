@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import export
+import val
 from models.yolo import build_model
 from utils.checkpoint.format import (
     load_checkpoint,
@@ -207,6 +208,7 @@ def test_a_trace_that_does_not_hold_at_other_shapes_is_not_exported_as_dynamic(t
         (["--imgsz", "16"], "e.g. --imgsz 32"),
         (["--imgsz", "64", "64", "64"], "--imgsz takes one size or two (height width), got 3"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--include", "onnx", "--opset", "11"], "--opset 11: the ONNX exporter could not convert this model to it"),
     ],
 )
 def test_bad_options_are_one_clear_error_and_write_nothing(options, message, checkpoints, tmp_path):
@@ -301,3 +303,7 @@ def test_static_onnx_takes_the_shape_it_was_exported_at(checkpoints, tmp_path):
     assert_same_detections(output, pytorch_model(weights)(x)[0])
     expected = expected_metadata(cfg, weights, [256, 320], 2, dynamic=False, which="ema")
     assert_metadata(read_export_metadata(path), expected)
+    # val.py letterboxes to squares (or rectangular batches): a fixed non-square shape is refused before any work
+    with pytest.raises(UserError, match=r"takes 256x320 inputs only.*export it square \(--imgsz S\) or with --dynamic"):
+        val.main(["--weights", str(path), "--project", str(tmp_path / "val")])
+    assert not (tmp_path / "val").exists()

@@ -73,6 +73,21 @@ def test_strides_anchors_and_output_shapes():
     assert decoded.shape == (2, 3 * (8 * 12 + 4 * 6 + 2 * 3), 8)
 
 
+def pixel_anchors(model: DetectionModel) -> torch.Tensor:
+    head = model.detect_head
+    return head.anchors * head.stride.view(-1, 1, 1)
+
+
+def test_anchors_listed_largest_first_are_reversed_in_pixels():
+    """A YAML listing P5's anchors first gets YOLOv5's order back, each anchor keeping its pixel size;
+    levels of equal area are left as listed."""
+    cfg = read_model_yaml(REPO_ROOT / "models" / "yolov5n.yaml")
+    ordered = pixel_anchors(DetectionModel(cfg))
+    assert torch.allclose(pixel_anchors(DetectionModel({**cfg, "anchors": cfg["anchors"][::-1]})), ordered)
+    equal = [[2, 2, 2, 2, 2, 2]] * 3
+    assert torch.equal(pixel_anchors(DetectionModel({**cfg, "anchors": equal})), torch.full((3, 3, 2), 2.0))
+
+
 def test_detect_bias_priors():
     """YOLOv5's priors: objectness for 8 objects per 640 image, class prior 0.6 / (nc - 0.99999)."""
     torch.manual_seed(0)

@@ -12,8 +12,13 @@ import yaml
 from PIL import Image
 
 import detect
+from utils.boxes import letterbox_to_original
+from utils.checkpoint.format import load_for_inference
 from utils.config_files import REPO_ROOT
+from utils.data.augment import letterbox
+from utils.device import to_model_input
 from utils.errors import UserError
+from utils.eval.nms import non_max_suppression
 from utils.infer.predictor import Detector
 
 OPTIONS = {"conf_thres": 0.0, "max_det": 20}  # a 2-epoch model is unsure: keep every score so boxes exist
@@ -45,6 +50,29 @@ def test_hub_and_detector_give_the_labels_detect_py_writes(tiny_run, val_images,
         assert hub.yolo_lines(save_conf=True) == expected
         written += len(expected)
     assert written > 0  # the comparison covered boxes, not only empty files
+
+
+def reference_detections(weights: Path, image: Path, img_size: int) -> np.ndarray:
+    """detect.py's pipeline as it stood before Detector, written out from the library's parts:
+    letterbox to the stride, fused EMA model, NMS, boxes mapped back to the image."""
+    checkpoint, model = load_for_inference(weights, "ema", torch.device("cpu"))
+    model.fuse()
+    rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+    boxed, scale_xy, pad_xy = letterbox(rgb, (img_size, img_size), auto=True, stride=int(model.stride.max()))
+    tensor = to_model_input(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)))[None], torch.device("cpu"))
+    with torch.no_grad():
+        decoded, _ = model(tensor)
+    (det,), _ = non_max_suppression(decoded, 0.0, 0.45, max_det=OPTIONS["max_det"], objectness=True)
+    det[:, :4] = letterbox_to_original(det[:, :4], rgb.shape[:2], scale_xy, pad_xy)
+    return det.numpy()
+
+
+def test_detector_equals_the_pipeline_written_out(tiny_run, val_images, detector):
+    for image in val_images:
+        (result,) = detector(image)
+        expected = reference_detections(tiny_run / "weights" / "best.pt", image, detector.img_size)
+        assert len(expected) > 0
+        np.testing.assert_allclose(result.detections, expected, rtol=1e-6, atol=1e-4)
 
 
 def test_paths_arrays_and_pil_images_give_the_same_detections(detector, val_images):

@@ -68,16 +68,14 @@ def test_a_clip_yields_every_frame_as_decoded(tmp_path):
     clip = make_clip(tmp_path / "clip.mp4")
     expected = reference_frames(clip)
     assert len(expected) == 12
-    with open_source(str(clip)) as source:
-        assert len(source) == 1 and not source.live
-        frames = list(source)
+    frames = read_all(str(clip))
     assert [f.frame_index for f in frames] == list(range(12))
     assert all(np.array_equal(f.image_rgb, e) for f, e in zip(frames, expected))
     first = frames[0]
     assert first.image_rgb.shape == (HEIGHT, WIDTH, 3) and first.image_rgb.dtype == np.uint8
     assert (first.kind, first.source, first.output_name) == ("video", str(clip), Path("clip.mp4"))
-    assert (first.frame_count, first.fps) == (12, pytest.approx(FPS))
-    assert frames[4].description == f"video 1/1 (frame 5/12) {clip}"
+    assert first.fps == pytest.approx(FPS)
+    assert frames[4].description == f"video 1/1 (frame 5/12) {clip}"  # one input, of 12 frames
 
 
 def test_vid_stride_keeps_every_nth_frame_at_a_lower_frame_rate(tmp_path):
@@ -96,9 +94,7 @@ def test_a_folder_of_an_image_and_a_video_yields_both_under_their_own_names(tmp_
     make_clip(tmp_path / "in" / "clip.mp4", num_frames=5)
     make_clip(tmp_path / "in" / "clip.avi", num_frames=3)  # would also become clip.mp4
     (tmp_path / "in" / "notes.csv").write_text("not media\n")  # ignored in a folder
-    with open_source(str(tmp_path / "in")) as source:
-        assert len(source) == 3
-        frames = list(source)
+    frames = read_all(str(tmp_path / "in"))
     names = {(Path(f.source).name, f.kind): f.output_name for f in frames}
     assert names == {
         ("clip.avi", "video"): Path("clip_2.mp4"),  # clip.mp4 keeps its own name
@@ -128,11 +124,10 @@ def test_a_streams_file_yields_every_frame_of_each_listed_clip(tmp_path):
     second = make_clip(tmp_path / "two" / "clip.mp4", num_frames=7, size=(32, 24))
     listing = tmp_path / "cams.streams"
     listing.write_text(f"# two cameras\n\none/clip.mp4\n{second}  # absolute\n")
-    with open_source(str(listing)) as source:
-        assert len(source) == 2 and not source.live  # files only: nothing is dropped
-        frames = list(source)
+    frames = read_all(str(listing))
+    assert {f.description.split()[1] for f in frames} == {"0", "1"}  # two streams
     by_source = {s: [f for f in frames if f.source == s] for s in (str(tmp_path / "one" / "clip.mp4"), str(second))}
-    assert [len(v) for v in by_source.values()] == [12, 7]
+    assert [len(v) for v in by_source.values()] == [12, 7]  # files only: nothing is dropped
     for path, got in zip((first, second), by_source.values()):
         assert [f.frame_index for f in got] == list(range(len(got)))
         assert all(np.array_equal(f.image_rgb, e) for f, e in zip(got, reference_frames(path)))
@@ -234,15 +229,37 @@ def test_paths_that_are_not_media_are_one_clear_error(tmp_path):
     )
 
 
+def test_a_list_file_that_cannot_be_read_as_text_is_one_clear_error(tmp_path, monkeypatch):
+    latin1 = tmp_path / "cams.txt"
+    latin1.write_bytes("0\ncaméra.mp4\n".encode("latin-1"))
+    assert one_line_error(str(latin1)) == f"--source {latin1}: cannot read the list file (line 2 is not UTF-8 text)"
+    (tmp_path / "x.streams").mkdir()
+    assert one_line_error(str(tmp_path / "x.streams")) == (
+        f"--source {tmp_path / 'x.streams'}: cannot read the list file (Is a directory)"
+    )
+    locked = tmp_path / "locked.streams"
+    locked.write_text("0\n")
+
+    def denied(self, *args, **kwargs):  # tests may run as root, whom chmod does not stop
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert one_line_error(str(locked)) == f"--source {locked}: cannot read the list file (Permission denied)"
+
+
 def test_unreadable_inputs_of_a_folder_are_skipped_and_counted(tmp_path, caplog):
     make_image(tmp_path / "in" / "good.jpg")
     (tmp_path / "in" / "bad.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "in" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
-    with caplog.at_level(logging.WARNING), open_source(str(tmp_path / "in")) as source:
-        frames = list(source)
+    with caplog.at_level(logging.WARNING):
+        frames = read_all(str(tmp_path / "in"))
     assert [Path(f.source).name for f in frames] == ["good.jpg"]
-    assert [Path(s.split(":")[0]).name for s in source.skipped] == ["bad.jpg", "broken.mp4"]
-    assert "skipped 2 of 3 inputs that could not be read" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        f"WARNING: skipped {tmp_path / 'in' / 'bad.jpg'}: not a readable image",
+        f"WARNING: skipped {tmp_path / 'in' / 'broken.mp4'}: cannot open the video "
+        "(damaged, or a codec this OpenCV build lacks)",
+        "WARNING: skipped 2 of 3 inputs that could not be read",  # once, after the last frame
+    ]
 
 
 def test_a_txt_list_of_files_is_read_as_files(tmp_path):
@@ -268,7 +285,6 @@ def test_written_videos_read_back_with_their_frames_size_and_rate(tmp_path):
             videos.write(run / frame.output_name, image_bgr, frame.fps, one_at_a_time=frame.kind == "video")
             if frame.output_name.name == "other.mp4":  # a new video finished the previous one
                 assert reference_frames(run / "clip.mp4")
-    assert videos.frame_counts == {run / "clip.mp4": 6, run / "other.mp4": 3}
     for name, (count, width, height) in {"clip.mp4": (6, WIDTH, HEIGHT), "other.mp4": (3, 32, 24)}.items():
         capture = cv2.VideoCapture(str(run / name))
         assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(FPS / 2)
@@ -320,13 +336,11 @@ def test_an_http_url_is_read_as_a_live_stream(tmp_path):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         port = server.server_address[1]
         url = f"http://127.0.0.1:{port}/clip.mp4"
-        with open_source(url) as source:
-            assert source.live and len(source) == 1
-            frames = list(source)
+        frames = read_all(url)
         server.shutdown()
     expected = reference_frames(clip)
     assert 1 <= len(frames) <= 12 and frames[0].frame_index == 0
     assert all(np.array_equal(f.image_rgb, expected[f.frame_index]) for f in frames)
-    assert (frames[0].kind, frames[0].source, frames[0].frame_count) == ("stream", url, None)
+    assert (frames[0].kind, frames[0].source) == ("stream", url)
     assert frames[0].output_name == Path(f"127_0_0_1_{port}_clip.mp4")
     assert frames[0].description == f"stream 0 (frame 1) {url}"

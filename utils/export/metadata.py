@@ -29,6 +29,7 @@ from utils.errors import UserError
 EXPORT_FORMAT = "ema-yolo-export"
 EXPORT_FORMAT_VERSION = 1
 TORCHSCRIPT_METADATA_FILE = "config.json"  # the extra file of a TorchScript archive
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}  # export.py's --include names and their files
 
 
 def export_metadata(

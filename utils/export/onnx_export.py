@@ -18,7 +18,6 @@ from utils.atomic_write import atomic_write
 from utils.errors import UserError
 from utils.export.graph import INPUT_NAME, OUTPUT_NAME, DecodedOutput
 from utils.export.metadata import add_onnx_metadata
-from utils.log import LOGGER
 
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest native opset; onnxruntime has run it since 1.14
 
@@ -51,9 +50,10 @@ def export_onnx(
         raise UserError(f"ONNX export needs the onnxscript package ({error}): pip install onnxscript") from None
     model_proto = program.model_proto
     written = next(entry.version for entry in model_proto.opset_import if entry.domain in ("", "ai.onnx"))
-    if written != opset:  # below the exporter's own opset it converts, which can fail for some operators
-        LOGGER.warning(
-            f"WARNING: --opset {opset}: the ONNX exporter could not convert to it; the file has opset {written}"
+    if written != opset:  # the exporter converts from its own opset, and can fail to: nothing is written then
+        raise UserError(
+            f"--opset {opset}: the ONNX exporter could not convert this model to it (it wrote opset {written}); "
+            f"use --opset {written}"
         )
     add_onnx_metadata(model_proto, metadata)
     onnx.checker.check_model(model_proto, full_check=True)

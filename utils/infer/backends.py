@@ -5,6 +5,7 @@ and anchor_free."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,8 @@ from utils.checkpoint.format import (
 from utils.data.augment import PAD_VALUE
 from utils.device import inference_amp_dtype
 from utils.errors import UserError
-from utils.export.metadata import read_export_metadata
+from utils.export.metadata import EXPORT_SUFFIXES, read_export_metadata
 from utils.image_size import check_image_size, round_image_size
-
-EXPORT_FORMATS = {".onnx": "ONNX", ".torchscript": "TorchScript"}
 
 
 class ExportedModel(nn.Module):
@@ -39,7 +38,7 @@ class ExportedModel(nn.Module):
     def __init__(self, path: Path, device: torch.device):
         super().__init__()
         meta = read_export_metadata(path)
-        self.path, self.format, self.metadata = path, EXPORT_FORMATS[path.suffix], meta
+        self.path, self.format, self.metadata = path, "ONNX" if path.suffix == ".onnx" else "TorchScript", meta
         self.names, self.nc, self.anchor_free = list(meta["names"]), int(meta["nc"]), bool(meta["anchor_free"])
         self.stride = torch.tensor([float(meta["stride"])])  # callers read int(model.stride.max())
         self.input_dtype = torch.float16 if meta["half"] else torch.float32
@@ -52,6 +51,7 @@ class ExportedModel(nn.Module):
             providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
             self.session = onnxruntime.InferenceSession(str(path), providers=providers)
             self.input_name = self.session.get_inputs()[0].name
+            self.runs_on = f"onnxruntime {self.session.get_providers()[0]}"  # the CPU build has no CUDA provider
         else:
             traced_on = torch.device(meta.get("device", "cpu"))
             if traced_on.type != device.type:  # a trace keeps the device its grids were made on
@@ -59,7 +59,10 @@ class ExportedModel(nn.Module):
                     f"{path} was traced on {traced_on.type} and runs there only; use --device "
                     f"{'cpu' if traced_on.type == 'cpu' else 0}, or export on {device.type}"
                 )
-            self.module = torch.jit.load(str(path), map_location=device).eval()
+            with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export: said once, in docs
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated")
+                self.module = torch.jit.load(str(path), map_location=device).eval()
+            self.runs_on = f"torch.jit on {device}"
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list]:
         """(B, 3, H, W) in [0, 1] -> ((B, N, 5 + nc) or (B, N, 4 + nc) decoded, no raw outputs)."""
@@ -69,8 +72,8 @@ class ExportedModel(nn.Module):
         h, w = images.shape[2:]
         if h > height or w > width:
             raise UserError(
-                f"{self.path} was exported for {height}x{width} inputs; this one is {h}x{w}: use --imgsz "
-                f"{max(height, width)} or less, or export with --dynamic"
+                f"{self.path} was exported for {height}x{width} inputs and cannot take {h}x{w}: "
+                "export with --dynamic for other shapes"
             )
         outputs = []
         for chunk in images.split(batch):
@@ -97,7 +100,6 @@ class LoadedWeights:
     names: list[str]
     img_size: int  # the size it was trained at (a checkpoint) or exported at (the longer side)
     amp_dtype: torch.dtype | None  # the training precision's autocast for a checkpoint; exports run as exported
-    checkpoint: dict | None  # None for an export
     description: str  # what runs, for the log: "EMA (265 updates)", "ONNX export (...) of ..."
     # How the run trained (an export records it), so that evaluation batches and labels as train.py validated:
     batch_per_process: int
@@ -107,7 +109,7 @@ class LoadedWeights:
 
 def is_export(path: str | Path) -> bool:
     """True for a file export.py writes (by its suffix)."""
-    return Path(path).suffix in EXPORT_FORMATS
+    return Path(path).suffix in EXPORT_SUFFIXES.values()
 
 
 def load_weights(
@@ -132,15 +134,14 @@ def load_weights(
             raise UserError(f"--raw: {path} holds the {exported.upper()} weights; export with --raw for the model's")
         shape = "dynamic" if model.fixed_shape is None else "x".join(map(str, model.fixed_shape))
         description = (
-            f"{model.format} export ({shape}, {'fp16' if model.metadata['half'] else 'fp32'}) of the "
-            f"{exported.upper() if exported == 'ema' else 'model'} weights of {model.metadata['source']}"
+            f"{model.format} export ({shape}, {'fp16' if model.metadata['half'] else 'fp32'}, {model.runs_on}) of "
+            f"the {exported.upper() if exported == 'ema' else 'model'} weights of {model.metadata['source']}"
         )
         meta = model.metadata
         return LoadedWeights(
             model,
             model.names,
             max(map(int, meta["imgsz"])),
-            None,
             None,
             description,
             int(meta.get("train_batch_per_process") or DEFAULT_BATCH_SIZE),
@@ -157,7 +158,6 @@ def load_weights(
         list(model.names),
         image_size(checkpoint),
         amp_dtype,
-        checkpoint,
         description,
         batch_per_process(checkpoint),
         bool(training_option(checkpoint, "single_cls", False)),

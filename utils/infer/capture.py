@@ -1,4 +1,5 @@
-"""Opening a cv2.VideoCapture quietly (a dead URL fails within a timeout) and reading what it reports."""
+"""OpenCV captures: telling a stream URL from a path (and hiding its password in messages), opening a
+cv2.VideoCapture quietly (a dead URL fails within a timeout) and reading what it reports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import cv2
 
@@ -21,6 +23,14 @@ MAX_PLAUSIBLE_FPS = 1000.0  # some streams report a time base (90000) as their f
 def is_url(source: str) -> bool:
     """A network stream OpenCV reads through FFmpeg (rtsp, rtmp, http, https)."""
     return source.lower().startswith(URL_PREFIXES)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user:password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 @contextmanager

@@ -1,5 +1,5 @@
-"""Which image and video files a --source names (a file, a folder, a glob pattern, a list file), and
-where each one's result goes so that no two inputs share an output."""
+"""Media files and output names: which image and video files a --source names (a file, a folder, a glob
+pattern, a list file's line), and the name each input's result gets in the run folder, none shared."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from utils.data.labels import IMAGE_SUFFIXES
 from utils.errors import UserError
 
+# The one list of video suffixes (image suffixes are utils/data/labels.IMAGE_SUFFIXES).
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".gif")
 OUTPUT_VIDEO_SUFFIX = ".mp4"  # every video result is written as mp4v in .mp4, whatever the input's container
 MAX_NAME_CHARS = 80
@@ -87,14 +88,6 @@ def file_output_names(files: list[Path]) -> list[Path]:
     names = [p.relative_to(root) for p in absolute]
     outputs = [n.with_suffix(OUTPUT_VIDEO_SUFFIX) if is_video(n) else n for n in names]
     return unique_names(outputs, [output != name for output, name in zip(outputs, names)])
-
-
-def redact_url(url: str) -> str:
-    """The URL with any user:password replaced by ***, for logs and error messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def stream_output_name(entry: str) -> Path:

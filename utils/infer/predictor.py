@@ -17,6 +17,7 @@ from utils.device import autocast, parameter_dtype, select_device, to_model_inpu
 from utils.errors import UserError
 from utils.eval.nms import default_iou_threshold, non_max_suppression
 from utils.infer.backends import ExportedModel, inference_image_size, load_weights
+from utils.infer.capture import URL_PREFIXES
 from utils.infer.results import Results
 
 # What Detector() accepts as one image.
@@ -119,7 +120,7 @@ class Detector:
 def as_rgb(image: ImageInput) -> tuple[np.ndarray, str | None]:
     """One input -> ((H, W, 3) uint8 RGB, its file path or None)."""
     if isinstance(image, (str, Path)):
-        if str(image).startswith(("http://", "https://")):
+        if str(image).lower().startswith(URL_PREFIXES):
             raise UserError(f"{image}: nothing is downloaded at run time; save the image and pass its path")
         rgb = read_image_rgb(Path(image))
         if rgb is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from utils.boxes import xyxy_to_xywhn
 from utils.eval.plots import class_colour, draw_box
 
 
@@ -62,12 +63,10 @@ class Results:
             draw_box(canvas, (int(x1), int(y1), int(x2), int(y2)), class_colour(int(cls)), caption, lw, lw / 3)
         return canvas
 
-    def save(self, path: str | Path, **plot_options) -> Path:
-        """Write the annotated image to `path` (a file; or a folder, then under the source's file
-        name, else image.jpg) and return where it went."""
-        path = Path(path)
-        if path.is_dir() or not path.suffix:
-            path = path / (Path(self.path).name if self.path else "image.jpg")
+    def save(self, folder: str | Path, name: str | None = None, **plot_options) -> Path:
+        """Write the annotated image into `folder` (made if missing) as `name` (default: the source
+        file's name, else image.jpg) and return its path. plot_options: those of plot()."""
+        path = Path(folder) / (name or (Path(self.path).name if self.path else "image.jpg"))
         path.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(path), self.plot(**plot_options)):
             raise OSError(f"could not write {path} (is its suffix an image format OpenCV writes?)")
@@ -77,8 +76,7 @@ class Results:
         """'cls cx cy w h [conf]' lines, normalised by the image size, as YOLO label files hold them."""
         height, width = self.image_rgb.shape[:2]
         lines = []
-        for x1, y1, x2, y2, conf, cls in self.detections.tolist():
-            values = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
-            text = f"{int(cls)} " + " ".join(f"{v:.6f}" for v in values)
+        for cls, xywhn, conf in zip(self.classes, xyxy_to_xywhn(self.boxes_xyxy, width, height), self.scores):
+            text = f"{cls} " + " ".join(f"{v:.6f}" for v in xywhn)
             lines.append(text + (f" {conf:.6f}" if save_conf else ""))
         return lines

@@ -1,5 +1,6 @@
 """detect.py's --source as one iterator of frames: images, video files, webcams, network streams and
-lists of them, each frame tagged with where it came from and where its result goes.
+lists of them, each frame tagged with where it came from and where its result goes. (Which files a
+source names: media_files; opening captures: capture; reading streams side by side: streams.)
 
     with open_source("clip.mp4", vid_stride=2) as frames:   # fails here, before any run folder exists
         for frame in frames:
@@ -18,14 +19,13 @@ import numpy as np
 
 from utils.data.decode import read_image_rgb
 from utils.errors import UserError
-from utils.infer.capture import capture_fps, capture_frame_count, is_url, open_capture
+from utils.infer.capture import capture_fps, capture_frame_count, is_url, open_capture, redact_url
 from utils.infer.media_files import (
     file_output_names,
     has_glob_pattern,
     is_image,
     is_video,
     media_files,
-    redact_url,
     stream_output_name,
     unique_names,
 )
@@ -46,7 +46,6 @@ class Frame:
     kind: str  # "image", "video" or "stream" (webcams and the entries of a .streams file are streams)
     output_name: Path  # relative to the run folder: the image file to write, or the video the frame goes into
     frame_index: int  # 0-based index of this frame in its source (0 for images)
-    frame_count: int | None  # frames in the source: 1 for an image, the container's count for a video file
     fps: float | None  # frame rate of the output video: the source's / vid_stride (None for images)
     description: str  # log prefix: "image 3/10 path", "video 1/2 (frame 5/30) path", "stream 0 (frame 12) url"
 
@@ -55,18 +54,9 @@ class FrameSource:
     """The frames of one --source, in order; made by open_source. An iterator (read it once); close(),
     or leaving a `with` block, releases every capture and stops the stream threads."""
 
-    def __init__(
-        self, frames: Iterator[Frame], inputs: int, live: bool, skipped: list[str], release: Callable[[], None]
-    ) -> None:
+    def __init__(self, frames: Iterator[Frame], release: Callable[[], None]) -> None:
         self._frames = frames
         self._release = release
-        self.inputs = inputs  # files or streams named by the source
-        self.live = live  # True for webcams, URLs and .streams files: no known end
-        self.skipped = skipped  # "path: why" for every input that could not be read (a warning was logged)
-
-    def __len__(self) -> int:
-        """The number of inputs (files or streams), as YOLOv5's loaders count them."""
-        return self.inputs
 
     def __iter__(self) -> FrameSource:
         return self
@@ -95,7 +85,7 @@ def open_source(source: str, vid_stride: int = 1, timeout_s: float = DEFAULT_TIM
     same way, as streams if it names any webcam or URL, otherwise as a list of image and video files.
     vid_stride: keep frames 0, s, 2s, ... of every video and stream. timeout_s: how long a URL may take
     to open, or to send its next frame. An image that cannot be decoded, or a video of a folder or list
-    that cannot be opened, is skipped with a warning and listed in .skipped."""
+    that cannot be opened, is skipped with a warning; after the last frame one warning counts them."""
     if vid_stride < 1:
         raise UserError(f"--vid-stride {vid_stride}: must be at least 1")
     source = source.strip()
@@ -103,8 +93,8 @@ def open_source(source: str, vid_stride: int = 1, timeout_s: float = DEFAULT_TIM
     if source.isdigit() or is_url(source):
         return _open_streams([source], [where], vid_stride, timeout_s)
     path = Path(source)
-    if path.suffix.lower() in LIST_SUFFIXES and path.is_file() and not has_glob_pattern(source):
-        entries = _list_entries(path)
+    if path.suffix.lower() in LIST_SUFFIXES and path.exists() and not has_glob_pattern(source):
+        entries = _list_entries(path, where)
         if not entries:
             raise UserError(f"{where}: lists no sources (one file, webcam index or URL a line)")
         paths = [e for _, e in entries]
@@ -123,11 +113,19 @@ def open_source(source: str, vid_stride: int = 1, timeout_s: float = DEFAULT_TIM
     return _open_files(files, vid_stride, opened)
 
 
-def _list_entries(list_file: Path) -> list[tuple[int, str]]:
+def _list_entries(list_file: Path, where: str) -> list[tuple[int, str]]:
     """(line number, entry) of a list file; relative paths made relative to the list file's folder.
-    A # at the start of a line, or after a space, starts a comment (a URL may hold a # of its own)."""
+    A # at the start of a line, or after a space, starts a comment (a URL may hold a # of its own).
+    A list that cannot be read as UTF-8 text (a folder, no permission, another encoding) is a UserError."""
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise UserError(f"{where}: cannot read the list file (line {line} is not UTF-8 text)") from None
+    except OSError as error:
+        raise UserError(f"{where}: cannot read the list file ({error.strerror or error})") from None
     entries = []
-    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         entry = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()
         if not entry:
             continue
@@ -138,36 +136,32 @@ def _list_entries(list_file: Path) -> list[tuple[int, str]]:
 
 
 def _open_files(files: list[Path], vid_stride: int, opened: dict[Path, cv2.VideoCapture]) -> FrameSource:
-    skipped: list[str] = []
-
     def release() -> None:
         for capture in opened.values():
             capture.release()
 
-    frames = _file_frames(files, file_output_names(files), vid_stride, opened, skipped)
-    return FrameSource(frames, len(files), live=False, skipped=skipped, release=release)
+    return FrameSource(_file_frames(files, file_output_names(files), vid_stride, opened), release)
 
 
 def _file_frames(
-    files: list[Path],
-    names: list[Path],
-    vid_stride: int,
-    opened: dict[Path, cv2.VideoCapture],
-    skipped: list[str],
+    files: list[Path], names: list[Path], vid_stride: int, opened: dict[Path, cv2.VideoCapture]
 ) -> Iterator[Frame]:
-    """Every image, then every vid_stride-th frame of every video, in the order of `files`."""
-    total = len(files)
+    """Every image, and every vid_stride-th frame of every video, in the order of `files`; an input that
+    cannot be read is skipped with a warning, and their number is logged once after the last frame."""
+    total, skipped = len(files), 0
     for number, (path, name) in enumerate(zip(files, names), 1):
         if is_image(path):
             image_rgb = read_image_rgb(path)
             if image_rgb is None:
-                _skip(skipped, path, "not a readable image")
+                _warn_skipped(path, "not a readable image")
+                skipped += 1
                 continue
-            yield Frame(image_rgb, str(path), "image", name, 0, 1, None, f"image {number}/{total} {path}")
+            yield Frame(image_rgb, str(path), "image", name, 0, None, f"image {number}/{total} {path}")
             continue
         capture = opened.pop(path, None) or open_capture(str(path), DEFAULT_TIMEOUT_S)
         if capture is None:
-            _skip(skipped, path, "cannot open the video (damaged, or a codec this OpenCV build lacks)")
+            _warn_skipped(path, "cannot open the video (damaged, or a codec this OpenCV build lacks)")
+            skipped += 1
             continue
         try:
             fps, count = capture_fps(capture) / vid_stride, capture_frame_count(capture)
@@ -176,13 +170,14 @@ def _file_frames(
                 yielded += 1
                 description = f"video {number}/{total} (frame {index + 1}/{count or '?'}) {path}"
                 image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-                yield Frame(image_rgb, str(path), "video", name, index, count, fps, description)
+                yield Frame(image_rgb, str(path), "video", name, index, fps, description)
             if not yielded:
-                _skip(skipped, path, "no frame could be decoded")
+                _warn_skipped(path, "no frame could be decoded")
+                skipped += 1
         finally:
             capture.release()
     if skipped:
-        LOGGER.warning(f"WARNING: skipped {len(skipped)} of {total} inputs that could not be read")
+        LOGGER.warning(f"WARNING: skipped {skipped} of {total} inputs that could not be read")
 
 
 def _strided_frames(capture: cv2.VideoCapture, vid_stride: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -199,9 +194,8 @@ def _strided_frames(capture: cv2.VideoCapture, vid_stride: int) -> Iterator[tupl
         index += 1
 
 
-def _skip(skipped: list[str], path: Path, why: str) -> None:
+def _warn_skipped(path: Path, why: str) -> None:
     LOGGER.warning(f"WARNING: skipped {path}: {why}")
-    skipped.append(f"{path}: {why}")
 
 
 def _open_streams(entries: list[str], wheres: list[str], vid_stride: int, timeout_s: float) -> FrameSource:
@@ -224,15 +218,14 @@ def _open_streams(entries: list[str], wheres: list[str], vid_stride: int, timeou
     shown = [redact_url(e) if is_url(e) else e for e in entries]
     readers = StreamReaders(captures, first_frames, [f"stream {k} {s}" for k, s in enumerate(shown)], live, vid_stride)
     names = unique_names([stream_output_name(e) for e in entries])
-    counts = [None if is_live else capture_frame_count(c) for c, is_live in zip(captures, live)]
     fps = [capture_fps(c) / vid_stride for c in captures]
 
     def frames() -> Iterator[Frame]:
         for k, index, image_rgb in readers.frames():
             description = f"stream {k} (frame {index + 1}) {shown[k]}"
-            yield Frame(image_rgb, entries[k], "stream", names[k], index, counts[k], fps[k], description)
+            yield Frame(image_rgb, entries[k], "stream", names[k], index, fps[k], description)
 
-    return FrameSource(frames(), len(entries), live=any(live), skipped=[], release=readers.close)
+    return FrameSource(frames(), readers.close)
 
 
 def _open_stream(entry: str, where: str, timeout_s: float) -> cv2.VideoCapture:

@@ -16,7 +16,7 @@ FOURCC = "mp4v"  # in every OpenCV wheel's FFmpeg, unlike H.264; verified in .mp
 class VideoWriter:
     """Writes BGR frames (as cv2 draws them) into one video per path, each opened on its first frame with
     that frame's fps and size. A frame of another size than its video's first is resized to it, with one
-    warning per video. frame_counts says how many frames went into each file.
+    warning per video.
 
     Streams are read side by side, so by default every video stays open until close() (or the end of a
     `with` block). Video files are read one after another: write them with one_at_a_time=True and a new
@@ -26,7 +26,6 @@ class VideoWriter:
         self._open: dict[Path, tuple[cv2.VideoWriter, tuple[int, int], bool]] = {}  # writer, (w, h), one_at_a_time
         self._finished: set[Path] = set()
         self._resized: set[Path] = set()
-        self.frame_counts: dict[Path, int] = {}  # path -> frames written
 
     def write(self, path: Path, image_bgr: np.ndarray, fps: float | None, one_at_a_time: bool = False) -> None:
         """Append image_bgr ((H, W, 3) uint8 BGR) to the video at path, creating its folder and file on the
@@ -37,9 +36,8 @@ class VideoWriter:
                 raise ValueError(f"{path} was already finished; writing it again would overwrite it")
             if one_at_a_time:
                 for other in [p for p, (_, _, sequential) in self._open.items() if sequential]:
-                    self.finish(other)
+                    self._finish(other)
             self._open[path] = (_new_writer(path, fps, image_bgr), image_bgr.shape[1::-1], one_at_a_time)
-            self.frame_counts[path] = 0
         writer, size, _ = self._open[path]
         if image_bgr.shape[1::-1] != size:
             if path not in self._resized:
@@ -47,9 +45,8 @@ class VideoWriter:
                 self._resized.add(path)
             image_bgr = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
         writer.write(np.ascontiguousarray(image_bgr))
-        self.frame_counts[path] += 1
 
-    def finish(self, path: Path) -> None:
+    def _finish(self, path: Path) -> None:
         """Close one video's file (complete and playable from then on); later frames for it are refused."""
         writer, _, _ = self._open.pop(Path(path))
         writer.release()
@@ -58,7 +55,7 @@ class VideoWriter:
     def close(self) -> None:
         """Finish every open video; safe to call more than once."""
         for path in list(self._open):
-            self.finish(path)
+            self._finish(path)
 
     def __enter__(self) -> VideoWriter:
         return self
