@@ -262,7 +262,9 @@ def test_files_that_are_not_our_exports_are_refused_in_one_line(checkpoints, tmp
 
 @torch.no_grad()
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", MODELS)
+# The anchor-free head only (25 s a dynamic export on 2 cores): YOLOv5's head exports in the static ONNX test
+# and at any shape through TorchScript, and benchmarks/bench_export.py runs its dynamic ONNX on a trained model.
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml"])
 def test_dynamic_onnx_passes_the_checker_and_equals_pytorch_at_two_batches_and_sizes(cfg, checkpoints, tmp_path):
     import onnx
     import onnxruntime
