@@ -16,6 +16,7 @@ from utils.train.ema import (
     ModelEMA,
     PowerEMA,
     UniformAverage,
+    build_average,
     check_average_name,
     power_exponent,
     tracked_names,
@@ -58,6 +59,40 @@ def test_update_matches_the_formula():
         else:  # num_batches_tracked is copied, not averaged
             assert torch.equal(ema_state[key], value), key
     assert any("running_mean" in k for k in expected) and ema_state["1.num_batches_tracked"].item() == 5
+
+
+def test_tensorflow_warmup_matches_its_formula():
+    """hyp ema_warmup: tensorflow, TensorFlow's ExponentialMovingAverage(decay, num_updates):
+    d = min(decay, (1 + n) / (10 + n)) at the n-th update, the cap reached after ~90,000 steps at 0.9999."""
+    model = small_net()
+    ema = build_average("ema-steps", model, {"ema_decay": 0.9999, "ema_tau": 2000.0, "ema_warmup": "tensorflow"})
+    expected = {k: v.clone().double() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    for n in range(1, 6):
+        perturb(model, seed=n)
+        ema.update(model)
+        d = (1 + n) / (10 + n)
+        assert ema.current_decay() == pytest.approx(d, rel=1e-15)
+        for key in expected:
+            expected[key] = d * expected[key] + (1 - d) * model.state_dict()[key].double()
+    for key, value in expected.items():
+        torch.testing.assert_close(ema.module.state_dict()[key].double(), value, rtol=0, atol=1e-6, msg=key)
+    assert ema.decay_after(10**6) == 0.9999 and ema.decay_after(89_990) == pytest.approx(89_991 / 90_000)
+    # YOLOv5's ramp is still the default, also for a checkpoint's hyp written before ema_warmup existed
+    default = build_average("ema-steps", small_net(), {"ema_decay": 0.9999, "ema_tau": 2000.0})
+    assert default.decay_after(1) == pytest.approx(0.9999 * (1 - math.exp(-1 / 2000)))
+
+
+def test_a_state_saved_before_the_warmup_setting_loads_as_yolov5s_ramp():
+    model = small_net()
+    old_state = {k: v for k, v in ModelEMA(model).state_dict().items() if k != "warmup"}
+    restored = ModelEMA(small_net())
+    restored.load_state_dict(old_state)
+    assert restored.warmup == "exponential"
+    tensorflow = ModelEMA(model, warmup="tensorflow")
+    restored.load_state_dict(tensorflow.state_dict())
+    assert restored.warmup == "tensorflow"
+    with pytest.raises(ValueError, match="warmup must be one of"):
+        ModelEMA(model, warmup="linear")
 
 
 def test_ema_module_is_a_frozen_eval_copy():
@@ -233,7 +268,13 @@ def test_average_names():
 
 
 @pytest.mark.parametrize(
-    "factory", [lambda m: ImageEMA(m, 500.0, 0.05), lambda m: PowerEMA(m, 0.1), lambda m: ModelEMA(m)]
+    "factory",
+    [
+        lambda m: ImageEMA(m, 500.0, 0.05),
+        lambda m: PowerEMA(m, 0.1),
+        lambda m: ModelEMA(m),
+        lambda m: ModelEMA(m, warmup="tensorflow"),
+    ],
 )
 def test_every_average_round_trips_its_state(factory):
     model = small_net()

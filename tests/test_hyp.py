@@ -53,6 +53,8 @@ def test_scratch_low_has_yolov5_values():
         ({"anchors": 3}, "automatic anchor fitting"),
         ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
         ({"close_mosaic": 2.5}, "close_mosaic is a number of epochs"),
+        ({"ema_warmup": "linear"}, "ema_warmup must be one of exponential, tensorflow, got 'linear'"),
+        ({"ema_warmup": 1}, "ema_warmup must be one of exponential, tensorflow, got 1"),
     ],
 )
 def test_bad_values_are_named(tmp_path, change, message):
@@ -72,11 +74,12 @@ def test_missing_keys_are_listed(tmp_path):
 
 
 def test_values_keep_their_types(tmp_path):
-    """Counts stay integers (hyp.yaml and checkpoints show close_mosaic: 10), the rest are floats
-    even where a file writes them as integers (torch.tensor([obj_pw]) must be a float tensor)."""
+    """Counts stay integers (hyp.yaml and checkpoints show close_mosaic: 10), choices words, the rest
+    floats even where a file writes them as integers (torch.tensor([obj_pw]) must be a float tensor)."""
     hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())
     path = tmp_path / "hyp.yaml"
     path.write_text(yaml.safe_dump({**hyp, "close_mosaic": 10.0, "obj_pw": 1, "mosaic": 1}))
     loaded = load_hyp(path)
     assert loaded["close_mosaic"] == 10 and type(loaded["close_mosaic"]) is int
-    assert all(type(v) is float for k, v in loaded.items() if k != "close_mosaic")
+    assert loaded["ema_warmup"] == "exponential"
+    assert all(type(v) is float for k, v in loaded.items() if k not in ("close_mosaic", "ema_warmup"))

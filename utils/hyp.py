@@ -50,6 +50,9 @@ OPTIONAL_DEFAULTS = {
     "clahe": 0.01,
     "ema_decay": 0.9999,
     "ema_tau": 2000.0,
+    # The default EMA's ramp: "exponential" (YOLOv5's decay * (1 - exp(-steps / ema_tau))) or
+    # "tensorflow" (TensorFlow's ExponentialMovingAverage with num_updates: min(decay, (1 + n) / (10 + n))).
+    "ema_warmup": "exponential",
     # train.py --ema images (and the ema-images average): a half-life in images, capped early on at
     # ema_ramp times the images seen so far (EDM2's traditional EMA). 443,000 images is the
     # half-life of YOLOv5's d = 0.9999 at the nominal 64 images per step, so long runs average as
@@ -61,7 +64,8 @@ OPTIONAL_DEFAULTS = {
 }
 # Ours, optional, with no default: AdamW's beta1 from --optimizer auto (else the hyp's momentum).
 OPTIONAL_KEYS = ("auto_momentum",)
-INTEGER_KEYS = ("close_mosaic",)  # counts; every other value is a float
+INTEGER_KEYS = ("close_mosaic",)  # counts
+CHOICE_KEYS = {"ema_warmup": ("exponential", "tensorflow")}  # words; every other value is a float
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
 
@@ -107,6 +111,12 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
         raise UserError(f"hyperparameter file {source}: unknown key(s) {', '.join(unknown)}")
     hyp = {**OPTIONAL_DEFAULTS, **raw}
     for key, value in hyp.items():
+        if key in CHOICE_KEYS:
+            if value not in CHOICE_KEYS[key]:
+                raise UserError(
+                    f"hyperparameter file {source}: {key} must be one of {', '.join(CHOICE_KEYS[key])}, got {value!r}"
+                )
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise UserError(f"hyperparameter file {source}: {key} must be a non-negative number, got {value!r}")
         if key in PROBABILITY_KEYS and value > 1:
@@ -117,4 +127,4 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
         raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
     if hyp["ema_half_life"] <= 0:
         raise UserError(f"hyperparameter file {source}: ema_half_life is a number of images, above 0")
-    return {k: int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}
+    return {k: v if k in CHOICE_KEYS else int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}

@@ -15,7 +15,11 @@ from torch import nn
 
 from utils.dist import unwrap
 from utils.errors import UserError
+from utils.hyp import CHOICE_KEYS
 
+# ModelEMA's ramps (hyp ema_warmup): YOLOv5's exponential one over steps, or TensorFlow's (1 + n) / (10 + n).
+EMA_WARMUPS = CHOICE_KEYS["ema_warmup"]
+EXPONENTIAL_WARMUP, TENSORFLOW_WARMUP = EMA_WARMUPS
 # Attributes of the trained model that the averaged copy must carry into validation and checkpoints.
 COPIED_ATTRIBUTES = ("yaml", "nc", "hyp", "names", "stride")
 
@@ -68,27 +72,46 @@ class WeightAverage:
         return {"module": self.module.state_dict(), "updates": self.updates, "images": self.images, **settings}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned (a state saved before images were counted has none)."""
+        """Restore what state_dict() returned (a state saved before images were counted has none; one
+        saved before a setting existed keeps the constructor's value of it)."""
         self.module.load_state_dict(state["module"])
         self.updates, self.images = int(state["updates"]), int(state.get("images", 0))
         for name in self.settings:
-            setattr(self, name, float(state[name]))
+            if name in state:
+                value = state[name]
+                setattr(self, name, value if isinstance(value, str) else float(value))
 
 
 class ModelEMA(WeightAverage):
     """YOLOv5's EMA: after the n-th optimizer step d = decay * (1 - exp(-n / tau)). The ramp lets
     the average follow the fast-moving early weights; it counts steps, so its horizon in images
-    grows with the batch size."""
+    grows with the batch size. warmup='tensorflow' ramps as TensorFlow's
+    ExponentialMovingAverage(decay, num_updates) does instead: d = min(decay, (1 + n) / (10 + n))."""
 
-    settings = ("decay", "tau")
+    settings = ("decay", "tau", "warmup")
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        tau: float = 2000.0,
+        updates: int = 0,
+        warmup: str = EXPONENTIAL_WARMUP,
+    ):
         super().__init__(model, updates)
-        self.decay, self.tau = decay, tau
+        if warmup not in EMA_WARMUPS:
+            raise ValueError(f"warmup must be one of {EMA_WARMUPS}, got {warmup!r}")
+        self.decay, self.tau, self.warmup = decay, tau, warmup
 
     def current_decay(self, images: int = 0) -> float:
-        """decay * (1 - exp(-updates / tau)), whatever the step's image count."""
-        return self.decay * (1 - math.exp(-self.updates / self.tau))
+        """The ramp's d at this update, whatever the step's image count."""
+        return self.decay_after(self.updates)
+
+    def decay_after(self, updates: int) -> float:
+        """d of the update that brings the count to `updates`."""
+        if self.warmup == TENSORFLOW_WARMUP:
+            return min(self.decay, (1 + updates) / (10 + updates))
+        return self.decay * (1 - math.exp(-updates / self.tau))
 
 
 class ImageEMA(WeightAverage):
@@ -203,7 +226,9 @@ def tracked_names(average: tuple[str, ...], validated: tuple[str, ...], posthoc:
 def build_average(name: str, model: nn.Module, hyp: dict) -> WeightAverage:
     """The running average called `name` (see check_average_name), with the hyp's EMA settings."""
     if name == EMA_STEPS:
-        return ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"])
+        # A checkpoint's hyp from before ema_warmup existed ramps as then: exponentially.
+        warmup = hyp.get("ema_warmup", EXPONENTIAL_WARMUP)
+        return ModelEMA(model, decay=hyp["ema_decay"], tau=hyp["ema_tau"], warmup=warmup)
     if name == EMA_IMAGES:
         return ImageEMA(model, half_life=hyp["ema_half_life"], ramp=hyp["ema_ramp"])
     return PowerEMA(model, sigma_rel=float(check_average_name(name)[len(POWER_PREFIX) :]))

@@ -8,7 +8,6 @@ results row and the checkpoints.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -34,6 +33,7 @@ from utils.train.criterion import build_criterion
 from utils.train.ema import (
     EMA_IMAGES,
     EMA_STEPS,
+    TENSORFLOW_WARMUP,
     ImageEMA,
     UniformAverage,
     WeightAverage,
@@ -179,9 +179,14 @@ class TrainingRun:
             )
         else:
             ema = self.ema
-            final_decay = ema.decay * (1 - math.exp(-(ema.updates + planned_steps) / ema.tau))
+            final_decay = ema.decay_after(ema.updates + planned_steps)
+            ramp = (
+                "with TensorFlow's warmup min(decay, (1 + n) / (10 + n))"
+                if ema.warmup == TENSORFLOW_WARMUP
+                else f"ramped over tau={ema.tau:g} updates"
+            )
             LOGGER.info(
-                f"EMA: decay {ema.decay} ramped over tau={ema.tau:g} updates; about {planned_steps} more "
+                f"EMA: decay {ema.decay} {ramp}; about {planned_steps} more "
                 f"optimizer steps are planned, ending near d={final_decay:.3g}"
                 + (
                     " (the average stays close to the raw weights; --ema images averages over a share of "
