@@ -1,11 +1,11 @@
-"""torch.hub entry points, offline:
+"""torch.hub's entry points, offline: nothing is downloaded. torch.hub's `load` with this repository's
+folder, the entry name "custom", path=<a checkpoint or export.py file> and source="local" returns
+a Detector (utils/infer/predictor.py), the inference path detect.py runs; the README's Python API
+section shows the call.
 
-    model = torch.hub.load("path/to/this/repo", "custom", path="runs/train/exp/weights/best.pt", source="local")
     results = model(["a.jpg", rgb_array, pil_image])      # one Results per image
     results[0].boxes_xyxy, results[0].scores, results[0].classes, results[0].names
     results[0].save("out/")                                # drawn as detect.py draws
-
-`custom` returns a utils.infer.predictor.Detector, the inference path detect.py runs.
 """
 
 from __future__ import annotations

@@ -97,7 +97,6 @@ class LoadedWeights:
     """A model ready for inference and what the commands need to know about it."""
 
     model: nn.Module  # DetectionModel (eval, channels_last, on the device) or ExportedModel
-    names: list[str]
     img_size: int  # the size it was trained at (a checkpoint) or exported at (the longer side)
     amp_dtype: torch.dtype | None  # the training precision's autocast for a checkpoint; exports run as exported
     description: str  # what runs, for the log: "EMA (265 updates)", "ONNX export (...) of ..."
@@ -140,7 +139,6 @@ def load_weights(
         meta = model.metadata
         return LoadedWeights(
             model,
-            model.names,
             max(map(int, meta["imgsz"])),
             None,
             description,
@@ -155,7 +153,6 @@ def load_weights(
     description = checkpoint.get("source") or ("raw model" if raw else f"EMA ({checkpoint.get('updates', 0)} updates)")
     return LoadedWeights(
         model,
-        list(model.names),
         image_size(checkpoint),
         amp_dtype,
         description,

@@ -54,7 +54,7 @@ class Detector:
     ):
         self.device = device if isinstance(device, torch.device) else select_device(device)
         loaded = load_weights(weights, self.device, raw=raw, amp=amp, fuse=True, trust_pickle=trust_pickle)
-        self.model, self.names, self.amp_dtype = loaded.model, loaded.names, loaded.amp_dtype
+        self.model, self.names, self.amp_dtype = loaded.model, list(loaded.model.names), loaded.amp_dtype
         self.description = loaded.description
         self.stride = int(self.model.stride.max())
         fixed = self.model.fixed_shape if isinstance(self.model, ExportedModel) else None
