@@ -18,6 +18,7 @@ from utils.errors import run_cli
 from utils.log import LOGGER, setup_logging
 from utils.run_dir import add_run_dir_arguments
 from utils.train.ema import check_average_name, check_validated_name
+from utils.train.lookahead import LookaheadAction
 from utils.train.loop import train
 from utils.train.optim import OPTIMIZERS
 from utils.train.prepare import DEFAULT_CFG, prepare_run
@@ -125,6 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--swa-source", choices=("ema", "raw"), default="ema", help="what SWA averages")
     p.add_argument(
+        "--swap-epoch",
+        type=int,
+        default=0,
+        metavar="E",
+        help="SWAP under torchrun: from epoch E each process trains alone on its own shuffle; at the end their "
+        "weights are averaged, BatchNorm recomputed and saved as weights/swap.pt (0: off)",
+    )
+    p.add_argument(
+        "--graft",
+        action="store_true",
+        help="filter grafting under torchrun: each process trains a network of its own (seed + rank) and after each "
+        "epoch grafts the next process's into it, layer by layer by the entropy of their weights",
+    )
+    p.add_argument(
+        "--graft-hyp",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="with --graft: a hyperparameter file per process, in rank order (default: --hyp for all)",
+    )
+    p.add_argument(
         "--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all ranks' batches"
     )
     p.add_argument(
@@ -132,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=OPTIMIZERS,
         help="auto: AdamW (the hyp's auto_lr0 and auto_momentum) for runs under 10,000 optimizer steps, else SGD",
+    )
+    p.add_argument(
+        "--lookahead",
+        nargs="*",
+        action=LookaheadAction,
+        default=(),
+        metavar="K ALPHA",
+        help="Lookahead around the optimizer: every K steps the slow weights move ALPHA of the way to the "
+        "fast ones, which restart from them (defaults 5 and 0.5 for values not given)",
+    )
+    p.add_argument(
+        "--lookahead-ema",
+        choices=("slow", "fast"),
+        default="slow",
+        help="with --lookahead: what the EMA (and --average's averages) fold in after each step; --val raw and "
+        "--swa-source raw use the fast weights (the model's)",
     )
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
     add_run_dir_arguments(p, "runs/train")

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch import nn
 
 from models.parse import read_model_yaml
@@ -28,6 +29,7 @@ from tests.conftest import REPO_ROOT, run_script
 from utils.dist import World
 from utils.hyp import load_hyp
 from utils.train.criterion import build_criterion
+from utils.train.grafting import graft, graft_from_next_process
 from utils.train.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
 
 MODELS = ("yolov5n.yaml", "yolo11n.yaml")  # both heads
@@ -288,6 +290,31 @@ def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
     assert max(relative_differences(ddp_swa["module"], single_swa["module"]).values()) < AGREEMENT
 
 
+def interrupted_checkpoint(command: list[str], last: Path, wanted) -> bytes:
+    """Run `command` (torchrun) until `last` holds a checkpoint whose loop state satisfies
+    `wanted`, end the run there and return that checkpoint's bytes, as if killed right after
+    writing it. torchrun starts its workers in sessions of their own: it is told to end them
+    (SIGTERM, which ends a Python process on the spot) and returns once they are gone."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline, found = time.time() + 300, None
+    while found is None and process.poll() is None and time.time() < deadline:
+        if last.exists():  # written atomically: always a whole file
+            data = last.read_bytes()
+            if wanted(torch.load(io.BytesIO(data), weights_only=True)["loop"]):
+                found = data
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert found is not None, "the checkpoint waited for was not seen before the run ended"
+    return found
+
+
 @pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs, tiny_dataset, tmp_path, ddp_cfg):
     """torchrun and its workers ended after the first checkpoint, written mid-epoch (a checkpoint
@@ -308,27 +335,8 @@ def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs,
         "--name",
         "killed",
     )
-    process = subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
     last = tmp_path / "killed" / "weights" / "last.pt"
-    deadline, mid_epoch = time.time() + 300, None
-    while mid_epoch is None and process.poll() is None and time.time() < deadline:
-        if last.exists():  # written atomically: always a whole file
-            data = last.read_bytes()
-            if torch.load(io.BytesIO(data), weights_only=True)["loop"]["batch"] > 0:
-                mid_epoch = data
-        time.sleep(0.02)
-    # torchrun starts its workers in sessions of their own: it is told to end them (SIGTERM, which
-    # ends a Python process on the spot) and returns once they are gone.
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    assert mid_epoch is not None, "no mid-epoch checkpoint was seen before the run ended"
-    last.write_bytes(mid_epoch)  # as if killed right after it was written
+    last.write_bytes(interrupted_checkpoint(command, last, lambda loop: loop["batch"] > 0))
     interrupted = load(last)
     print(f"resuming from the checkpoint at epoch {interrupted['loop']['epoch']}, batch {interrupted['loop']['batch']}")
 
@@ -396,3 +404,182 @@ def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, ti
     assert [float(v) for v in row[5:7]] == [
         float(f"{float(last_row[k]):.3g}") for k in ("metrics/mAP_0.5", "metrics/mAP_0.5:0.95")
     ]
+
+
+# SWAP (--swap-epoch): two gloo processes train as one for 2 epochs, then each alone for 2. A
+# global batch of 4: 4 micro-batches of 2 per process and epoch; a process alone accumulates to
+# the nominal batch on its own, so a long warmup (swap_hyp) keeps its windows short enough to
+# step, and checkpoint, inside an epoch.
+SWAP_TINY = (
+    "--epochs",
+    "4",
+    "--swap-epoch",
+    "2",
+    "--imgsz",
+    "64",
+    "--batch-size",
+    "4",
+    "--workers",
+    "1",
+    "--deterministic",
+    "--optimizer",
+    "SGD",
+    "--no-plots",
+    "--save-period",
+    "1",
+    "--cfg",
+    "yolov5n.yaml",
+)
+BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.fixture(scope="module")
+def swap_hyp(tmp_path_factory) -> str:
+    """YOLOv5's hyp with a 100-epoch warmup: accumulation windows of 1-2 micro-batches throughout."""
+    hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())
+    path = tmp_path_factory.mktemp("hyp") / "long-warmup.yaml"
+    path.write_text(yaml.safe_dump({**hyp, "warmup_epochs": 100}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def swap_run(tiny_dataset, swap_hyp, tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("swap")
+    result = run_command(
+        torchrun(
+            "--data", str(tiny_dataset), *SWAP_TINY, "--hyp", swap_hyp, "--project", str(project), "--name", "swap"
+        )
+    )
+    assert "each of the 2 processes trains alone" in result.stdout, result.stdout
+    return project / "swap"
+
+
+@pytest.mark.slow
+def test_swap_average_is_the_mean_of_the_processes_final_weights(swap_run):
+    """swap.pt holds the mean of the two processes' final weights (last.pt: rank 0's own, rank 1's
+    in process_states), with BatchNorm statistics recomputed; the processes did train apart."""
+    last, swap = load(swap_run / "weights" / "last.pt"), load(swap_run / "weights" / "swap.pt")
+    assert len(last["process_states"]) == 1 and swap["swap"] == {"processes": 2, "swap_epoch": 2}
+    rank0, rank1 = last["model"], last["process_states"][0]["model"]
+    weights = [k for k in rank0 if not k.endswith(BATCHNORM_STATISTICS)]
+    assert any(not torch.equal(rank0[k], rank1[k]) for k in weights), "the processes never trained apart"
+    for key in weights:
+        torch.testing.assert_close(swap["ema"][key], (rank0[key] + rank1[key]) / 2, rtol=0, atol=0, msg=key)
+    recomputed = [k for k in rank0 if k.endswith("running_mean")]
+    assert any(not torch.equal(swap["ema"][k], (rank0[k] + rank1[k]) / 2) for k in recomputed)
+
+
+def assert_same_processes(final: dict, straight: dict) -> None:
+    """Both processes' final weights and rank 0's EMA equal the uninterrupted run's, bit for bit."""
+    pairs = [(final["model"], straight["model"]), (final["ema"], straight["ema"])]
+    pairs.append((final["process_states"][0]["model"], straight["process_states"][0]["model"]))
+    for resumed, expected in pairs:
+        for key, tensor in expected.items():
+            assert torch.equal(resumed[key], tensor), key
+
+
+def resume_copy(run_dir: Path, epoch_file: str, tmp_path: Path) -> Path:
+    """The run's epochN.pt as the last.pt of a run folder of its own (with its opt.yaml), resumed under torchrun."""
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(run_dir / "weights" / epoch_file, last)
+    shutil.copy(run_dir / "opt.yaml", last.parent.parent)
+    run_command(torchrun("--resume", str(last)))
+    return last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epoch_file", ["epoch0.pt", "epoch1.pt"], ids=["first-phase", "phase-boundary"])
+def test_swap_resumes_from_either_phase(swap_run, tmp_path, epoch_file):
+    """From the end of epoch 0 (DDP) or of epoch 1 (the last before each process trains alone,
+    whose checkpoint already holds every process's state), a resume ends where the run did."""
+    last = resume_copy(swap_run, epoch_file, tmp_path)
+    assert_same_processes(load(last), load(swap_run / "weights" / "last.pt"))
+    assert torch.equal(
+        load(last.parent / "swap.pt")["ema"]["model.0.conv.weight"],
+        load(swap_run / "weights" / "swap.pt")["ema"]["model.0.conv.weight"],
+    )
+
+
+@pytest.mark.slow
+def test_swap_killed_in_its_second_phase_resumes_bit_for_bit(swap_run, swap_hyp, tiny_dataset, tmp_path):
+    """A checkpoint written mid-epoch in the second phase, each process with weights of its own,
+    resumes under torchrun to the uninterrupted run's weights on both ranks and to its swap.pt;
+    one process cannot resume it."""
+    command = torchrun("--data", str(tiny_dataset), *SWAP_TINY, "--hyp", swap_hyp, "--save-interval", "1e-6")
+    last = tmp_path / "killed" / "weights" / "last.pt"
+    second_phase = interrupted_checkpoint(
+        [*command, "--project", str(tmp_path), "--name", "killed"],
+        last,
+        lambda loop: loop["epoch"] >= 2 and loop["batch"] > 0,
+    )
+    last.write_bytes(second_phase)
+
+    alone = run_script("train.py", "--resume", str(last))
+    assert alone.returncode == 2 and "--swap-epoch needs several processes" in alone.stderr, alone.stderr
+    run_command(torchrun("--resume", str(last)))
+    assert_same_processes(load(last), load(swap_run / "weights" / "last.pt"))
+    swap, expected = load(last.parent / "swap.pt")["ema"], load(swap_run / "weights" / "swap.pt")["ema"]
+    assert all(torch.equal(swap[k], v) for k, v in expected.items())
+
+
+def small_network(seed: int) -> nn.Module:
+    """A conv + BatchNorm network whose weights and running statistics depend on `seed` alone."""
+    torch.manual_seed(seed)
+    network = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        network[1].running_mean.uniform_(-1, 1)
+        network[1].weight.uniform_(0.5, 1.5)
+    return network
+
+
+def _graft_from_the_next_process(rank: int, world_size: int) -> None:
+    hyp = load_hyp(None)
+    own, expected = small_network(rank), small_network(rank)
+    graft(expected, small_network((rank + 1) % world_size).state_dict(), hyp["graft_a"], hyp["graft_c"], 10)
+    alphas = graft_from_next_process(own, World(rank=rank, size=world_size), hyp)
+    assert len(alphas) == 2 and all(0.3 <= a <= 0.7 for a in alphas)
+    for (name, a), b in zip(expected.state_dict().items(), own.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_grafting_takes_in_the_next_process_network():
+    """Two gloo processes with networks of their own: each ends as graft(own, the other's), the
+    cyclic neighbour's state (BatchNorm statistics included) received through the collective."""
+    in_two_processes(_graft_from_the_next_process)
+
+
+@pytest.mark.slow
+def test_graft_run_trains_a_network_per_process(tiny_dataset, tmp_path):
+    """torchrun --graft with a hyp file per process: each process keeps its own hyp and weights
+    (rank 1's in rank 0's checkpoint), grafting is logged after every epoch but the last, rank
+    0's EMA is validated and saved, and the run resumes from its first epoch's checkpoint to the
+    same weights on both processes."""
+    hyp = yaml.safe_load((REPO_ROOT / "hyp" / "scratch-low.yaml").read_text())
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({**hyp, "lr0": 0.005}))
+    result = run_command(
+        torchrun(
+            "--data",
+            str(tiny_dataset),
+            *SWAP_TINY[4:],  # SWAP_TINY without its --epochs 4 --swap-epoch 2
+            "--epochs",
+            "3",
+            "--graft",
+            "--graft-hyp",
+            "hyp/scratch-low.yaml",
+            str(second),
+            "--project",
+            str(tmp_path),
+            "--name",
+            "graft",
+        )
+    )
+    assert result.stdout.count("Grafted the next process's network") == 2, result.stdout
+    last = load(tmp_path / "graft" / "weights" / "last.pt")
+    assert last["hyp"]["lr0"] == hyp["lr0"] and last["process_states"][0]["hyp"]["lr0"] == 0.005
+    rank0, rank1 = last["model"], last["process_states"][0]["model"]
+    assert any(not torch.equal(rank0[k], rank1[k]) for k in rank0 if k.endswith("conv.weight"))
+    assert (tmp_path / "graft" / "weights" / "best.pt").exists()
+    resumed = resume_copy(tmp_path / "graft", "epoch0.pt", tmp_path / "resumed")
+    assert_same_processes(load(resumed), last)

@@ -27,6 +27,10 @@ pytestmark = pytest.mark.slow
 POSTHOC = {"power-0.05", "power-0.1"}  # the power EMAs --posthoc-ema tracks
 
 
+# The anchor-free YOLOv5u case also trains with Lookahead (a 3-step cycle: kills land inside cycles).
+EXTRA_ARGS = {"yolov5nu.yaml": ["--lookahead", "3", "0.5"]}
+
+
 def train_command(data: Path, project: Path, name: str, cfg: str) -> list[str]:
     # 16 images in batches of 4 for 3 epochs; a last.pt at nearly every optimizer step.
     return [
@@ -61,6 +65,7 @@ def train_command(data: Path, project: Path, name: str, cfg: str) -> list[str]:
         "--name",
         name,
         "--exist-ok",
+        *EXTRA_ARGS.get(cfg, []),
     ]
 
 
@@ -157,6 +162,9 @@ def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset
                 assert torch.equal(a["averages"][average]["module"][name], tensor), (snapshot, average, name)
     for a, b in zip(resumed["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
         assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    if cfg in EXTRA_ARGS:  # Lookahead's slow weights and cycle position
+        a, b = resumed["optimizer"]["lookahead"], straight["optimizer"]["lookahead"]
+        assert a["steps"] == b["steps"] and all(torch.equal(x, y) for x, y in zip(a["slow"], b["slow"]))
     assert read_rows(tmp_path / "killed") == read_rows(tmp_path / "straight")
 
 

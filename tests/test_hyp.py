@@ -82,4 +82,5 @@ def test_values_keep_their_types(tmp_path):
     loaded = load_hyp(path)
     assert loaded["close_mosaic"] == 10 and type(loaded["close_mosaic"]) is int
     assert loaded["ema_warmup"] == "exponential"
-    assert all(type(v) is float for k, v in loaded.items() if k not in ("close_mosaic", "ema_warmup"))
+    assert type(loaded["graft_bins"]) is int
+    assert all(type(v) is float for k, v in loaded.items() if k not in ("close_mosaic", "graft_bins", "ema_warmup"))

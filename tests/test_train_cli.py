@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,4 +257,26 @@ def test_the_run_configuration_is_frozen_and_recorded_with_its_types(tiny_run):
 def test_averaging_options_are_checked(tiny_dataset, tmp_path, args, message):
     with pytest.raises(UserError, match=message):
         train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "1", *args))
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize(
+    "processes, args, message",
+    [
+        ("1", ("--graft",), "--graft grafts the networks of several processes into each other: run under torchrun"),
+        ("1", ("--swap-epoch", "1"), "--swap-epoch needs several processes to average"),
+        ("2", ("--swap-epoch", "2"), "--swap-epoch 2 must be between 1 and --epochs - 1"),
+        ("2", ("--swap-epoch", "1", "--sync-bn"), "--sync-bn would tie them"),
+        ("2", ("--swap-epoch", "1", "--lookahead"), "--lookahead does not combine with --swap-epoch or --graft"),
+        ("2", ("--graft", "--lookahead", "3"), "--lookahead does not combine with --swap-epoch or --graft"),
+        ("2", ("--graft", "--swap-epoch", "1"), "it does not combine with --swap-epoch or --sync-bn"),
+        ("2", ("--graft-hyp", "a.yaml", "b.yaml"), "give --graft too"),
+        ("2", ("--graft", "--graft-hyp", "a.yaml"), "gives 1 hyp files for 2 processes"),
+    ],
+)
+def test_separate_process_options_are_checked(monkeypatch, tiny_dataset, tmp_path, processes, args, message):
+    """Refused before a process group is joined or anything is written (WORLD_SIZE as torchrun sets it)."""
+    monkeypatch.setenv("WORLD_SIZE", processes)
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "2", *args))
     assert not (tmp_path / "exp").exists()

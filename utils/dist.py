@@ -51,6 +51,32 @@ class World:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def gather_to_main(self, value: object) -> list[object] | None:
+        """Every rank's `value` (a picklable object), in rank order, on rank 0; None on the others."""
+        if not self.distributed:
+            return [value]
+        gathered = [None] * self.size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """For each tensor, its value on every rank, in rank order ([[tensor]] each when alone)."""
+        if not self.distributed:
+            return [[t] for t in tensors]
+        gathered = []
+        for tensor in tensors:
+            copies = [torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device) for _ in range(self.size)]
+            dist.all_gather(copies, tensor.contiguous())
+            gathered.append(copies)
+        return gathered
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in place (unchanged when alone)."""
+        if self.distributed:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+            torch._foreach_div_(tensors, float(self.size))
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -61,10 +61,15 @@ OPTIONAL_DEFAULTS = {
     "ema_ramp": 0.05,
     "close_mosaic": 0,
     "auto_lr0": 0.003,
+    # train.py --graft (filter grafting, Meng et al. 2020): alpha = graft_a / pi * arctan(graft_c * (H_own -
+    # H_other)) + 0.5, H the entropy of a layer's weights over graft_bins bins; the authors' constants.
+    "graft_a": 0.4,
+    "graft_c": 500.0,
+    "graft_bins": 10,
 }
 # Ours, optional, with no default: AdamW's beta1 from --optimizer auto (else the hyp's momentum).
 OPTIONAL_KEYS = ("auto_momentum",)
-INTEGER_KEYS = ("close_mosaic",)  # counts
+INTEGER_KEYS = ("close_mosaic", "graft_bins")  # counts
 CHOICE_KEYS = {"ema_warmup": ("exponential", "tensorflow")}  # words; every other value is a float
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 
@@ -125,6 +130,13 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
         raise UserError(f"hyperparameter file {source}: close_mosaic is a number of epochs, got {hyp['close_mosaic']}")
     if not 0 < hyp["ema_decay"] < 1 or hyp["ema_tau"] <= 0:
         raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
+    if not 0 < hyp["graft_a"] <= 1 or hyp["graft_c"] <= 0:
+        raise UserError(
+            f"hyperparameter file {source}: graft_a must be in (0, 1] (the share kept stays within 0.5 +- graft_a / 2) "
+            "and graft_c above 0"
+        )
+    if hyp["graft_bins"] < 2 or hyp["graft_bins"] != int(hyp["graft_bins"]):
+        raise UserError(f"hyperparameter file {source}: graft_bins is a number of histogram bins, at least 2")
     if hyp["ema_half_life"] <= 0:
         raise UserError(f"hyperparameter file {source}: ema_half_life is a number of images, above 0")
     return {k: v if k in CHOICE_KEYS else int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}

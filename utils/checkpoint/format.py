@@ -11,7 +11,9 @@ Kinds (the 'kind' key):
   ema_decay and ema_tau, still written for the step rule), averages (the running averages that
   --average, --val and --posthoc-ema track, by name), optimizer, scaler, model_yaml, names, hyp,
   opt (the run's options), world_size (its processes: opt's batch_size is split over them), rng
-  (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or None), date, versions.
+  (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or None),
+  process_states (in --swap-epoch's second phase, where each process has weights of its own: the
+  model, optimizer, scaler and rng of ranks 1.., rank 0's being the file's own; else None), date, versions.
 - average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
   weights as both ema and model, a 'source' line saying what they average; not resumable.
 - posthoc-snapshot: weights/posthoc/epochNNNN.pt, the power EMAs of --posthoc-ema at the end of
@@ -84,6 +86,7 @@ def training_checkpoint(
         "world_size": world_size,
         "rng": state["rng"],
         "swa": state["swa"],  # --swa-epochs: the running average so far
+        "process_states": state.get("process_states"),  # --swap-epoch's second phase: ranks 1.. own states
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
     }
@@ -103,6 +106,7 @@ def training_state(checkpoint: dict) -> dict:
         "loop": checkpoint["loop"],
         "rng": checkpoint["rng"],
         "swa": checkpoint.get("swa"),
+        "process_states": checkpoint.get("process_states"),
         "averages": checkpoint.get("averages") or {},
         "ema": {"module": checkpoint["ema"], **ema_state(checkpoint)},
     }

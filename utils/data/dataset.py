@@ -203,11 +203,12 @@ class DetectionDataset(Dataset):
             border=border,
         )
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor, int, tuple[float, ...]]:
+    def __getitem__(self, key: tuple[int, ...] | int) -> tuple[torch.Tensor, torch.Tensor, int, tuple[float, ...]]:
         """(epoch, index) -> (image (3, H, W) uint8 RGB, targets (n, 6), index,
-        letterbox (scale_x, scale_y, pad_x, pad_y))."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index))
+        letterbox (scale_x, scale_y, pad_x, pad_y)). A key (epoch, index, stream) draws the
+        augmentation from a stream of its own (a process training separately under torchrun)."""
+        epoch, index, *stream = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index, *stream))
         hyp = self.hyp
         letterbox_info = (1.0, 1.0, 0.0, 0.0)
         mosaic_open = self.mosaic_until_epoch is None or epoch < self.mosaic_until_epoch

@@ -27,28 +27,37 @@ class EpochSampler(Sampler):
     """Yields (epoch, index) keys; the shuffled order is a function of (seed, epoch) alone.
 
     With several ranks each takes every world_size-th key of the same order (padded by
-    wrapping around so all ranks get the same count).
+    wrapping around so all ranks get the same count). Ranks training separately (set_epoch's
+    `independent`) each take theirs from an order of their own, a function of (seed, epoch,
+    rank), and their keys (epoch, index, stream) draw augmentations of their own too.
     """
 
     def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.independent = 0, 0, False
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's order; `skip` leaves out this rank's first keys (a resume inside the epoch)."""
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip: int = 0, independent: bool = False) -> None:
+        """Select the epoch's order; `skip` leaves out this rank's first keys (a resume inside the
+        epoch); `independent`: this rank's own order and augmentation streams."""
+        self.epoch, self.skip, self.independent = epoch, skip, independent
 
     def epoch_order(self) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.num_samples)
-        return np.random.default_rng((self.seed, self.epoch, ORDER_STREAM, 0)).permutation(self.num_samples)
+        return np.random.default_rng((self.seed, self.epoch, ORDER_STREAM, self.stream)).permutation(self.num_samples)
+
+    @property
+    def stream(self) -> int:
+        """0 for ranks sharing one order, 1 + rank for a rank on its own."""
+        return 1 + self.rank if self.independent else 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order()
         per_rank = math.ceil(len(order) / self.world_size)
         order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size][self.skip :]
-        return iter([(self.epoch, int(i)) for i in order])
+        own = (self.stream,) if self.independent else ()
+        return iter([(self.epoch, int(i), *own) for i in order])
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size) - self.skip

@@ -52,6 +52,11 @@ class TrainOptions:
     swa_source: str
     sync_bn: bool
     optimizer: str  # never 'auto' once the run is configured
+    lookahead: tuple[int, float] | tuple[()]  # (K, ALPHA) of Lookahead around the optimizer; () without
+    lookahead_ema: str  # with --lookahead: 'slow' or 'fast', the weights the averages fold in
+    swap_epoch: int  # SWAP under torchrun: from this epoch each process trains alone (0: off)
+    graft: bool  # filter grafting under torchrun: a network per process, grafted after each epoch
+    graft_hyp: tuple[str, ...]  # with graft: a hyp file per process (empty: --hyp for all)
     workers: int
     project: str
     name: str
@@ -128,7 +133,8 @@ def options_for_run(
         chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
         if placement_from_command_line:
             chosen.update({k: given[k] for k in PLACEMENT_OPTIONS})
-    return TrainOptions(**{**chosen, **{k: tuple(chosen[k]) for k in ("freeze", "average", "val")}})
+    as_tuples = ("freeze", "average", "val", "lookahead", "graft_hyp")
+    return TrainOptions(**{**chosen, **{k: tuple(chosen[k]) for k in as_tuples}})
 
 
 def check_options(opt: TrainOptions, world: World) -> None:
@@ -150,6 +156,33 @@ def check_options(opt: TrainOptions, world: World) -> None:
         raise UserError("--freeze takes layer counts or indices, which are not negative")
     if opt.sync_bn and not world.distributed:
         LOGGER.warning("WARNING: --sync-bn only acts under torchrun with several processes; ignored")
+    if opt.swap_epoch and not 0 < opt.swap_epoch < opt.epochs:
+        raise UserError(f"--swap-epoch {opt.swap_epoch} must be between 1 and --epochs - 1 ({opt.epochs - 1})")
+    if opt.swap_epoch and not world.distributed:
+        raise UserError(
+            "--swap-epoch needs several processes to average: run under torchrun, e.g. "
+            "torchrun --nproc_per_node 2 train.py --swap-epoch E"
+        )
+    if opt.swap_epoch and opt.sync_bn:
+        raise UserError("--swap-epoch trains each process alone in its second phase; --sync-bn would tie them: drop it")
+    if opt.graft and not world.distributed:
+        raise UserError(
+            "--graft grafts the networks of several processes into each other: run under torchrun, e.g. "
+            "torchrun --nproc_per_node 2 train.py --graft"
+        )
+    if opt.graft and (opt.swap_epoch or opt.sync_bn):
+        raise UserError("--graft trains a network per process: it does not combine with --swap-epoch or --sync-bn")
+    if opt.lookahead and (opt.swap_epoch or opt.graft):
+        raise UserError(
+            "--lookahead does not combine with --swap-epoch or --graft: their averages and grafts act on the "
+            "model's (fast) weights, which Lookahead moves back toward its slow ones"
+        )
+    if opt.graft_hyp and not opt.graft:
+        raise UserError("--graft-hyp gives each process of a --graft run its hyp file; give --graft too")
+    if opt.graft_hyp and len(opt.graft_hyp) != world.size:
+        raise UserError(f"--graft-hyp gives {len(opt.graft_hyp)} hyp files for {world.size} processes: give one each")
+    if opt.lookahead_ema != "slow" and not opt.lookahead:
+        LOGGER.warning(f"WARNING: --lookahead-ema {opt.lookahead_ema} only acts with --lookahead; ignored")
     if opt.swa_source != "ema" and not opt.swa_epochs:
         LOGGER.warning(f"WARNING: --swa-source {opt.swa_source} only acts with --swa-epochs K; ignored")
     if "raw" in opt.validated and opt.no_ema:

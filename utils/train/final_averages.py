@@ -1,5 +1,6 @@
-"""The averages a run writes when it ends: SWA (--swa-epochs), its BatchNorm statistics recomputed,
-validated and saved; the averages tracked by --average, --val and --posthoc-ema, saved as they are."""
+"""The averages a run writes when it ends: SWA (--swa-epochs) and SWAP (--swap-epoch), their
+BatchNorm statistics recomputed, validated and saved; the averages tracked by --average, --val
+and --posthoc-ema, saved as they are."""
 
 from __future__ import annotations
 
@@ -12,28 +13,29 @@ from utils.checkpoint.format import averaged_checkpoint, model_from_checkpoint, 
 from utils.eval.evaluate import evaluate, results_table
 from utils.log import LOGGER
 from utils.train.averaging import recalibrate_on_training_batches
-from utils.train.ema import UniformAverage, WeightAverage
+from utils.train.ema import WeightAverage
 
 
-def finish_swa(
-    swa: UniformAverage,
+def finish_recalibrated(
+    weights: dict[str, torch.Tensor],
     last: dict,
     train_loader: DataLoader,
     *,
-    source: str,
+    what: str,
     workers: int,
     seed: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     val_loader: DataLoader,
     out_path: Path,
+    **extra,
 ) -> None:
-    """Recompute the SWA average's BatchNorm statistics on the last epoch's training batches
-    (augmented: see recalibrate_on_training_batches), validate it and save it to `out_path`
-    (swa.pt: an average-kind checkpoint built on the run's `last` one, whose 'swa' entry keeps
-    the plain average)."""
+    """Recompute the BatchNorm statistics of averaged `weights` (SWA's, SWAP's) on the last epoch's
+    training batches (augmented: see recalibrate_on_training_batches), validate them and save them
+    to `out_path`: an average-kind checkpoint built on the run's `last` one, described as `what`,
+    with `extra` entries (SWA's plain average, SWAP's processes)."""
     # Rebuilt from the checkpoint: plain BatchNorm where the run had SyncBatchNorm (rank 0 works alone here).
-    average = model_from_checkpoint({**last, "ema": swa.module.state_dict()}, "ema", source="the SWA average")
+    average = model_from_checkpoint({**last, "ema": weights}, "ema", source=what)
     average.to(device, memory_format=torch.channels_last)
     images = recalibrate_on_training_batches(
         average,
@@ -46,13 +48,10 @@ def finish_swa(
         amp_dtype=amp_dtype,
     )
     result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
-    description = (
-        f"SWA of the {source} weights at the end of the last {swa.updates} epochs, "
-        f"BatchNorm statistics recomputed on {images} augmented training images"
-    )
+    description = f"{what}, BatchNorm statistics recomputed on {images} augmented training images"
     LOGGER.info(f"{description}:\n{results_table(result, list(average.names))}")
     state = {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}
-    save_checkpoint(out_path, averaged_checkpoint(last, state, description, swa=last["swa"]))
+    save_checkpoint(out_path, averaged_checkpoint(last, state, description, **extra))
     LOGGER.info(f"Saved {out_path}")
 
 

@@ -10,7 +10,7 @@ from utils.device import autocast, to_model_input
 from utils.eval.evaluate import evaluate, results_table, save_validation_plots
 from utils.eval.plots import plot_results
 from utils.log import LOGGER
-from utils.train.final_averages import finish_swa, save_tracked_average
+from utils.train.final_averages import finish_recalibrated, save_tracked_average
 from utils.train.run import TrainingRun
 
 
@@ -18,8 +18,9 @@ def train(run: TrainingRun) -> None:
     """Train `run` (utils/train/run.py builds it) to its last epoch, or until early stopping.
 
     Under torchrun every rank runs this on its share of each global batch through
-    DistributedDataParallel; rank 0 alone keeps the EMA, validates, logs and writes checkpoints,
-    while the others wait for its verdict on early stopping."""
+    DistributedDataParallel (or, training separately with --swap-epoch or --graft, as a process of
+    its own); rank 0 alone keeps the EMA, validates, logs and writes checkpoints, while the others
+    wait for its verdict on early stopping."""
     opt, loop, world, model, ema = run.config.opt, run.loop, run.world, run.model, run.ema
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
     started, first_epoch = time.time(), loop.epoch
@@ -43,17 +44,20 @@ def train(run: TrainingRun) -> None:
                 if stepped and ema is not None:
                     # once per optimizer step taken, never per micro-batch; the step's images over all
                     # ranks (our sampler gives every rank as many, repeating a few images to even them out)
-                    images_in_step = loop.window_images * world.size
-                    ema.update(model, images_in_step)
-                    for average in run.averages.values():  # --average, --val, --posthoc-ema
-                        average.update(model, images_in_step)
-                loop.record_step(stepped)
+                    images_in_step = run.images_in_step()
+                    with run.averaged_weights():  # the model, or Lookahead's slow weights in it
+                        ema.update(model, images_in_step)
+                        for average in run.averages.values():  # --average, --val, --posthoc-ema
+                            average.update(model, images_in_step)
+                loop.record_step(run.stepped_everywhere(stepped))
                 run.stop_if_diverging()
-                if run.saver is not None and run.saver.due() and i + 1 < run.batches_per_epoch:
+                if run.checkpoint_due(i):
                     loop.batch = i + 1
-                    run.saver.write(run.checkpoint())  # a mid-epoch last.pt (--save-interval)
+                    run.save_last()  # a mid-epoch last.pt (--save-interval)
             run.show_progress(batches, batch, images, i, step)
         run.end_epoch(batches)
+        if opt.graft and epoch + 1 < opt.epochs:
+            run.graft()  # filter grafting: each process takes in the next one's network (collective)
 
         final_epoch, stop_early, is_best = epoch + 1 == opt.epochs, False, False
         if world.is_main:
@@ -74,40 +78,61 @@ def train(run: TrainingRun) -> None:
             # Only validated epochs count: with --noval nothing stops the run early.
             stop_early = result is not None and epoch - loop.best_epoch >= patience and not final_epoch
             run.save_snapshot(epoch, stopping=final_epoch or stop_early)  # --posthoc-ema, when due
+        stop_early = world.from_main(stop_early)
         loop.start_next_epoch()
-        if world.is_main and (not opt.nosave or final_epoch or stop_early):
+        if not opt.nosave or final_epoch or stop_early:  # rank 0 writes; in SWAP's second phase all contribute
             run.save_epoch(epoch, finished=final_epoch or stop_early, best=is_best)
-        if world.from_main(stop_early):
+        if stop_early:
             LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
             break
+    swap_weights = run.swap_average()  # --swap-epoch: every process's weights averaged (collective)
     if world.is_main:
-        finish(run, elapsed_s=time.time() - started, epochs_run=loop.epoch - first_epoch)
+        finish(run, elapsed_s=time.time() - started, epochs_run=loop.epoch - first_epoch, swap_weights=swap_weights)
 
 
-def finish(run: TrainingRun, elapsed_s: float, epochs_run: int) -> None:
-    """After the last epoch (rank 0): close the log, plot, finish SWA, validate best.pt, free the run folder."""
+def finish(run: TrainingRun, elapsed_s: float, epochs_run: int, swap_weights: dict | None = None) -> None:
+    """After the last epoch (rank 0): close the log, plot, finish SWA and SWAP, validate best.pt,
+    free the run folder."""
     run.logger.close()
     LOGGER.info(f"\n{epochs_run} epochs completed in {elapsed_s / 3600:.3f} hours.")
     if run.plots:
         plot_results(run.logger.csv_path, run.run_dir / "results.png")
     opt, last = run.config.opt, run.checkpoint(finished=True)
+    recalibrated = {
+        "workers": opt.workers,
+        "seed": opt.seed,
+        "device": run.device,
+        "amp_dtype": run.amp_dtype,
+        "val_loader": run.val_loader,
+    }
     if run.swa is not None and run.swa.updates:
-        finish_swa(
-            run.swa,
+        finish_recalibrated(
+            run.swa.module.state_dict(),
             last,
             run.train_loader,
-            source=opt.swa_source,
-            workers=opt.workers,
-            seed=opt.seed,
-            device=run.device,
-            amp_dtype=run.amp_dtype,
-            val_loader=run.val_loader,
+            what=f"SWA of the {opt.swa_source} weights at the end of the last {run.swa.updates} epochs",
             out_path=run.run_dir / "weights" / "swa.pt",
+            swa=last["swa"],
+            **recalibrated,
         )
     elif run.swa is not None:
         LOGGER.warning(
             f"WARNING: training stopped before the last {opt.swa_epochs} epochs, so SWA averaged "
             "nothing and no swa.pt was written"
+        )
+    if swap_weights is not None:
+        finish_recalibrated(
+            swap_weights,
+            last,
+            run.train_loader,
+            what=f"SWAP: the mean of {run.world.size} processes trained alone from epoch {opt.swap_epoch}",
+            out_path=run.run_dir / "weights" / "swap.pt",
+            swap={"processes": run.world.size, "swap_epoch": opt.swap_epoch},
+            **recalibrated,
+        )
+    elif opt.swap_epoch:
+        LOGGER.warning(
+            f"WARNING: training stopped before SWAP's second phase (epoch {opt.swap_epoch}), so no swap.pt was written"
         )
     for name, average in run.averages.items():  # --average, --val, --posthoc-ema: weights/NAME.pt
         path = run.run_dir / "weights" / f"{name}.pt"

@@ -15,7 +15,7 @@ OPTIMIZERS = ("auto", "SGD", "Adam", "AdamW")
 # ends at mAP@0.5:0.95 0.17 where SGD ends at 0.11 (benchmarks/bench_train.py). SGD's lr0 0.01
 # and bias warmup from 0.1 are far too large for Adam.
 AUTO_SGD_MIN_STEPS = 10_000
-BIAS_GROUP = 0  # index of the bias group, whose warmup starts from warmup_bias_lr
+BIAS_GROUP, DECAY_GROUP = 0, 1  # the bias group (warmup from warmup_bias_lr); the decayed weights
 
 
 def accumulation_steps(batch_size: int) -> int:
@@ -89,6 +89,11 @@ class TrainSchedule:
         )
         # At least 100 micro-batches of warmup, as YOLOv5 (0 turns warmup off).
         self.warmup_steps = max(round(hyp["warmup_epochs"] * batches_per_epoch), 100) if hyp["warmup_epochs"] > 0 else 0
+
+    @property
+    def weight_decay_scale(self) -> float:
+        """The hyp's weight_decay is for 64 images a step: scaled by batch * accumulate / 64."""
+        return self.batch_size * self.full_accumulate / NOMINAL_BATCH_SIZE
 
     def accumulate(self, step: int) -> int:
         """Micro-batches per optimizer step at micro-batch `step` (YOLOv5's warmup ramp, numpy rounding)."""

@@ -28,6 +28,7 @@ from utils.train.config import RunConfig, TrainOptions, check_options, choose_op
 from utils.train.loop_state import LoopState
 from utils.train.rng import seed_everything, use_deterministic_algorithms
 from utils.train.run import TrainingRun
+from utils.train.separate_processes import own_hyp, process_seed
 
 DEFAULT_CFG = "yolov5n.yaml"
 
@@ -60,14 +61,16 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     init_process_group(world, device)
     if opt.deterministic:
         use_deterministic_algorithms()
-    seed_everything(opt.seed)  # before the model exists: its initial weights come from this seed
+    # Before the model exists: its initial weights come from this seed (with --graft each process's own).
+    seed = process_seed(opt.seed, opt.graft, world)
+    seed_everything(seed)
     with local_main_first(world):  # the embedded dataset is generated once per machine
         data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, resumed)
     if resumed is not None:
-        hyp = resumed["hyp"]
+        hyp = own_hyp(resumed, world)  # with --graft-hyp, each process's own
     else:
-        hyp = load_hyp(opt.hyp, anchor_free=model.anchor_free)
+        hyp = load_process_hyp(opt, world, model.anchor_free)
         opt = replace(opt, hyp=opt.hyp or default_hyp_path(model.anchor_free))
     if model.anchor_free and opt.label_smoothing:
         raise UserError("--label-smoothing applies to YOLOv5's anchor-based loss; the anchor-free loss has none")
@@ -92,7 +95,7 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         data,
         hyp,
         img_size=opt.imgsz,
-        seed=opt.seed,
+        seed=seed,
         single_cls=opt.single_cls,
         cache=opt.cache,
         epochs=opt.epochs,
@@ -125,6 +128,20 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         )
     run_dir = world.from_main(run_dir)
     return TrainingRun(config, model, train_dataset, val_loader, run_dir, world, device, run_dir_lock=lock, state=state)
+
+
+def load_process_hyp(opt: TrainOptions, world: World, anchor_free: bool) -> dict:
+    """--hyp, or this process's --graft-hyp file. Those files must agree on warmup_epochs, which
+    sets the accumulation windows: the processes step, and checkpoint, in lockstep."""
+    if not opt.graft_hyp:
+        return load_hyp(opt.hyp, anchor_free=anchor_free)
+    hyps = [load_hyp(path, anchor_free=anchor_free) for path in opt.graft_hyp]
+    if len({h["warmup_epochs"] for h in hyps}) > 1:
+        raise UserError(
+            "--graft-hyp: the files differ in warmup_epochs, which sets when the processes step; they step in "
+            "lockstep, so give them all the same warmup_epochs"
+        )
+    return hyps[world.rank]
 
 
 def open_run_dir(config: RunConfig, home: Path | None, position: LoopState) -> tuple[Path, RunDirLock]:

@@ -40,14 +40,34 @@ from utils.train.ema import (
     build_average,
     posthoc_names,
 )
+from utils.train.grafting import graft_from_next_process
+from utils.train.lookahead import Lookahead
 from utils.train.loop_state import LoopState
-from utils.train.optim import NOMINAL_BATCH_SIZE, TrainSchedule, build_optimizer, optimizer_steps
+from utils.train.optim import DECAY_GROUP, TrainSchedule, build_optimizer, optimizer_steps
 from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter
 from utils.train.results import RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
 from utils.train.saver import CheckpointWriter
+from utils.train.separate_processes import (
+    averaged_over_processes,
+    gather_own_states,
+    own_process_state,
+    training_alone,
+)
 from utils.train.step import BufferSnapshot, optimizer_step
 from utils.train.sync_bn import convert_sync_batchnorm
+
+
+def process_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> dict:
+    """What one process's training has of its own: weights, optimizer, scaler and RNG states."""
+    return {
+        "model": model.state_dict(),  # saved at once, so the live tensors need no copy
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": rng_state(),
+    }
 
 
 def state_of(
@@ -63,14 +83,11 @@ def state_of(
     """A run's state as its checkpoint keeps it: weights, averages, optimizer, scaler, loop
     position and RNG states (the layout of utils/checkpoint/format.py's training_state())."""
     return {
-        "model": model.state_dict(),  # saved at once, so the live tensors need no copy
+        **process_state(model, optimizer, scaler),
         "ema": ema.state_dict(),
         "averages": {name: average.state_dict() for name, average in (averages or {}).items()},
         "swa": swa.state_dict() if swa is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "loop": (loop or LoopState()).state_dict(),
-        "rng": rng_state(),
     }
 
 
@@ -116,14 +133,19 @@ class TrainingRun:
         self.plots = not opt.no_plots and world.is_main
 
         self.schedule = TrainSchedule(hyp, opt.epochs, self.batches_per_epoch, opt.batch_size, cos_lr=opt.cos_lr)
-        weight_decay = hyp["weight_decay"] * opt.batch_size * self.schedule.full_accumulate / NOMINAL_BATCH_SIZE
-        self.optimizer = build_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+        weight_decay = hyp["weight_decay"] * self.schedule.weight_decay_scale
+        self.optimizer: torch.optim.Optimizer | Lookahead = build_optimizer(
+            self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay
+        )
+        if opt.lookahead:  # fast weights: the model's parameters; slow ones in the optimizer's state
+            self.optimizer = Lookahead(self.optimizer, *opt.lookahead)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # The EMA lives on rank 0 alone, which validates and saves it. Parameters are equal on all ranks
         # after every step (DDP averages the gradients); BatchNorm statistics are equal with --sync-bn,
         # and without it rank 0's are the ones DDP broadcasts to every rank before each forward
         # (broadcast_buffers). Averaging rank 0's model is therefore averaging the model every rank
-        # runs, with no collective and no copy of the EMA on the other ranks.
+        # runs, with no collective and no copy of the EMA on the other ranks. (Processes training
+        # separately, --swap-epoch's second phase and --graft, differ: rank 0's EMA is then its own model's.)
         # --no-ema keeps the same machinery with d = 0: the "average" is then the raw model itself.
         # Under torchrun, each step's images are counted over all ranks (ImageEMA's horizon is in images).
         self.ema: WeightAverage | None = None
@@ -144,14 +166,17 @@ class TrainingRun:
         self.criterion = build_criterion(self.model, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world)
         self.val_criterion = build_criterion(self.model, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
         self.loop = LoopState()
+        self._own_states: list[dict] | None = None  # rank 0, processes training separately: the others' states
         if state is not None:
             self.load_state_dict(state)
         self.buffers = BufferSnapshot(self.model)
         # Forward passes go through DDP, which averages the gradients over the ranks in backward; the
         # optimizer, EMA, clipping and checkpoints use the bare model, whose tensors DDP shares.
+        # Processes training separately (SWAP's second phase, grafting: see train_alone()) need no DDP,
+        # which would also overwrite every rank's own weights with rank 0's when built.
         self.forward_model = (
             DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if world.distributed
+            if world.distributed and not self.alone
             else self.model
         )
         self._non_finite_in_window = False  # a micro-batch of the current window had a non-finite loss
@@ -195,6 +220,23 @@ class TrainingRun:
                     else ""
                 )
             )
+        if opt.graft:
+            LOGGER.info(
+                f"Filter grafting: {self.world.size} processes each train a network of their own (seed "
+                f"{opt.seed} + rank{', hyp files ' + ' '.join(opt.graft_hyp) if opt.graft_hyp else ''}); after each "
+                "epoch each grafts the next one's into its own. Rank 0's network is validated and saved"
+            )
+        if opt.swap_epoch:
+            LOGGER.info(
+                f"SWAP: the {self.world.size} processes train as one until epoch {opt.swap_epoch}, then each alone; "
+                "their average is written to weights/swap.pt at the end"
+            )
+        if opt.lookahead:
+            k, alpha = opt.lookahead
+            LOGGER.info(
+                f"Lookahead: every {k} optimizer steps the slow weights move {alpha:g} of the way to the fast "
+                f"ones, which restart from them; the EMA averages the {opt.lookahead_ema} weights"
+            )
         if opt.noval and opt.patience:
             LOGGER.info(
                 "--noval: only the last epoch is validated, so best.pt is written then and --patience "
@@ -217,7 +259,7 @@ class TrainingRun:
 
     def state_dict(self) -> dict:
         """Everything a resume needs besides the configuration (rank 0's: the one that writes checkpoints)."""
-        return state_of(
+        state = state_of(
             self.model,
             self.ema,
             self.optimizer,
@@ -226,10 +268,13 @@ class TrainingRun:
             swa=self.swa,
             averages=self.averages,
         )
+        if self._own_states is not None:  # processes training separately: ranks 1.. (rank 0's is the file's own)
+            state["process_states"] = self._own_states
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from what state_dict() returned (on every rank; the averages on rank 0)."""
-        self.model.load_state_dict(state["model"])
+        self._load_process_state(state)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         for name, average in self.averages.items():
@@ -238,11 +283,19 @@ class TrainingRun:
             average.load_state_dict(state["averages"][name])
         if self.swa is not None and state.get("swa"):
             self.swa.load_state_dict(state["swa"])
+        self.loop = LoopState.from_state_dict(state["loop"])
+        if self.alone:  # processes training separately: ranks 1.. take back their own states
+            own = own_process_state(state.get("process_states"), self.world)
+            if own is not None:
+                self._load_process_state(own)
+
+    def _load_process_state(self, state: dict) -> None:
+        """Load what process_state() returned."""
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
-        self.loop = LoopState.from_state_dict(state["loop"])
 
     def checkpoint(self, finished: bool = False) -> dict:
         """The run as a training checkpoint (utils/checkpoint/format.py)."""
@@ -262,11 +315,14 @@ class TrainingRun:
         """Train mode, the epoch's data order (each rank skipping its share of the batches a resumed
         run already took) and the progress bar over it."""
         opt, loop = self.config.opt, self.loop
+        if self.alone:
+            self.train_alone()
         self.forward_model.train()
         close_mosaic = int(self.config.hyp["close_mosaic"])
         if close_mosaic and loop.epoch == opt.epochs - close_mosaic:
             LOGGER.info(f"Closing mosaic (and mixup) for the last {close_mosaic} epochs")
-        self.train_loader.sampler.set_epoch(loop.epoch, skip=loop.batch * self.train_loader.batch_size)
+        skip = loop.batch * self.train_loader.batch_size
+        self.train_loader.sampler.set_epoch(loop.epoch, skip=skip, independent=self.alone)
         loop.loss_sum = loop.loss_sum.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         self._non_finite_in_window = False
@@ -280,6 +336,34 @@ class TrainingRun:
             disable=not interactive() or not self.world.is_main,
         )
 
+    @property
+    def alone(self) -> bool:
+        """Whether the processes train separately this epoch (--graft; --swap-epoch's second phase)."""
+        opt = self.config.opt
+        return training_alone(opt.swap_epoch, opt.graft, self.loop.epoch, self.world)
+
+    def train_alone(self) -> None:
+        """Each process on its own, as a one-process run with its share of the batch would train:
+        forward without DDP (no gradient all-reduce, no broadcast of rank 0's BatchNorm
+        statistics), the loss of one process, accumulation to the nominal batch and weight decay
+        for its share; start_epoch() gives it its own order and augmentation of the data."""
+        opt, hyp = self.config.opt, self.config.hyp
+        if self.forward_model is not self.model:
+            LOGGER.info(f"SWAP: from epoch {self.loop.epoch} each of the {self.world.size} processes trains alone")
+        self.forward_model = self.model  # the DDP wrapper and its gradient hooks are released
+        self.criterion = self.val_criterion  # built for one process: means over this rank's batch
+        self.schedule = TrainSchedule(
+            hyp, opt.epochs, self.batches_per_epoch, self.config.batch_per_process, cos_lr=opt.cos_lr
+        )
+        self.optimizer.param_groups[DECAY_GROUP]["weight_decay"] = (
+            hyp["weight_decay"] * self.schedule.weight_decay_scale
+        )
+
+    def images_in_step(self) -> int:
+        """Images that trained the weights of this optimizer step: the window's over all ranks, or
+        this rank's own when the processes train separately (the sampler gives each as many)."""
+        return self.loop.window_images * (1 if self.alone else self.world.size)
+
     def window_full(self, i: int, step: int) -> bool:
         """Whether micro-batch i of the epoch (`step` of the run) completes an accumulation window.
         The last window of an epoch steps with what it has, its gradient summed over its images and
@@ -289,7 +373,7 @@ class TrainingRun:
 
     def gradient_sync(self, window_full: bool) -> AbstractContextManager:
         """Under DDP, gradients are averaged over the ranks only in the window's last backward."""
-        if self.world.distributed and not window_full:
+        if isinstance(self.forward_model, DistributedDataParallel) and not window_full:
             return self.forward_model.no_sync()
         return contextlib.nullcontext()
 
@@ -298,14 +382,16 @@ class TrainingRun:
         forward's BatchNorm statistics and marks the window, whose step is then skipped on all."""
         # The loss items summed over the ranks, and on how many ranks the loss is not finite.
         summed = self.world.sum(torch.cat((loss_items, (~torch.isfinite(loss)).float().reshape(1))))
+        # (Processes training separately each have their own mean loss: the log shows their mean, and a
+        # non-finite loss on one rank skips the step on all, which keeps their loops in step.)
         if summed[3] == 0:
             self.scaler.scale(loss).backward()
-            self.loop.loss_sum += summed[:3]
+            self.loop.loss_sum += summed[:3] / (self.world.size if self.alone else 1)
             return
         self.buffers.restore()
         self._non_finite_in_window = True
-        if self.world.distributed:  # DDP's backward is collective: every rank takes part; grads are dropped
-            self.scaler.scale(loss).backward()
+        if isinstance(self.forward_model, DistributedDataParallel):  # collective: every rank takes part
+            self.scaler.scale(loss).backward()  # the gradients are dropped
 
     def optimizer_step(self, epoch: int, step: int) -> bool:
         """The window's optimizer step at the schedule's lr (zeroing the gradients); False when it
@@ -316,6 +402,22 @@ class TrainingRun:
             return False
         self.schedule.apply(self.optimizer, epoch, step)
         return optimizer_step(self.optimizer, self.scaler, self.model)
+
+    def averaged_weights(self) -> AbstractContextManager:
+        """Around the averages' updates: the model as they fold it in, holding Lookahead's slow
+        weights under --lookahead with --lookahead-ema slow."""
+        if isinstance(self.optimizer, Lookahead) and self.config.opt.lookahead_ema == "slow":
+            return self.optimizer.slow_weights()
+        return contextlib.nullcontext()
+
+    def stepped_everywhere(self, stepped: bool) -> bool:
+        """Whether this optimizer step was taken on every rank, for the loop's skip counters, which
+        must agree on all ranks. Under DDP the ranks decide alike; processes training separately
+        each decide on their own gradients (collective)."""
+        if not self.alone:
+            return stepped
+        skipped = self.world.sum(torch.tensor([0.0 if stepped else 1.0], device=self.device))
+        return bool(skipped.item() == 0)
 
     def stop_if_diverging(self) -> None:
         """Stop after --max-bad-steps skipped steps in a row (the last good checkpoint is kept)."""
@@ -397,8 +499,47 @@ class TrainingRun:
             posthoc = {name: self.averages[name] for name in posthoc_names()}
             self.snapshots.write(epoch, posthoc, force=stopping)
 
+    def checkpoint_due(self, i: int) -> bool:
+        """Whether a mid-epoch last.pt (--save-interval) is due after micro-batch i. Rank 0's clock
+        decides; processes training separately all learn it, as each adds its own state."""
+        due = i + 1 < self.batches_per_epoch and self.saver is not None and self.saver.due()
+        return bool(self.world.from_main(due)) if self.alone else due
+
+    def gather_own_states(self) -> None:
+        """Processes training separately: ranks 1.. send rank 0 their own states for its checkpoint (collective)."""
+        if self.alone:
+            state = {**process_state(self.model, self.optimizer, self.scaler), "hyp": dict(self.config.hyp)}
+            self._own_states = gather_own_states(self.world, state)
+
+    def save_last(self) -> None:
+        """A mid-epoch last.pt (every rank calls it: see gather_own_states)."""
+        self.gather_own_states()
+        if self.saver is not None:
+            self.saver.write(self.checkpoint())
+
     def save_epoch(self, epoch: int, finished: bool, best: bool) -> None:
-        """last.pt, and best.pt / epochN.pt when due, at the end of an epoch."""
+        """last.pt, and best.pt / epochN.pt when due, at the end of an epoch (every rank calls it:
+        see gather_own_states)."""
+        self.gather_own_states()
+        if self.saver is None:
+            return
         save_period = self.config.opt.save_period
         copy_name = f"epoch{epoch}.pt" if save_period > 0 and epoch % save_period == 0 else None
         self.saver.write(self.checkpoint(finished=finished), best=best, copy_name=copy_name)
+
+    def graft(self) -> None:
+        """--graft: every process grafts the next one's network into its own (collective); rank 0
+        logs its alphas."""
+        alphas = graft_from_next_process(self.model, self.world, self.config.hyp)
+        LOGGER.info(
+            f"Grafted the next process's network into this one's: alpha (the share kept) {min(alphas):.3f} to "
+            f"{max(alphas):.3f}, mean {sum(alphas) / len(alphas):.3f} over {len(alphas)} layers"
+        )
+
+    def swap_average(self) -> dict[str, torch.Tensor] | None:
+        """After the last epoch of a SWAP run that reached its second phase: the mean of all the
+        processes' weights (collective; rank 0 uses it), else None."""
+        opt = self.config.opt
+        if not (self.world.distributed and opt.swap_epoch and self.loop.epoch > opt.swap_epoch):
+            return None
+        return averaged_over_processes(self.model, self.world)
