@@ -1,17 +1,19 @@
 """What each averaging method buys at the default budget on the embedded dataset (yolov5n, 30
 epochs, the default recipe): the default run (YOLOv5's EMA ramp), TensorFlow's EMA ramp,
 Lookahead (the EMA folding in its slow or its fast weights), SWAP and filter grafting with 2 CPU
-processes; over seeds, the mAP@0.5:0.95 of the weights each method ships and the training wall
-time, against the default run. Prints a table.
+processes; over seeds, the mAP@0.5:0.95 of the weights each method ships, and the training wall
+time against the default run. Prints a table.
 
     python benchmarks/averaging_methods.py --seeds 0 1
 
 Shipped weights: the last epoch's EMA (rank 0's for SWAP and grafting, whose results.csv row
 is its validation), and SWAP's weights/swap.pt (the processes' average, BatchNorm recomputed),
-evaluated as train.py validates. One process runs with the machine's threads; the
+evaluated as train.py validates. The accuracy runs are kept (an interrupted one resumes from its
+last.pt) and their numbers cached in result.json, so they may be trained over several sittings
+and the script run again to add seeds. Wall time comes from separate timing runs instead, one
+per method, --timing-epochs long, run one after the other in this script run on a machine left
+otherwise idle (rerun them with --retime). One process runs with the machine's threads; the
 2-process methods run under torchrun with one thread each, so every run uses the same cores.
-Finished runs are kept (an interrupted one resumes from its last.pt, its wall times summed) and
-each run's numbers are cached in its result.json, so the script can be run again to add seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +50,12 @@ METHODS = {  # name -> (label, processes, train.py options)
 SWAP_AVERAGE = "swap.pt"  # the extra row SWAP ships
 
 
-def command(method: str, run_dir: Path, epochs: int, seed: int, data: str) -> list[str]:
+def swap_epoch(epochs: int) -> int:
+    """SWAP's processes train alone for the last third of the run (at least its last epoch)."""
+    return min(epochs - epochs // 3, epochs - 1)
+
+
+def command(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> list[str]:
     """train.py's command line for a new run or for resuming an interrupted one."""
     _, processes, options = METHODS[method]
     launcher = [sys.executable]
@@ -56,13 +64,13 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, data: str) -> li
     last = run_dir / "weights" / "last.pt"
     if last.exists():
         return [*launcher, "train.py", "--resume", str(last)]
-    placeholders = {TF_HYP: str(run_dir.parent / TF_HYP), "SWAP_EPOCH": str(epochs - epochs // 3)}
+    placeholders = {TF_HYP: str(Path(args.project) / TF_HYP), "SWAP_EPOCH": str(swap_epoch(epochs))}
     options = [placeholders.get(option, option) for option in options]
     return [
         *launcher,
         "train.py",
         "--data",
-        data,
+        args.data,
         "--epochs",
         str(epochs),
         "--seed",
@@ -77,23 +85,21 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, data: str) -> li
 
 
 def train(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> float:
-    """Train the run (or finish an interrupted one) unless it is done; its wall time in seconds over all attempts."""
-    timing = run_dir.parent / f"{run_dir.name}.seconds"
-    if (run_dir / "weights" / "last.pt").exists() and load_checkpoint(run_dir / "weights" / "last.pt")["finished"]:
-        return float(timing.read_text())
+    """Train the run (or finish an interrupted one) unless it is done; the seconds this call took."""
+    last = run_dir / "weights" / "last.pt"
+    if last.exists() and load_checkpoint(last)["finished"]:
+        return 0.0
     processes = METHODS[method][1]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(os.cpu_count() // processes, 1))}
     print(f"training {run_dir.name}...", flush=True)
     started = time.time()
     with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
         result = subprocess.run(
-            command(method, run_dir, epochs, seed, args.data), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
+            command(method, run_dir, epochs, seed, args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    elapsed = time.time() - started + (float(timing.read_text()) if timing.exists() else 0.0)
-    timing.write_text(f"{elapsed:.1f}")
     if result.returncode:
         sys.exit(f"training {run_dir.name} failed: see {run_dir.parent / f'{run_dir.name}.log'}")
-    return elapsed
+    return time.time() - started
 
 
 def last_validation(run_dir: Path) -> float:
@@ -118,12 +124,26 @@ def run_result(method: str, epochs: int, seed: int, args: argparse.Namespace, pr
     cache = run_dir / "result.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    wall = train(method, run_dir, epochs, seed, args)
-    result = {"map": last_validation(run_dir), "wall_s": wall}
+    train(method, run_dir, epochs, seed, args)
+    result = {"map": last_validation(run_dir)}
     if method == "swap":
         result[SWAP_AVERAGE] = evaluate_file(run_dir / "weights" / SWAP_AVERAGE, args.data)
     cache.write_text(json.dumps(result, indent=1))
     return result
+
+
+def timed(method: str, args: argparse.Namespace, project: Path) -> float:
+    """Seconds of a fresh --timing-epochs run of the method (seed 0; cached in timing.json unless --retime)."""
+    cache = project / "timing.json"
+    times = json.loads(cache.read_text()) if cache.exists() and not args.retime else {}
+    key = f"{method}_e{args.timing_epochs}"
+    if key not in times:
+        run_dir = project / "timing" / key
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        times[key] = train(method, run_dir, args.timing_epochs, 0, args)
+        cache.write_text(json.dumps(times, indent=1))
+    return times[key]
 
 
 def write_tf_hyp(project: Path) -> None:
@@ -132,16 +152,18 @@ def write_tf_hyp(project: Path) -> None:
     (project / TF_HYP).write_text(yaml.safe_dump({**hyp, "ema_warmup": "tensorflow"}, sort_keys=False))
 
 
-def report(results: dict[str, list[dict]], seeds: list[int], epochs: int) -> None:
-    print(f"\n### {epochs} epochs, seeds {', '.join(map(str, seeds))}: mAP@0.5:0.95 on val, training wall time\n")
+def report(results: dict[str, list[dict]], walls: dict[str, float], seeds: list[int], args: argparse.Namespace) -> None:
+    print(
+        f"\n### {args.epochs} epochs, seeds {', '.join(map(str, seeds))}: mAP@0.5:0.95 on val; "
+        f"wall time of {args.timing_epochs} training epochs\n"
+    )
     print(
         "| method | "
         + " | ".join(f"seed {s}" for s in seeds)
-        + " | mean | vs default, paired mean (worst seed) | wall, min (mean) | wall vs default |"
+        + " | mean | vs default, paired mean (worst seed) | wall, s | wall vs default |"
     )
     print("|---|" + "--:|" * (len(seeds) + 4))
     base = [r["map"] for r in results["default"]]
-    base_wall = mean(r["wall_s"] for r in results["default"])
     rows = [(METHODS[m][0], m, "map") for m in results]
     if "swap" in results:
         swap_row = ("SWAP: the average of the 2 processes (swap.pt)", "swap", SWAP_AVERAGE)
@@ -149,12 +171,11 @@ def report(results: dict[str, list[dict]], seeds: list[int], epochs: int) -> Non
     for label, method, key in rows:
         values = [r[key] for r in results[method]]
         gains = [v - b for v, b in zip(values, base)]
-        wall = mean(r["wall_s"] for r in results[method]) / 60
         versus = "" if method == "default" else f"{mean(gains):+.4f} ({min(gains):+.4f})"
         print(
             f"| {label} | "
             + " | ".join(f"{v:.4f}" for v in values)
-            + f" | {mean(values):.4f} | {versus} | {wall:.1f} | {wall * 60 / base_wall:.2f}x |"
+            + f" | {mean(values):.4f} | {versus} | {walls[method]:.0f} | {walls[method] / walls['default']:.2f}x |"
         )
 
 
@@ -165,14 +186,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", default="data/shapes.yaml")
     parser.add_argument("--project", default="runs/averaging_methods")
+    parser.add_argument("--timing-epochs", type=int, default=3, help="length of each method's timing run")
+    parser.add_argument("--retime", action="store_true", help="run the timing runs again")
     args = parser.parse_args()
+    if args.epochs < 2 or args.timing_epochs < 2:
+        parser.error("SWAP needs 2 epochs at least, in the accuracy and in the timing runs")
     if "default" not in args.methods:
         parser.error("the table compares against the default run: keep 'default' in --methods")
     project = (REPO / args.project).resolve()
+    args.project = str(project)
     project.mkdir(parents=True, exist_ok=True)
     write_tf_hyp(project)
     results = {m: [run_result(m, args.epochs, s, args, project) for s in args.seeds] for m in args.methods}
-    report(results, args.seeds, args.epochs)
+    walls = {m: timed(m, args, project) for m in args.methods}
+    report(results, walls, args.seeds, args)
 
 
 if __name__ == "__main__":
