@@ -80,7 +80,7 @@ def train(run: TrainingRun) -> None:
             run.save_snapshot(epoch, stopping=final_epoch or stop_early)  # --posthoc-ema, when due
         stop_early = world.from_main(stop_early)
         loop.start_next_epoch()
-        if not opt.nosave or final_epoch or stop_early:  # rank 0 writes; in SWAP's second phase all contribute
+        if not opt.nosave or final_epoch or stop_early:  # rank 0 writes; processes training separately all add theirs
             run.save_epoch(epoch, finished=final_epoch or stop_early, best=is_best)
         if stop_early:
             LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
