@@ -251,7 +251,8 @@ def test_noautoanchor_with_an_anchor_count_is_one_clear_error(tiny_dataset, tmp_
 def test_resume_reads_options_recorded_before_noautoanchor():
     """A checkpoint's options from before --noautoanchor existed resume with its default (AutoAnchor
     does not run on --resume either way: the anchors come back with the checkpoint)."""
-    recorded = {field.name: 0 for field in dataclasses.fields(TrainOptions)} | {"freeze": [0], "average": [], "val": []}
+    lists = {"freeze": [0], "average": [], "val": [], "lookahead": [], "graft_hyp": []}
+    recorded = {field.name: 0 for field in dataclasses.fields(TrainOptions)} | lists
     defaults = {**recorded, "noautoanchor": False}
     old_options = {k: v for k, v in recorded.items() if k != "noautoanchor"}
     args = argparse.Namespace(**defaults, resume=True)
