@@ -70,10 +70,6 @@ class Lookahead:
         """The inner optimizer's (a property: its load_state_dict() replaces the list)."""
         return self.optimizer.param_groups
 
-    @property
-    def state(self) -> dict:
-        return self.optimizer.state
-
     def step(self, closure: Callable | None = None) -> torch.Tensor | None:
         """The inner optimizer's step; after every k-th, the synchronisation."""
         loss = self.optimizer.step(closure)
