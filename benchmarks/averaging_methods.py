@@ -13,7 +13,9 @@ last.pt) and their numbers cached in result.json, so they may be trained over se
 and the script run again to add seeds. Wall time comes from separate timing runs instead, one
 per method, --timing-epochs long, run one after the other in this script run on a machine left
 otherwise idle (rerun them with --retime). One process runs with the machine's threads; the
-2-process methods run under torchrun with one thread each, so every run uses the same cores.
+2-process methods run under torchrun with one thread each, so every run uses the same cores
+(grafting's 2 processes are 2 runs of their own: twice the compute of one). Every run trains on
+--device (default cpu).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ METHODS = {  # name -> (label, processes, train.py options)
     "lookahead": ("Lookahead 5 0.5, EMA of the slow weights", 1, ["--lookahead"]),
     "lookahead-fast": ("Lookahead 5 0.5, EMA of the fast weights", 1, ["--lookahead", "--lookahead-ema", "fast"]),
     "swap": ("SWAP, 2 processes alone for the last third: rank 0's EMA", 2, ["--swap-epoch", "SWAP_EPOCH"]),
-    "graft": ("filter grafting, 2 processes: rank 0's EMA", 2, ["--graft"]),
+    "graft": ("filter grafting, 2 processes (2 networks): rank 0's EMA", 2, ["--graft"]),
 }
 SWAP_AVERAGE = "swap.pt"  # the extra row SWAP ships
 
@@ -63,7 +65,7 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.N
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     last = run_dir / "weights" / "last.pt"
     if last.exists():
-        return [*launcher, "train.py", "--resume", str(last)]
+        return [*launcher, "train.py", "--resume", str(last), "--device", args.device]
     placeholders = {TF_HYP: str(Path(args.project) / TF_HYP), "SWAP_EPOCH": str(swap_epoch(epochs))}
     options = [placeholders.get(option, option) for option in options]
     return [
@@ -81,6 +83,8 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.N
         "--name",
         run_dir.name,
         "--exist-ok",
+        "--device",
+        args.device,
     ]
 
 
@@ -109,12 +113,12 @@ def last_validation(run_dir: Path) -> float:
     return float(next(v for k, v in row.items() if k.strip() == "metrics/mAP_0.5:0.95"))
 
 
-def evaluate_file(path: Path, data: str) -> float:
-    """mAP@0.5:0.95 of a checkpoint's weights, evaluated as train.py validates."""
+def evaluate_file(path: Path, args: argparse.Namespace) -> float:
+    """mAP@0.5:0.95 of a checkpoint's weights on args.device, evaluated as train.py validates."""
     checkpoint = load_checkpoint(path)
-    device = select_device("")
+    device = select_device(args.device)
     model = model_from_checkpoint(checkpoint, "ema").to(device)
-    loader = val_loader_as_trained(checkpoint, model, load_dataset_config(data), workers=2)
+    loader = val_loader_as_trained(checkpoint, model, load_dataset_config(args.data), workers=2)
     return evaluate_as_trained(model, checkpoint, loader, device).metrics.map50_95
 
 
@@ -127,7 +131,7 @@ def run_result(method: str, epochs: int, seed: int, args: argparse.Namespace, pr
     train(method, run_dir, epochs, seed, args)
     result = {"map": last_validation(run_dir)}
     if method == "swap":
-        result[SWAP_AVERAGE] = evaluate_file(run_dir / "weights" / SWAP_AVERAGE, args.data)
+        result[SWAP_AVERAGE] = evaluate_file(run_dir / "weights" / SWAP_AVERAGE, args)
     cache.write_text(json.dumps(result, indent=1))
     return result
 
@@ -153,6 +157,7 @@ def write_tf_hyp(project: Path) -> None:
 
 
 def report(results: dict[str, list[dict]], walls: dict[str, float], seeds: list[int], args: argparse.Namespace) -> None:
+    """The table: each method's mAP per seed, its paired gain on the default run, its wall time."""
     print(
         f"\n### {args.epochs} epochs, seeds {', '.join(map(str, seeds))}: mAP@0.5:0.95 on val; "
         f"wall time of {args.timing_epochs} training epochs\n"
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", default="data/shapes.yaml")
     parser.add_argument("--project", default="runs/averaging_methods")
+    parser.add_argument("--device", default="cpu", help="device of every run (a 2-process run needs 2 GPUs)")
     parser.add_argument("--timing-epochs", type=int, default=3, help="length of each method's timing run")
     parser.add_argument("--retime", action="store_true", help="run the timing runs again")
     args = parser.parse_args()

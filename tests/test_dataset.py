@@ -60,6 +60,20 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     assert sorted(i for r in ranks for _, i in r) == list(range(50))
 
 
+def test_ranks_that_are_runs_of_their_own_each_take_the_whole_split():
+    """--graft: every rank's epoch is all of the split, in an order and with augmentation keys of
+    its own; a resume inside the epoch skips this rank's first keys."""
+    ranks = [EpochSampler(50, shuffle=True, seed=1, rank=r, world_size=2, whole=True) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(4)
+    keys = [list(r) for r in ranks]
+    assert all(len(r) == 50 and sorted(i for _, i, _ in k) == list(range(50)) for r, k in zip(ranks, keys))
+    assert [i for _, i, _ in keys[0]] != [i for _, i, _ in keys[1]]
+    assert {k[2] for k in keys[0]} == {1} and {k[2] for k in keys[1]} == {2}
+    ranks[1].set_epoch(4, skip=10)
+    assert list(ranks[1]) == keys[1][10:] and len(ranks[1]) == 40
+
+
 def test_training_samples_are_well_formed(train_scan):
     dataset = DetectionDataset(train_scan, 96, load_hyp("scratch-low.yaml"), augment=True, seed=0)
     for index in range(len(dataset)):

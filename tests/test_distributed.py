@@ -576,6 +576,8 @@ def test_graft_run_trains_a_network_per_process(tiny_dataset, tmp_path):
         )
     )
     assert result.stdout.count("Grafted the next process's network") == 2, result.stdout
+    # Each network is a run of its own: batches of 4 from all 16 training images.
+    assert "batch 4 in each of 2 processes x 16 accumulated, 4 batches per epoch" in result.stdout, result.stdout
     last = load(tmp_path / "graft" / "weights" / "last.pt")
     assert last["hyp"]["lr0"] == hyp["lr0"] and last["process_states"][0]["hyp"]["lr0"] == 0.005
     rank0, rank1 = last["model"], last["process_states"][0]["model"]

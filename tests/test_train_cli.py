@@ -272,6 +272,8 @@ def test_averaging_options_are_checked(tiny_dataset, tmp_path, args, message):
         ("2", ("--graft", "--swap-epoch", "1"), "it does not combine with --swap-epoch or --sync-bn"),
         ("2", ("--graft-hyp", "a.yaml", "b.yaml"), "give --graft too"),
         ("2", ("--graft", "--graft-hyp", "a.yaml"), "gives 1 hyp files for 2 processes"),
+        ("2", ("--graft", "--graft-hyp", "a.yaml", "b.yaml", "--hyp", "c.yaml"), "--hyp would be unused"),
+        ("2", ("--graft", "--batch-size", "3", "--graft-hyp", "a.yaml"), "gives 1 hyp files"),  # any batch
     ],
 )
 def test_separate_process_options_are_checked(monkeypatch, tiny_dataset, tmp_path, processes, args, message):

@@ -10,10 +10,11 @@ Kinds (the 'kind' key):
   ema_state (the EMA's rule, its settings and its update and image counts; files before it have
   ema_decay and ema_tau, still written for the step rule), averages (the running averages that
   --average, --val and --posthoc-ema track, by name), optimizer, scaler, model_yaml, names, hyp,
-  opt (the run's options), world_size (its processes: opt's batch_size is split over them), rng
-  (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or None),
-  process_states (in --swap-epoch's second phase, where each process has weights of its own: the
-  model, optimizer, scaler and rng of ranks 1.., rank 0's being the file's own; else None), date, versions.
+  opt (the run's options), world_size (its processes: opt's batch_size is split over them, except
+  with --graft), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or
+  None), process_states (in --swap-epoch's second phase and with --graft, where each process has
+  weights of its own: the model, optimizer, scaler, rng and hyp of ranks 1.., rank 0's being the
+  file's own; else None), date, versions.
 - average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
   weights as both ema and model, a 'source' line saying what they average; not resumable.
 - posthoc-snapshot: weights/posthoc/epochNNNN.pt, the power EMAs of --posthoc-ema at the end of
@@ -86,7 +87,7 @@ def training_checkpoint(
         "world_size": world_size,
         "rng": state["rng"],
         "swa": state["swa"],  # --swa-epochs: the running average so far
-        "process_states": state.get("process_states"),  # --swap-epoch's second phase: ranks 1.. own states
+        "process_states": state.get("process_states"),  # processes training alone: ranks 1.. own states
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
     }
@@ -282,9 +283,12 @@ def image_size(checkpoint: dict) -> int:
 
 
 def batch_per_process(checkpoint: dict) -> int:
-    """The batch each training process ran (--batch-size is the global batch under torchrun):
-    the batch BatchNorm saw, and the one validation batches are sized from."""
+    """The batch each training process ran (--batch-size is the global batch under torchrun, and
+    each process's own with --graft): the batch BatchNorm saw, and the one validation batches are
+    sized from."""
     batch = int(training_option(checkpoint, "batch_size") or DEFAULT_BATCH_SIZE)
+    if training_option(checkpoint, "graft", False):
+        return batch
     return per_process_batch(batch, int(checkpoint.get("world_size") or 1))
 
 

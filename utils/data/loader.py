@@ -29,18 +29,21 @@ class EpochSampler(Sampler):
     With several ranks each takes every world_size-th key of the same order (padded by
     wrapping around so all ranks get the same count). Ranks training separately (set_epoch's
     `independent`) each take theirs from an order of their own, a function of (seed, epoch,
-    rank), and their keys (epoch, index, stream) draw augmentations of their own too.
+    rank), and their keys (epoch, index, stream) draw augmentations of their own too. `whole`:
+    each rank takes every key of its own order (ranks that are runs of their own: --graft).
     """
 
-    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, whole: bool = False
+    ):
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip, self.independent = 0, 0, False
+        self.rank, self.world_size, self.whole = rank, world_size, whole
+        self.epoch, self.skip, self.independent = 0, 0, whole
 
     def set_epoch(self, epoch: int, skip: int = 0, independent: bool = False) -> None:
         """Select the epoch's order; `skip` leaves out this rank's first keys (a resume inside the
-        epoch); `independent`: this rank's own order and augmentation streams."""
-        self.epoch, self.skip, self.independent = epoch, skip, independent
+        epoch); `independent`: this rank's own order and augmentation streams (always, when whole)."""
+        self.epoch, self.skip, self.independent = epoch, skip, independent or self.whole
 
     def epoch_order(self) -> np.ndarray:
         if not self.shuffle:
@@ -54,13 +57,15 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order()
-        per_rank = math.ceil(len(order) / self.world_size)
-        order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size][self.skip :]
+        if not self.whole:
+            per_rank = math.ceil(len(order) / self.world_size)
+            order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
+        order = order[self.skip :]
         own = (self.stream,) if self.independent else ()
         return iter([(self.epoch, int(i), *own) for i in order])
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size) - self.skip
+        return (self.num_samples if self.whole else math.ceil(self.num_samples / self.world_size)) - self.skip
 
 
 def _init_worker(_: int) -> None:
@@ -78,12 +83,14 @@ def build_dataloader(
     rank: int = 0,
     world_size: int = 1,
     processes_per_machine: int = 1,
+    whole: bool = False,
 ) -> DataLoader:
-    """DataLoader over `dataset` (this rank's share of it) with an EpochSampler; call
-    loader.sampler.set_epoch(e) every epoch. The machine's cores are shared by its processes."""
+    """DataLoader over `dataset` (this rank's share of it, or all of it when `whole`) with an
+    EpochSampler; call loader.sampler.set_epoch(e) every epoch. The machine's cores are shared by
+    its processes."""
     cores = max((os.cpu_count() or 1) // processes_per_machine, 1)
     workers = min(workers, cores, batch_size if batch_size > 1 else 0)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, whole=whole)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -131,13 +138,21 @@ def build_train_dataset(
 
 
 def build_train_loader(
-    dataset: DetectionDataset, *, batch_size: int, workers: int, seed: int, pin_memory: bool, world: World = World()
+    dataset: DetectionDataset,
+    *,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    pin_memory: bool,
+    world: World = World(),
+    whole: bool = False,
 ) -> DataLoader:
     """The training loader over `dataset`. Under torchrun it yields this rank's
-    batch_size / world.size images of each global batch."""
+    batch_size / world.size images of each global batch; with `whole` (ranks that are runs of
+    their own: --graft) batches of batch_size from all of the split, in this rank's own order."""
     return build_dataloader(
         dataset,
-        per_process_batch(batch_size, world.size),
+        batch_size if whole else per_process_batch(batch_size, world.size),
         workers,
         shuffle=True,
         seed=seed,
@@ -145,6 +160,7 @@ def build_train_loader(
         rank=world.rank,
         world_size=world.size,
         processes_per_machine=world.local_size,
+        whole=whole,
     )
 
 

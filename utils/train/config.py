@@ -104,7 +104,13 @@ class RunConfig:
 
     @property
     def batch_per_process(self) -> int:
-        return per_process_batch(self.opt.batch_size, self.world_size)
+        return process_batch(self.opt, self.world_size)
+
+
+def process_batch(opt: TrainOptions, world_size: int) -> int:
+    """Images in one process's batch: its share of the global --batch-size, or all of it with
+    --graft, where each process is a run of its own."""
+    return opt.batch_size if opt.graft else per_process_batch(opt.batch_size, world_size)
 
 
 def options_for_run(
@@ -141,7 +147,7 @@ def check_options(opt: TrainOptions, world: World) -> None:
     """Refuse impossible options, warn about ineffective ones: before anything is written."""
     if opt.epochs < 1 or opt.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
-    if opt.batch_size % world.size:
+    if opt.batch_size % world.size and not opt.graft:
         raise UserError(
             f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
             f"{world.size} processes (each takes an equal share)"
@@ -180,7 +186,10 @@ def check_options(opt: TrainOptions, world: World) -> None:
     if opt.graft_hyp and not opt.graft:
         raise UserError("--graft-hyp gives each process of a --graft run its hyp file; give --graft too")
     if opt.graft_hyp and len(opt.graft_hyp) != world.size:
-        raise UserError(f"--graft-hyp gives {len(opt.graft_hyp)} hyp files for {world.size} processes: give one each")
+        raise UserError(
+            f"--graft-hyp gives {len(opt.graft_hyp)} hyp files for {world.size} processes: give one each (a "
+            f"resumed run continues with the processes it started with: torchrun --nproc_per_node {len(opt.graft_hyp)})"
+        )
     if opt.lookahead_ema != "slow" and not opt.lookahead:
         LOGGER.warning(f"WARNING: --lookahead-ema {opt.lookahead_ema} only acts with --lookahead; ignored")
     if opt.swa_source != "ema" and not opt.swa_epochs:

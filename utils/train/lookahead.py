@@ -86,6 +86,7 @@ class Lookahead:
         self.steps = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's (its parameters are the model's)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @contextlib.contextmanager
@@ -102,6 +103,8 @@ class Lookahead:
                 torch._foreach_copy_(self.params, fast)
 
     def state_dict(self) -> dict:
+        """The inner optimizer's state with Lookahead's own under "lookahead": K, ALPHA, the steps
+        taken and the slow weights."""
         lookahead = {"k": self.k, "alpha": self.alpha, "steps": self.steps, "slow": self.slow}
         return {**self.optimizer.state_dict(), "lookahead": lookahead}
 

@@ -17,14 +17,14 @@ from utils.data.config import DatasetConfig, load_dataset_config
 from utils.data.labels import write_data_report
 from utils.data.loader import build_train_dataset, build_val_loader, validation_batch_size
 from utils.device import select_device
-from utils.dist import World, init_process_group, local_main_first, per_process_batch
+from utils.dist import World, init_process_group, local_main_first
 from utils.errors import UserError
 from utils.hyp import default_hyp_path, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
 from utils.run_dir import RunDirLock, newest_last_checkpoint, next_run_dir, run_dir_of
 from utils.train.autoanchor import autoanchor
-from utils.train.config import RunConfig, TrainOptions, check_options, choose_optimizer, options_for_run
+from utils.train.config import RunConfig, TrainOptions, check_options, choose_optimizer, options_for_run, process_batch
 from utils.train.loop_state import LoopState
 from utils.train.rng import seed_everything, use_deterministic_algorithms
 from utils.train.run import TrainingRun
@@ -57,6 +57,8 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         LOGGER.info(f"{args.resume} is from a finished run ({position.epoch} epochs); nothing to resume")
         return None
     check_options(opt, world)
+    if resumed is None and opt.graft_hyp and opt.hyp:  # (a resumed run's opt.hyp is the default's path)
+        raise UserError("--graft-hyp gives every process its hyp file; --hyp would be unused: drop it")
     device = select_device(opt.device)
     init_process_group(world, device)
     if opt.deterministic:
@@ -79,11 +81,12 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
             f"the model YAML gives `anchors: {model.yaml['anchors']}`, a count: the anchors must be fitted to the "
             "training labels, which --noautoanchor turns off; drop --noautoanchor, or list the anchor sizes in the YAML"
         )
-    # Each process holds its share of the batch; CPU processes share the machine's memory.
+    # Each process holds its batch (its share of --batch-size; all of it with --graft); CPU processes
+    # share the machine's memory.
     img_size = check_image_size(
         opt.imgsz,
         model,
-        batch_size=per_process_batch(opt.batch_size, world.size),
+        batch_size=process_batch(opt, world.size),
         device=device,
         training=True,
         processes=world.local_size if device.type == "cpu" else 1,

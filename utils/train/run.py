@@ -127,6 +127,7 @@ class TrainingRun:
             seed=opt.seed,
             pin_memory=device.type == "cuda",
             world=world,
+            whole=opt.graft,
         )
         self.val_loader = val_loader
         self.batches_per_epoch = len(self.train_loader)
@@ -192,7 +193,8 @@ class TrainingRun:
             plot_labels(np.concatenate(train_dataset.labels), list(self.config.names), self.run_dir / "labels.jpg")
         planned_steps = optimizer_steps(opt.epochs - loop.epoch, self.batches_per_epoch, opt.batch_size)
         if opt.no_ema:
-            LOGGER.info("--no-ema: no weight averaging; the raw weights are validated and saved as 'ema' too")
+            weights = "Lookahead's slow weights" if opt.lookahead and opt.lookahead_ema == "slow" else "the raw weights"
+            LOGGER.info(f"--no-ema: no weight averaging; {weights} are validated and saved as 'ema' too")
         elif isinstance(self.ema, ImageEMA):
             images_per_epoch = len(train_dataset)
             final = self.ema.images + (opt.epochs - loop.epoch) * images_per_epoch
@@ -222,7 +224,8 @@ class TrainingRun:
             )
         if opt.graft:
             LOGGER.info(
-                f"Filter grafting: {self.world.size} processes each train a network of their own (seed "
+                f"Filter grafting: {self.world.size} processes each train a network of their own on all of the train "
+                f"split (seed "
                 f"{opt.seed} + rank{', hyp files ' + ' '.join(opt.graft_hyp) if opt.graft_hyp else ''}); after each "
                 "epoch each grafts the next one's into its own. Rank 0's network is validated and saved"
             )
@@ -243,7 +246,9 @@ class TrainingRun:
                 "(early stopping) has nothing to compare"
             )
         ranks = (
-            f" over {self.world.size} processes ({self.config.batch_per_process} each"
+            f" in each of {self.world.size} processes"
+            if opt.graft
+            else f" over {self.world.size} processes ({self.config.batch_per_process} each"
             f"{', SyncBatchNorm' if opt.sync_bn else ''})"
             if self.world.distributed
             else ""
@@ -343,10 +348,11 @@ class TrainingRun:
         return training_alone(opt.swap_epoch, opt.graft, self.loop.epoch, self.world)
 
     def train_alone(self) -> None:
-        """Each process on its own, as a one-process run with its share of the batch would train:
-        forward without DDP (no gradient all-reduce, no broadcast of rank 0's BatchNorm
-        statistics), the loss of one process, accumulation to the nominal batch and weight decay
-        for its share; start_epoch() gives it its own order and augmentation of the data."""
+        """Each process on its own, as a one-process run with its batch (SWAP: its share of the
+        global batch; --graft: all of it) would train: forward without DDP (no gradient
+        all-reduce, no broadcast of rank 0's BatchNorm statistics), the loss of one process,
+        accumulation to the nominal batch and weight decay for its batch; start_epoch() gives it
+        its own order and augmentation of the data (SWAP: its share of each epoch; --graft: all)."""
         opt, hyp = self.config.opt, self.config.hyp
         if self.forward_model is not self.model:
             LOGGER.info(f"SWAP: from epoch {self.loop.epoch} each of the {self.world.size} processes trains alone")
