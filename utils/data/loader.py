@@ -38,12 +38,12 @@ class EpochSampler(Sampler):
     ):
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size, self.whole = rank, world_size, whole
-        self.epoch, self.skip, self.independent = 0, 0, whole
+        self.epoch, self.skip, self.independent = 0, 0, False
 
     def set_epoch(self, epoch: int, skip: int = 0, independent: bool = False) -> None:
         """Select the epoch's order; `skip` leaves out this rank's first keys (a resume inside the
         epoch); `independent`: this rank's own order and augmentation streams (always, when whole)."""
-        self.epoch, self.skip, self.independent = epoch, skip, independent or self.whole
+        self.epoch, self.skip, self.independent = epoch, skip, independent
 
     def epoch_order(self) -> np.ndarray:
         if not self.shuffle:
@@ -51,9 +51,14 @@ class EpochSampler(Sampler):
         return np.random.default_rng((self.seed, self.epoch, ORDER_STREAM, self.stream)).permutation(self.num_samples)
 
     @property
+    def own(self) -> bool:
+        """Whether this rank draws an order and augmentations of its own this epoch."""
+        return self.independent or self.whole
+
+    @property
     def stream(self) -> int:
         """0 for ranks sharing one order, 1 + rank for a rank on its own."""
-        return 1 + self.rank if self.independent else 0
+        return 1 + self.rank if self.own else 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order()
@@ -61,7 +66,7 @@ class EpochSampler(Sampler):
             per_rank = math.ceil(len(order) / self.world_size)
             order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
         order = order[self.skip :]
-        own = (self.stream,) if self.independent else ()
+        own = (self.stream,) if self.own else ()
         return iter([(self.epoch, int(i), *own) for i in order])
 
     def __len__(self) -> int:
