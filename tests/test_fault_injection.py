@@ -205,7 +205,20 @@ def test_kill_during_checkpoint_writes_always_leaves_a_loadable_file(tmp_path):
         os.waitpid(pid, 0)
         loaded = load_checkpoint(path)  # old or new, never partial
         assert loaded["epoch"] in (-1, *range(attempt + 1))
-    # Killed writers leave their temporaries behind; the next run's writer removes them.
+    # A writer killed inside its write leaves its temporary behind (made certain here: this one
+    # blocks in fsync, after the data is in the temporary); the next run's writer removes it.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.fsync = lambda fd: time.sleep(3600)
+            save_checkpoint(path, checkpoint)
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
     assert list(tmp_path.glob(".last.pt.*.tmp"))
     CheckpointWriter(tmp_path, interval_minutes=0)
     assert not list(tmp_path.glob(".last.pt.*.tmp")) and load_checkpoint(path)
