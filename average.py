@@ -21,9 +21,10 @@ Averages the EMA weights (--source ema, default) or the raw model weights (--sou
 with coefficients that default to uniform and must sum to 1. Checkpoints whose tensors differ
 in name, shape or dtype are refused, naming the first difference (--no-strict keeps such tensors
 from the first file and lists them). BatchNorm statistics of an average are averages of
-statistics, not statistics of the averaged network: --recalibrate-bn recomputes them over one
-epoch of --data's training batches, augmented as in training (the statistics the weights were
-trained under; see utils/train/averaging.py's recalibrate_on_training_batches).
+statistics, not statistics of the averaged network: --recalibrate-bn recomputes them over
+--bn-images images (0: one epoch) of --data's training batches, augmented as in training (the
+statistics the weights were trained under; see utils/train/averaging.py's
+recalibrate_on_training_batches).
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ from utils.eval.plots import plot_posthoc_sweep
 from utils.image_size import check_image_size
 from utils.log import LOGGER, setup_logging
 from utils.train.as_trained import val_loader_as_trained
-from utils.train.averaging import TrainingBatches, average_state_dicts, first_non_finite, resolve_coefficients
+from utils.train.averaging import (
+    RECALIBRATION_IMAGES,
+    TrainingBatches,
+    average_state_dicts,
+    first_non_finite,
+    resolve_coefficients,
+)
 from utils.train.ema import power_exponent
 from utils.train.posthoc_sweep import (
     BN_MODES,
@@ -101,6 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch size for --recalibrate-bn (default: the run's batch per process)",
     )
     p.add_argument("--workers", type=int, default=None, help="dataloader workers for --recalibrate-bn (default 2)")
+    p.add_argument(
+        "--bn-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"--recalibrate-bn, --bn recalibrate: training images to recompute on (default {RECALIBRATION_IMAGES}, "
+        "the first batches of the epoch's seeded order; 0: all of the train split)",
+    )
     p.add_argument("--device", default="", help="cuda device, i.e. 0, or cpu")
     return p.parse_args(argv)
 
@@ -135,7 +150,10 @@ def average_checkpoints(
 
 
 def check_mode_options(opt: argparse.Namespace) -> None:
-    """Refuse options of the other mode: --weights averages checkpoints, --posthoc a run's snapshots."""
+    """Refuse options of the other mode: --weights averages checkpoints, --posthoc a run's snapshots;
+    and a negative --bn-images."""
+    if opt.bn_images is not None and opt.bn_images < 0:
+        raise UserError(f"--bn-images {opt.bn_images}: a number of images, or 0 for all of the train split")
     if opt.posthoc is not None and opt.weights:
         raise UserError("give --weights (checkpoints to average) or --posthoc (a run's snapshots), not both")
     if opt.posthoc is not None:
@@ -167,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--recalibrate-bn needs --data: the dataset whose training images give the statistics")
     if (opt.batch_size is not None and opt.batch_size < 1) or (opt.workers is not None and opt.workers < 0):
         raise UserError("--batch-size must be at least 1, --workers not negative")
-    unused = [name for name in ("data", "imgsz", "batch_size", "workers") if getattr(opt, name) is not None]
+    unused = [
+        name for name in ("data", "imgsz", "batch_size", "workers", "bn_images") if getattr(opt, name) is not None
+    ]
     if unused and not opt.recalibrate_bn:
         options = ", ".join("--" + name.replace("_", "-") for name in unused)
         LOGGER.warning(
@@ -177,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(out.resolve() == Path(path).resolve() for path in opt.weights):
         raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
     coefficients = resolve_coefficients(opt.coef, len(opt.weights))
-    checkpoints = [load_checkpoint(path) for path in opt.weights]
+    checkpoints = [load_checkpoint(path, mmap=True) for path in opt.weights]  # only --source's tensors are read
     result, kept = average_checkpoints(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
     if kept:
         LOGGER.warning(
@@ -253,11 +273,16 @@ def training_batches(
     override its image size and batch per process), augmented as `epoch` was."""
     model = model_from_checkpoint(checkpoint, "ema", source=opt.out)
     batch_size = opt.batch_size or batch_per_process(checkpoint)
-    img_size = check_image_size(
-        opt.imgsz or image_size(checkpoint), model, batch_size=batch_size, device=device, training=False
-    )
+    img_size = check_image_size(opt.imgsz or image_size(checkpoint), model, batch_size=batch_size, device=device)
     return TrainingBatches(
-        checkpoint, data, model.nc, epoch, img_size=img_size, batch_size=batch_size, workers=loader_workers(opt)
+        checkpoint,
+        data,
+        model.nc,
+        epoch,
+        img_size=img_size,
+        batch_size=batch_size,
+        workers=loader_workers(opt),
+        max_images=RECALIBRATION_IMAGES if opt.bn_images is None else opt.bn_images,
     )
 
 

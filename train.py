@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 2 train.py --batch-size 64 --sync-bn   # DDP; --batch-size is the global batch
 
 Each epoch validates the EMA weights, appends a row to results.csv and writes
-weights/last.pt (and best.pt) holding everything needed to resume exactly.
+weights/last.pt (and best.pt) holding everything needed to resume exactly; at the end best.pt is
+stripped to its EMA weights for inference (--keep-optimizer keeps it whole).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 import argparse
 
 from utils.dist import close_process_group, world_from_env
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 from utils.log import LOGGER, setup_logging
+from utils.peak_memory import is_out_of_memory
 from utils.run_dir import add_run_dir_arguments
+from utils.train.autobatch import out_of_memory_message
+from utils.train.averaging import RECALIBRATION_IMAGES
 from utils.train.ema import check_average_name, check_validated_name
 from utils.train.lookahead import LookaheadAction
 from utils.train.loop import train
@@ -53,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=16,
-        help="images per micro-batch, over all ranks under torchrun (gradients accumulate to 64)",
+        help="images per micro-batch, over all ranks under torchrun (gradients accumulate to 64); -1: AutoBatch, "
+        "the largest batch whose measured training step fills --autobatch-fraction of the free memory",
+    )
+    p.add_argument(
+        "--autobatch-fraction",
+        type=float,
+        default=0.6,
+        help="with --batch-size -1: the share of the device's free memory (CPU: available memory) a step may fill",
     )
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (pixels)")
     p.add_argument(
@@ -64,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume the newest run under --project, or the given last.pt",
     )
     p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
+    p.add_argument(
+        "--keep-optimizer",
+        action="store_true",
+        help="keep the final best.pt whole (raw model, optimizer, averages) as last.pt is; by default the run's "
+        "end strips it to what inference needs (its EMA weights), 1/3 of the size with SGD",
+    )
     p.add_argument("--noval", action="store_true", help="only validate the final epoch")
     p.add_argument(
         "--noautoanchor",
@@ -125,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="SWA: average the weights at the end of each of the last K epochs into weights/swa.pt",
     )
     p.add_argument("--swa-source", choices=("ema", "raw"), default="ema", help="what SWA averages")
+    p.add_argument(
+        "--bn-images",
+        type=int,
+        default=RECALIBRATION_IMAGES,
+        metavar="N",
+        help="SWA and SWAP: recompute the average's BatchNorm statistics on N augmented training images of the "
+        "last epoch (0: all of the train split)",
+    )
     p.add_argument(
         "--swap-epoch",
         type=int,
@@ -217,9 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(world.rank)
     run = prepare_run(args, vars(parser.parse_args([])), world)
     if run is None:  # a resumed run that had already finished
+        close_process_group()
         return 0
+    out_of_memory = False
     try:
         train(run)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        out_of_memory = True  # advised below, once the failed step's tensors are freed with the exception
     except KeyboardInterrupt:
         last = run.run_dir / "weights" / "last.pt"
         LOGGER.info(
@@ -228,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             else "\nInterrupted before the first checkpoint was written."
         )
         return 130
+    if out_of_memory:
+        raise UserError(out_of_memory_message(run))
     close_process_group()  # not after an exception: torchrun then ends the other ranks' processes
     return 0
 

@@ -254,6 +254,43 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
     assert far > len(expected) // 2, f"only {far} of {len(expected)} statistics differ from the plain images'"
 
 
+def test_bn_images_recalibrates_on_the_first_batches_of_the_seeded_order(tmp_path, tiny_dataset):
+    """--bn-images N: the statistics equal torch's update_bn over the first batches (of the run's
+    4 images) of the epoch's seeded order holding N images, the same on a second run; they differ
+    from those of the whole split. A negative N is refused."""
+    paths = [tmp_path / f"{name}.pt" for name in "ab"]
+    for seed, path in enumerate(paths, start=1):  # epochs 1 and 2
+        write_checkpoint(path, seed)
+    capped, again, whole = tmp_path / "capped.pt", tmp_path / "again.pt", tmp_path / "whole.pt"
+    average.main([*recalibrate_args(paths, tiny_dataset, capped), "--bn-images", "6"])
+    average.main([*recalibrate_args(paths, tiny_dataset, again), "--bn-images", "6"])
+    average.main([*recalibrate_args(paths, tiny_dataset, whole), "--bn-images", "0"])
+    result, repeated, full = (torch.load(p, weights_only=True) for p in (capped, again, whole))
+    assert "BatchNorm statistics recomputed on 8 augmented training images" in result["source"]
+    assert "BatchNorm statistics recomputed on 16 augmented training images" in full["source"]
+    data, device = load_dataset_config(tiny_dataset), torch.device("cpu")
+    loader = build_dataloader(
+        build_train_dataset(data, result["hyp"], img_size=64, seed=0, single_cls=False, cache="off", epochs=3),
+        batch_size=4,
+        workers=0,
+        shuffle=True,
+    )
+    loader.sampler.set_epoch(2)
+    model = model_from_checkpoint(result, "ema").to(memory_format=torch.channels_last)
+    first_two = [batch for _, batch in zip(range(2), loader)]
+    with autocast(device, inference_amp_dtype(model, device, enabled=True)):
+        update_bn((to_model_input(b.images, device) for b in first_two), model)
+    statistics = [k for k in result["ema"] if "running_" in k]
+    for name in statistics:
+        torch.testing.assert_close(result["ema"][name], model.state_dict()[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(result["ema"][name], repeated["ema"][name]), name
+    assert (
+        sum(not torch.allclose(result["ema"][n], full["ema"][n], rtol=1e-3) for n in statistics) > len(statistics) // 2
+    )
+    with pytest.raises(UserError, match="--bn-images -1: a number of images"):
+        average.main([*recalibrate_args(paths, tiny_dataset, tmp_path / "x.pt"), "--bn-images", "-1"])
+
+
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(three_checkpoints, tmp_path):
     broken = torch.load(three_checkpoints[1], weights_only=True)
     broken["ema"]["model.0.conv.weight"][0, 0, 0, 0] = float("nan")

@@ -21,6 +21,7 @@ from utils.checkpoint.format import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    strip_for_inference,
     trained_with_amp,
     training_checkpoint,
     training_state,
@@ -203,3 +204,67 @@ def test_the_checkpoint_answers_for_its_run(trained_checkpoint):
     assert image_size(foreign) == 640 and batch_per_process(foreign) == 16 and trained_with_amp(foreign)
     averaged = averaged_checkpoint({}, {}, "an average of nothing")  # a base without options
     assert image_size(averaged) == 640 and batch_per_process(averaged) == 16
+
+
+def test_stripping_keeps_the_ema_alone_bit_for_bit(tmp_path):
+    """best.pt as a finished run ships it. A yolov5s training checkpoint at 80 classes with SGD's
+    momentum holds the weights three times over; stripped, the file is at most 1.05 x its EMA's
+    fp32 tensors, holds them bit for bit, and refuses to resume or to give raw weights."""
+    torch.manual_seed(0)
+    model = build_model("yolov5s.yaml", nc=80)
+    optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
+    ema = ModelEMA(model)
+    for param in model.parameters():
+        param.grad = torch.rand_like(param)
+    optimizer.step()
+    ema.update(model)  # the EMA now differs from the raw model
+    loop = LoopState(epoch=3, best_fitness=0.5, best_epoch=2)
+    names = [f"class{i}" for i in range(80)]
+    path = tmp_path / "best.pt"
+    full = training_checkpoint(
+        state_of(model, ema, optimizer, loop=loop),
+        finished=True,
+        model_yaml=model.yaml,
+        names=names,
+        hyp=load_hyp("scratch-low.yaml"),
+        opt={"imgsz": 64, "batch_size": 8},
+        world_size=1,
+    )
+    save_checkpoint(path, full)
+    ema_bytes = sum(t.numel() * t.element_size() for t in ema.module.state_dict().values())
+    full_size = path.stat().st_size
+    assert full_size > 2.9 * ema_bytes  # model, EMA and momentum buffers
+    metrics = {"precision": 0.5, "recall": 0.4, "mAP_0.5": 0.3, "mAP_0.5:0.95": 0.2}
+    assert strip_for_inference(path, metrics) == (full_size, path.stat().st_size)
+    assert path.stat().st_size <= 1.05 * ema_bytes
+    stripped = load_checkpoint(path)
+    assert stripped["kind"] == "weights" and stripped["metrics"] == metrics
+    assert (stripped["epoch"], stripped["best_epoch"], stripped["best_fitness"]) == (2, 2, 0.5)
+    assert stripped["names"] == names and stripped["opt"] == full["opt"] and stripped["updates"] == 1
+    assert not {"model", "optimizer", "scaler", "rng", "averages", "swa"} & stripped.keys()
+    for name, tensor in ema.module.state_dict().items():
+        assert torch.equal(stripped["ema"][name], tensor) and stripped["ema"][name].dtype == tensor.dtype, name
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        shipped = model_from_checkpoint(stripped, "ema").eval()
+        torch.testing.assert_close(shipped(x)[0], ema.module.eval()(x)[0], rtol=0, atol=0)
+    with pytest.raises(UserError, match="last.pt holds them.*no training state to resume"):
+        training_state(stripped)
+    with pytest.raises(UserError, match="holds no 'model' weights: it is a finished run's best weights"):
+        model_from_checkpoint(stripped, "model", source=str(path))
+    fine_tuned = build_model("yolov5s.yaml", nc=80)
+    assert transfer_matching_weights(fine_tuned, stripped) == (len(ema.module.state_dict()),) * 2
+
+
+def test_mapped_loading_reads_the_zip_format_and_falls_back_for_the_legacy_one(tmp_path, trained_checkpoint):
+    """mmap=True (val.py, detect.py, export.py, average.py) gives the tensors the plain load gives;
+    a file in torch's legacy format, which cannot be mapped, is read whole instead of refused."""
+    *_, checkpoint = trained_checkpoint
+    zipped, legacy = tmp_path / "zip.pt", tmp_path / "legacy.pt"
+    save_checkpoint(zipped, checkpoint)
+    torch.save(checkpoint, legacy, _use_new_zipfile_serialization=False)
+    for path in (zipped, legacy):
+        mapped = load_checkpoint(path, mmap=True)
+        assert mapped.keys() == checkpoint.keys()
+        for name, tensor in checkpoint["ema"].items():
+            assert torch.equal(mapped["ema"][name], tensor), (path.name, name)

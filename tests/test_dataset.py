@@ -19,7 +19,7 @@ from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
 from utils.data.decode import read_image_rgb
 from utils.data.labels import list_image_files, scan_labels
-from utils.data.loader import EpochSampler, build_dataloader
+from utils.data.loader import BatchShard, EpochSampler, build_dataloader
 from utils.hyp import load_hyp
 
 
@@ -58,6 +58,18 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     for r in ranks:
         r.set_epoch(4)
     assert sorted(i for r in ranks for _, i in r) == list(range(50))
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_batch_shards_share_out_one_process_batches_whole(ranks):
+    """Validation under torchrun: rank r runs batches r, r + N, ... of the sequential pass in
+    batches of 4 (10 images: 3 batches; 5 ranks leave two without any), each exactly as one
+    process's loader makes it."""
+    one_process = [[i for _, i in keys] for keys in torch.utils.data.BatchSampler(EpochSampler(10, False), 4, False)]
+    shards = [list(BatchShard(10, 4, rank, ranks)) for rank in range(ranks)]
+    assert [len(BatchShard(10, 4, rank, ranks)) for rank in range(ranks)] == [len(s) for s in shards]
+    assert [shards[b % ranks][b // ranks] for b in range(len(one_process))] == one_process
+    assert sum(len(s) for s in shards) == len(one_process) == 3
 
 
 def test_ranks_that_are_runs_of_their_own_each_take_the_whole_split():

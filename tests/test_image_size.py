@@ -24,24 +24,17 @@ def model():
 
 def test_below_the_stride_is_refused_and_the_rest_rounded_up(model):
     cpu = torch.device("cpu")
-    assert check_image_size(300, model, batch_size=16, device=cpu, training=True) == 320
+    assert check_image_size(300, model) == 320
     with pytest.raises(UserError, match="--imgsz 16 is smaller than the model's stride 32: use at least 32"):
-        check_image_size(16, model, batch_size=1, device=cpu, training=False)
+        check_image_size(16, model, batch_size=1, device=cpu)
 
 
-def test_a_size_the_memory_cannot_hold_is_refused_saying_what_it_needs(model, monkeypatch):
-    """A lower bound: every layer's output of a training batch in fp32 (93 values per input pixel
-    for yolov5n), the input and the largest output for inference; shared by the processes of a
-    machine."""
+def test_an_inference_batch_the_memory_cannot_hold_is_refused_saying_what_it_needs(model, monkeypatch):
+    """A lower bound for inference: the input and the largest layer output (training batches: test_memory_bound.py)."""
     monkeypatch.setattr(image_size, "available_memory_bytes", lambda device: 8 * 2**30)
     cpu = torch.device("cpu")
-    assert check_image_size(1280, model, batch_size=4, device=cpu, training=True) == 1280  # ~2.3 GiB
-    with pytest.raises(
-        UserError,
-        match=r"--imgsz 1280 needs at least 2 GiB for one training batch of 4 .* "
-        r"but 2.0 GiB are available on cpu to each of its 4 processes",
-    ):
-        check_image_size(1280, model, batch_size=4, device=cpu, training=True, processes=4)
     with pytest.raises(UserError, match=r"--imgsz 10000 needs at least \d+ GiB for one batch of 8 \(input and largest"):
-        check_image_size(10000, model, batch_size=8, device=cpu, training=False)
-    assert check_image_size(10000, model, batch_size=1, device=cpu, training=False) == 10016  # ~2.6 GiB: it fits
+        check_image_size(10000, model, batch_size=8, device=cpu)
+    with pytest.raises(UserError, match=r"available on cpu to each of its 4 processes"):
+        check_image_size(10000, model, batch_size=1, device=cpu, processes=4)
+    assert check_image_size(10000, model, batch_size=1, device=cpu) == 10016  # ~2.6 GiB: it fits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -242,3 +243,57 @@ def test_a_split_without_boxes_is_refused_for_training_and_flagged_for_validatio
     assert "1 label files were found, all empty" in caplog.text
     with pytest.raises(UserError, match="train: no labelled boxes in .*nothing to learn"):
         scan_split((images,), 3, prefix="train: ", needs_labels=True)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_cache_is_scanned_again_with_one_warning(planted, caplog, damage):
+    """A cache cut short (a full disk, a killed copy) is named in one warning, scanned again and rewritten."""
+    files = list_image_files([planted])[0]
+    cache = cache_path_for(files)
+    first = scan_labels(files, 3, cache)
+    whole = cache.read_bytes()
+    cache.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
+    caplog.set_level("INFO")
+    again = scan_labels(files, 3, cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"label cache {cache} is damaged or unreadable" in warnings[0], warnings
+    assert again.summary() == first.summary() and again.messages == first.messages
+    assert all(np.array_equal(a, b) for a, b in zip(again.labels, first.labels))
+    assert cache.read_bytes() == whole  # rewritten whole
+
+
+def _write_cache_at_once(cache: Path, writer: int, start) -> None:
+    cached = {
+        "status": np.full(1000 * (writer + 1), writer, np.int8),
+        "labels": np.full((200_000 * (writer + 1), 5), writer, np.float32),  # 4-8 MB: the writes overlap
+    }
+
+    def not_written(message: str) -> None:  # the only way _write_cache reports a failed write
+        raise AssertionError(message)
+
+    labels_module.LOGGER.info = not_written
+    start.wait()
+    for _ in range(3):
+        labels_module._write_cache(cache, f"key{writer}", cached)
+    (cache.parent / f"written by {writer}").touch()
+
+
+def test_writers_of_one_cache_at_once_leave_one_whole_cache(tmp_path, monkeypatch):
+    """Two processes write one cache at once, with one pid between them (as in identical containers
+    on a shared filesystem): the cache left is one writer's, whole, and no temporary remains."""
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    cache = tmp_path / "labels" / "train.cache"
+    cache.parent.mkdir(parents=True)
+    context = mp.get_context("fork")  # the children keep the patched getpid
+    start = context.Barrier(2)
+    writers = [context.Process(target=_write_cache_at_once, args=(cache, i, start)) for i in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(60)
+    assert [process.exitcode for process in writers] == [0, 0]
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["train.cache", "written by 0", "written by 1"]
+    with np.load(cache, allow_pickle=False) as data:
+        writer = int(str(data["key"]).removeprefix("key"))
+        assert np.array_equal(data["labels"], np.full((200_000 * (writer + 1), 5), writer, np.float32))
+        assert np.array_equal(data["status"], np.full(1000 * (writer + 1), writer, np.int8))

@@ -58,3 +58,23 @@ def test_buffer_snapshot_undoes_a_forward():
     assert not all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
     snapshot.restore()
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+@pytest.mark.parametrize("scaler_enabled", [True, False], ids=["GradScaler", "bf16-no-scaler"])
+def test_a_window_with_a_non_finite_loss_skips_its_finite_step(scaler_enabled):
+    """finite_loss False (a device flag the loop gathers over a window) skips a step whose
+    gradients are finite: the weights stay, the gradients are dropped, and a GradScaler keeps its
+    scale (it backs off for its own overflows, not for the loss); True takes the step."""
+    model = small_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled, init_scale=1024.0)
+    scaler.scale(model(torch.randn(2, 3, 6, 6)).sum()).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert optimizer_step(optimizer, scaler, model, finite_loss=torch.tensor(False)) is False
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    if scaler_enabled:
+        assert scaler.get_scale() == 1024.0
+    scaler.scale(model(torch.randn(2, 3, 6, 6)).sum()).backward()
+    assert optimizer_step(optimizer, scaler, model, finite_loss=torch.tensor(True)) is True
+    assert not torch.equal(model[0].weight, before["0.weight"])

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
 def temporary_name(path: Path) -> Path:
-    """Where `path` is written before it is renamed into place (per process, in the same folder)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Where `path` is written before it is renamed into place: in the same folder, by a name no
+    other writer picks (not the pid: processes in identical containers share theirs)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, flush + fsync, then os.replace; the folder is
-    fsynced too, so the rename itself survives a power cut. On any failure the temporary is removed."""
+    fsynced too, so the rename itself survives a power cut. On any failure the temporary is removed.
+    Writers of one path at once (on one machine or several sharing a filesystem) each leave a
+    whole file; the last to rename wins."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # exclusive: never another writer's temporary
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from utils import resources
 from utils.errors import UserError
 
 
@@ -103,15 +104,8 @@ def to_model_input(
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can take on `device`: the GPU's free memory, or the machine's
-    MemAvailable (None where it cannot be read)."""
+    """Memory a new allocation can take on `device`: the GPU's free memory, or what the machine
+    has available within the container's limit (None where it cannot be read)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return resources.available_memory_bytes()

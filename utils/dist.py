@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from utils.errors import UserError
+
+T = TypeVar("T")
 
 # Ranks other than 0 wait while rank 0 validates and writes checkpoints: a full COCO validation
 # on a slow machine takes far longer than torch's default of 10 minutes (NCCL) or 30 (gloo).
@@ -51,6 +56,37 @@ class World:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def decided_by_main(self, decide: Callable[[], T]) -> T:
+        """decide() run on rank 0 alone, its result on every rank (a picklable object). A UserError
+        it raises is raised on every rank, so none waits for a result that never comes."""
+        if not self.distributed:
+            return decide()
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = (decide(), None)
+            except UserError as error:
+                outcome = (None, error)
+        value, error = self.from_main(outcome)
+        if error is not None:
+            raise error
+        return value
+
+    def copy_from_main_(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors` copied into them on every rank, in place (unchanged when
+        alone): one broadcast per dtype of the tensors flattened together, in any memory format."""
+        if not self.distributed:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            if not self.is_main:
+                parts = flat.split([t.numel() for t in group])
+                torch._foreach_copy_(group, [part.view(t.shape) for part, t in zip(parts, group)])
+
     def gather_to_main(self, value: object) -> list[object] | None:
         """Every rank's `value` (a picklable object), in rank order, on rank 0; None on the others."""
         if not self.distributed:
@@ -59,16 +95,21 @@ class World:
         dist.gather_object(value, gathered, dst=0)
         return gathered
 
-    def all_gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """For each tensor, its value on every rank, in rank order ([[tensor]] each when alone)."""
+    def from_next(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The next rank's values of `tensors` (rank r + 1's on rank r, rank 0's on the last; the
+        same shapes, dtypes and layouts on every rank), each rank sending its own to the one before
+        it: point-to-point, so each rank holds one copy of them whatever the world size (`tensors`
+        themselves when alone)."""
         if not self.distributed:
-            return [[t] for t in tensors]
-        gathered = []
-        for tensor in tensors:
-            copies = [torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device) for _ in range(self.size)]
-            dist.all_gather(copies, tensor.contiguous())
-            gathered.append(copies)
-        return gathered
+            return list(tensors)
+        layouts = [torch.channels_last if _channels_last(t) else torch.contiguous_format for t in tensors]
+        received = [torch.empty_like(t, memory_format=layout) for t, layout in zip(tensors, layouts)]
+        previous, following = (self.rank - 1) % self.size, (self.rank + 1) % self.size
+        sends = [dist.P2POp(dist.isend, _dense(t).contiguous(), previous, tag=i) for i, t in enumerate(tensors)]
+        receives = [dist.P2POp(dist.irecv, _dense(t), following, tag=i) for i, t in enumerate(received)]
+        for request in dist.batch_isend_irecv(sends + receives):
+            request.wait()
+        return received
 
     def mean_(self, tensors: list[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the ranks, in place (unchanged when alone)."""
@@ -77,9 +118,31 @@ class World:
                 dist.all_reduce(tensor)
             torch._foreach_div_(tensors, float(self.size))
 
+    def gathered(self, value: object) -> list[object]:
+        """Every rank's `value` (a picklable object) in rank order, on every rank (collective)."""
+        if not self.distributed:
+            return [value]
+        values: list[object] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's `value` (collective; `value` itself when alone)."""
+        return min(self.gathered(value))
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def _channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as the contiguous tensor its memory holds, for point-to-point ops, which send
+    contiguous tensors only: a channels_last (N, C, H, W) tensor as its (N, H, W, C) view."""
+    return tensor.permute(0, 2, 3, 1) if _channels_last(tensor) else tensor
 
 
 def per_process_batch(batch_size: int, processes: int) -> int:
@@ -118,7 +181,7 @@ def close_process_group() -> None:
 
 @contextlib.contextmanager
 def local_main_first(world: World) -> Iterator[None]:
-    """Run the block on local rank 0 of each machine first (it generates data, writes label caches),
+    """Run the block on local rank 0 of each machine first (it generates the embedded dataset),
     then on the others, which then find everything in place."""
     if world.local_rank != 0:
         world.barrier()

@@ -25,27 +25,31 @@ def round_image_size(img_size: int, stride: int) -> int:
 
 
 def check_image_size(
-    img_size: int, model: nn.Module, *, batch_size: int, device: torch.device, training: bool, processes: int = 1
+    img_size: int,
+    model: nn.Module,
+    *,
+    batch_size: int | None = None,
+    device: torch.device | None = None,
+    processes: int = 1,
 ) -> int:
     """--imgsz as the model runs it (rounded up to its stride), after refusing one below the
-    stride, or one whose batch cannot fit in the memory of `device` (shared by `processes` alike)
-    by a lower bound on what a pass needs: every layer's output kept for the backward pass when
-    training, the input and the largest layer output otherwise."""
+    stride and, given a `batch_size`, an inference batch that cannot fit in the memory of `device`
+    (shared by `processes` alike) by a lower bound: the input and the largest layer output. (A
+    training batch is checked by utils/train/autobatch.py.)"""
     stride = int(model.stride.max())
     if img_size < stride:
         raise UserError(f"--imgsz {img_size} is smaller than the model's stride {stride}: use at least {stride}")
     given, img_size = img_size, round_image_size(img_size, stride)
-    all_outputs, largest_output = activation_elements_per_pixel(model, probe_size=2 * stride)
-    per_pixel = all_outputs if training else 3 + largest_output  # the float input: 3 per pixel
-    needed = per_pixel * img_size**2 * batch_size * 4  # at least fp32 where the pass keeps it
+    if batch_size is None:
+        return img_size
+    _, largest_output = activation_elements_per_pixel(model, probe_size=2 * stride)
+    needed = (3 + largest_output) * img_size**2 * batch_size * 4  # the float input: 3 per pixel
     available = available_memory_bytes(device)
     available = available // processes if available is not None else None
     if available is not None and needed > available:
-        what = "training batch" if training else "batch"
         raise UserError(
-            f"--imgsz {given} needs at least {needed / 2**30:,.0f} GiB for one {what} of "
-            f"{batch_size} ({'all layer outputs' if training else 'input and largest layer output'}, "
-            f"fp32), but {available / 2**30:,.1f} GiB are available on {device}"
+            f"--imgsz {given} needs at least {needed / 2**30:,.0f} GiB for one batch of {batch_size} (input and "
+            f"largest layer output, fp32), but {available / 2**30:,.1f} GiB are available on {device}"
             + (f" to each of its {processes} processes" if processes > 1 else "")
             + ": use a smaller --imgsz"
             + (" or --batch-size" if batch_size > 1 else "")

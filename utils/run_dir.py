@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 
+from utils.dist import World
 from utils.errors import UserError
+from utils.log import LOGGER
 
 try:
     import fcntl
@@ -37,7 +40,9 @@ class RunDirLock:
     """An exclusive lock on a run folder, held while the process lives (the kernel drops it when
     the process ends, however it ends), so two live runs never write into one folder. A POSIX
     record lock: it belongs to this process alone, so DataLoader workers forked from it, which
-    may outlive a killed run for a moment, do not hold it against the --resume that follows."""
+    may outlive a killed run for a moment, do not hold it against the --resume that follows.
+    On a filesystem that cannot lock (some network and FUSE filesystems) the run goes on
+    unlocked, with a warning."""
 
     def __init__(self, run_dir: Path):
         self.run_dir, self.fd = run_dir, None
@@ -46,7 +51,14 @@ class RunDirLock:
         fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks here
+                os.close(fd)
+                LOGGER.warning(
+                    f"WARNING: {run_dir} is on a filesystem that cannot lock files ({error.strerror}): "
+                    "nothing stops a second run from writing into this folder at the same time"
+                )
+                return
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UserError(
@@ -78,6 +90,24 @@ def newest_last_checkpoint(search_dir: Path) -> Path:
     if not candidates:
         raise UserError(f"--resume: no last.pt found under {search_dir}; pass the checkpoint path")
     return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def checkpoint_to_resume(resume: str | bool, project: Path, world: World) -> Path:
+    """--resume's checkpoint: the path given, or for a bare --resume the newest last.pt under
+    --project as global rank 0 finds it (it writes the checkpoints; the other machines' disks may
+    hold none, or older ones). Every rank must be able to read it."""
+    if not isinstance(resume, bool):
+        return Path(resume)
+    path = world.decided_by_main(lambda: newest_last_checkpoint(project))
+    readable = world.from_main(world.gather_to_main(path.is_file()))
+    lacking = [rank for rank, found in enumerate(readable) if not found]
+    if lacking:
+        raise UserError(
+            f"--resume: rank 0 resumes {path}, which rank(s) {', '.join(map(str, lacking))} cannot find on their "
+            "machine: keep --project on a filesystem all machines share (or copy the run folder to the same "
+            "path on each), or pass the checkpoint's path"
+        )
+    return path
 
 
 def add_run_dir_arguments(parser: argparse.ArgumentParser, default_project: str) -> None:

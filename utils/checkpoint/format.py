@@ -12,11 +12,18 @@ Kinds (the 'kind' key):
   --average, --val and --posthoc-ema track, by name), optimizer, scaler, model_yaml, names, hyp,
   opt (the run's options), world_size (its processes: opt's batch_size is split over them, except
   with --graft), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or
-  None), process_states (in --swap-epoch's second phase and with --graft, where each process has
-  weights of its own: the model, optimizer, scaler, rng and hyp of ranks 1.., rank 0's being the
-  file's own; else None), date, versions.
+  None), process_files (in --swap-epoch's second phase and with --graft, where each process has
+  weights of its own: token, stem and processes, naming the files beside it that hold the model,
+  optimizer, scaler, rng and hyp of ranks 1.., rank 0's being the file's own (see
+  utils/train/separate_processes.py; files before them held those states in process_states);
+  else None), date, versions.
 - average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
   weights as both ema and model, a 'source' line saying what they average; not resumable.
+- weights: a finished run's best.pt, stripped by train.py at the end (unless --keep-optimizer) to what
+  inference needs: ema (in the run's dtype, fp32 but with --float64), updates, ema_state, model_yaml,
+  names, hyp, opt, world_size, epoch (the weights'), loop, best_fitness, best_epoch, finished,
+  metrics (results.csv's precision, recall and mAPs of that epoch), date, versions. No raw model,
+  optimizer, scaler, RNG or other averages: not resumable (last.pt is); --weights starts from its EMA.
 - posthoc-snapshot: weights/posthoc/epochNNNN.pt, the power EMAs of --posthoc-ema at the end of
   an epoch (epoch, averages by name: module, updates, images, sigma_rel); utils/train/posthoc.py
   combines them.
@@ -46,6 +53,7 @@ from utils.errors import UserError
 FORMAT = "ema-yolo-checkpoint"
 FORMAT_VERSION = 2
 TRAINING, AVERAGE, FOREIGN, SNAPSHOT = "training", "average", "foreign", "posthoc-snapshot"
+WEIGHTS = "weights"  # a finished run's best.pt, stripped to what inference needs
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_IMAGE_SIZE, DEFAULT_BATCH_SIZE = 640, 16  # YOLOv5's, for a foreign checkpoint that does not say
 # What an averaged checkpoint keeps of the checkpoint it is built on: the model and how it was trained.
@@ -87,7 +95,7 @@ def training_checkpoint(
         "world_size": world_size,
         "rng": state["rng"],
         "swa": state["swa"],  # --swa-epochs: the running average so far
-        "process_states": state.get("process_states"),  # processes training alone: ranks 1.. own states
+        "process_files": state.get("process_files"),  # processes training alone: ranks 1..'s files
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},  # plain str: weights_only
     }
@@ -107,7 +115,6 @@ def training_state(checkpoint: dict) -> dict:
         "loop": checkpoint["loop"],
         "rng": checkpoint["rng"],
         "swa": checkpoint.get("swa"),
-        "process_states": checkpoint.get("process_states"),
         "averages": checkpoint.get("averages") or {},
         "ema": {"module": checkpoint["ema"], **ema_state(checkpoint)},
     }
@@ -160,6 +167,31 @@ def averaged_checkpoint(base: dict, weights: dict[str, torch.Tensor], source: st
     return checkpoint
 
 
+def stripped_checkpoint(checkpoint: dict, metrics: dict[str, float] | None = None) -> dict:
+    """A training checkpoint as a weights-kind one, as a finished run ships best.pt: its EMA, the
+    model's description and how it was trained, the epoch and fitness of those weights and their
+    `metrics`; the raw model, optimizer, scaler, RNG states, SWA and tracked averages are left out."""
+    if checkpoint.get("kind") != TRAINING:
+        raise ValueError(f"only a training checkpoint is stripped, not {describe_kind(checkpoint)}")
+    stripped = {key: checkpoint.get(key) for key in DESCRIPTION_KEYS}
+    stripped.update(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": WEIGHTS,
+            "ema": checkpoint["ema"],
+            "updates": checkpoint["updates"],
+            "best_fitness": checkpoint["best_fitness"],
+            "best_epoch": checkpoint["best_epoch"],
+            "finished": checkpoint["finished"],
+            "metrics": dict(metrics or {}),
+            "date": checkpoint.get("date"),
+            "versions": checkpoint.get("versions"),
+        }
+    )
+    return stripped
+
+
 def foreign_checkpoint(
     model_yaml: dict, names: list[str], weights: dict[str, torch.Tensor], source: str, image_size: int | None = None
 ) -> dict:
@@ -186,9 +218,21 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 
 
 def serialise(checkpoint: dict) -> bytes:
+    """The file's bytes, in memory once: CPython's getvalue() hands over the buffer torch.save wrote
+    without copying it (measured: peak memory grows by the file's size, not twice that)."""
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     return buffer.getvalue()
+
+
+def strip_for_inference(path: Path, metrics: dict[str, float] | None = None) -> tuple[int, int]:
+    """Rewrite the training checkpoint at `path` as stripped_checkpoint() does, atomically; returns
+    the file's size in bytes before and after. Only the EMA's tensors are read from the file."""
+    path = Path(path)
+    before = path.stat().st_size
+    data = serialise(stripped_checkpoint(load_checkpoint(path, mmap=True), metrics))
+    atomic_write(path, data)  # the mapping of the old file is gone with the loaded checkpoint
+    return before, len(data)
 
 
 def load_checkpoint(
@@ -207,6 +251,7 @@ def load_checkpoint(
         raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint, or a copy that did not finish")
     with open(path, "rb") as f:
         head = f.read(4)
+    mmap = mmap and head == ZIP_MAGIC  # torch.load maps only its zip archive, not the legacy format
     # torch.save writes a zip archive; its legacy format, like any pickle, starts with the PROTO opcode
     if not head.startswith((ZIP_MAGIC, b"\x80")):
         raise UserError(
@@ -263,10 +308,16 @@ def _first_line(error: BaseException) -> str:
 
 
 def describe_kind(checkpoint: dict) -> str:
-    """'a training checkpoint', 'an average of weights (...)' or 'a YOLOv5 or Ultralytics checkpoint'."""
+    """'a training checkpoint', 'an average of weights (...)', a stripped best.pt's or a snapshot's
+    description, or 'a YOLOv5 or Ultralytics checkpoint'."""
     kind = checkpoint.get("kind")
     if kind == AVERAGE:
         return f"an average of weights ({checkpoint.get('source')})"
+    if kind == WEIGHTS:
+        return (
+            "a finished run's best weights, stripped for inference (its EMA only: no raw model, optimizer or "
+            "training state; the run's last.pt holds them, and train.py --keep-optimizer keeps best.pt whole)"
+        )
     if kind == SNAPSHOT:
         return "a post-hoc EMA snapshot (average.py --posthoc RUN_DIR combines them into a checkpoint)"
     return "a YOLOv5 or Ultralytics checkpoint" if kind == FOREIGN else "a training checkpoint"
@@ -305,7 +356,7 @@ def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = 
         raise UserError(f"{source} is {describe_kind(checkpoint)}, not a model checkpoint")
     state = checkpoint.get(weights)
     if state is None:
-        raise UserError(f"{source} holds no '{weights}' weights")
+        raise UserError(f"{source} holds no '{weights}' weights: it is {describe_kind(checkpoint)}")
     model = DetectionModel(checkpoint["model_yaml"])
     if any(t.dtype == torch.float64 for t in state.values()):
         model.double()  # a train.py --float64 run's weights stay in double precision
@@ -323,7 +374,7 @@ def load_for_inference(
 ) -> tuple[dict, DetectionModel]:
     """A checkpoint and its `ema` (or `model`) weights as an eval-mode, channels_last model on
     `device` (for commands that offer --trust-pickle)."""
-    checkpoint = load_checkpoint(path, trust_pickle, offers_trust_pickle=True)
+    checkpoint = load_checkpoint(path, trust_pickle, offers_trust_pickle=True, mmap=True)  # reads the used weights only
     model = model_from_checkpoint(checkpoint, weights, source=str(path)).eval()
     return checkpoint, model.to(device, memory_format=torch.channels_last)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -291,6 +292,8 @@ def scan_labels(
 
 
 def _read_cache(cache_path: Path, key: str) -> dict | None:
+    """The cached scan for `key`; None (scan again) when the cache is absent, stale, or damaged,
+    which is said in one warning (a write cut short by a full disk or a killed copy)."""
     try:
         with np.load(cache_path, allow_pickle=False) as data:
             if str(data["key"]) != key:
@@ -299,8 +302,12 @@ def _read_cache(cache_path: Path, key: str) -> dict | None:
                 name: data[name]
                 for name in ("status", "shapes", "counts", "labels", "problem_kinds", "problem_messages")
             }
-    except (OSError, KeyError, ValueError):
-        return None  # absent, stale format or damaged: scan again
+    except (FileNotFoundError, KeyError):
+        return None  # absent, or written by a version that stored other fields: stale
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        LOGGER.warning(f"WARNING: label cache {cache_path} is damaged or unreadable ({reason}); scanning again")
+        return None
 
 
 def _write_cache(cache_path: Path, key: str, cached: dict) -> None:

@@ -8,7 +8,6 @@ a run sees depends on neither the number of workers nor a resume.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from torch.utils.data import DataLoader, Sampler
 from utils.data.config import DatasetConfig
 from utils.data.dataset import ORDER_STREAM, DetectionDataset, collate
 from utils.data.labels import scan_split
-from utils.dist import World, local_main_first, per_process_batch
+from utils.dist import World, per_process_batch
+from utils.resources import usable_cpu_count
 
 
 class EpochSampler(Sampler):
@@ -73,6 +73,22 @@ class EpochSampler(Sampler):
         return (self.num_samples if self.whole else math.ceil(self.num_samples / self.world_size)) - self.skip
 
 
+class BatchShard(Sampler):
+    """One rank's share of a sequential pass in batches: every world_size-th batch from batch
+    `rank`, each holding exactly the indices it holds in one process (index order, as
+    EpochSampler without shuffle gives them). Ranks may get one batch more than others, or none."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        starts = range(self.rank * self.batch_size, self.num_samples, self.world_size * self.batch_size)
+        return iter([list(range(start, min(start + self.batch_size, self.num_samples))) for start in starts])
+
+    def __len__(self) -> int:
+        return len(range(self.rank * self.batch_size, self.num_samples, self.world_size * self.batch_size))
+
+
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(0)  # one worker, one core: OpenCV's own threads only add contention
     torch.set_num_threads(1)
@@ -91,9 +107,9 @@ def build_dataloader(
     whole: bool = False,
 ) -> DataLoader:
     """DataLoader over `dataset` (this rank's share of it, or all of it when `whole`) with an
-    EpochSampler; call loader.sampler.set_epoch(e) every epoch. The machine's cores are shared by
-    its processes."""
-    cores = max((os.cpu_count() or 1) // processes_per_machine, 1)
+    EpochSampler; call loader.sampler.set_epoch(e) every epoch. The CPUs this process may use (its
+    container's quota too) are shared by the machine's processes."""
+    cores = max(usable_cpu_count() // processes_per_machine, 1)
     workers = min(workers, cores, batch_size if batch_size > 1 else 0)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, whole=whole)
     return DataLoader(
@@ -124,8 +140,11 @@ def build_train_dataset(
     hyp['close_mosaic'] of `epochs`), its images cached in RAM as `cache` says ('auto', 'ram' or
     'off'). A split without a single labelled box is refused. `reported`: its problem files go to
     the run's data_report.txt."""
-    with local_main_first(world):  # one process per machine writes the label cache, the others read it
-        scan = scan_split(data.train, data.nc, prefix="train: ", reported=reported, needs_labels=True)
+    # Global rank 0 alone lists, checks and caches the split; the others receive its scan, which
+    # holds whether or not the machines share the dataset's folder.
+    scan = world.decided_by_main(
+        lambda: scan_split(data.train, data.nc, prefix="train: ", reported=reported, needs_labels=True)
+    )
     dataset = DetectionDataset(
         scan,
         img_size,
@@ -189,13 +208,32 @@ def build_val_loader(
     pin_memory: bool = False,
     reported: bool = False,
     rect: bool = True,
+    world: World = World(),
 ) -> DataLoader:
     """The rectangular, non-augmented loader of a verified split (images ordered by aspect ratio,
     so `batch_size` decides each batch's shape and with it the mAP; rect=False: every image
     letterboxed to img_size x img_size, for a model of fixed input shape). `reported`: its problem
-    files go to the run's data_report.txt."""
-    scan = scan_split(sources, num_classes, prefix=prefix, reported=reported)
+    files go to the run's data_report.txt. Under torchrun rank 0 alone scans the split, and the
+    others receive its scan."""
+    scan = world.decided_by_main(lambda: scan_split(sources, num_classes, prefix=prefix, reported=reported))
     dataset = DetectionDataset(
         scan, img_size, hyp, augment=False, rect=rect, batch_size=batch_size, stride=stride, single_cls=single_cls
     )
     return build_dataloader(dataset, batch_size, workers, shuffle=False, pin_memory=pin_memory)
+
+
+def val_shard_loader(loader: DataLoader, world: World) -> DataLoader:
+    """This rank's share of a validation `loader` (build_val_loader's): every world.size-th of its
+    batches from batch world.rank, each exactly as `loader` makes it. Batches are shared out
+    whole, never images: a rectangular batch sets its images' letterbox shape, and a batch of
+    other images could round differently; evaluate(..., world=world) gathers the results."""
+    workers = min(loader.num_workers, max(usable_cpu_count() // world.local_size, 1))
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=BatchShard(len(loader.dataset), loader.batch_size, world.rank, world.size),
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=_init_worker,
+    )

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from utils.boxes import letterbox_to_original, xyxy_to_xywhn
 from utils.data.dataset import Batch, DetectionDataset
 from utils.device import autocast, parameter_dtype, to_model_input
+from utils.dist import World
 from utils.eval.coco_json import image_ids
 from utils.eval.confusion import ConfusionMatrix
 from utils.eval.metrics import DetectionEvaluator, DetectionMetrics
@@ -25,6 +26,8 @@ from utils.log import LOGGER, interactive
 
 # (raw Detect outputs, targets) -> (total loss, detached loss items): the training loss
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# One image's predictions: dataset index, boxes (n, 4) xyxy float64 in original pixels, scores (n,), classes (n,)
+ImagePredictions = tuple[int, np.ndarray, np.ndarray, np.ndarray]
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 
 
@@ -53,13 +56,21 @@ def evaluate(
     loss_fn: LossFn | None = None,
     keep_predictions: bool = False,
     plot_dir: Path | None = None,
-) -> EvalResult:
+    world: World = World(),
+) -> EvalResult | None:
     """mAP of `model` on `loader` (no augmentation), in original-image coordinates.
 
     Runs under autocast with the given dtype; the model's own weights are never cast. The NMS
     IoU threshold defaults to the model family's reference (utils/eval/nms.py). With plot_dir,
     the first three batches are drawn there with their labels and predictions.
+
+    Under torchrun (`world` distributed, collective): every rank runs its share of the batches,
+    `loader` being utils/data/loader.py's val_shard_loader (batch rank, rank + size, ...), with the
+    same weights; rank 0 gathers each batch's predictions and loss and scores them in batch order,
+    as one process would: the same result. Rank 0 returns it, the others None.
     """
+    if plot_dir is not None and world.distributed:
+        raise ValueError("evaluate() draws its plots in one process: give plot_dir without a distributed world")
     dataset: DetectionDataset = loader.dataset
     was_training = model.training
     input_dtype = parameter_dtype(model)
@@ -71,22 +82,24 @@ def evaluate(
     confusion = ConfusionMatrix(nc) if plot_dir is not None else None
     coco_ids = image_ids(dataset.image_files)  # the ids pycocotools would see, for its tie order
     images_per_class = np.zeros(nc, dtype=np.int64)
-    loss_sum, num_batches = torch.zeros(3, device=device), 0
+    # Per batch: (batch number, input shape, loss items or None, predictions of its images)
+    batches: list[tuple[int, tuple[int, ...], torch.Tensor | None, list[ImagePredictions]]] = []
     times, num_images, num_truncated, predictions = np.zeros(3), 0, 0, {}
-    input_shape: tuple[int, ...] = ()
     bar = tqdm(
-        loader, desc=_row(*TABLE_HEADER), leave=False, disable=not interactive(), bar_format="{l_bar}{bar:10}{r_bar}"
+        loader,
+        desc=_row(*TABLE_HEADER),
+        leave=False,
+        disable=not interactive() or not world.is_main,
+        bar_format="{l_bar}{bar:10}{r_bar}",
     )
-    for batch_number, batch in enumerate(bar):
+    for local_number, batch in enumerate(bar):
+        batch_number = world.rank + local_number * world.size  # its number in one process's pass
         t0 = time.perf_counter()
         images = to_model_input(batch.images, device, input_dtype)
-        input_shape = tuple(images.shape)
         t1 = time.perf_counter()
         with autocast(device, amp_dtype):
             decoded, raw = model(images)
-        if loss_fn is not None:
-            loss_sum += loss_fn(raw, batch.targets)[1]
-            num_batches += 1
+        loss_items = loss_fn(raw, batch.targets)[1] if loss_fn is not None else None
         t2 = time.perf_counter()
         detections, truncated = non_max_suppression(
             decoded, conf_thres, iou_thres, max_det=max_det, multi_label=True, objectness=not anchor_free
@@ -97,6 +110,7 @@ def evaluate(
         num_images += len(images)
         if plot_dir is not None and batch_number < 3:
             plot_validation_batch(batch, detections, list(model.names), plot_dir / f"val_batch{batch_number}")
+        in_original = []
         for det, index, (scale_x, scale_y, pad_x, pad_y) in zip(
             detections, batch.indices.tolist(), batch.letterbox.tolist()
         ):
@@ -104,35 +118,50 @@ def evaluate(
             boxes = letterbox_to_original(
                 det[:, :4].double(), tuple(dataset.shapes[index]), (scale_x, scale_y), (pad_x, pad_y)
             )
+            in_original.append((index, boxes.numpy(), det[:, 4].numpy(), det[:, 5].numpy()))
+        batches.append(
+            (batch_number, tuple(images.shape), None if loss_items is None else loss_items.cpu(), in_original)
+        )
+    model.train(was_training)
+    if world.distributed:  # rank 0 scores every rank's batches, in one process's order
+        gathered = world.gather_to_main((batches, times, num_images, num_truncated))
+        if not world.is_main:
+            return None
+        batches = sorted((b for rank_batches, *_ in gathered for b in rank_batches), key=lambda b: b[0])
+        times = sum(g[1] for g in gathered)
+        num_images, num_truncated = sum(g[2] for g in gathered), sum(g[3] for g in gathered)
+    loss_sum = torch.zeros(3)
+    for _, _, loss_items, in_original in batches:
+        if loss_items is not None:
+            loss_sum += loss_items  # in batch order, as one process adds them
+        for index, boxes, scores, classes in in_original:
             gt_boxes, gt_classes = dataset.original_boxes_xyxy(index)
             evaluator.add_image(
-                boxes.numpy(),
-                det[:, 4].numpy(),
-                det[:, 5].numpy(),
-                gt_boxes,
-                gt_classes,
-                image_id=coco_ids[dataset.image_files[index]],
+                boxes, scores, classes, gt_boxes, gt_classes, image_id=coco_ids[dataset.image_files[index]]
             )
             if confusion is not None:
                 confusion.add_image(
-                    boxes, det[:, 4], det[:, 5], torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes)
+                    torch.from_numpy(boxes),
+                    torch.from_numpy(scores),
+                    torch.from_numpy(classes),
+                    torch.from_numpy(gt_boxes),
+                    torch.from_numpy(gt_classes),
                 )
             images_per_class[np.unique(gt_classes)] += 1
             if keep_predictions:
-                predictions[index] = torch.cat((boxes, det[:, 4:].double()), dim=1).numpy()
+                predictions[index] = np.concatenate((boxes, scores[:, None], classes[:, None]), axis=1)
     if num_truncated:
         LOGGER.warning(
             f"WARNING: {num_truncated} image(s) had more than the NMS candidate limit; "
             "their lowest-scoring candidates were not considered"
         )
-    model.train(was_training)
     return EvalResult(
         metrics=evaluator.compute(),
         confusion=confusion,
         images_per_class=images_per_class,
-        loss=(loss_sum / max(num_batches, 1)).cpu().numpy() if loss_fn is not None else None,
+        loss=(loss_sum / max(len(batches), 1)).numpy() if loss_fn is not None else None,
         speed_ms=tuple(times / max(num_images, 1) * 1e3),
-        input_shape=input_shape,
+        input_shape=batches[-1][1] if batches else (),
         predictions=predictions,
     )
 

@@ -168,7 +168,7 @@ def inference_image_size(loaded: LoadedWeights, requested: int | None, batch_siz
     size = loaded.img_size if requested is None else requested
     model = loaded.model
     if not isinstance(model, ExportedModel):
-        return check_image_size(size, model, batch_size=batch_size, device=device, training=False)
+        return check_image_size(size, model, batch_size=batch_size, device=device)
     if model.fixed_shape is not None and size != loaded.img_size:
         height, width = model.fixed_shape[1:]
         raise UserError(

@@ -3,6 +3,7 @@ statistics recomputed for averaged weights (through torch.optim.swa_utils.update
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -17,6 +18,12 @@ from utils.data.loader import build_dataloader, build_train_dataset
 from utils.device import autocast, inference_amp_dtype, parameter_dtype, to_model_input
 from utils.errors import UserError
 from utils.train.as_trained import single_class_as_trained
+
+# Images BatchNorm statistics are recomputed on (train.py and average.py --bn-images; 0: the whole
+# train split). Thousands of images pin every channel's mean and variance: on the shapes dataset
+# 128 of its 512 gave the same mAP (benchmarks/bench_bn_recalibration.py), and on COCO a pass over
+# all 118k images would hold up the end of a run for minutes, the other processes waiting.
+RECALIBRATION_IMAGES = 4096
 
 
 def resolve_coefficients(coefficients: list[float] | None, count: int) -> list[float]:
@@ -120,12 +127,14 @@ def recalibrate_on_training_batches(
     seed: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    max_images: int = RECALIBRATION_IMAGES,
 ) -> int:
     """recalibrate_batchnorm over one pass of the augmenting training `dataset` as it made `epoch`
     (the last epoch the weights were trained in: mosaic closed if it was), in batches of the size
-    BatchNorm saw in training; returns the number of images seen. `model` must hold plain
-    BatchNorm layers: update_bn runs it in train mode, where SyncBatchNorm would wait for the
-    other ranks.
+    BatchNorm saw in training, or over its first batches holding at least `max_images` images
+    (0: all), the same ones for the same seed; returns the number of images seen. `model` must
+    hold plain BatchNorm layers: update_bn runs it in train mode, where SyncBatchNorm would wait
+    for the other ranks.
 
     Why augmented: the weights were trained under the statistics of augmented batches, and
     statistics of plain letterboxed images shift every layer's normalisation away from what the
@@ -133,13 +142,14 @@ def recalibrate_on_training_batches(
     0.231 with plain images against 0.248 with these)."""
     loader = build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed)
     loader.sampler.set_epoch(max(epoch, 0))
-    return recalibrate_batchnorm(model, loader, device, amp_dtype)
+    batches = itertools.islice(loader, math.ceil(max_images / batch_size)) if max_images else loader
+    return recalibrate_batchnorm(model, batches, device, amp_dtype)
 
 
 class TrainingBatches:
     """The augmenting training split of `data` as the checkpoint's run augmented `epoch` (its image
     size, seed, --single-cls, batch per process, precision), built once to recalibrate the BatchNorm
-    statistics of any number of averages of that run's weights."""
+    statistics of any number of averages of that run's weights on `max_images` of its images (0: all)."""
 
     def __init__(
         self,
@@ -151,11 +161,13 @@ class TrainingBatches:
         img_size: int | None = None,
         batch_size: int | None = None,
         workers: int = 2,
+        max_images: int = RECALIBRATION_IMAGES,
     ):
         single_cls = single_class_as_trained(checkpoint, data, nc)
         # BatchNorm saw each process's share of the batch in training (train.py splits it over torchrun ranks)
         self.batch_size = batch_size or batch_per_process(checkpoint)
         self.workers, self.seed = workers, int(training_option(checkpoint, "seed", 0))
+        self.max_images = max_images
         self.with_amp, self.epoch = trained_with_amp(checkpoint), epoch
         epochs = int(training_option(checkpoint, "epochs", epoch + 1))
         self.dataset = build_train_dataset(
@@ -179,4 +191,5 @@ class TrainingBatches:
             seed=self.seed,
             device=device,
             amp_dtype=inference_amp_dtype(model, device, enabled=self.with_amp),
+            max_images=self.max_images,
         )

@@ -15,12 +15,17 @@ from utils.data.labels import list_image_files
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
+from utils.train.averaging import RECALIBRATION_IMAGES
 from utils.train.ema import tracked_names
 from utils.train.optim import AUTO_SGD_MIN_STEPS, optimizer_steps, resolve_auto_optimizer
 
 RUNTIME_ONLY_OPTIONS = ("device", "workers")  # may change on --resume: they do not change the results
 PLACEMENT_OPTIONS = ("project", "name", "exist_ok")  # on --resume, where a copy outside its run folder continues
 SINGLE_CLASS_NAME = "item"
+# Options added since a run was recorded take their default on --resume, except these, whose
+# default would change what the run does: the value that gives its behaviour from before.
+BEFORE_THEY_EXISTED = {"bn_images": 0}  # SWA / SWAP recomputed BatchNorm on all of the train split
+AUTO_BATCH = -1  # --batch-size -1: measured and chosen (utils/train/autobatch.py), then recorded as a number
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,11 @@ class TrainOptions:
     data: str
     hyp: str
     epochs: int
-    batch_size: int  # the global batch: split over torchrun's processes
+    batch_size: int  # the global batch: split over torchrun's processes (AUTO_BATCH until measured)
+    autobatch_fraction: float  # --batch-size -1: the share of the free memory a training step may fill
     imgsz: int  # a multiple of the model's stride once the run is configured
     nosave: bool
+    keep_optimizer: bool  # the final best.pt stays a whole training checkpoint (default: stripped to its EMA)
     noval: bool
     noautoanchor: bool  # no AutoAnchor check and fit of the anchors at the start of a new run
     cache: str
@@ -50,6 +57,7 @@ class TrainOptions:
     posthoc_ema: int  # snapshots of the post-hoc power EMAs to save (0: none)
     swa_epochs: int
     swa_source: str
+    bn_images: int  # SWA, SWAP: training images their BatchNorm statistics are recomputed on (0: all)
     sync_bn: bool
     optimizer: str  # never 'auto' once the run is configured
     lookahead: tuple[int, float] | tuple[()]  # (K, ALPHA) of Lookahead around the optimizer; () without
@@ -135,7 +143,7 @@ def options_for_run(
         if ignored:
             LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
         recorded = {k: v for k, v in resumed["opt"].items() if k in given}
-        chosen = {**{k: defaults[k] for k in given}, **recorded}
+        chosen = {**{k: defaults[k] for k in given}, **BEFORE_THEY_EXISTED, **recorded}
         chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
         if placement_from_command_line:
             chosen.update({k: given[k] for k in PLACEMENT_OPTIONS})
@@ -145,15 +153,19 @@ def options_for_run(
 
 def check_options(opt: TrainOptions, world: World) -> None:
     """Refuse impossible options, warn about ineffective ones: before anything is written."""
-    if opt.epochs < 1 or opt.batch_size < 1:
-        raise UserError("--epochs and --batch-size must be at least 1")
-    if opt.batch_size % world.size and not opt.graft:
+    if opt.epochs < 1 or (opt.batch_size < 1 and opt.batch_size != AUTO_BATCH):
+        raise UserError("--epochs must be at least 1, --batch-size at least 1 (or -1: measure and choose)")
+    if not 0 < opt.autobatch_fraction <= 1:
+        raise UserError(f"--autobatch-fraction {opt.autobatch_fraction} must be above 0 and at most 1")
+    if opt.batch_size % world.size and not opt.graft and opt.batch_size != AUTO_BATCH:
         raise UserError(
             f"--batch-size {opt.batch_size} is the global batch: it must be a multiple of the "
             f"{world.size} processes (each takes an equal share)"
         )
     if not 0 <= opt.swa_epochs <= opt.epochs:
         raise UserError(f"--swa-epochs {opt.swa_epochs} must be between 0 and --epochs {opt.epochs}")
+    if opt.bn_images < 0:
+        raise UserError(f"--bn-images {opt.bn_images}: a number of images, or 0 for all of the train split")
     if opt.raw and not opt.weights:
         raise UserError("--raw picks the raw weights of the --weights checkpoint; give --weights too")
     if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
@@ -194,6 +206,8 @@ def check_options(opt: TrainOptions, world: World) -> None:
         LOGGER.warning(f"WARNING: --lookahead-ema {opt.lookahead_ema} only acts with --lookahead; ignored")
     if opt.swa_source != "ema" and not opt.swa_epochs:
         LOGGER.warning(f"WARNING: --swa-source {opt.swa_source} only acts with --swa-epochs K; ignored")
+    if opt.bn_images != RECALIBRATION_IMAGES and not (opt.swa_epochs or opt.swap_epoch):
+        LOGGER.warning(f"WARNING: --bn-images {opt.bn_images} only acts with --swa-epochs or --swap-epoch; ignored")
     if "raw" in opt.validated and opt.no_ema:
         LOGGER.warning("WARNING: with --no-ema the validated weights are the raw ones; --val raw adds the same numbers")
     if opt.no_ema and opt.ema != "steps":

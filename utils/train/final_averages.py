@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from utils.checkpoint.format import averaged_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.eval.evaluate import evaluate, results_table
 from utils.log import LOGGER
-from utils.train.averaging import recalibrate_on_training_batches
+from utils.train.averaging import RECALIBRATION_IMAGES, recalibrate_on_training_batches
 from utils.train.ema import WeightAverage
 
 
@@ -28,10 +28,12 @@ def finish_recalibrated(
     amp_dtype: torch.dtype | None,
     val_loader: DataLoader,
     out_path: Path,
+    max_images: int = RECALIBRATION_IMAGES,
     **extra,
 ) -> None:
     """Recompute the BatchNorm statistics of averaged `weights` (SWA's, SWAP's) on the last epoch's
-    training batches (augmented: see recalibrate_on_training_batches), validate them and save them
+    training batches (augmented: see recalibrate_on_training_batches; the first of them holding
+    `max_images`, 0: all), validate them and save them
     to `out_path`: an average-kind checkpoint built on the run's `last` one, described as `what`,
     with `extra` entries (SWA's plain average, SWAP's processes)."""
     # Rebuilt from the checkpoint: plain BatchNorm where the run had SyncBatchNorm (rank 0 works alone here).
@@ -46,6 +48,7 @@ def finish_recalibrated(
         seed=seed,
         device=device,
         amp_dtype=amp_dtype,
+        max_images=max_images,
     )
     result = evaluate(average, val_loader, device=device, amp_dtype=amp_dtype)
     description = f"{what}, BatchNorm statistics recomputed on {images} augmented training images"

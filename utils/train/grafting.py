@@ -72,11 +72,10 @@ def graft(model: nn.Module, other: dict[str, torch.Tensor], a: float, c: float, 
 
 def graft_from_next_process(model: nn.Module, world: World, hyp: dict) -> list[float]:
     """Every process grafts the next one's network into its own (rank r takes rank r + 1's, the
-    last takes rank 0's), with the hyp's graft_a, graft_c and graft_bins: collective. Returns
-    this rank's alphas, layer by layer."""
+    last takes rank 0's), with the hyp's graft_a, graft_c and graft_bins: collective, each
+    network passed to its neighbour in a ring (one extra copy of a network per process, whatever
+    their number). Returns this rank's alphas, layer by layer."""
     state = unwrap(model).state_dict()
     floating = [k for k, v in state.items() if v.dtype.is_floating_point]
-    gathered = world.all_gather([state[k] for k in floating])  # per tensor: every rank's
-    following = (world.rank + 1) % world.size
-    other = {k: gathered[i][following] for i, k in enumerate(floating)}
+    other = dict(zip(floating, world.from_next([state[k] for k in floating])))
     return graft(model, other, float(hyp["graft_a"]), float(hyp["graft_c"]), int(hyp["graft_bins"]))

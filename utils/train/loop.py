@@ -19,8 +19,9 @@ def train(run: TrainingRun) -> None:
 
     Under torchrun every rank runs this on its share of each global batch through
     DistributedDataParallel (or, training separately with --swap-epoch or --graft, as a process of
-    its own); rank 0 alone keeps the EMA, validates, logs and writes checkpoints, while the others
-    wait for its verdict on early stopping."""
+    its own); rank 0 alone keeps the EMA, logs and writes checkpoints, while the others wait for
+    its verdict on early stopping. Every rank validates its share of the val batches with rank
+    0's weights, and rank 0 scores them all."""
     opt, loop, world, model, ema = run.config.opt, run.loop, run.world, run.model, run.ema
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
     started, first_epoch = time.time(), loop.epoch
@@ -31,12 +32,13 @@ def train(run: TrainingRun) -> None:
             step = i + run.batches_per_epoch * epoch  # micro-batches since the start of training
             window_full = run.window_full(i, step)  # accumulated enough for an optimizer step
             images = to_model_input(batch.images, run.device, run.weights_dtype)
-            run.buffers.take()  # BatchNorm statistics before this forward, to undo a non-finite one
+            if loop.window == 0:  # BatchNorm statistics before the window, to undo one with a non-finite loss
+                run.buffers.take()
             with run.gradient_sync(window_full):  # DDP averages gradients in a window's last backward only
                 with autocast(run.device, run.amp_dtype):
                     predictions = run.forward_model(images)
                 loss, loss_items = run.criterion(predictions, batch.targets)
-                run.backward(loss, loss_items)  # skipped on every rank if any rank's loss is not finite
+                run.backward(loss, loss_items)  # the window skips its step on every rank if any loss is not finite
             loop.window += 1
             loop.window_images += batch.images.shape[0]
             if window_full:
@@ -65,15 +67,21 @@ def train(run: TrainingRun) -> None:
                 average.copy_attributes(model)  # validate what we ship: averages carrying the model's attributes
             if run.swa is not None and epoch >= opt.epochs - opt.swa_epochs:
                 run.swa.update(ema.module if opt.swa_source == "ema" else model)
-            result, others = None, dict.fromkeys(opt.validated)
-            if not opt.noval or final_epoch:
-                result = evaluate(
-                    ema.module, run.val_loader, device=run.device, amp_dtype=run.amp_dtype, loss_fn=run.val_criterion
+        result, others = None, dict.fromkeys(opt.validated)
+        if not opt.noval or final_epoch:  # every rank validates its share with rank 0's weights; rank 0 scores
+            result = evaluate(
+                run.validation_network("ema"),
+                run.val_shard,
+                device=run.device,
+                amp_dtype=run.amp_dtype,
+                loss_fn=run.val_criterion,
+                world=world,
+            )
+            for name in others:  # --val: the raw model or tracked averages, only when asked
+                others[name] = evaluate(
+                    run.validation_network(name), run.val_shard, device=run.device, amp_dtype=run.amp_dtype, world=world
                 )
-                for name in others:  # --val: the raw model or tracked averages, only when asked
-                    others[name] = evaluate(
-                        run.validated(name), run.val_loader, device=run.device, amp_dtype=run.amp_dtype
-                    )
+        if world.is_main:
             is_best = run.log_epoch(epoch, result, others)  # results.csv; best fitness of validated epochs
             # Only validated epochs count: with --noval nothing stops the run early.
             stop_early = result is not None and epoch - loop.best_epoch >= patience and not final_epoch
@@ -91,8 +99,8 @@ def train(run: TrainingRun) -> None:
 
 
 def finish(run: TrainingRun, elapsed_s: float, epochs_run: int, swap_weights: dict | None = None) -> None:
-    """After the last epoch (rank 0): close the log, plot, finish SWA and SWAP, validate best.pt,
-    free the run folder."""
+    """After the last epoch (rank 0): close the log, plot, finish SWA and SWAP, strip best.pt (unless
+    --keep-optimizer) and validate it, free the run folder."""
     run.logger.close()
     LOGGER.info(f"\n{epochs_run} epochs completed in {elapsed_s / 3600:.3f} hours.")
     if run.plots:
@@ -101,6 +109,7 @@ def finish(run: TrainingRun, elapsed_s: float, epochs_run: int, swap_weights: di
     recalibrated = {
         "workers": opt.workers,
         "seed": opt.seed,
+        "max_images": opt.bn_images,
         "device": run.device,
         "amp_dtype": run.amp_dtype,
         "val_loader": run.val_loader,
@@ -139,6 +148,8 @@ def finish(run: TrainingRun, elapsed_s: float, epochs_run: int, swap_weights: di
         save_tracked_average(path, last, average, name)
     best_path = run.saver.best_path
     if best_path.exists():
+        if not opt.keep_optimizer:  # validated and plotted below as it ships
+            run.saver.strip_best(run.logger.epoch_metrics(run.loop.best_epoch))
         LOGGER.info(f"Validating {best_path}...")
         _, best_model = load_for_inference(best_path, "ema", run.device)
         result = evaluate(

@@ -51,11 +51,11 @@ class PosthocRun:
         snapshots = find_snapshots(run_dir)
         if at_epoch is None:
             latest = max(snapshots, key=lambda s: s.updates)
-            return cls(run_dir, load_checkpoint(last_path), snapshots, latest.updates, latest.epoch)
+            return cls(run_dir, load_checkpoint(last_path, mmap=True), snapshots, latest.updates, latest.epoch)
         updates = next((s.updates for s in snapshots if s.epoch == at_epoch), None)
         if updates is None:
             updates = updates_at_epoch(run_dir / "results.csv", at_epoch)
-        return cls(run_dir, load_checkpoint(last_path), snapshots, updates, at_epoch)
+        return cls(run_dir, load_checkpoint(last_path, mmap=True), snapshots, updates, at_epoch)
 
 
 def updates_at_epoch(csv_path: Path, epoch: int) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from models.yolo import DetectionModel, build_model
-from utils.checkpoint.format import load_checkpoint, training_state, transfer_matching_weights
+from utils.checkpoint.format import describe_kind, load_checkpoint, training_state, transfer_matching_weights
 from utils.data.config import DatasetConfig, load_dataset_config
 from utils.data.labels import write_data_report
 from utils.data.loader import build_train_dataset, build_val_loader, validation_batch_size
@@ -22,13 +22,22 @@ from utils.errors import UserError
 from utils.hyp import default_hyp_path, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
-from utils.run_dir import RunDirLock, newest_last_checkpoint, next_run_dir, run_dir_of
+from utils.run_dir import RunDirLock, checkpoint_to_resume, next_run_dir, run_dir_of
 from utils.train.autoanchor import autoanchor
-from utils.train.config import RunConfig, TrainOptions, check_options, choose_optimizer, options_for_run, process_batch
+from utils.train.autobatch import TrainingMemory
+from utils.train.config import (
+    AUTO_BATCH,
+    RunConfig,
+    TrainOptions,
+    check_options,
+    choose_optimizer,
+    options_for_run,
+    process_batch,
+)
 from utils.train.loop_state import LoopState
 from utils.train.rng import seed_everything, use_deterministic_algorithms
 from utils.train.run import TrainingRun
-from utils.train.separate_processes import own_hyp, process_seed
+from utils.train.separate_processes import process_seed, resumed_state, training_alone
 
 DEFAULT_CFG = "yolov5n.yaml"
 
@@ -37,9 +46,12 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     """The run train.py's command line asks for, ready to train (under torchrun: in every
     process, each of which finds the same options, data and checkpoint); None when a resumed
     run has already finished. `defaults`: the command line's default values."""
-    resumed = state = home = None
+    resumed = state = home = group_device = None
     if args.resume:
-        resumed_path = Path(args.resume) if isinstance(args.resume, str) else newest_last_checkpoint(Path(args.project))
+        if not isinstance(args.resume, str) and world.distributed:  # rank 0 picks the checkpoint: join the group
+            group_device = select_device(args.device)
+            init_process_group(world, group_device)
+        resumed_path = checkpoint_to_resume(args.resume, Path(args.project), world)
         resumed = load_checkpoint(resumed_path)
         try:
             state = training_state(resumed)
@@ -60,6 +72,11 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     if resumed is None and opt.graft_hyp and opt.hyp:  # (a resumed run's opt.hyp is the default's path)
         raise UserError("--graft-hyp gives every process its hyp file; --hyp would be unused: drop it")
     device = select_device(opt.device)
+    if group_device not in (None, device):
+        raise UserError(
+            f"--resume: the run trained with --device {opt.device}; under torchrun a --resume without a path "
+            f"needs it on the command line too: add --device {opt.device}"
+        )
     init_process_group(world, device)
     if opt.deterministic:
         use_deterministic_algorithms()
@@ -69,8 +86,9 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     with local_main_first(world):  # the embedded dataset is generated once per machine
         data = load_dataset_config(opt.data)
     model = model_for_run(opt, data, resumed)
-    if resumed is not None:
-        hyp = own_hyp(resumed, world)  # with --graft-hyp, each process's own
+    if resumed is not None:  # processes training separately: ranks 1.. read their own state and hyp (--graft-hyp)
+        alone = training_alone(opt.swap_epoch, opt.graft, position.epoch, world)
+        state, hyp = resumed_state(state, resumed, resumed_path, world, alone)
     else:
         hyp = load_process_hyp(opt, world, model.anchor_free)
         opt = replace(opt, hyp=opt.hyp or default_hyp_path(model.anchor_free))
@@ -81,23 +99,15 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
             f"the model YAML gives `anchors: {model.yaml['anchors']}`, a count: the anchors must be fitted to the "
             "training labels, which --noautoanchor turns off; drop --noautoanchor, or list the anchor sizes in the YAML"
         )
-    # Each process holds its batch (its share of --batch-size; all of it with --graft); CPU processes
-    # share the machine's memory.
-    img_size = check_image_size(
-        opt.imgsz,
-        model,
-        batch_size=process_batch(opt, world.size),
-        device=device,
-        training=True,
-        processes=world.local_size if device.type == "cpu" else 1,
-    )
-    optimizer, hyp = choose_optimizer(opt, hyp, data) if resumed is None else (opt.optimizer, hyp)
-    config = RunConfig(opt=replace(opt, imgsz=img_size, optimizer=optimizer), hyp=hyp, data=data, world_size=world.size)
-    opt = config.opt
+    img_size = check_image_size(opt.imgsz, model)
+    memory = TrainingMemory(opt, model, device, world)
+    if opt.batch_size != AUTO_BATCH:  # refused now if it cannot fit, before the data is scanned
+        optimizer, hyp = choose_optimizer(opt, hyp, data) if resumed is None else (opt.optimizer, hyp)
+        memory.check(img_size, process_batch(opt, world.size), optimizer)
     train_dataset = build_train_dataset(
         data,
         hyp,
-        img_size=opt.imgsz,
+        img_size=img_size,
         seed=seed,
         single_cls=opt.single_cls,
         cache=opt.cache,
@@ -109,20 +119,29 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         # Before TrainingRun copies the model into its EMA and other averages: they start with these anchors.
         # A resumed run's anchors come back with its checkpoint.
         autoanchor(model, train_dataset, img_size, hyp["anchor_t"], world)
-    val_loader = None
-    if world.is_main:  # rank 0 alone validates
-        val_loader = build_val_loader(
-            data.val,
-            data.nc,
-            img_size=opt.imgsz,
-            batch_size=validation_batch_size(config.batch_per_process),
-            workers=opt.workers,
-            hyp=hyp,
-            stride=int(model.stride.max()),
-            single_cls=opt.single_cls,
-            pin_memory=device.type == "cuda",
-            reported=True,
-        )
+    if opt.batch_size == AUTO_BATCH:  # measured once the anchors are final: the loss depends on them
+        # auto: measured with AdamW's state, the larger, and resolved for the batch chosen
+        measured_with = "AdamW" if opt.optimizer == "auto" else opt.optimizer
+        batch = memory.autobatch(hyp, img_size, measured_with, limit=len(train_dataset))
+        opt = replace(opt, batch_size=batch if opt.graft else batch * world.size)
+        optimizer, hyp = choose_optimizer(opt, hyp, data)
+    config = RunConfig(opt=replace(opt, imgsz=img_size, optimizer=optimizer), hyp=hyp, data=data, world_size=world.size)
+    opt = config.opt
+    # Every rank validates its share of the batches each epoch (TrainingRun.val_shard); rank 0 validates
+    # the final weights (SWA, best.pt) alone, on all of them.
+    val_loader = build_val_loader(
+        data.val,
+        data.nc,
+        img_size=opt.imgsz,
+        batch_size=validation_batch_size(config.batch_per_process),
+        workers=opt.workers,
+        hyp=hyp,
+        stride=int(model.stride.max()),
+        single_cls=opt.single_cls,
+        pin_memory=device.type == "cuda",
+        reported=world.is_main,
+        world=world,
+    )
     run_dir = lock = None
     if world.is_main:  # only rank 0 writes in the run folder
         run_dir, lock = open_run_dir(config, home, position)
@@ -178,7 +197,14 @@ def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | Non
             )
         model = DetectionModel(checkpoint["model_yaml"], nc=nc)
     else:
-        initial = load_checkpoint(opt.weights, opt.trust_pickle, offers_trust_pickle=True) if opt.weights else None
+        initial = (  # mmap: only the weights transferred are read
+            load_checkpoint(opt.weights, opt.trust_pickle, offers_trust_pickle=True, mmap=True) if opt.weights else None
+        )
+        if opt.raw and initial is not None and initial.get("model") is None:
+            raise UserError(
+                f"--raw: {opt.weights} holds no raw model weights: it is {describe_kind(initial)}. Leave out "
+                "--raw to start from its EMA"
+            )
         if opt.cfg or initial is None:
             model = build_model(opt.cfg or DEFAULT_CFG, nc=nc)
         else:

@@ -79,6 +79,16 @@ class RunLogger:
                 self.writer.add_scalar(name, value, epoch)
             self.writer.flush()
 
+    def epoch_metrics(self, epoch: int) -> dict[str, float]:
+        """The EMA's precision, recall and mAPs that results.csv holds for `epoch` (empty if none, or
+        if the file was edited out of shape)."""
+        try:
+            with open(self.csv_path, newline="") as f:
+                row = next((r for r in csv.DictReader(f) if int(r["epoch"]) == epoch), None)
+            return {name: float(row[f"metrics/{name}"]) for name in METRIC_NAMES} if row else {}
+        except (OSError, KeyError, ValueError, TypeError):
+            return {}
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -8,6 +8,7 @@ results row and the checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from models.yolo import DetectionModel
 from utils.checkpoint.format import training_checkpoint
 from utils.data.dataset import Batch, DetectionDataset
-from utils.data.loader import build_train_loader
+from utils.data.loader import build_train_loader, val_shard_loader
 from utils.device import amp_dtype_for, describe_precision
 from utils.dist import World
 from utils.errors import TrainingStopped, UserError
@@ -48,12 +49,7 @@ from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter
 from utils.train.results import RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
 from utils.train.saver import CheckpointWriter
-from utils.train.separate_processes import (
-    averaged_over_processes,
-    gather_own_states,
-    own_process_state,
-    training_alone,
-)
+from utils.train.separate_processes import ProcessFiles, averaged_over_processes, training_alone
 from utils.train.step import BufferSnapshot, optimizer_step
 from utils.train.sync_bn import convert_sync_batchnorm
 
@@ -94,7 +90,8 @@ def state_of(
 class TrainingRun:
     """The model (and its DDP wrapper), EMA, SWA average, optimizer, scaler, schedule, losses,
     loaders, loop state, results log and checkpoint writer of one run. Rank 0 alone has the EMA,
-    SWA average, validation loader, log and writer (None on the other ranks)."""
+    SWA average, log and writer (None on the other ranks); every rank has the validation loader
+    and validates its share of it each epoch (val_shard)."""
 
     def __init__(
         self,
@@ -130,6 +127,10 @@ class TrainingRun:
             whole=opt.graft,
         )
         self.val_loader = val_loader
+        # Each epoch's validation is shared out: each rank runs its share of the batches with rank 0's
+        # weights (validation_network), and rank 0 gathers the predictions (utils/eval/evaluate.py).
+        self.val_shard = val_shard_loader(val_loader, world) if world.distributed else val_loader
+        self._validation_copy: torch.nn.Module | None = None  # ranks 1..: holds rank 0's weights to validate
         self.batches_per_epoch = len(self.train_loader)
         self.plots = not opt.no_plots and world.is_main
 
@@ -167,7 +168,12 @@ class TrainingRun:
         self.criterion = build_criterion(self.model, hyp, opt.imgsz, label_smoothing=opt.label_smoothing, world=world)
         self.val_criterion = build_criterion(self.model, hyp, opt.imgsz, label_smoothing=opt.label_smoothing)
         self.loop = LoopState()
-        self._own_states: list[dict] | None = None  # rank 0, processes training separately: the others' states
+        # Processes training separately: where ranks 1.. write their own states, and what rank 0's checkpoint
+        # records of the files of its save (its 'process_files').
+        self.process_files = (
+            ProcessFiles(run_dir / "weights", world) if world.distributed and (opt.graft or opt.swap_epoch) else None
+        )
+        self._process_files: dict | None = None
         if state is not None:
             self.load_state_dict(state)
         self.buffers = BufferSnapshot(self.model)
@@ -180,7 +186,7 @@ class TrainingRun:
             if world.distributed and not self.alone
             else self.model
         )
-        self._non_finite_in_window = False  # a micro-batch of the current window had a non-finite loss
+        self._finite_window: torch.Tensor | None = None  # on the device: every loss of this window was finite
         self.logger = RunLogger(run_dir, self.loop.epoch) if world.is_main else None
         self.saver = CheckpointWriter(run_dir / "weights", opt.save_interval) if world.is_main else None
         if world.is_main:
@@ -273,12 +279,13 @@ class TrainingRun:
             swa=self.swa,
             averages=self.averages,
         )
-        if self._own_states is not None:  # processes training separately: ranks 1.. (rank 0's is the file's own)
-            state["process_states"] = self._own_states
+        if self._process_files is not None:  # processes training separately: ranks 1..'s files (rank 0's is this)
+            state["process_files"] = self._process_files
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from what state_dict() returned (on every rank; the averages on rank 0)."""
+        """Continue from what state_dict() returned (on every rank; the averages on rank 0). Processes
+        training separately: ranks 1.. are given their own process state in it (separate_processes.resumed_state)."""
         self._load_process_state(state)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -289,10 +296,6 @@ class TrainingRun:
         if self.swa is not None and state.get("swa"):
             self.swa.load_state_dict(state["swa"])
         self.loop = LoopState.from_state_dict(state["loop"])
-        if self.alone:  # processes training separately: ranks 1.. take back their own states
-            own = own_process_state(state.get("process_states"), self.world)
-            if own is not None:
-                self._load_process_state(own)
 
     def _load_process_state(self, state: dict) -> None:
         """Load what process_state() returned."""
@@ -330,7 +333,7 @@ class TrainingRun:
         self.train_loader.sampler.set_epoch(loop.epoch, skip=skip, independent=self.alone)
         loop.loss_sum = loop.loss_sum.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        self._non_finite_in_window = False
+        self._finite_window = None
         self._progress = ""  # the epoch's progress line, logged at its end
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", *self.criterion.names, "Instances", "Size"))
         return tqdm(
@@ -384,30 +387,29 @@ class TrainingRun:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, loss_items: torch.Tensor) -> None:
-        """Backward, and the epoch's loss sums. A loss that is not finite on any rank undoes this
-        forward's BatchNorm statistics and marks the window, whose step is then skipped on all."""
+        """Backward, and the epoch's loss sums. A loss that is not finite on any rank marks the
+        window, whose step is then skipped on all and its BatchNorm statistics undone. Nothing
+        here waits for the device: the mark is read once, at the window's step."""
         # The loss items summed over the ranks, and on how many ranks the loss is not finite.
         summed = self.world.sum(torch.cat((loss_items, (~torch.isfinite(loss)).float().reshape(1))))
         # (Processes training separately each have their own mean loss: the log shows their mean, and a
         # non-finite loss on one rank skips the step on all, which keeps their loops in step.)
-        if summed[3] == 0:
-            self.scaler.scale(loss).backward()
-            self.loop.loss_sum += summed[:3] / (self.world.size if self.alone else 1)
-            return
-        self.buffers.restore()
-        self._non_finite_in_window = True
-        if isinstance(self.forward_model, DistributedDataParallel):  # collective: every rank takes part
-            self.scaler.scale(loss).backward()  # the gradients are dropped
+        finite = summed[3] == 0
+        self._finite_window = finite if self._finite_window is None else self._finite_window & finite
+        # Always (under DDP a collective): a window with a non-finite loss drops all of its gradients.
+        self.scaler.scale(loss).backward()
+        self.loop.loss_sum += torch.where(finite, summed[:3], 0.0) / (self.world.size if self.alone else 1)
 
     def optimizer_step(self, epoch: int, step: int) -> bool:
         """The window's optimizer step at the schedule's lr (zeroing the gradients); False when it
-        was skipped for a non-finite loss or gradient."""
-        if self._non_finite_in_window:
-            self._non_finite_in_window = False
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
+        was skipped for a non-finite loss (its BatchNorm statistics then go back to the window's
+        start: run.buffers.take() there) or gradient."""
+        finite_loss, self._finite_window = self._finite_window, None
         self.schedule.apply(self.optimizer, epoch, step)
-        return optimizer_step(self.optimizer, self.scaler, self.model)
+        stepped = optimizer_step(self.optimizer, self.scaler, self.model, finite_loss=finite_loss)
+        if not stepped and finite_loss is not None and not bool(finite_loss):  # read again only when skipped
+            self.buffers.restore()
+        return stepped
 
     def averaged_weights(self) -> AbstractContextManager:
         """Around the averages' updates: the model as they fold it in, holding Lookahead's slow
@@ -441,11 +443,14 @@ class TrainingRun:
         return str(self.saver.last_path) if self.saver.last_path.exists() else "none yet"
 
     def show_progress(self, bar: tqdm, batch: Batch, images: torch.Tensor, i: int, step: int) -> None:
-        """The progress line (mean losses so far), and the first batches drawn as the model saw them."""
+        """The progress line (mean losses so far), and the first batches drawn as the model saw them.
+        The line changes at optimizer steps only: reading the losses waits for the device."""
         if self.plots and step < 3:
             plot_image_batch(
                 batch.images, batch.targets.numpy(), list(self.config.names), self.run_dir / f"train_batch{step}.jpg"
             )
+        if self.loop.window:  # inside an accumulation window
+            return
         mean_loss = (self.loop.loss_sum / (i + 1)).tolist()
         memory = f"{torch.cuda.memory_reserved(self.device) / 2**30:.3g}G" if self.device.type == "cuda" else "cpu"
         self._progress = ("%11s" * 2 + "%11.4g" * 5) % (
@@ -470,6 +475,20 @@ class TrainingRun:
     def validated(self, name: str) -> torch.nn.Module:
         """What --val NAME validates: the raw model or a tracked average."""
         return self.model if name == "raw" else self.averages[name].module
+
+    def validation_network(self, name: str) -> torch.nn.Module:
+        """Rank 0's network `name` ('ema', or --val's 'raw' or average) on every rank, for each to
+        validate its share of val_shard (collective): rank 0's own module there, and on the others a
+        copy of the model holding rank 0's weights and BatchNorm statistics, broadcast (rank 0's
+        always, though processes training separately have networks of their own)."""
+        if self.world.is_main:
+            network = self.ema.module if name == "ema" else self.validated(name)
+        else:
+            if self._validation_copy is None:
+                self._validation_copy = copy.deepcopy(self.model).requires_grad_(False)
+            network = self._validation_copy
+        self.world.copy_from_main_(list(network.state_dict().values()))
+        return network
 
     def log_epoch(self, epoch: int, result: EvalResult | None, others: dict[str, EvalResult | None]) -> bool:
         """Print the validation, append the results.csv row and keep the best fitness; True when
@@ -511,27 +530,38 @@ class TrainingRun:
         due = i + 1 < self.batches_per_epoch and self.saver is not None and self.saver.due()
         return bool(self.world.from_main(due)) if self.alone else due
 
-    def gather_own_states(self) -> None:
-        """Processes training separately: ranks 1.. send rank 0 their own states for its checkpoint (collective)."""
+    def write_own_states(self, stem: str) -> None:
+        """Processes training separately: ranks 1.. write their own states to files of their own
+        beside rank 0's checkpoint, which names them (collective; see ProcessFiles). `stem`: the
+        checkpoint's ('last', or 'epochN' when epochN.pt is written too)."""
+        self._process_files = None
         if self.alone:
-            state = {**process_state(self.model, self.optimizer, self.scaler), "hyp": dict(self.config.hyp)}
-            self._own_states = gather_own_states(self.world, state)
+            state = None
+            if not self.world.is_main:
+                state = {**process_state(self.model, self.optimizer, self.scaler), "hyp": dict(self.config.hyp)}
+            self._process_files = self.process_files.write(stem, state)
+
+    def own_states_saved(self) -> None:
+        """After rank 0's checkpoint: each rank removes its files no checkpoint names any more (collective)."""
+        if self._process_files is not None:
+            self.process_files.saved()
 
     def save_last(self) -> None:
-        """A mid-epoch last.pt (every rank calls it: see gather_own_states)."""
-        self.gather_own_states()
+        """A mid-epoch last.pt (every rank calls it: see write_own_states)."""
+        self.write_own_states("last")
         if self.saver is not None:
             self.saver.write(self.checkpoint())
+        self.own_states_saved()
 
     def save_epoch(self, epoch: int, finished: bool, best: bool) -> None:
         """last.pt, and best.pt / epochN.pt when due, at the end of an epoch (every rank calls it:
-        see gather_own_states)."""
-        self.gather_own_states()
-        if self.saver is None:
-            return
+        see write_own_states)."""
         save_period = self.config.opt.save_period
         copy_name = f"epoch{epoch}.pt" if save_period > 0 and epoch % save_period == 0 else None
-        self.saver.write(self.checkpoint(finished=finished), best=best, copy_name=copy_name)
+        self.write_own_states(Path(copy_name).stem if copy_name else "last")
+        if self.saver is not None:
+            self.saver.write(self.checkpoint(finished=finished), best=best, copy_name=copy_name)
+        self.own_states_saved()
 
     def graft(self) -> None:
         """--graft: every process grafts the next one's network into its own (collective); rank 0

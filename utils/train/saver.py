@@ -1,4 +1,5 @@
-"""Writing a run's checkpoints: best.pt / epochN.pt first and last.pt last, each atomically."""
+"""Writing a run's checkpoints: best.pt / epochN.pt first and last.pt last, each atomically; at the
+end of training, best.pt stripped for inference."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 import torch
 
 from utils.atomic_write import atomic_write
-from utils.checkpoint.format import serialise
-from utils.errors import TrainingStopped
+from utils.checkpoint.format import serialise, strip_for_inference
+from utils.errors import TrainingStopped, UserError
+from utils.log import LOGGER
 
 
 class CheckpointWriter:
@@ -48,6 +50,20 @@ class CheckpointWriter:
                     f"could not write {path} ({error.strerror or error}); training stopped: {kept}"
                 ) from None
         self.last_write = time.monotonic()
+
+    def strip_best(self, metrics: dict[str, float]) -> None:
+        """At the end of training: best.pt stripped to what inference needs, its EMA (see
+        stripped_checkpoint), with the `metrics` of its epoch; a failed write leaves it whole."""
+        try:
+            before, after = strip_for_inference(self.best_path, metrics)
+        except (OSError, UserError) as error:  # a full disk; a best.pt damaged or changed since it was written
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            LOGGER.warning(f"WARNING: could not strip {self.best_path} ({reason}): it stays a whole checkpoint")
+            return
+        LOGGER.info(
+            f"Stripped {self.best_path} to its EMA weights for inference: {before / 1e6:.1f} MB -> "
+            f"{after / 1e6:.1f} MB (last.pt keeps the training state; --keep-optimizer keeps best.pt whole)"
+        )
 
 
 def _check_finite(checkpoint: dict) -> None:

@@ -3,22 +3,30 @@ phase (--swap-epoch; Gupta et al. 2020, "Stochastic Weight Averaging in Parallel
 Training that Generalizes Well") and filter grafting (--graft, utils/train/grafting.py).
 
 Such a process forwards without DDP (no gradient all-reduce), with the loss of one process and
-its own shuffle of the data. A checkpoint must hold every process's weights: rank 0 gathers the
-other ranks' own states (model, optimizer, scaler, RNG, hyp) into its checkpoint, and on
---resume each rank takes its own back. At the end of a SWAP run the processes' weights are
-averaged (utils/train/final_averages.py then recomputes BatchNorm statistics, validates and
-writes weights/swap.pt).
+its own shuffle of the data. A checkpoint must hold every process's weights: at each checkpoint
+ranks 1.. each write their own state (model, optimizer, scaler, RNG, hyp) to a file of their own
+beside rank 0's checkpoint (ProcessFiles), which names those files, so no file and no process
+holds more than one process's state whatever the number of processes; on --resume each rank
+reads its own back. At the end of a SWAP run the processes' weights are averaged
+(utils/train/final_averages.py then recomputes BatchNorm statistics, validates and writes
+weights/swap.pt).
 """
 
 from __future__ import annotations
 
-import io
+import secrets
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from utils.atomic_write import atomic_write
+from utils.checkpoint.format import serialise
 from utils.dist import World, unwrap
-from utils.errors import UserError
+from utils.errors import TrainingStopped, UserError
+
+PROCESS_FORMAT = "ema-yolo-process-state"  # the marker of a file written by ProcessFiles
+PROCESS_KEYS = ("model", "optimizer", "scaler", "rng")  # what a process resumes of its own (and its hyp)
 
 
 def training_alone(swap_epoch: int, graft: bool, epoch: int, world: World) -> bool:
@@ -27,41 +35,131 @@ def training_alone(swap_epoch: int, graft: bool, epoch: int, world: World) -> bo
     return world.distributed and (graft or 0 < swap_epoch <= epoch)
 
 
-def own_hyp(checkpoint: dict, world: World) -> dict:
-    """The hyp this rank resumes with: its own when the checkpoint holds process states, else the run's."""
-    states = checkpoint.get("process_states")
-    if world.rank == 0 or not states or len(states) < world.rank:
-        return checkpoint["hyp"]
-    return states[world.rank - 1].get("hyp", checkpoint["hyp"])
-
-
 def process_seed(seed: int, graft: bool, world: World) -> int:
     """The seed of this process's model and data augmentation: --seed, plus the rank under --graft."""
     return seed + (world.rank if graft and world.distributed else 0)
 
 
-def gather_own_states(world: World, state: dict) -> list[dict] | None:
-    """Ranks 1.. `state` (on the CPU) in rank order on rank 0, None on the others: collective.
-    Each state travels serialised, so tensors arrive on rank 0's CPU whatever device they left."""
-    buffer = io.BytesIO()
-    torch.save(state if not world.is_main else None, buffer)
-    gathered = world.gather_to_main(buffer.getvalue())
-    if gathered is None:
-        return None
-    return [torch.load(io.BytesIO(data), map_location="cpu", weights_only=True) for data in gathered[1:]]
+def process_file_name(stem: str, rank: int, token: str) -> str:
+    """The file holding rank `rank`'s own state for the checkpoint written with `token`
+    ('last.rank1.<token>.pt'; 'epoch3.rank1.<token>.pt' for a save that also wrote epoch3.pt)."""
+    return f"{stem}.rank{rank}.{token}.pt"
 
 
-def own_process_state(states: list[dict] | None, world: World) -> dict | None:
-    """This rank's own state in a checkpoint's process_states (ranks 1..); None on rank 0, whose
-    state is the checkpoint's own. The checkpoint must come from as many processes."""
-    if not states:
-        raise UserError("the checkpoint holds no states of its separate processes: it cannot resume them")
-    if len(states) + 1 != world.size:
+class ProcessFiles:
+    """The files in which ranks 1.. keep their own states, one file per rank and save, in the run's
+    weights/ folder; rank 0's checkpoint (last.pt, and best.pt / epochN.pt written with it) records
+    their token, so a checkpoint's size does not grow with the number of processes.
+
+    A save is collective, in an order that leaves a coherent set whenever a process is killed:
+    write() puts every rank's new file under a new name (a token of rank 0's), then rank 0 writes
+    its checkpoint naming them, then saved() removes each rank's files that no checkpoint names any
+    more (last.pt's previous ones; those of an epochN.pt stay with it). A kill before last.pt is
+    replaced leaves the previous last.pt and its files; a file left by such a kill is removed at
+    the next save.
+
+    Each rank writes into the run folder as its machine sees it: on several machines without a
+    shared filesystem, each machine's ranks keep their files on its own disk, where a --resume on
+    the same machines finds them again."""
+
+    def __init__(self, weights_dir: Path, world: World):
+        self.weights_dir, self.world = weights_dir, world
+        self.written: Path | None = None  # this rank's file of the last save (ranks 1..)
+        self.stem = "last"  # that save's
+        if not world.is_main:
+            weights_dir.mkdir(parents=True, exist_ok=True)
+            for stale in weights_dir.glob(f".*.rank{world.rank}.*.pt.*.tmp"):  # left by a process killed while writing
+                stale.unlink(missing_ok=True)
+
+    def write(self, stem: str, state: dict | None) -> dict:
+        """Ranks 1.. write `state` (this process's own: process_state() and hyp; None on rank 0) to a
+        new file (collective); returns what rank 0's checkpoint records of them, its
+        'process_files'. `stem`: 'last', or 'epochN' when the save also writes epochN.pt. A rank
+        that cannot write stops training on rank 0, before its checkpoint is written."""
+        world = self.world
+        token = world.from_main(secrets.token_hex(4) if world.is_main else None)
+        error = None
+        if not world.is_main:
+            path = self.weights_dir / process_file_name(stem, world.rank, token)
+            saved = {"format": PROCESS_FORMAT, "token": token, "rank": world.rank, "state": state}
+            try:
+                atomic_write(path, serialise(saved))
+                self.written, self.stem = path, stem
+            except OSError as failure:
+                error = f"{path} ({failure.strerror or failure})"
+        errors = [e for e in world.gather_to_main(error) or [] if e]
+        if errors:  # the other ranks wait until torchrun ends them, as rank 0's process ends
+            last = self.weights_dir / "last.pt"
+            kept = (
+                f"the previous {last} and the files it names are intact; free space or fix permissions, then "
+                f"continue with: torchrun --nproc_per_node {world.size} train.py --resume {last}"
+                if last.exists()
+                else "no checkpoint of this run exists yet"
+            )
+            raise TrainingStopped(f"could not write {', '.join(errors)}; training stopped: {kept}")
+        return {"token": token, "stem": stem, "processes": world.size}
+
+    def saved(self) -> None:
+        """After rank 0 wrote its checkpoint (collective): each rank removes its files that no
+        checkpoint names any more (last.pt's previous ones, the epochN.pt's this save replaced)."""
+        self.world.barrier()
+        if self.written is None:
+            return
+        rank = self.world.rank
+        stale = {
+            *self.weights_dir.glob(f"last.rank{rank}.*.pt"),
+            *self.weights_dir.glob(f"{self.stem}.rank{rank}.*.pt"),
+        }
+        for path in stale - {self.written}:
+            path.unlink(missing_ok=True)
+
+
+def own_process_state(checkpoint: dict, path: Path, world: World) -> dict | None:
+    """This rank's own state (process_state() and hyp) in a checkpoint written by processes
+    training separately; None on rank 0, whose state is the checkpoint's own. Read from the file
+    the checkpoint names beside it (mapped, not copied, until used), or from its process_states
+    (the layout before ProcessFiles, which held every process's state). The checkpoint must come
+    from as many processes."""
+    record, states = checkpoint.get("process_files"), checkpoint.get("process_states")
+    if not record and not states:
+        raise UserError(f"{path} holds no states of its separate processes: it cannot resume them")
+    processes = record["processes"] if record else len(states) + 1
+    if processes != world.size:
         raise UserError(
-            f"this checkpoint was written by {len(states) + 1} processes training separately, each with weights "
-            f"of its own: resume it under torchrun with --nproc_per_node {len(states) + 1} (not {world.size})"
+            f"this checkpoint was written by {processes} processes training separately, each with weights "
+            f"of its own: resume it under torchrun with --nproc_per_node {processes} (not {world.size})"
         )
-    return None if world.is_main else states[world.rank - 1]
+    if world.is_main:
+        return None
+    if not record:
+        return states[world.rank - 1]
+    own = Path(path).parent / process_file_name(record["stem"], world.rank, record["token"])
+    if not own.is_file():
+        raise UserError(
+            f"{path} was written by {processes} processes training separately, and rank {world.rank}'s own state, "
+            f"{own}, is missing. A last.pt or epochN.pt keeps the files it names beside it (copy them with it; "
+            "best.pt's go at the next checkpoint; on several machines without a shared filesystem, each machine "
+            "keeps its ranks' files on its own disk)"
+        )
+    try:
+        saved = torch.load(own, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a damaged file; all mean "unreadable"
+        raise UserError(f"{own} is unreadable (truncated or damaged): {str(error).strip()[:200]}") from None
+    if not isinstance(saved, dict) or saved.get("format") != PROCESS_FORMAT:
+        raise UserError(f"{own} is not the state of a process training separately")
+    if (saved.get("token"), saved.get("rank")) != (record["token"], world.rank):
+        raise UserError(f"{own} is not rank {world.rank}'s state of {path} (it was written by another save)")
+    return saved["state"]
+
+
+def resumed_state(state: dict, checkpoint: dict, path: Path, world: World, alone: bool) -> tuple[dict, dict]:
+    """The run state and hyp this rank resumes from `checkpoint` (read from `path`; `state`: its
+    training_state()): the checkpoint's, rank 0's; when the processes train separately (`alone`),
+    ranks 1.. take their own model, optimizer, scaler, RNG states and hyp (own_process_state)."""
+    own = own_process_state(checkpoint, path, world) if alone else None
+    if own is None:
+        return state, checkpoint["hyp"]
+    return {**state, **{key: own[key] for key in PROCESS_KEYS}}, own.get("hyp", checkpoint["hyp"])
 
 
 @torch.no_grad()

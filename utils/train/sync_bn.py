@@ -54,21 +54,26 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     statistics (the same tensors) and settings; state_dict() keys are unchanged."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _convert_on_cpu(model)
+    return _replace_batchnorm(model, CPUSyncBatchNorm)
 
 
-def _convert_on_cpu(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CPUSyncBatchNorm):
-        synced = CPUSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
+def without_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with plain BatchNorm2d in place of synchronised ones (the same tensors), for a copy
+    that runs on one rank alone (AutoBatch's measurement)."""
+    return _replace_batchnorm(model, nn.BatchNorm2d)
+
+
+def _replace_batchnorm(module: nn.Module, kind: type[nn.BatchNorm2d]) -> nn.Module:
+    """`module` with every BatchNorm (2d or synchronised) not of `kind` made one, sharing its tensors."""
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and type(module) is not kind:
+        replaced = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:
-            synced.weight, synced.bias = module.weight, module.bias
+            replaced.weight, replaced.bias = module.weight, module.bias
         if module.track_running_stats:
-            synced.running_mean, synced.running_var = module.running_mean, module.running_var
-            synced.num_batches_tracked = module.num_batches_tracked
-        synced.train(module.training)
-        return synced
+            replaced.running_mean, replaced.running_var = module.running_mean, module.running_var
+            replaced.num_batches_tracked = module.num_batches_tracked
+        replaced.train(module.training)
+        return replaced
     for name, child in module.named_children():
-        module.add_module(name, _convert_on_cpu(child))
+        module.add_module(name, _replace_batchnorm(child, kind))
     return module
