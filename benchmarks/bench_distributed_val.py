@@ -6,8 +6,10 @@ What train.py pays per epoch to validate its EMA under torchrun: the broadcast o
 (World.copy_from_main_) and evaluate() over each process's share of the val batches, rank 0
 gathering and scoring them all (before, rank 0 validated alone while the others waited). Each
 process runs one thread (torch and OpenCV) and no loader workers, so N processes use N cores
-against one process's one: run it on a machine with that many idle cores. The mAP and the val
-loss of every process count must equal one process's bit for bit. Prints a markdown table.
+against one process's one: wall times need that many idle cores. The CPU column is the busiest
+process's CPU time for the validation (each rank's own; rank 0's includes the scoring), what
+the wall time is on idle cores and what a loaded machine still measures fairly. The mAP and the
+val loss of every process count must equal one process's bit for bit. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ def _timed_validations(rank: int, size: int, port: int, opt: argparse.Namespace,
         world.barrier()
         started = time.perf_counter()
         world.copy_from_main_(list(model.state_dict().values()))
-        broadcast = time.perf_counter()
+        broadcast, cpu_started = time.perf_counter(), time.process_time()
         result = evaluate(model, shard, **settings)
-        times.append((broadcast - started, time.perf_counter() - broadcast))
+        wall, cpu = time.perf_counter() - broadcast, time.process_time() - cpu_started
+        times.append((broadcast - started, wall, max(world.gather_to_main(cpu) or [0.0])))
     if world.is_main:
         m = result.metrics
         results.put((times[1:], len(loader.dataset), len(loader), (m.map50, m.map50_95), result.loss.tolist()))
@@ -102,15 +105,19 @@ def main() -> None:
         times, images, batches, maps, loss = results.get()
         reference = reference or (maps, loss)
         broadcast_ms = statistics.median(t[0] for t in times) * 1e3
-        seconds = statistics.median(t[1] for t in times)
-        rows.append((size, broadcast_ms, seconds, maps, loss, (maps, loss) == reference))
+        seconds, cpu = statistics.median(t[1] for t in times), statistics.median(t[2] for t in times)
+        rows.append((size, broadcast_ms, seconds, cpu, maps, loss, (maps, loss) == reference))
     print(f"{opt.weights}: {images} val images in {batches} batches; median of {opt.repeats} validations\n")
-    print("| processes | broadcast ms | validation s | speed-up | mAP@0.5 | mAP@0.5:0.95 | val loss | same as first |")
-    print("|--:|--:|--:|--:|--:|--:|---|---|")
-    for size, broadcast_ms, seconds, maps, loss, same in rows:
+    print(
+        "| processes | broadcast ms | validation s (wall) | speed-up | busiest process, CPU s | speed-up | "
+        "mAP@0.5 | mAP@0.5:0.95 | val loss | same as first |"
+    )
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|---|---|")
+    for size, broadcast_ms, seconds, cpu, maps, loss, same in rows:
         print(
-            f"| {size} | {broadcast_ms:.1f} | {seconds:.2f} | {rows[0][2] / seconds:.2f}x | {maps[0]:.6f} | "
-            f"{maps[1]:.6f} | {' '.join(f'{v:.6f}' for v in loss)} | {'yes' if same else 'NO'} |"
+            f"| {size} | {broadcast_ms:.1f} | {seconds:.2f} | {rows[0][2] / seconds:.2f}x | {cpu:.2f} | "
+            f"{rows[0][3] / cpu:.2f}x | {maps[0]:.6f} | {maps[1]:.6f} | {' '.join(f'{v:.6f}' for v in loss)} | "
+            f"{'yes' if same else 'NO'} |"
         )
 
 
