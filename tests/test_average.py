@@ -236,14 +236,7 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
             update_bn((to_model_input(b.images, device) for b in batches), model)
         return {k: v for k, v in model.state_dict().items() if "running_" in k}
 
-    augmented = build_dataloader(
-        build_train_dataset(data, result["hyp"], img_size=64, seed=0, single_cls=False, cache="off", epochs=3),
-        batch_size=4,
-        workers=0,
-        shuffle=True,
-    )
-    augmented.sampler.set_epoch(2)
-    expected = statistics_over(augmented)
+    expected = statistics_over(last_epoch_order(data, result["hyp"]))
     plain = statistics_over(
         build_val_loader(data.train, data.nc, img_size=64, batch_size=4, workers=0, hyp=result["hyp"], stride=32)
     )
@@ -252,6 +245,18 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
         torch.testing.assert_close(result["ema"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
         far += not torch.allclose(result["ema"][name], plain[name], rtol=1e-2)
     assert far > len(expected) // 2, f"only {far} of {len(expected)} statistics differ from the plain images'"
+
+
+def last_epoch_order(data, hyp: dict):
+    """The tiny run's training batches of 4 in the seeded, augmented order of its last epoch (2 of 3)."""
+    loader = build_dataloader(
+        build_train_dataset(data, hyp, img_size=64, seed=0, single_cls=False, cache="off", epochs=3),
+        batch_size=4,
+        workers=0,
+        shuffle=True,
+    )
+    loader.sampler.set_epoch(2)
+    return loader
 
 
 def test_bn_images_recalibrates_on_the_first_batches_of_the_seeded_order(tmp_path, tiny_dataset):
@@ -269,13 +274,7 @@ def test_bn_images_recalibrates_on_the_first_batches_of_the_seeded_order(tmp_pat
     assert "BatchNorm statistics recomputed on 8 augmented training images" in result["source"]
     assert "BatchNorm statistics recomputed on 16 augmented training images" in full["source"]
     data, device = load_dataset_config(tiny_dataset), torch.device("cpu")
-    loader = build_dataloader(
-        build_train_dataset(data, result["hyp"], img_size=64, seed=0, single_cls=False, cache="off", epochs=3),
-        batch_size=4,
-        workers=0,
-        shuffle=True,
-    )
-    loader.sampler.set_epoch(2)
+    loader = last_epoch_order(data, result["hyp"])
     model = model_from_checkpoint(result, "ema").to(memory_format=torch.channels_last)
     first_two = [batch for _, batch in zip(range(2), loader)]
     with autocast(device, inference_amp_dtype(model, device, enabled=True)):
