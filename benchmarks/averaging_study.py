@@ -110,7 +110,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     data = load_dataset_config(args.data)
     probe = model_from_checkpoint(run.last, "ema")
     loader = val_loader_as_trained(run.last, probe, data, workers=2)
-    batches = TrainingBatches(run.last, data, probe.nc, run.epoch)
+    batches = TrainingBatches(run.last, data, probe.nc, run.epoch, max_images=0)  # the whole split, as measured
     weights = run_dir / "weights"
     swa = torch.load(weights / "swa.pt", map_location="cpu", weights_only=True)
     sources = {

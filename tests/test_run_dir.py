@@ -74,7 +74,7 @@ def write_last(project: Path, run: str, age_s: float) -> Path:
 
 @dataclass(frozen=True)
 class RankOne(World):
-    """Rank 1 of 2: `sent` holds what rank 0 broadcasts, in order; its gathers go to rank 0."""
+    """Rank 1 of 2: `sent` holds what rank 0 broadcasts and what the gathers of every rank return, in order."""
 
     rank: int = 1
     size: int = 2
@@ -83,8 +83,8 @@ class RankOne(World):
     def from_main(self, value: object) -> object:
         return self.sent.pop(0)
 
-    def gather_to_main(self, value: object) -> None:
-        return None
+    def gathered(self, value: object) -> list[object]:
+        return self.sent.pop(0)
 
 
 def test_a_bare_resume_takes_rank_0s_checkpoint_not_the_newest_on_this_disk(tmp_path, monkeypatch):

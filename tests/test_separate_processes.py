@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distributed import in_processes
+from tests.processes import in_processes
 from utils.checkpoint.format import save_checkpoint
 from utils.dist import World
 from utils.errors import TrainingStopped, UserError

@@ -42,7 +42,7 @@ def check_image_size(
     given, img_size = img_size, round_image_size(img_size, stride)
     if batch_size is None:
         return img_size
-    _, largest_output = activation_elements_per_pixel(model, probe_size=2 * stride)
+    largest_output = largest_output_per_pixel(model, probe_size=2 * stride)
     needed = (3 + largest_output) * img_size**2 * batch_size * 4  # the float input: 3 per pixel
     available = available_memory_bytes(device)
     available = available // processes if available is not None else None
@@ -58,9 +58,9 @@ def check_image_size(
 
 
 @torch.no_grad()
-def activation_elements_per_pixel(model: nn.Module, probe_size: int) -> tuple[float, float]:
-    """Elements of all leaf-module outputs together, and of the largest one, per input pixel
-    (measured in one eval-mode pass at probe_size; they scale with the image area)."""
+def largest_output_per_pixel(model: nn.Module, probe_size: int) -> float:
+    """Elements of the largest leaf-module output per input pixel (measured in one eval-mode pass
+    at probe_size; it scales with the image area)."""
     sizes: list[int] = []
 
     def record(_module: nn.Module, _inputs: tuple, output: object) -> None:
@@ -78,7 +78,7 @@ def activation_elements_per_pixel(model: nn.Module, probe_size: int) -> tuple[fl
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return sum(sizes) / probe_size**2, max(sizes) / probe_size**2
+    return max(sizes) / probe_size**2
 
 
 def exact_image_size(sizes: list[int], stride: int, option: str = "--imgsz") -> tuple[int, int]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from utils.resources import proc_field_bytes
+
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -35,14 +37,13 @@ class PeakMemory:
         return _status_bytes("VmRSS")
 
     def reset(self) -> None:
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+        release_cached_memory(self.device)
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        _malloc_trim()
-        CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
+        else:
+            CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
 
     def peak(self) -> int:
         if self.device.type == "cuda":
@@ -80,10 +81,10 @@ def release_cached_memory(device: torch.device) -> None:
 
 
 def _status_bytes(field: str) -> int:
-    for line in STATUS.read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise ValueError(f"{field} not in {STATUS}")
+    value = proc_field_bytes(STATUS, field)
+    if value is None:
+        raise OSError(f"{field} cannot be read from {STATUS}")
+    return value
 
 
 @cache

@@ -37,14 +37,19 @@ def usable_cpu_count(cgroup_root: Path = CGROUP_ROOT, proc: Path = PROC) -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
 
 
-def _host_available(proc: Path) -> int | None:
+def proc_field_bytes(path: Path, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file (meminfo, self/status) in bytes; None where unreadable."""
     try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _host_available(proc: Path) -> int | None:
+    return proc_field_bytes(proc / "meminfo", "MemAvailable")
 
 
 def _cgroup_available(cgroup_root: Path, proc: Path) -> int | None:

@@ -99,7 +99,7 @@ def checkpoint_to_resume(resume: str | bool, project: Path, world: World) -> Pat
     if not isinstance(resume, bool):
         return Path(resume)
     path = world.decided_by_main(lambda: newest_last_checkpoint(project))
-    readable = world.from_main(world.gather_to_main(path.is_file()))
+    readable = world.gathered(path.is_file())
     lacking = [rank for rank, found in enumerate(readable) if not found]
     if lacking:
         raise UserError(

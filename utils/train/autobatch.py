@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from models.yolo import DetectionModel
-from utils.device import amp_dtype_for, autocast, available_memory_bytes
+from utils.device import autocast, available_memory_bytes
 from utils.dist import World
 from utils.errors import UserError
 from utils.log import LOGGER
 from utils.peak_memory import PeakMemory, is_out_of_memory, release_cached_memory
-from utils.train.config import TrainOptions
+from utils.train.config import TrainOptions, run_precision
 from utils.train.criterion import build_criterion
-from utils.train.memory_bound import check_training_memory, step_memory_lower_bound
+from utils.train.memory_bound import check_training_memory, step_memory_lower_bound, weight_copies
 from utils.train.optim import build_optimizer
 from utils.train.sync_bn import without_sync_batchnorm
 
@@ -183,7 +183,7 @@ def held_bytes(fit: StepMemoryFit, *, averages: int, weights_resident: bool, ddp
     """What a run keeps on its device besides a step's peak: the weights (unless already there, as
     a CPU run's model is), `averages` copies of them (rank 0's EMA, tracked averages, SWA's;
     Lookahead's slow weights), DDP's gradient buckets, and the optimizer's state (as the probe's)."""
-    copies = (0 if weights_resident else 1) + averages + (1 if ddp else 0)
+    copies = weight_copies(averages, weights_resident) + (1 if ddp else 0)
     return copies * fit.weight_bytes + fit.optimizer_state_bytes
 
 
@@ -232,8 +232,7 @@ class TrainingMemory:
 
     def __init__(self, opt: TrainOptions, model: DetectionModel, device: torch.device, world: World):
         self.opt, self.model, self.device, self.world = opt, model, device, world
-        self.weights_dtype = torch.float64 if opt.float64 else torch.float32
-        self.amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=self.weights_dtype)
+        self.weights_dtype, self.amp_dtype = run_precision(opt, device)
         # rank 0 keeps the EMA, the tracked averages and SWA's; CPU processes share the machine's memory
         own = 1 if opt.lookahead else 0  # Lookahead's slow weights, on every rank
         self.averages = own + (1 + len(opt.tracked) + (1 if opt.swa_epochs else 0) if world.is_main else 0)

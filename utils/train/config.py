@@ -10,8 +10,11 @@ import argparse
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 from utils.data.config import DatasetConfig
 from utils.data.labels import list_image_files
+from utils.device import amp_dtype_for
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
@@ -113,6 +116,12 @@ class RunConfig:
     @property
     def batch_per_process(self) -> int:
         return process_batch(self.opt, self.world_size)
+
+
+def run_precision(opt: TrainOptions, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """The weights' dtype (float64 with --float64) and the autocast dtype (None: none) a run trains with."""
+    weights_dtype = torch.float64 if opt.float64 else torch.float32
+    return weights_dtype, amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=weights_dtype)
 
 
 def process_batch(opt: TrainOptions, world_size: int) -> int:

@@ -58,15 +58,21 @@ def step_memory_lower_bound(
     tracked averages); `weights_resident`: the weights already take the memory being checked
     (a CPU run's model), so they are not counted again; `weights_dtype`: the run's (float64 with
     train.py --float64), whatever the model's is now."""
-    element_size = torch.empty(0, dtype=weights_dtype).element_size()
+    element_size = weights_dtype.itemsize
     weight_bytes = sum(p.numel() for p in model.parameters()) * element_size
-    copies = (0 if weights_resident else 1) + averages + OPTIMIZER_STATE_COPIES.get(optimizer, 2)
+    copies = weight_copies(averages, weights_resident) + OPTIMIZER_STATE_COPIES.get(optimizer, 2)
     float_bytes = 2 if amp_dtype is not None else element_size
     probe = 2 * int(model.stride.max())
     (floats1, others1), (floats2, others2) = (_saved_elements(model, batch, probe) for batch in (1, 2))
     per_image = (floats2 - floats1) * float_bytes + (others2 - others1)
     fixed = max((floats1 * float_bytes + others1) - per_image, 0)
     return StepMemory(persistent=copies * weight_bytes, fixed=fixed, per_pixel=per_image / probe**2)
+
+
+def weight_copies(averages: int, weights_resident: bool) -> int:
+    """Copies of the weights a run holds on the device checked: its own (unless already resident,
+    as a CPU run's model is) and `averages` averaged ones."""
+    return (0 if weights_resident else 1) + averages
 
 
 def _saved_elements(model: nn.Module, batch: int, size: int) -> tuple[int, int]:

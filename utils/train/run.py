@@ -22,14 +22,14 @@ from models.yolo import DetectionModel
 from utils.checkpoint.format import training_checkpoint
 from utils.data.dataset import Batch, DetectionDataset
 from utils.data.loader import build_train_loader, val_shard_loader
-from utils.device import amp_dtype_for, describe_precision
+from utils.device import describe_precision
 from utils.dist import World
 from utils.errors import TrainingStopped, UserError
 from utils.eval.evaluate import EvalResult, results_table
 from utils.eval.plots import plot_image_batch, plot_labels
 from utils.log import LOGGER, interactive
 from utils.run_dir import RunDirLock
-from utils.train.config import RunConfig
+from utils.train.config import RunConfig, run_precision
 from utils.train.criterion import build_criterion
 from utils.train.ema import (
     EMA_IMAGES,
@@ -108,8 +108,7 @@ class TrainingRun:
         opt, hyp = config.opt, config.hyp
         self.config, self.run_dir, self.world, self.device = config, run_dir, world, device
         self.run_dir_lock = run_dir_lock
-        self.weights_dtype = torch.float64 if opt.float64 else torch.float32
-        self.amp_dtype = amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=self.weights_dtype)
+        self.weights_dtype, self.amp_dtype = run_precision(opt, device)
         model.names, model.hyp = list(config.names), dict(hyp)  # the model's own copy: the config stays as decided
         model.to(device, self.weights_dtype, memory_format=torch.channels_last)  # before a resumed state is loaded
         self.model = convert_sync_batchnorm(model, device) if opt.sync_bn and world.distributed else model
