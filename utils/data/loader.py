@@ -112,15 +112,19 @@ def build_dataloader(
     cores = max(usable_cpu_count() // processes_per_machine, 1)
     workers = min(workers, cores, batch_size if batch_size > 1 else 0)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, whole=whole)
+    return _data_loader(dataset, workers, pin_memory, batch_size=batch_size, sampler=sampler)
+
+
+def _data_loader(dataset: DetectionDataset, workers: int, pin_memory: bool, **sampling) -> DataLoader:
+    """A DataLoader of our batches (collate) and seeded workers; `sampling`: its sampler arguments."""
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         worker_init_fn=_init_worker,
+        **sampling,
     )
 
 
@@ -228,12 +232,5 @@ def val_shard_loader(loader: DataLoader, world: World) -> DataLoader:
     whole, never images: a rectangular batch sets its images' letterbox shape, and a batch of
     other images could round differently; evaluate(..., world=world) gathers the results."""
     workers = min(loader.num_workers, max(usable_cpu_count() // world.local_size, 1))
-    return DataLoader(
-        loader.dataset,
-        batch_sampler=BatchShard(len(loader.dataset), loader.batch_size, world.rank, world.size),
-        num_workers=workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        persistent_workers=workers > 0,
-        worker_init_fn=_init_worker,
-    )
+    shard = BatchShard(len(loader.dataset), loader.batch_size, world.rank, world.size)
+    return _data_loader(loader.dataset, workers, loader.pin_memory, batch_sampler=shard)
