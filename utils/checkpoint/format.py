@@ -143,12 +143,9 @@ def posthoc_snapshot(epoch: int, averages: dict[str, dict]) -> dict:
 def averaged_checkpoint(base: dict, weights: dict[str, torch.Tensor], source: str, **extra) -> dict:
     """An average-kind checkpoint: `base`'s model description with `weights` as both ema and model
     (so val.py and detect.py read it either way), and `source` saying what was averaged."""
-    checkpoint = {key: base.get(key) for key in DESCRIPTION_KEYS}
+    checkpoint = _described(base, AVERAGE)
     checkpoint.update(
         {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": AVERAGE,
             "finished": True,
             "best_fitness": 0.0,
             "best_epoch": -1,
@@ -167,18 +164,25 @@ def averaged_checkpoint(base: dict, weights: dict[str, torch.Tensor], source: st
     return checkpoint
 
 
+def _described(base: dict, kind: str) -> dict:
+    """A new checkpoint of `kind` with `base`'s model description (DESCRIPTION_KEYS)."""
+    return {
+        **{key: base.get(key) for key in DESCRIPTION_KEYS},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+    }
+
+
 def stripped_checkpoint(checkpoint: dict, metrics: dict[str, float] | None = None) -> dict:
     """A training checkpoint as a weights-kind one, as a finished run ships best.pt: its EMA, the
     model's description and how it was trained, the epoch and fitness of those weights and their
     `metrics`; the raw model, optimizer, scaler, RNG states, SWA and tracked averages are left out."""
     if checkpoint.get("kind") != TRAINING:
         raise ValueError(f"only a training checkpoint is stripped, not {describe_kind(checkpoint)}")
-    stripped = {key: checkpoint.get(key) for key in DESCRIPTION_KEYS}
+    stripped = _described(checkpoint, WEIGHTS)
     stripped.update(
         {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": WEIGHTS,
             "ema": checkpoint["ema"],
             "updates": checkpoint["updates"],
             "best_fitness": checkpoint["best_fitness"],
