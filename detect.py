@@ -22,6 +22,7 @@ from utils.infer.predictor import Detector
 from utils.infer.sources import Frame, open_source
 from utils.infer.video_writer import VideoWriter
 from utils.log import LOGGER, setup_logging
+from utils.precision import AUTO_FOR_INFERENCE, add_amp_arguments
 from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 
@@ -76,12 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="allow a pickled YOLOv5 or Ultralytics checkpoint as --weights (unpickling runs code: trusted files only)",
     )
     p.add_argument("--raw", action="store_true", help="use the raw model weights instead of the EMA")
-    p.add_argument(
-        "--no-amp",
-        action="store_true",
-        help="no autocast: run in the weights' own precision (fp32, float64 for a --float64 run); "
-        "default: the training precision",
-    )
+    add_amp_arguments(p, default=None, auto=AUTO_FOR_INFERENCE, half=True)
     p.add_argument("--save-txt", action="store_true", help="save results as YOLO label files")
     p.add_argument("--save-conf", action="store_true", help="add confidences to --save-txt labels")
     p.add_argument("--nosave", action="store_true", help="do not save annotated images")
@@ -107,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         classes=opt.classes,
         agnostic_nms=opt.agnostic_nms,
         raw=opt.raw,
-        amp=not opt.no_amp,
+        amp=opt.amp,
         trust_pickle=opt.trust_pickle,
     )
     plot_options = {"line_width": opt.line_thickness, "hide_labels": opt.hide_labels, "hide_conf": opt.hide_conf}

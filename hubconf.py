@@ -17,5 +17,6 @@ dependencies = ["torch", "torchvision", "cv2", "numpy", "PIL", "yaml"]  # torch.
 
 def custom(path: str, device: str = "", **options) -> Detector:
     """A Detector for a checkpoint (its EMA weights; raw=True for the model weights) or an export
-    at `path`. options: imgsz, conf_thres, iou_thres, max_det, classes, agnostic_nms, amp, trust_pickle."""
+    at `path`. options: imgsz, conf_thres, iou_thres, max_det, classes, agnostic_nms, amp ('auto', 'bf16', 'fp16',
+    'off'; default: as the run trained), trust_pickle."""
     return Detector(path, device=device, **options)

@@ -18,6 +18,7 @@ from utils.dist import close_process_group, world_from_env
 from utils.errors import UserError, run_cli
 from utils.log import LOGGER, setup_logging
 from utils.peak_memory import is_out_of_memory
+from utils.precision import add_amp_arguments
 from utils.run_dir import add_run_dir_arguments
 from utils.train.autobatch import out_of_memory_message
 from utils.train.averaging import RECALIBRATION_IMAGES
@@ -204,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: first N, or a list of indices")
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
-    p.add_argument(
-        "--no-amp", action="store_true", help="train in fp32 (default: fp16 on CUDA, bf16 on CPUs with bf16)"
+    add_amp_arguments(
+        p,
+        default="auto",
+        auto="fp16 autocast + GradScaler on CUDA; on a CPU, bf16 autocast where a few timed training steps say "
+        "it is faster than fp32 (the verdict cached per CPU, model, batch and size), else fp32",
     )
     p.add_argument(
         "--float64",

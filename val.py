@@ -14,13 +14,14 @@ from pathlib import Path
 from utils.data.config import load_dataset_config
 from utils.data.labels import write_data_report
 from utils.data.loader import build_val_loader, validation_batch_size
-from utils.device import describe_precision, parameter_dtype, select_device
+from utils.device import parameter_dtype, select_device
 from utils.errors import UserError, run_cli
 from utils.eval.coco_json import cross_check_with_pycocotools
 from utils.eval.evaluate import evaluate, results_table, save_validation_plots
 from utils.hyp import load_hyp
 from utils.infer.backends import inference_image_size, load_weights
 from utils.log import LOGGER, setup_logging
+from utils.precision import AUTO_FOR_INFERENCE, add_amp_arguments, describe
 from utils.run_dir import add_run_dir_arguments, next_run_dir
 
 
@@ -76,12 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="allow a pickled YOLOv5 or Ultralytics checkpoint as --weights (unpickling runs code: trusted files only)",
     )
     parser.add_argument("--raw", action="store_true", help="evaluate the raw model weights instead of the EMA")
-    parser.add_argument(
-        "--no-amp",
-        action="store_true",
-        help="no autocast: run in the weights' own precision, fp32 (float64 for a --float64 run); "
-        "default: the training precision",
-    )
+    add_amp_arguments(parser, default=None, auto=AUTO_FOR_INFERENCE, half=True)
     add_run_dir_arguments(parser, "runs/val")
     return parser.parse_args(argv)
 
@@ -93,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if (opt.batch_size is not None and opt.batch_size < 1) or opt.workers < 0:
         raise UserError("--batch-size must be at least 1, --workers not negative")
     device = select_device(opt.device)
-    loaded = load_weights(opt.weights, device, raw=opt.raw, amp=not opt.no_amp, trust_pickle=opt.trust_pickle)
+    loaded = load_weights(opt.weights, device, raw=opt.raw, trust_pickle=opt.trust_pickle)
     model = loaded.model
     fixed_shape = getattr(model, "fixed_shape", None)
     if fixed_shape is not None and fixed_shape[1] != fixed_shape[2]:
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{opt.weights} was trained for {model.nc} classes but {data.source} has {nc}")
     batch_size = validation_batch_size(loaded.batch_per_process) if opt.batch_size is None else opt.batch_size
     img_size = inference_image_size(loaded, opt.imgsz, batch_size, device)
-    amp_dtype = loaded.amp_dtype
+    precision = loaded.precision(device, opt.amp, batch_size=batch_size, img_size=img_size)
     if fixed_shape is not None:
         LOGGER.info(
             f"{opt.weights} has a fixed input shape {fixed_shape}: square {img_size}x{img_size} batches (--no-rect), "
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         model,
         loader,
         device=device,
-        amp_dtype=amp_dtype,
+        amp_dtype=precision.dtype,
         conf_thres=opt.conf_thres,
         iou_thres=opt.iou_thres,
         max_det=opt.max_det,
@@ -151,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     LOGGER.info(
         f"{opt.weights}: {loaded.description}, {img_size} px, batch {batch_size}, "
-        f"{describe_precision(amp_dtype, parameter_dtype(model))}"
+        f"{describe(precision, parameter_dtype(model))} ({precision.reason})"
     )
     LOGGER.info(results_table(result, names, verbose=opt.verbose or nc < 50))
     pre, infer, nms = result.speed_ms

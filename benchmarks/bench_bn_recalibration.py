@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.checkpoint.format import load_checkpoint, model_from_checkpoint, training_option  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
-from utils.device import inference_amp_dtype, select_device  # noqa: E402
+from utils.device import select_device  # noqa: E402
 from utils.train.as_trained import evaluate_as_trained, val_loader_as_trained  # noqa: E402
 from utils.train.averaging import TrainingBatches, recalibrate_on_training_batches  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
                 workers=batches.workers,
                 seed=seed,
                 device=device,
-                amp_dtype=inference_amp_dtype(model, device, enabled=batches.with_amp),
+                amp_dtype=batches.precision(model, device).dtype,
                 max_images=images,
             )
             seconds = time.perf_counter() - started

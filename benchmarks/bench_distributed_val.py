@@ -29,17 +29,18 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.checkpoint.format import (  # noqa: E402
+    batch_per_process,
     image_size,
     load_checkpoint,
     model_from_checkpoint,
-    trained_with_amp,
-    training_option,  # noqa: E402
+    trained_amp,
+    training_option,
 )
 from utils.data.config import load_dataset_config  # noqa: E402
-from utils.data.loader import val_shard_loader  # noqa: E402
-from utils.device import inference_amp_dtype  # noqa: E402
+from utils.data.loader import val_shard_loader, validation_batch_size  # noqa: E402
 from utils.dist import World  # noqa: E402
 from utils.eval.evaluate import evaluate  # noqa: E402
+from utils.precision import DTYPES, describe, inference_precision  # noqa: E402
 from utils.train.as_trained import val_loader_as_trained  # noqa: E402
 from utils.train.criterion import build_criterion  # noqa: E402
 
@@ -50,9 +51,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed_validations(rank: int, size: int, port: int, opt: argparse.Namespace, results) -> None:
-    """In each process: one warm-up and opt.repeats timed validations (broadcast + evaluate);
-    rank 0 puts its times and result into `results`."""
+def _timed_validations(rank: int, size: int, port: int, opt: argparse.Namespace, amp: str, results) -> None:
+    """In each process: one warm-up and opt.repeats timed validations (broadcast + evaluate) in
+    autocast `amp`; rank 0 puts its times and result into `results`."""
     torch.set_num_threads(1)
     cv2.setNumThreads(0)
     world = World(rank=rank, size=size, local_size=size)
@@ -67,7 +68,7 @@ def _timed_validations(rank: int, size: int, port: int, opt: argparse.Namespace,
     shard = val_shard_loader(loader, world) if world.distributed else loader
     settings = {
         "device": device,
-        "amp_dtype": inference_amp_dtype(model, device, enabled=trained_with_amp(checkpoint)),
+        "amp_dtype": DTYPES[amp],
         "loss_fn": build_criterion(model, checkpoint["hyp"], image_size(checkpoint)),
         "world": world,
     }
@@ -95,19 +96,35 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed validations per process count (after a warm-up)")
     opt = p.parse_args()
 
+    # The precision the run trained in, chosen once here (timed here where it recorded none), as val.py chooses it
+    checkpoint = load_checkpoint(opt.weights)
+    model = model_from_checkpoint(checkpoint, "ema", source=opt.weights)
+    batch = validation_batch_size(batch_per_process(checkpoint))
+    precision = inference_precision(
+        trained_amp(checkpoint), model, torch.device("cpu"), batch=batch, img_size=image_size(checkpoint)
+    )
+    del checkpoint, model
+
     context = mp.get_context("spawn")
     rows, reference = [], None
     for size in opt.processes:
         results = context.SimpleQueue()
         mp.start_processes(
-            _timed_validations, args=(size, free_port(), opt, results), nprocs=size, join=True, start_method="spawn"
+            _timed_validations,
+            args=(size, free_port(), opt, precision.amp, results),
+            nprocs=size,
+            join=True,
+            start_method="spawn",
         )
         times, images, batches, maps, loss = results.get()
         reference = reference or (maps, loss)
         broadcast_ms = statistics.median(t[0] for t in times) * 1e3
         seconds, cpu = statistics.median(t[1] for t in times), statistics.median(t[2] for t in times)
         rows.append((size, broadcast_ms, seconds, cpu, maps, loss, (maps, loss) == reference))
-    print(f"{opt.weights}: {images} val images in {batches} batches; median of {opt.repeats} validations\n")
+    print(
+        f"{opt.weights}: {images} val images in {batches} batches, {describe(precision)} ({precision.reason}); "
+        f"median of {opt.repeats} validations\n"
+    )
     print(
         "| processes | broadcast ms | validation s (wall) | speed-up | busiest process, CPU s | speed-up | "
         "mAP@0.5 | mAP@0.5:0.95 | val loss | same as first |"

@@ -5,6 +5,7 @@ plus the update as a share of one training step (an optimizer step of the defaul
 4 micro-batches of 16 images at 320 px, forward + loss + backward, then the optimizer).
 
     python benchmarks/bench_ema.py [--repeats 200] [--rounds 5] [--step-repeats 3] [--imgsz 320] [--batch 16]
+        [--amp auto] [--models yolov5n.yaml yolov5s.yaml]
 
 Memory bandwidth on a shared machine drifts between seconds, so the three are timed in turn,
 in several rounds; the table gives the median of the rounds and the range of ours / floor.
@@ -24,11 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
-from utils.device import amp_dtype_for, autocast  # noqa: E402
+from utils.device import autocast  # noqa: E402
+from utils.dist import World  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
+from utils.precision import AMP_CHOICES, Precision, describe  # noqa: E402
 from utils.train.criterion import build_criterion  # noqa: E402
 from utils.train.ema import ModelEMA  # noqa: E402
 from utils.train.optim import accumulation_steps, build_optimizer  # noqa: E402
+from utils.train.precision import training_precision  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -64,9 +68,26 @@ def per_tensor_update(ema_module: torch.nn.Module, model: torch.nn.Module, decay
                 value += (1 - decay) * model_state[key].detach()
 
 
-def training_step_seconds(model: torch.nn.Module, imgsz: int, batch: int, repeats: int) -> float:
+def step_precision(model: torch.nn.Module, amp: str, imgsz: int, batch: int) -> Precision:
+    """The autocast train.py's --amp `amp` gives this model's training step on this CPU."""
+    hyp = load_hyp(None, anchor_free=model.anchor_free)
+    return training_precision(
+        amp,
+        model,
+        hyp,
+        img_size=imgsz,
+        batch=batch,
+        optimizer="SGD",
+        device=torch.device("cpu"),
+        weights_dtype=torch.float32,
+        world=World(),
+    )
+
+
+def training_step_seconds(
+    model: torch.nn.Module, imgsz: int, batch: int, repeats: int, dtype: torch.dtype | None
+) -> float:
     """One optimizer step of the default recipe: accumulate x (forward + loss + backward) + step."""
-    dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
     model = model.to(memory_format=torch.channels_last).train()
     criterion = build_criterion(model, load_hyp(None, anchor_free=model.anchor_free), imgsz)
     optimizer = build_optimizer(model, "SGD", 0.01, 0.937, 5e-4)
@@ -102,23 +123,26 @@ def main() -> None:
     parser.add_argument("--step-repeats", type=int, default=3, help="timed training steps per model")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--amp", default="auto", choices=[c for c in AMP_CHOICES if c != "fp16"], help="train.py's --amp"
+    )
+    parser.add_argument("--models", nargs="+", default=["yolov5n.yaml", "yolov5s.yaml"])
     args = parser.parse_args()
-    dtype = amp_dtype_for(torch.device("cpu"), enabled=True)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, median of {args.rounds} rounds "
         f"of {args.repeats} updates each; "
         f"training step: {accumulation_steps(args.batch)} x {args.batch} images at {args.imgsz} px, "
-        f"{'bf16 autocast' if dtype else 'fp32'}\n"
+        f"in the precision train.py's --amp {args.amp} gives\n"
     )
     print(
         "| model   | floats averaged | ours (ms) | per-tensor loop (ms) | flat lerp floor (ms) | ours / floor "
-        "| ours / floor, range | training step (ms) | ours / step |"
+        "| ours / floor, range | step precision | training step (ms) | ours / step |"
     )
     print(
         "|---------|----------------:|----------:|---------------------:|---------------------:|-------------:"
-        "|--------------------:|-------------------:|------------:|"
+        "|--------------------:|----------------|-------------------:|------------:|"
     )
-    for cfg in ("yolov5n.yaml", "yolov5s.yaml"):
+    for cfg in args.models:
         torch.manual_seed(0)
         model = build_model(cfg, nc=80).to(memory_format=torch.channels_last)
         ema = ModelEMA(model, updates=10_000)  # d near its final value: the work does not depend on it
@@ -133,11 +157,12 @@ def main() -> None:
         rounds = [interleaved_medians(methods, args.repeats) for _ in range(args.rounds)]
         ours, loop, floor = (statistics.median(column) for column in zip(*rounds))
         ratios = [round_ours / round_floor for round_ours, _, round_floor in rounds]
-        step = training_step_seconds(model, args.imgsz, args.batch, args.step_repeats)
+        precision = step_precision(model, args.amp, args.imgsz, args.batch)
+        step = training_step_seconds(model, args.imgsz, args.batch, args.step_repeats, precision.dtype)
         print(
             f"| {cfg[:-5]:7s} | {floats:15,d} | {ours * 1e3:9.2f} | {loop * 1e3:20.2f} | {floor * 1e3:20.2f} "
             f"| {statistics.median(ratios):11.2f}x | {min(ratios):8.2f}x - {max(ratios):.2f}x "
-            f"| {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |"
+            f"| {describe(precision)} | {step * 1e3:18.0f} | {100 * ours / step:10.2f}% |"
         )
 
 

@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py --ref-venv /path/to/refvenv                 # timed steps, A/B alternated
     python benchmarks/bench_train.py --ref-venv /path/to/refvenv --epochs 30     # + whole runs, mAP, val speed
 
-Steps: `--steps` micro-batches (after `--warmup` untimed ones) of ours (default precision, and
-fp32), and of the `yolov5` package, each in a fresh process, alternating the order every repeat.
+Steps: `--steps` micro-batches (after `--warmup` untimed ones) of ours (train.py's default
+`--amp auto`, and each of `--ours-variants`: fp32, no RAM cache), and of the `yolov5` package,
+each in a fresh process, alternating the order every repeat.
 The table gives training images/s and the time per micro-batch split into data wait,
 forward + loss, backward, optimizer and EMA (the last two per optimizer step, spread over its
 micro-batches), and the main process's peak RSS.
@@ -63,9 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--ours-variants",
         nargs="*",
-        default=["no-amp", "cache=off"],
+        default=["amp=off", "cache=off"],
         help="more step-bench rows of ours, each harness_ours.py flags without the dashes, joined by "
-        "commas: no-amp, no-channels-last, compile, cache=off, threads=N, workers=N",
+        "commas: amp=off|bf16|auto, no-channels-last, compile, cache=off, threads=N, workers=N",
     )
     parser.add_argument("--epochs", type=int, default=0, help="also train whole runs of this many epochs")
     parser.add_argument("--fp32-run", action="store_true", help="with --epochs: also a whole run of ours in fp32")
@@ -89,7 +90,7 @@ def run_json(command: list[str], env: dict | None = None) -> dict:
 
 
 def variant_flags(variant: str) -> list[str]:
-    """'no-amp,workers=1' -> ['--no-amp', '--workers', '1']."""
+    """'amp=off,compile' -> ['--amp', 'off', '--compile']."""
     flags = []
     for item in variant.split(","):
         name, _, value = item.partition("=")
@@ -204,7 +205,8 @@ def epoch_bench(args: argparse.Namespace, ref_venv: Path | None, ref_data: Path 
                 "--name",
                 "ours_fp32",
                 "--no-plots",
-                "--no-amp",
+                "--amp",
+                "off",
                 *common,
             ],
             runs_dir / "ours_fp32",

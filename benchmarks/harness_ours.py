@@ -21,15 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
-from utils.checkpoint.format import load_for_inference  # noqa: E402
+from utils.checkpoint.format import load_for_inference, trained_amp  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
 from utils.data.loader import build_train_dataset, build_train_loader, build_val_loader  # noqa: E402
-from utils.device import amp_dtype_for, autocast, describe_precision, to_model_input  # noqa: E402
+from utils.device import autocast, to_model_input  # noqa: E402
+from utils.dist import World  # noqa: E402
 from utils.eval.evaluate import evaluate  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
+from utils.precision import add_amp_arguments, describe, inference_precision  # noqa: E402
 from utils.train.criterion import build_criterion  # noqa: E402
 from utils.train.ema import ModelEMA  # noqa: E402
 from utils.train.optim import NOMINAL_BATCH_SIZE, accumulation_steps, build_optimizer  # noqa: E402
+from utils.train.precision import training_precision  # noqa: E402
 from utils.train.rng import seed_everything  # noqa: E402
 from utils.train.step import optimizer_step  # noqa: E402
 
@@ -46,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=64, help="timed micro-batches")
     parser.add_argument("--warmup", type=int, default=8, help="untimed micro-batches first")
-    parser.add_argument("--no-amp", action="store_true")
+    add_amp_arguments(parser, default=None, auto="as train.py and val.py choose it")
     parser.add_argument("--cache", default="auto", choices=("auto", "ram", "off"))
     parser.add_argument("--compile", action="store_true", help="steps: run the forward through torch.compile")
     parser.add_argument("--no-channels-last", action="store_true", help="steps: keep the model and inputs NCHW")
@@ -58,11 +61,22 @@ def parse_args() -> argparse.Namespace:
 
 def time_steps(args: argparse.Namespace) -> dict:
     device = torch.device("cpu")
-    amp_dtype = amp_dtype_for(device, enabled=not args.no_amp)
     data = load_dataset_config(args.data)
     seed_everything(0)
     model = build_model(args.cfg, nc=data.nc)
     hyp = load_hyp(args.hyp, anchor_free=model.anchor_free)
+    precision = training_precision(
+        args.amp or "auto",
+        model,
+        hyp,
+        img_size=args.imgsz,
+        batch=args.batch,
+        optimizer=args.optimizer,
+        device=device,
+        weights_dtype=torch.float32,
+        world=World(),
+    )
+    amp_dtype = precision.dtype
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model.to(device, memory_format=memory_format)
     dataset = build_train_dataset(
@@ -116,7 +130,8 @@ def time_steps(args: argparse.Namespace) -> dict:
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 phases[name] += seconds
     return {
-        "precision": describe_precision(amp_dtype) + (" + compile" if args.compile else ""),
+        "precision": describe(precision) + (" + compile" if args.compile else ""),
+        "precision_reason": precision.reason,
         "images": timed_images,
         "phases": phases,
         "first_batch_seconds": first_batch_seconds,
@@ -128,7 +143,9 @@ def time_validation(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     checkpoint, model = load_for_inference(args.weights, "ema", device, trust_pickle=args.trust_pickle)
     data = load_dataset_config(args.data)
-    amp_dtype = amp_dtype_for(device, enabled=not args.no_amp)
+    precision = inference_precision(
+        trained_amp(checkpoint), model, device, batch=args.batch, img_size=args.imgsz, requested=args.amp
+    )
     loader = build_val_loader(
         data.val,
         data.nc,
@@ -138,9 +155,10 @@ def time_validation(args: argparse.Namespace) -> dict:
         hyp=checkpoint["hyp"],
         stride=int(model.stride.max()),
     )
-    metrics = evaluate(model, loader, device=device, amp_dtype=amp_dtype).metrics
+    metrics = evaluate(model, loader, device=device, amp_dtype=precision.dtype).metrics
     return {
-        "precision": describe_precision(amp_dtype),
+        "precision": describe(precision),
+        "precision_reason": precision.reason,
         "images": len(loader.dataset),
         "seconds": time.perf_counter() - started,
         "map50": metrics.map50,

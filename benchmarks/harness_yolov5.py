@@ -63,8 +63,8 @@ def time_steps(args: argparse.Namespace) -> dict:
     import yolov5.train as v5
     from yolov5.models.yolo import Model
     from yolov5.utils.dataloaders import create_dataloader
+    from yolov5.utils.loss import ComputeLoss
     from yolov5.utils.torch_utils import ModelEMA, smart_optimizer
-    from yolov5.utils.train.loss import ComputeLoss
 
     package = Path(v5.__file__).parent
     hyp = yaml.safe_load((package / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())

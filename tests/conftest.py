@@ -25,6 +25,16 @@ def make_shapes_dataset(folder: Path, num_train: int, num_val: int, seed: int) -
     return data_yaml
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory) -> Path:
+    """--amp auto's verdicts (utils/precision.py) go to a folder of the session's, shared by its runs
+    (subprocesses too), never to the user's cache folder."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMA_YOLO_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """16 train / 8 val generated images and their dataset YAML; returns the YAML path."""

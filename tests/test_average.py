@@ -15,15 +15,16 @@ import detect
 import val
 from models.parse import read_model_yaml
 from models.yolo import DetectionModel
-from utils.checkpoint.format import FORMAT, FORMAT_VERSION, model_from_checkpoint
+from utils.checkpoint.format import FORMAT, FORMAT_VERSION, model_from_checkpoint, trained_amp
 from utils.config_files import resolve_config_path
 from utils.data.config import load_dataset_config
 from utils.data.dataset import Batch
 from utils.data.loader import build_dataloader, build_train_dataset, build_val_loader
 from utils.data.synthetic_shapes import CLASS_NAMES
-from utils.device import autocast, inference_amp_dtype, to_model_input
+from utils.device import autocast, to_model_input
 from utils.errors import UserError
 from utils.hyp import load_hyp
+from utils.precision import inference_precision
 from utils.train.averaging import recalibrate_batchnorm
 
 
@@ -232,7 +233,7 @@ def test_recalibration_uses_the_augmented_batches_of_the_newest_checkpoints_epoc
 
     def statistics_over(batches) -> dict[str, torch.Tensor]:
         model = model_from_checkpoint(result, "ema").to(memory_format=torch.channels_last)
-        with autocast(device, inference_amp_dtype(model, device, enabled=True)):
+        with autocast(device, inference_precision(trained_amp(result), model, device, batch=4, img_size=64).dtype):
             update_bn((to_model_input(b.images, device) for b in batches), model)
         return {k: v for k, v in model.state_dict().items() if "running_" in k}
 
@@ -277,7 +278,7 @@ def test_bn_images_recalibrates_on_the_first_batches_of_the_seeded_order(tmp_pat
     loader = last_epoch_order(data, result["hyp"])
     model = model_from_checkpoint(result, "ema").to(memory_format=torch.channels_last)
     first_two = [batch for _, batch in zip(range(2), loader)]
-    with autocast(device, inference_amp_dtype(model, device, enabled=True)):
+    with autocast(device, inference_precision(trained_amp(result), model, device, batch=4, img_size=64).dtype):
         update_bn((to_model_input(b.images, device) for b in first_two), model)
     statistics = [k for k in result["ema"] if "running_" in k]
     for name in statistics:

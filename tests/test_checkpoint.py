@@ -22,13 +22,14 @@ from utils.checkpoint.format import (
     model_from_checkpoint,
     save_checkpoint,
     strip_for_inference,
-    trained_with_amp,
+    trained_amp,
     training_checkpoint,
     training_state,
     transfer_matching_weights,
 )
 from utils.errors import UserError
 from utils.hyp import load_hyp
+from utils.precision import Precision
 from utils.train.ema import ModelEMA
 from utils.train.loop_state import LoopState
 from utils.train.loss import DetectionLoss
@@ -62,8 +63,9 @@ def trained_checkpoint():
         model_yaml=model.yaml,
         names=model.names,
         hyp=hyp,
-        opt={"epochs": 10, "imgsz": 64, "data": "x.yaml"},
+        opt={"epochs": 10, "imgsz": 64, "data": "x.yaml", "amp": "bf16"},
         world_size=1,
+        precision=Precision("bf16", "cpu", "timed", {"fp32": 120.5, "bf16": 80.25}).to_dict(),
     )
     return model, ema, optimizer, checkpoint
 
@@ -197,11 +199,16 @@ def test_the_checkpoint_answers_for_its_run(trained_checkpoint):
     """Image size, batch per process (what BatchNorm saw, and what validation batches are sized
     from) and precision, as train.py used them; YOLOv5's defaults for a foreign file."""
     *_, checkpoint = trained_checkpoint
-    assert image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16 and trained_with_amp(checkpoint)
-    ddp = {**checkpoint, "opt": {**checkpoint["opt"], "batch_size": 64, "no_amp": True}, "world_size": 4}
-    assert batch_per_process(ddp) == 16 and not trained_with_amp(ddp)
+    assert image_size(checkpoint) == 64 and batch_per_process(checkpoint) == 16
+    assert trained_amp(checkpoint) == checkpoint["opt"]["amp"] == checkpoint["precision"]["amp"]
+    ddp = {**checkpoint, "opt": {**checkpoint["opt"], "batch_size": 64}, "world_size": 4}
+    assert batch_per_process(ddp) == 16
+    # A run from before --amp recorded --no-amp; without it, it used its device's autocast (not recorded)
+    before_amp = {k: v for k, v in checkpoint["opt"].items() if k != "amp"}
+    assert trained_amp({**checkpoint, "opt": {**before_amp, "no_amp": True}}) == "off"
+    assert trained_amp({**checkpoint, "opt": {**before_amp, "no_amp": False}}) is None
     foreign = foreign_checkpoint({"nc": 3}, ["a", "b", "c"], {}, "a YOLOv5 file")
-    assert image_size(foreign) == 640 and batch_per_process(foreign) == 16 and trained_with_amp(foreign)
+    assert image_size(foreign) == 640 and batch_per_process(foreign) == 16 and trained_amp(foreign) is None
     averaged = averaged_checkpoint({}, {}, "an average of nothing")  # a base without options
     assert image_size(averaged) == 640 and batch_per_process(averaged) == 16
 

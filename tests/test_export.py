@@ -121,7 +121,7 @@ def expected_metadata(cfg: str, weights: Path, imgsz: list[int], batch: int, dyn
         "weights": which,
         "device": "cpu",
         "source": f"{weights} (a training checkpoint)",
-        "trained_with_amp": True,
+        "trained_amp": None,
         "train_imgsz": 64,
         "train_batch_per_process": 4,
         "single_cls": False,

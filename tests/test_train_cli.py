@@ -20,6 +20,7 @@ import yaml
 import train
 from tests.conftest import REPO_ROOT, tiny_train_args
 from utils.errors import UserError
+from utils.precision import Precision
 from utils.train import loop as training_loop
 from utils.train.config import RunConfig, TrainOptions
 from utils.train.results import results_row
@@ -241,7 +242,10 @@ def test_the_run_configuration_is_frozen_and_recorded_with_its_types(tiny_run):
     assert hyp["lr0"] == 0.003 and type(hyp["close_mosaic"]) is int
     checkpoint = torch.load(tiny_run / "weights" / "last.pt", weights_only=True)
     assert checkpoint["opt"] == opt and checkpoint["hyp"] == hyp
-    config = RunConfig(opt=TrainOptions(**{**opt, "freeze": tuple(opt["freeze"])}), hyp=hyp, data=None, world_size=1)
+    precision = Precision.from_dict(checkpoint["precision"])
+    assert precision.amp == opt["amp"] and precision.device_type == "cpu"
+    options = TrainOptions(**{**opt, "freeze": tuple(opt["freeze"])})
+    config = RunConfig(opt=options, hyp=hyp, data=None, world_size=1, precision=precision)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.opt.epochs = 3
 

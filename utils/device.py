@@ -1,10 +1,9 @@
-"""Device selection and mixed precision: fp16 + GradScaler on CUDA, bfloat16 autocast on CPUs that support it."""
+"""Device selection, autocast contexts and model inputs (which autocast a run uses: utils/precision.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import torch
 
@@ -47,38 +46,10 @@ def select_device(spec: str | None) -> torch.device:
     return torch.device("cuda", index)
 
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype_for(
-    device: torch.device, enabled: bool, weights_dtype: torch.dtype = torch.float32
-) -> torch.dtype | None:
-    """The autocast dtype to train and validate with, or None for full precision (fp32, or float64
-    weights: train.py --float64 runs are checked and evaluated without autocast)."""
-    if not enabled or weights_dtype == torch.float64:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    return None
-
-
 def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of `model`'s weights: float32, or float64 from a train.py --float64 run; for an
     exported model (no parameters of its own), the input dtype it was exported for."""
     return getattr(model, "input_dtype", None) or next(model.parameters()).dtype
-
-
-def inference_amp_dtype(model: torch.nn.Module, device: torch.device, enabled: bool) -> torch.dtype | None:
-    """amp_dtype_for the dtype of `model`'s weights: a float64 checkpoint is evaluated as it was trained."""
-    return amp_dtype_for(device, enabled, weights_dtype=parameter_dtype(model))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -86,13 +57,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def describe_precision(dtype: torch.dtype | None, weights_dtype: torch.dtype = torch.float32) -> str:
-    """How a run computes, for its log: the autocast dtype, or the weights' own precision."""
-    if weights_dtype == torch.float64:
-        return "float64"
-    return {None: "fp32", torch.float16: "fp16 autocast + GradScaler", torch.bfloat16: "bfloat16 autocast"}[dtype]
 
 
 def to_model_input(

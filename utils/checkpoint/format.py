@@ -10,18 +10,19 @@ Kinds (the 'kind' key):
   ema_state (the EMA's rule, its settings and its update and image counts; files before it have
   ema_decay and ema_tau, still written for the step rule), averages (the running averages that
   --average, --val and --posthoc-ema track, by name), optimizer, scaler, model_yaml, names, hyp,
-  opt (the run's options), world_size (its processes: opt's batch_size is split over them, except
-  with --graft), rng (python, numpy, torch, cuda), swa (the --swa-epochs running average so far, or
-  None), process_files (in --swap-epoch's second phase and with --graft, where each process has
-  weights of its own: token, stem and processes, naming the files beside it that hold the model,
-  optimizer, scaler, rng and hyp of ranks 1.., rank 0's being the file's own (see
-  utils/train/separate_processes.py; files before them held those states in process_states);
-  else None), date, versions.
+  opt (the run's options; amp: the autocast it chose), precision (why: utils/precision.py's
+  Precision, the timings behind --amp auto's choice included), world_size (its processes: opt's
+  batch_size is split over them, except with --graft), rng (python, numpy, torch, cuda), swa
+  (the --swa-epochs running average so far, or None), process_files (in --swap-epoch's second
+  phase and with --graft, where each process has weights of its own: token, stem and processes,
+  naming the files beside it that hold the model, optimizer, scaler, rng and hyp of ranks 1..,
+  rank 0's being the file's own (see utils/train/separate_processes.py; files before them held
+  those states in process_states); else None), date, versions.
 - average: swa.pt and average.py's output. The keys val.py and detect.py read, the averaged
   weights as both ema and model, a 'source' line saying what they average; not resumable.
 - weights: a finished run's best.pt, stripped by train.py at the end (unless --keep-optimizer) to what
   inference needs: ema (in the run's dtype, fp32 but with --float64), updates, ema_state, model_yaml,
-  names, hyp, opt, world_size, epoch (the weights'), loop, best_fitness, best_epoch, finished,
+  names, hyp, opt, precision, world_size, epoch (the weights'), loop, best_fitness, best_epoch, finished,
   metrics (results.csv's precision, recall and mAPs of that epoch), date, versions. No raw model,
   optimizer, scaler, RNG or other averages: not resumable (last.pt is); --weights starts from its EMA.
 - posthoc-snapshot: weights/posthoc/epochNNNN.pt, the power EMAs of --posthoc-ema at the end of
@@ -57,14 +58,22 @@ WEIGHTS = "weights"  # a finished run's best.pt, stripped to what inference need
 ZIP_MAGIC = b"PK\x03\x04"
 DEFAULT_IMAGE_SIZE, DEFAULT_BATCH_SIZE = 640, 16  # YOLOv5's, for a foreign checkpoint that does not say
 # What an averaged checkpoint keeps of the checkpoint it is built on: the model and how it was trained.
-DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "world_size", "epoch", "loop", "ema_state")
+DESCRIPTION_KEYS = ("model_yaml", "names", "hyp", "opt", "precision", "world_size", "epoch", "loop", "ema_state")
 
 
 # Building
 
 
 def training_checkpoint(
-    state: dict, *, finished: bool, model_yaml: dict, names: list[str], hyp: dict, opt: dict, world_size: int
+    state: dict,
+    *,
+    finished: bool,
+    model_yaml: dict,
+    names: list[str],
+    hyp: dict,
+    opt: dict,
+    world_size: int,
+    precision: dict | None = None,
 ) -> dict:
     """A training checkpoint from a run's state_dict() (model, ema, averages, swa, optimizer, scaler,
     loop, rng: see utils/train/run.py) and the run's description; training_state() is its inverse."""
@@ -92,6 +101,7 @@ def training_checkpoint(
         "names": list(names),
         "hyp": dict(hyp),
         "opt": dict(opt),
+        "precision": dict(precision) if precision else None,
         "world_size": world_size,
         "rng": state["rng"],
         "swa": state["swa"],  # --swa-epochs: the running average so far
@@ -347,9 +357,14 @@ def batch_per_process(checkpoint: dict) -> int:
     return per_process_batch(batch, int(checkpoint.get("world_size") or 1))
 
 
-def trained_with_amp(checkpoint: dict) -> bool:
-    """Whether the run used autocast (val.py and detect.py then run in the same precision)."""
-    return not training_option(checkpoint, "no_amp", False)
+def trained_amp(checkpoint: dict) -> str | None:
+    """The autocast the run trained with, as its --amp recorded it: 'bf16', 'fp16' or 'off' ('off'
+    too for a --no-amp run from before --amp); None where it recorded neither (a run from before
+    --amp that used its device's autocast, or a foreign one)."""
+    amp = training_option(checkpoint, "amp")
+    if amp in ("bf16", "fp16", "off"):
+        return amp
+    return "off" if training_option(checkpoint, "no_amp", False) else None
 
 
 def model_from_checkpoint(checkpoint: dict, weights: str = "ema", source: str = "checkpoint") -> DetectionModel:

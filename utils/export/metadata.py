@@ -21,7 +21,7 @@ from utils.checkpoint.format import (
     batch_per_process,
     describe_kind,
     image_size,
-    trained_with_amp,
+    trained_amp,
     training_option,
 )
 from utils.errors import UserError
@@ -61,7 +61,7 @@ def export_metadata(
         "weights": weights,
         "device": next(model.parameters()).device.type,  # where it was exported: a TorchScript trace runs there
         "source": source or checkpoint.get("source") or describe_kind(checkpoint),
-        "trained_with_amp": trained_with_amp(checkpoint),
+        "trained_amp": trained_amp(checkpoint),  # the run's autocast: 'bf16', 'fp16', 'off' (None: not recorded)
         # How the run trained, so that evaluating the export can batch and label as train.py validated.
         "train_imgsz": image_size(checkpoint),
         "train_batch_per_process": batch_per_process(checkpoint),

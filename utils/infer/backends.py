@@ -19,14 +19,14 @@ from utils.checkpoint.format import (
     batch_per_process,
     image_size,
     load_for_inference,
-    trained_with_amp,
+    trained_amp,
     training_option,
 )
 from utils.data.augment import PAD_VALUE
-from utils.device import inference_amp_dtype
 from utils.errors import UserError
 from utils.export.metadata import EXPORT_SUFFIXES, read_export_metadata
 from utils.image_size import check_image_size, round_image_size
+from utils.precision import Precision, inference_precision
 
 
 class ExportedModel(nn.Module):
@@ -98,12 +98,26 @@ class LoadedWeights:
 
     model: nn.Module  # DetectionModel (eval, channels_last, on the device) or ExportedModel
     img_size: int  # the size it was trained at (a checkpoint) or exported at (the longer side)
-    amp_dtype: torch.dtype | None  # the training precision's autocast for a checkpoint; exports run as exported
+    trained_amp: str | None  # a checkpoint's recorded --amp (format.trained_amp); exports run as exported
     description: str  # what runs, for the log: "EMA (265 updates)", "ONNX export (...) of ..."
     # How the run trained (an export records it), so that evaluation batches and labels as train.py validated:
     batch_per_process: int
     single_cls: bool
     hyp: dict | None
+
+    def precision(self, device: torch.device, requested: str | None, *, batch_size: int, img_size: int) -> Precision:
+        """The autocast to run with: --amp `requested` where given, else as the run trained
+        (utils/precision.py's inference_precision). An export runs in the precision it was exported in."""
+        if isinstance(self.model, ExportedModel):
+            if requested not in (None, "off"):
+                raise UserError(
+                    f"--amp {requested}: an export runs in the precision it was exported in "
+                    f"({'fp16' if self.model.metadata['half'] else 'fp32'}); export.py --half makes an fp16 one"
+                )
+            return Precision("off", device.type, "an export runs as exported")
+        return inference_precision(
+            self.trained_amp, self.model, device, batch=batch_size, img_size=img_size, requested=requested
+        )
 
 
 def is_export(path: str | Path) -> bool:
@@ -116,13 +130,12 @@ def load_weights(
     device: torch.device,
     *,
     raw: bool = False,
-    amp: bool = True,
     fuse: bool = False,
     trust_pickle: bool = False,
 ) -> LoadedWeights:
     """A checkpoint's EMA weights (raw: its model weights), or an export, ready to run on `device`.
-    amp: autocast in the training precision (checkpoints only); fuse: fold BatchNorm into the
-    convolutions (faster; val.py leaves it off so that it reproduces train.py's numbers exactly)."""
+    fuse: fold BatchNorm into the convolutions (faster; val.py leaves it off so that it reproduces
+    train.py's numbers exactly)."""
     path = Path(path)
     if is_export(path):
         if not path.is_file():
@@ -149,12 +162,11 @@ def load_weights(
     checkpoint, model = load_for_inference(path, "model" if raw else "ema", device, trust_pickle)
     if fuse:
         model.fuse().to(memory_format=torch.channels_last)  # fusing makes new weights
-    amp_dtype = inference_amp_dtype(model, device, enabled=amp and trained_with_amp(checkpoint))
     description = checkpoint.get("source") or ("raw model" if raw else f"EMA ({checkpoint.get('updates', 0)} updates)")
     return LoadedWeights(
         model,
         image_size(checkpoint),
-        amp_dtype,
+        trained_amp(checkpoint),
         description,
         batch_per_process(checkpoint),
         bool(training_option(checkpoint, "single_cls", False)),

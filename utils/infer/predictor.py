@@ -19,6 +19,7 @@ from utils.eval.nms import default_iou_threshold, non_max_suppression
 from utils.infer.backends import ExportedModel, inference_image_size, load_weights
 from utils.infer.capture import URL_PREFIXES
 from utils.infer.results import Results
+from utils.precision import describe
 
 # What Detector() accepts as one image.
 ImageInput = str | Path | np.ndarray | Image.Image
@@ -49,17 +50,23 @@ class Detector:
         classes: list[int] | None = None,
         agnostic_nms: bool = False,
         raw: bool = False,
-        amp: bool = True,
+        amp: str | bool | None = None,
         trust_pickle: bool = False,
     ):
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        loaded = load_weights(weights, self.device, raw=raw, amp=amp, fuse=True, trust_pickle=trust_pickle)
-        self.model, self.names, self.amp_dtype = loaded.model, list(loaded.model.names), loaded.amp_dtype
-        self.description = loaded.description
+        loaded = load_weights(weights, self.device, raw=raw, fuse=True, trust_pickle=trust_pickle)
+        self.model, self.names = loaded.model, list(loaded.model.names)
         self.stride = int(self.model.stride.max())
         fixed = self.model.fixed_shape if isinstance(self.model, ExportedModel) else None
         self.fixed_shape = fixed[1:] if fixed else None  # (H, W) of a static export
         self.img_size = inference_image_size(loaded, imgsz, batch_size=1, device=self.device)
+        # amp: 'auto', 'bf16', 'fp16' or 'off' as detect.py's --amp; None (or True) as the run trained; False: off
+        requested = ({True: None, False: "off"}[amp]) if isinstance(amp, bool) else amp
+        self.precision = loaded.precision(self.device, requested, batch_size=1, img_size=self.img_size)
+        self.amp_dtype = self.precision.dtype
+        self.description = loaded.description
+        if not isinstance(self.model, ExportedModel):  # (an export's description names its precision)
+            self.description += f", {describe(self.precision, parameter_dtype(self.model))}"
         self.conf_thres, self.max_det, self.classes, self.agnostic_nms = conf_thres, max_det, classes, agnostic_nms
         anchor_free = self.model.anchor_free
         self.iou_thres = default_iou_threshold(anchor_free, inference=True) if iou_thres is None else iou_thres

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from utils.checkpoint.format import batch_per_process, image_size, trained_with_amp, training_option
+from utils.checkpoint.format import batch_per_process, image_size, trained_amp, training_option
 from utils.data.config import DatasetConfig
 from utils.data.loader import build_val_loader, validation_batch_size
-from utils.device import inference_amp_dtype
 from utils.errors import UserError
 from utils.eval.evaluate import EvalResult, evaluate
+from utils.precision import inference_precision
 
 
 def single_class_as_trained(checkpoint: dict, data: DatasetConfig, nc: int) -> bool:
@@ -44,5 +44,7 @@ def evaluate_as_trained(
     model: torch.nn.Module, checkpoint: dict, loader: DataLoader, device: torch.device
 ) -> EvalResult:
     """evaluate() in the precision the run trained in (val.py's default)."""
-    amp_dtype = inference_amp_dtype(model, device, enabled=trained_with_amp(checkpoint))
-    return evaluate(model.eval(), loader, device=device, amp_dtype=amp_dtype)
+    precision = inference_precision(
+        trained_amp(checkpoint), model, device, batch=loader.batch_size, img_size=image_size(checkpoint)
+    )
+    return evaluate(model.eval(), loader, device=device, amp_dtype=precision.dtype)

@@ -13,7 +13,6 @@ take the smallest choice.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,16 +20,14 @@ import numpy as np
 import torch
 
 from models.yolo import DetectionModel
-from utils.device import autocast, available_memory_bytes
+from utils.device import available_memory_bytes
 from utils.dist import World
 from utils.errors import UserError
 from utils.log import LOGGER
 from utils.peak_memory import PeakMemory, is_out_of_memory, release_cached_memory
 from utils.train.config import TrainOptions, run_precision
-from utils.train.criterion import build_criterion
 from utils.train.memory_bound import check_training_memory, step_memory_lower_bound, weight_copies
-from utils.train.optim import build_optimizer
-from utils.train.sync_bn import without_sync_batchnorm
+from utils.train.probe import TrainingProbe
 
 if TYPE_CHECKING:
     from utils.train.run import TrainingRun
@@ -76,42 +73,24 @@ def measure_step_memory(
     that runs out of memory) and fit the line. `model` itself, its BatchNorm statistics and the
     random number generators are untouched."""
     meter = PeakMemory(device)
-    probe = probe_optimizer = criterion = None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    generator = torch.Generator().manual_seed(0)  # synthetic batches, without touching the run's RNG
-
-    def step(batch: int) -> None:
-        images = torch.rand(batch, 3, img_size, img_size, generator=generator, dtype=weights_dtype)
-        images = images.to(device, memory_format=torch.channels_last)
-        boxes = torch.rand(batch * 4, 4, generator=generator, dtype=torch.float32) * 0.4 + 0.3
-        classes = torch.randint(0, int(probe.nc), (batch * 4, 1), generator=generator).float()
-        index = torch.arange(batch).repeat_interleave(4).float()[:, None]
-        with autocast(device, amp_dtype):
-            predictions = probe(images)
-        loss, _ = criterion(predictions, torch.cat((index, classes, boxes), 1))
-        scaler.scale(loss).backward()
-        scaler.step(probe_optimizer)
-        scaler.update()
-        probe_optimizer.zero_grad(set_to_none=True)
-
+    probe = None
     measured: list[tuple[int, int]] = []
     try:
-        # a copy on its own: plain BatchNorm (SyncBatchNorm would wait for the other ranks)
-        probe = without_sync_batchnorm(copy.deepcopy(model))
-        probe.to(device, weights_dtype, memory_format=torch.channels_last).train()
-        probe_optimizer = build_optimizer(probe, optimizer, lr=0.0, momentum=hyp["momentum"], weight_decay=0.0)
-        criterion = build_criterion(probe, hyp, img_size)
-        step(batches[0])  # the optimizer's state, caches and code paths exist from here on, as in a run
-        state_bytes = (_tensor_bytes(list(probe.parameters())), _tensor_bytes(_optimizer_tensors(probe_optimizer)))
+        probe = TrainingProbe(
+            model, hyp, img_size=img_size, device=device, weights_dtype=weights_dtype, optimizer=optimizer
+        )
+        probe.step(batches[0], amp_dtype)  # the optimizer's state, caches and code paths exist from here on
+        weights, optimizer_state = probe.state_tensors()
+        state_bytes = (_tensor_bytes(weights), _tensor_bytes(optimizer_state))
         for batch in batches:
             meter.reset()
             before = meter.in_use()
             try:
-                step(batch)
+                probe.step(batch, amp_dtype)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
-                probe_optimizer.zero_grad(set_to_none=True)
+                probe.optimizer.zero_grad(set_to_none=True)
                 break
             measured.append((batch, meter.peak() - before))
     except Exception as error:
@@ -119,7 +98,7 @@ def measure_step_memory(
             raise
         measured = []
     finally:
-        probe = probe_optimizer = criterion = None  # the copy's memory is given back before the run allocates its own
+        probe = None  # the copy's memory is given back before the run allocates its own
         release_cached_memory(device)
     if not measured:
         raise UserError(
@@ -137,10 +116,6 @@ def _fit(measured: list[tuple[int, int]], weight_bytes: int, optimizer_state_byt
     if slope <= 0:
         slope, intercept = peaks[-1] / batches[-1], 0.0
     return StepMemoryFit(tuple(measured), float(intercept), float(slope), weight_bytes, optimizer_state_bytes)
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
 def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
@@ -232,7 +207,7 @@ class TrainingMemory:
 
     def __init__(self, opt: TrainOptions, model: DetectionModel, device: torch.device, world: World):
         self.opt, self.model, self.device, self.world = opt, model, device, world
-        self.weights_dtype, self.amp_dtype = run_precision(opt, device)
+        self.weights_dtype, self.amp_dtype = run_precision(opt)
         # rank 0 keeps the EMA, the tracked averages and SWA's; CPU processes share the machine's memory
         own = 1 if opt.lookahead else 0  # Lookahead's slow weights, on every rank
         self.averages = own + (1 + len(opt.tracked) + (1 if opt.swa_epochs else 0) if world.is_main else 0)

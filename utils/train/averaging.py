@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from utils.checkpoint.format import batch_per_process, image_size, trained_with_amp, training_option
+from utils.checkpoint.format import batch_per_process, image_size, trained_amp, training_option
 from utils.data.config import DatasetConfig
 from utils.data.dataset import DetectionDataset
 from utils.data.loader import build_dataloader, build_train_dataset
-from utils.device import autocast, inference_amp_dtype, parameter_dtype, to_model_input
+from utils.device import autocast, parameter_dtype, to_model_input
 from utils.errors import UserError
+from utils.precision import Precision, inference_precision
 from utils.train.as_trained import single_class_as_trained
 
 # Images BatchNorm statistics are recomputed on (train.py and average.py --bn-images; 0: the whole
@@ -169,17 +170,22 @@ class TrainingBatches:
         self.batch_size = batch_size or batch_per_process(checkpoint)
         self.workers, self.seed = workers, int(training_option(checkpoint, "seed", 0))
         self.max_images = max_images
-        self.with_amp, self.epoch = trained_with_amp(checkpoint), epoch
+        self.trained_amp, self.epoch = trained_amp(checkpoint), epoch
         epochs = int(training_option(checkpoint, "epochs", epoch + 1))
+        self.img_size = img_size or image_size(checkpoint)
         self.dataset = build_train_dataset(
             data,
             checkpoint["hyp"],
-            img_size=img_size or image_size(checkpoint),
+            img_size=self.img_size,
             seed=self.seed,
             single_cls=single_cls,
             cache="off",
             epochs=epochs,
         )
+
+    def precision(self, model: nn.Module, device: torch.device) -> Precision:
+        """The autocast the run trained `model`'s weights in (inference_precision's choice where it recorded none)."""
+        return inference_precision(self.trained_amp, model, device, batch=self.batch_size, img_size=self.img_size)
 
     def recalibrate(self, model: nn.Module, device: torch.device) -> int:
         """recalibrate_on_training_batches over the split as it made the epoch; returns the images seen."""
@@ -191,6 +197,6 @@ class TrainingBatches:
             workers=self.workers,
             seed=self.seed,
             device=device,
-            amp_dtype=inference_amp_dtype(model, device, enabled=self.with_amp),
+            amp_dtype=self.precision(model, device).dtype,
             max_images=self.max_images,
         )

@@ -12,12 +12,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from utils.checkpoint.format import trained_amp
 from utils.data.config import DatasetConfig
 from utils.data.labels import list_image_files
-from utils.device import amp_dtype_for
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
+from utils.precision import DTYPES, Precision
 from utils.train.averaging import RECALIBRATION_IMAGES
 from utils.train.ema import tracked_names
 from utils.train.optim import AUTO_SGD_MIN_STEPS, optimizer_steps, resolve_auto_optimizer
@@ -78,7 +79,7 @@ class TrainOptions:
     freeze: tuple[int, ...]
     save_period: int
     seed: int
-    no_amp: bool
+    amp: str  # 'auto' until the run is configured, then what it chose: 'bf16', 'fp16' or 'off'
     float64: bool
     no_plots: bool
     save_interval: float
@@ -108,6 +109,7 @@ class RunConfig:
     hyp: dict  # validated (utils/hyp.py); AdamW's lr0 when --optimizer auto chose it
     data: DatasetConfig
     world_size: int  # torchrun's processes (1 alone)
+    precision: Precision  # the autocast opt.amp names, why it was chosen, and the timings behind it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -118,10 +120,16 @@ class RunConfig:
         return process_batch(self.opt, self.world_size)
 
 
-def run_precision(opt: TrainOptions, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """The weights' dtype (float64 with --float64) and the autocast dtype (None: none) a run trains with."""
-    weights_dtype = torch.float64 if opt.float64 else torch.float32
-    return weights_dtype, amp_dtype_for(device, enabled=not opt.no_amp, weights_dtype=weights_dtype)
+def weights_dtype(opt: TrainOptions) -> torch.dtype:
+    """The dtype a run's weights train in: float64 with --float64, else float32."""
+    return torch.float64 if opt.float64 else torch.float32
+
+
+def run_precision(opt: TrainOptions) -> tuple[torch.dtype, torch.dtype | None]:
+    """The weights' dtype and the autocast dtype (None: none) of a configured run (opt.amp chosen)."""
+    if opt.amp not in DTYPES:
+        raise ValueError(f"--amp {opt.amp!r} is not resolved yet (utils/train/precision.py)")
+    return weights_dtype(opt), DTYPES[opt.amp]
 
 
 def process_batch(opt: TrainOptions, world_size: int) -> int:
@@ -152,6 +160,7 @@ def options_for_run(
         if ignored:
             LOGGER.warning(f"WARNING: --resume continues with the run's original options; ignoring {' '.join(ignored)}")
         recorded = {k: v for k, v in resumed["opt"].items() if k in given}
+        recorded["amp"] = trained_amp(resumed) or "auto"  # (runs from before --amp recorded --no-amp)
         chosen = {**{k: defaults[k] for k in given}, **BEFORE_THEY_EXISTED, **recorded}
         chosen.update({k: given[k] for k in RUNTIME_ONLY_OPTIONS if given[k] is not None})
         if placement_from_command_line:

@@ -22,6 +22,7 @@ from utils.errors import UserError
 from utils.hyp import default_hyp_path, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
+from utils.precision import log_choice
 from utils.run_dir import RunDirLock, checkpoint_to_resume, next_run_dir, run_dir_of
 from utils.train.autoanchor import autoanchor
 from utils.train.autobatch import TrainingMemory
@@ -33,8 +34,10 @@ from utils.train.config import (
     choose_optimizer,
     options_for_run,
     process_batch,
+    weights_dtype,
 )
 from utils.train.loop_state import LoopState
+from utils.train.precision import recorded_precision, training_precision
 from utils.train.rng import seed_everything, use_deterministic_algorithms
 from utils.train.run import TrainingRun
 from utils.train.separate_processes import process_seed, resumed_state, training_alone
@@ -100,6 +103,20 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
             "training labels, which --noautoanchor turns off; drop --noautoanchor, or list the anchor sizes in the YAML"
         )
     img_size = check_image_size(opt.imgsz, model)
+    precision = training_precision(
+        opt.amp,
+        model,
+        hyp,
+        img_size=img_size,
+        batch=None if opt.batch_size == AUTO_BATCH else process_batch(opt, world.size),
+        optimizer=opt.optimizer,
+        device=device,
+        weights_dtype=weights_dtype(opt),
+        world=world,
+        recorded=recorded_precision(resumed),
+    )
+    log_choice(precision, weights_dtype(opt))
+    opt = replace(opt, amp=precision.amp)
     memory = TrainingMemory(opt, model, device, world)
     if opt.batch_size != AUTO_BATCH:  # refused now if it cannot fit, before the data is scanned
         optimizer, hyp = choose_optimizer(opt, hyp, data) if resumed is None else (opt.optimizer, hyp)
@@ -125,7 +142,13 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         batch = memory.autobatch(hyp, img_size, measured_with, limit=len(train_dataset))
         opt = replace(opt, batch_size=batch if opt.graft else batch * world.size)
         optimizer, hyp = choose_optimizer(opt, hyp, data)
-    config = RunConfig(opt=replace(opt, imgsz=img_size, optimizer=optimizer), hyp=hyp, data=data, world_size=world.size)
+    config = RunConfig(
+        opt=replace(opt, imgsz=img_size, optimizer=optimizer),
+        hyp=hyp,
+        data=data,
+        world_size=world.size,
+        precision=precision,
+    )
     opt = config.opt
     # Every rank validates its share of the batches each epoch (TrainingRun.val_shard); rank 0 validates
     # the final weights (SWA, best.pt) alone, on all of them.

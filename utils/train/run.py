@@ -22,12 +22,12 @@ from models.yolo import DetectionModel
 from utils.checkpoint.format import training_checkpoint
 from utils.data.dataset import Batch, DetectionDataset
 from utils.data.loader import build_train_loader, val_shard_loader
-from utils.device import describe_precision
 from utils.dist import World
 from utils.errors import TrainingStopped, UserError
 from utils.eval.evaluate import EvalResult, results_table
 from utils.eval.plots import plot_image_batch, plot_labels
 from utils.log import LOGGER, interactive
+from utils.precision import describe
 from utils.run_dir import RunDirLock
 from utils.train.config import RunConfig, run_precision
 from utils.train.criterion import build_criterion
@@ -108,7 +108,7 @@ class TrainingRun:
         opt, hyp = config.opt, config.hyp
         self.config, self.run_dir, self.world, self.device = config, run_dir, world, device
         self.run_dir_lock = run_dir_lock
-        self.weights_dtype, self.amp_dtype = run_precision(opt, device)
+        self.weights_dtype, self.amp_dtype = run_precision(opt)
         model.names, model.hyp = list(config.names), dict(hyp)  # the model's own copy: the config stays as decided
         model.to(device, self.weights_dtype, memory_format=torch.channels_last)  # before a resumed state is loaded
         self.model = convert_sync_batchnorm(model, device) if opt.sync_bn and world.distributed else model
@@ -259,7 +259,7 @@ class TrainingRun:
             else ""
         )
         LOGGER.info(
-            f"{describe_precision(self.amp_dtype, self.weights_dtype)} on {self.device}; batch "
+            f"{describe(self.config.precision, self.weights_dtype)} on {self.device}; batch "
             f"{opt.batch_size}{ranks} x {self.schedule.full_accumulate} accumulated, {self.batches_per_epoch} "
             f"batches per epoch, {len(self.val_loader.dataset)} val images\n"
             f"Logging to {self.run_dir}; training for {opt.epochs} epochs..."
@@ -314,6 +314,7 @@ class TrainingRun:
             hyp=self.config.hyp,
             opt=self.config.opt.to_dict(),
             world_size=self.world.size,
+            precision=self.config.precision.to_dict(),
         )
 
     # One epoch
@@ -432,7 +433,7 @@ class TrainingRun:
             raise TrainingStopped(
                 f"{self.loop.bad_streak} optimizer steps in a row had a non-finite loss or gradient, so training "
                 f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
-                f"{self._last_checkpoint_name()}. Try a lower lr0, --no-amp, or check the data (see data_report.txt)"
+                f"{self._last_checkpoint_name()}. Try a lower lr0, --amp off, or check the data (see data_report.txt)"
             )
 
     def _last_checkpoint_name(self) -> str:
