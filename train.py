@@ -20,6 +20,7 @@ from utils.log import LOGGER, setup_logging
 from utils.peak_memory import is_out_of_memory
 from utils.precision import add_amp_arguments
 from utils.run_dir import add_run_dir_arguments
+from utils.stop_signals import Preempted
 from utils.train.autobatch import out_of_memory_message
 from utils.train.averaging import RECALIBRATION_IMAGES
 from utils.train.ema import check_average_name, check_validated_name
@@ -251,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     out_of_memory = False
     try:
         train(run)
+    except Preempted as stopped:  # SIGTERM or SIGUSR1: every rank stops at the same step, last.pt written
+        LOGGER.info(f"\n{stopped}")
+        if run.run_dir_lock is not None:
+            run.run_dir_lock.release()
+        close_process_group()
+        return stopped.status
     except Exception as error:
         if not is_out_of_memory(error):
             raise

@@ -126,6 +126,12 @@ class World:
         dist.all_gather_object(values, value)
         return values
 
+    def largest_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` replaced by its elementwise maximum over all ranks, in place (itself when alone)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def smallest(self, value: int) -> int:
         """The smallest of every rank's `value` (collective; `value` itself when alone)."""
         return min(self.gathered(value))

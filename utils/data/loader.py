@@ -21,6 +21,7 @@ from utils.data.dataset import ORDER_STREAM, DetectionDataset, collate
 from utils.data.labels import scan_split
 from utils.dist import World, per_process_batch
 from utils.resources import usable_cpu_count
+from utils.stop_signals import end_workers_at_exit, ignore_stop_signals
 
 
 class EpochSampler(Sampler):
@@ -92,6 +93,7 @@ class BatchShard(Sampler):
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(0)  # one worker, one core: OpenCV's own threads only add contention
     torch.set_num_threads(1)
+    ignore_stop_signals()  # a cluster's SIGTERM to every process: the main process finishes its step first
 
 
 def build_dataloader(
@@ -117,6 +119,8 @@ def build_dataloader(
 
 def _data_loader(dataset: DetectionDataset, workers: int, pin_memory: bool, **sampling) -> DataLoader:
     """A DataLoader of our batches (collate) and seeded workers; `sampling`: its sampler arguments."""
+    if workers:
+        end_workers_at_exit()  # the workers ignore SIGTERM (see utils/stop_signals.py)
     return DataLoader(
         dataset,
         num_workers=workers,

@@ -10,6 +10,7 @@ from utils.device import autocast, to_model_input
 from utils.eval.evaluate import evaluate, results_table, save_validation_plots
 from utils.eval.plots import plot_results
 from utils.log import LOGGER
+from utils.stop_signals import StopSignals
 from utils.train.final_averages import finish_recalibrated, save_tracked_average
 from utils.train.run import TrainingRun
 
@@ -22,9 +23,20 @@ def train(run: TrainingRun) -> None:
     its own); rank 0 alone keeps the EMA, logs and writes checkpoints, while the others wait for
     its verdict on early stopping. Every rank validates its share of the val batches with rank
     0's weights, and rank 0 scores them all."""
+    started, first_epoch = time.time(), run.loop.epoch
+    with StopSignals() as signals:  # SIGTERM, SIGUSR1: the step finished, last.pt written, Preempted raised
+        train_epochs(run, signals)
+    swap_weights = run.swap_average()  # --swap-epoch: every process's weights averaged (collective)
+    if run.world.is_main:
+        elapsed_s, epochs_run = time.time() - started, run.loop.epoch - first_epoch
+        finish(run, elapsed_s=elapsed_s, epochs_run=epochs_run, swap_weights=swap_weights)
+
+
+def train_epochs(run: TrainingRun, signals: StopSignals) -> None:
+    """The epochs: accumulated steps, EMA updates, validation and checkpoints; a stop signal
+    received (`signals`) ends them after the optimizer step under way, with last.pt written."""
     opt, loop, world, model, ema = run.config.opt, run.loop, run.world, run.model, run.ema
     patience = opt.patience or math.inf  # 0 turns early stopping off, as in YOLOv5
-    started, first_epoch = time.time(), loop.epoch
     while loop.epoch < opt.epochs:
         epoch = loop.epoch
         batches = run.start_epoch()  # this epoch's batches, after those a resumed run already took
@@ -53,9 +65,12 @@ def train(run: TrainingRun) -> None:
                             average.update(model, images_in_step)
                 loop.record_step(run.stepped_everywhere(stepped))
                 run.stop_if_diverging()
-                if run.checkpoint_due(i):
+                stop = run.stop_signal(signals)  # agreed by every rank
+                if stop or run.checkpoint_due(i):
                     loop.batch = i + 1
-                    run.save_last()  # a mid-epoch last.pt (--save-interval)
+                    run.save_last()  # a mid-epoch last.pt (--save-interval, or a stop signal)
+                if stop:
+                    raise run.stop_on_signal(stop)
             run.show_progress(batches, batch, images, i, step)
         run.end_epoch(batches)
         if opt.graft and epoch + 1 < opt.epochs:
@@ -93,9 +108,11 @@ def train(run: TrainingRun) -> None:
         if stop_early:
             LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs; best was epoch {loop.best_epoch}")
             break
-    swap_weights = run.swap_average()  # --swap-epoch: every process's weights averaged (collective)
-    if world.is_main:
-        finish(run, elapsed_s=time.time() - started, epochs_run=loop.epoch - first_epoch, swap_weights=swap_weights)
+        stop = run.stop_signal(signals)  # received while validating: after the epoch's last.pt
+        if stop and not final_epoch:
+            if opt.nosave:
+                run.save_last()  # --nosave keeps no epoch's last.pt, but a stopped run needs one
+            raise run.stop_on_signal(stop)
 
 
 def finish(run: TrainingRun, elapsed_s: float, epochs_run: int, swap_weights: dict | None = None) -> None:

@@ -29,6 +29,7 @@ from utils.eval.plots import plot_image_batch, plot_labels
 from utils.log import LOGGER, interactive
 from utils.precision import describe
 from utils.run_dir import RunDirLock
+from utils.stop_signals import Preempted, StopSignals, signal_name
 from utils.train.config import RunConfig, run_precision
 from utils.train.criterion import build_criterion
 from utils.train.ema import (
@@ -435,6 +436,25 @@ class TrainingRun:
                 f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
                 f"{self._last_checkpoint_name()}. Try a lower lr0, --amp off, or check the data (see data_report.txt)"
             )
+
+    def stop_signal(self, signals: StopSignals) -> int | None:
+        """The stop signal (utils/stop_signals.py) any rank has received, or None: under torchrun
+        every rank learns it at the same optimizer step (collective: one number per step)."""
+        received = signals.received or 0
+        if self.world.distributed:
+            received = int(self.world.largest_(torch.tensor([received], device=self.device)).item())
+        return received or None
+
+    def stop_on_signal(self, signum: int) -> Preempted:
+        """The exception that ends training once last.pt holds where it stopped."""
+        loop, where = self.loop, f"epoch {self.loop.epoch}"
+        if loop.batch:
+            where += f", batch {loop.batch}/{self.batches_per_epoch}"
+        return Preempted(
+            signum,
+            f"{signal_name(signum)}: training stopped at {where} with last.pt written; continue with: "
+            f"python train.py --resume {self._last_checkpoint_name()}",
+        )
 
     def _last_checkpoint_name(self) -> str:
         """The run's last.pt for messages, as far as this rank knows (rank 0 writes it)."""
