@@ -94,8 +94,9 @@ def interrupted_checkpoint(command: list[str], last: Path, wanted) -> dict[str, 
     `wanted`, end the run there and return that checkpoint's bytes and those of the files of
     the other processes it names (processes training separately), by file name, as if killed
     right after writing them (put_back() writes them back). torchrun starts its workers in
-    sessions of their own: it is told to end them (SIGTERM, which ends a Python process on the
-    spot) and returns once they are gone."""
+    sessions of their own: it is told to end them (SIGTERM, which it passes on; they stop after
+    their step under way, writing a later last.pt that put_back() replaces) and returns once
+    they are gone."""
     process = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
