@@ -1,7 +1,8 @@
 """What a checkpoint costs: size and time to write (atomically, with fsync) and to load, for
 yolov5n and yolov5s, and the share of training time that a --save-interval costs.
 
-    python benchmarks/bench_checkpoint.py [--repeats 5] [--dir /path/on/the/training/disk]
+    python benchmarks/bench_checkpoint.py [--repeats 5] [--cfg yolov5n.yaml yolov5s.yaml]
+        [--dir /path/on/the/training/disk]
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def checkpoint_for(cfg: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cfg", nargs="+", default=["yolov5n.yaml", "yolov5s.yaml"], help="model YAMLs, nc=80")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.repeats} repeats, median times\n")
     print("| model   | parameters | last.pt (MB) | write + fsync (ms) | load (ms) | cost at 10 min | at 1 min |")
     print("|---------|-----------:|-------------:|-------------------:|----------:|---------------:|---------:|")
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        for name in ("yolov5n.yaml", "yolov5s.yaml"):
+        for name in args.cfg:
             checkpoint = checkpoint_for(name)
             path = Path(folder) / "last.pt"
             writes, loads = [], []

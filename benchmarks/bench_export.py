@@ -1,13 +1,15 @@
 """A checkpoint against its exports: mAP on a dataset and inference time, .pt, .onnx and .torchscript.
 
     python benchmarks/bench_export.py --weights runs/train/exp/weights/best.pt --data data/shapes.yaml
+        [--include onnx torchscript] [--shapes static dynamic] [--repeats 30]
 
-Exports the checkpoint's EMA weights with export.py, static (the default: batch 1 at the training
-size) and --dynamic, into a temporary folder, and evaluates each file as val.py does:
-rectangular batches where the file takes any shape (as the .pt validates), square ones where its
-shape is fixed, with the .pt also evaluated square so that each export has a reference evaluated
-alike. Inference: median milliseconds of one forward pass of one image at the training size
-(after warm-up), what detect.py runs per frame; the machine should be otherwise idle.
+Exports the checkpoint's EMA weights with export.py (the --include formats), static (export.py's
+default: batch 1 at the training size) and --dynamic (the --shapes), into a temporary folder, and
+evaluates each file as val.py does: rectangular batches where the file takes any shape (as the .pt
+validates), square ones where its shape is fixed, with the .pt also evaluated square so that each
+export has a reference evaluated alike. Inference: median milliseconds of one forward pass of one
+image at the training size (after warm-up), what detect.py runs per frame; the machine should be
+otherwise idle.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from utils.data.config import load_dataset_config  # noqa: E402
 from utils.data.loader import build_val_loader, validation_batch_size  # noqa: E402
 from utils.device import autocast, parameter_dtype, select_device, to_model_input  # noqa: E402
 from utils.eval.evaluate import evaluate  # noqa: E402
+from utils.export.metadata import EXPORT_SUFFIXES  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
 from utils.infer.backends import LoadedWeights, load_weights  # noqa: E402
 
@@ -35,18 +38,20 @@ from utils.infer.backends import LoadedWeights, load_weights  # noqa: E402
 def evaluate_file(loaded: LoadedWeights, data, device: torch.device, rect: bool) -> tuple[float, float]:
     """(mAP@0.5, mAP@0.5:0.95) on the val split, batched as val.py batches it."""
     model = loaded.model
+    batch_size = validation_batch_size(loaded.batch_per_process)
     loader = build_val_loader(
         data.val,
         data.nc,
         img_size=loaded.img_size,
-        batch_size=validation_batch_size(loaded.batch_per_process),
+        batch_size=batch_size,
         workers=2,
         hyp=loaded.hyp or load_hyp(None, model.anchor_free),
         stride=int(model.stride.max()),
         single_cls=loaded.single_cls,
         rect=rect,
     )
-    metrics = evaluate(model, loader, device=device, amp_dtype=loaded.amp_dtype).metrics
+    precision = loaded.precision(device, None, batch_size=batch_size, img_size=loaded.img_size)
+    metrics = evaluate(model, loader, device=device, amp_dtype=precision.dtype).metrics
     return metrics.map50, metrics.map50_95
 
 
@@ -57,10 +62,11 @@ def inference_ms(loaded: LoadedWeights, device: torch.device, repeats: int) -> f
     images = to_model_input(
         torch.full((1, 3, size, size), 114, dtype=torch.uint8), device, parameter_dtype(loaded.model)
     )
+    precision = loaded.precision(device, None, batch_size=1, img_size=size)
     times = []
     for i in range(repeats + 5):  # 5 warm-up passes: allocators, TorchScript's profiling runs
         start = time.perf_counter()
-        with autocast(device, loaded.amp_dtype):
+        with autocast(device, precision.dtype):
             loaded.model(images)
         if i >= 5:
             times.append(time.perf_counter() - start)
@@ -73,25 +79,28 @@ def main() -> None:
     parser.add_argument("--data", default="data/shapes.yaml", help="dataset YAML")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=30, help="timed forward passes per file")
+    parser.add_argument("--include", nargs="+", default=["onnx", "torchscript"], choices=list(EXPORT_SUFFIXES))
+    parser.add_argument("--shapes", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"])
     args = parser.parse_args()
     device = select_device(args.device)
     data = load_dataset_config(args.data)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
-        for kind, extra in (("static", []), ("dynamic", ["--dynamic"])):
+        for kind in args.shapes:
             folder = Path(tmp) / kind
             folder.mkdir()
             shutil.copy(args.weights, folder / "best.pt")
-            export.main(["--weights", str(folder / "best.pt"), "--include", "onnx", "torchscript", *extra])
+            dynamic = ["--dynamic"] if kind == "dynamic" else []
+            export.main(["--weights", str(folder / "best.pt"), "--include", *args.include, *dynamic])
             files[kind] = folder
-        pt = load_weights(files["static"] / "best.pt", device, fuse=True)
+        pt = load_weights(files[args.shapes[0]] / "best.pt", device, fuse=True)
         reference = {rect: evaluate_file(pt, data, device, rect) for rect in (True, False)}
         pt_ms = inference_ms(pt, device, args.repeats)
         for rect in (True, False):
             rows.append((".pt (fused)", "any", "rectangular" if rect else "square", *reference[rect], 0.0, pt_ms))
-        for kind in ("static", "dynamic"):
-            for suffix in (".onnx", ".torchscript"):
+        for kind in args.shapes:
+            for suffix in (EXPORT_SUFFIXES[name] for name in args.include):
                 loaded = load_weights(files[kind] / f"best{suffix}", device)
                 rect = kind == "dynamic"
                 map50, map50_95 = evaluate_file(loaded, data, device, rect)

@@ -2,6 +2,7 @@
 bound of the GPU jobs users run.
 
     python benchmarks/bench_memory_bound.py [--cfgs yolov5n.yaml ...] [--sizes 64 128 256] [--batch 2]
+        [--gpu-jobs "yolov5s.yaml:64:V100 16 GB" ...]
 
 Table 1, per model and image size: the bound (weights, EMA, SGD's state and the tensors autograd
 keeps, fp32) and the memory a real step holds at its peak on this CPU (AutoBatch's measurement:
@@ -24,8 +25,8 @@ from utils.hyp import load_hyp  # noqa: E402
 from utils.train.autobatch import measure_step_memory  # noqa: E402
 from utils.train.memory_bound import step_memory_lower_bound  # noqa: E402
 
-GPU_JOBS = (("yolov5s.yaml", 64, "V100 16 GB"), ("yolov5x.yaml", 16, "V100 16 GB"), ("yolov5x.yaml", 64, "H100 80 GB"))
-GPU_JOBS += (("yolo11x.yaml", 32, "A100 40 GB"),)
+GPU_JOBS = ("yolov5s.yaml:64:V100 16 GB", "yolov5x.yaml:16:V100 16 GB", "yolov5x.yaml:64:H100 80 GB")
+GPU_JOBS += ("yolo11x.yaml:32:A100 40 GB",)  # MODEL:BATCH:GPU
 MIB = 2**20
 
 
@@ -38,6 +39,7 @@ def main() -> None:
     )
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--gpu-jobs", nargs="*", default=list(GPU_JOBS), help="table 2's jobs, MODEL:BATCH:GPU")
     args = parser.parse_args()
     cpu = torch.device("cpu")
     print(f"| model | imgsz | batch {args.batch}: bound (MiB) | measured peak (MiB) | bound / peak |")
@@ -56,12 +58,13 @@ def main() -> None:
             print(f"| {cfg} | {size} | {estimate / MIB:.1f} | {peak / MIB:.1f} | {estimate / peak:.3f} |", flush=True)
     print("\n| job at 640 px, fp16 autocast | bound (GiB) | runs on |")
     print("|---|--:|---|")
-    for cfg, batch, gpu in GPU_JOBS:
+    for job in args.gpu_jobs:
+        cfg, batch, gpu = job.split(":", 2)
         model = build_model(cfg, nc=80)
         bound = step_memory_lower_bound(
             model, amp_dtype=torch.float16, optimizer="SGD", averages=1, weights_resident=False
         )
-        print(f"| {cfg} batch {batch} | {bound.needed(batch, 640) / 2**30:.1f} | {gpu} |")
+        print(f"| {cfg} batch {batch} | {bound.needed(int(batch), 640) / 2**30:.1f} | {gpu} |")
 
 
 if __name__ == "__main__":

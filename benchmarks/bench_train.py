@@ -280,7 +280,7 @@ def epoch_bench(args: argparse.Namespace, ref_venv: Path | None, ref_data: Path 
             f"{r['map50_95'][-1]:.3f} | {max(r['map50_95']):.3f} | {reach} | {share} |"
         )
 
-    print("\nValidation speed: load, loader, inference, NMS and metrics, 32 images per batch\n")
+    print(f"\nValidation speed: load, loader, inference, NMS and metrics, {args.batch * 2} images per batch\n")
     print("| validator | weights | images/s | mAP@0.5 | mAP@0.5:0.95 |")
     print("|---|---|--:|--:|--:|")
     common = ["--imgsz", str(args.imgsz), "--batch", str(args.batch * 2), "--workers", str(args.workers)]

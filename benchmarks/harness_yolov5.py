@@ -1,7 +1,7 @@
 """The `yolov5` PyPI package's side of bench_train.py (run by the reference venv's python); prints one JSON line.
 
     python harness_yolov5.py steps --data-dir DIR --nc 6 --cfg yolov5n.yaml --imgsz 320 --batch 16 --workers 2
-    python harness_yolov5.py val --data-yaml shapes.yaml --weights best.pt --imgsz 320 --batch 32 --workers 2
+    python harness_yolov5.py val --data-yaml DIR/data.yaml --weights best.pt --imgsz 320 --batch 32 --workers 2
 
 `steps` builds what `yolov5 train` builds (Model, create_dataloader with hyp.scratch-low augmentation,
 ComputeLoss with the same gain scaling, smart_optimizer SGD, ModelEMA) after importing yolov5's
@@ -26,7 +26,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("mode", choices=("steps", "val"))
     parser.add_argument("--data-dir", type=Path, help="steps: dataset root with images/train")
     parser.add_argument("--nc", type=int, help="steps: number of classes")
-    parser.add_argument("--data-yaml", help="val: dataset YAML")
+    parser.add_argument("--data-yaml", help="val: dataset YAML in the dataset's root DIR, above images/val")
     parser.add_argument("--weights", help="val: checkpoint")
     parser.add_argument("--cfg", default="yolov5n.yaml")
     parser.add_argument("--imgsz", type=int, default=320)
