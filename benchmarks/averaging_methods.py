@@ -6,6 +6,11 @@ time against the default run. Prints a table.
 
     python benchmarks/averaging_methods.py --seeds 0 1
 
+Smallest run (the CI smoke test: a generated dataset, 64 px, the default run and SWAP, 2 epochs):
+
+    python benchmarks/averaging_methods.py --data shapes.yaml --imgsz 64 --batch-size 4 --workers 0 \
+        --methods default swap --seeds 0 --epochs 2 --timing-epochs 2 --project /tmp/methods
+
 Shipped weights: the last epoch's EMA (rank 0's for SWAP and grafting, whose results.csv row
 is its validation), and SWAP's weights/swap.pt (the processes' average, BatchNorm recomputed),
 evaluated as train.py validates. The accuracy runs are kept (an interrupted one resumes from its
@@ -78,6 +83,7 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.N
         "--seed",
         str(seed),
         *options,
+        *training_options(args),
         "--project",
         str(run_dir.parent),
         "--name",
@@ -86,6 +92,12 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.N
         "--device",
         args.device,
     ]
+
+
+def training_options(args: argparse.Namespace) -> list[str]:
+    """train.py's --imgsz, --batch-size and --workers where given (else train.py's defaults)."""
+    given = {"--imgsz": args.imgsz, "--batch-size": args.batch_size, "--workers": args.workers}
+    return [item for option, value in given.items() if value is not None for item in (option, str(value))]
 
 
 def train(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> float:
@@ -190,6 +202,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", default="data/shapes.yaml")
+    parser.add_argument("--imgsz", type=int, default=None, help="train.py --imgsz (default: train.py's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="train.py --batch-size (default: train.py's)")
+    parser.add_argument("--workers", type=int, default=None, help="train.py --workers (default: train.py's)")
     parser.add_argument("--project", default="runs/averaging_methods")
     parser.add_argument("--device", default="cpu", help="device of every run (a 2-process run needs 2 GPUs)")
     parser.add_argument("--timing-epochs", type=int, default=3, help="length of each method's timing run")

@@ -5,6 +5,11 @@ run lengths. Prints the tables and writes a plot.
 
     python benchmarks/averaging_study.py --epochs 30 150 --seeds 0 1 2
 
+Smallest run (the CI smoke test: a generated dataset, 64 px, one epoch, one width):
+
+    python benchmarks/averaging_study.py --data shapes.yaml --imgsz 64 --batch-size 4 --workers 0 \
+        --epochs 1 --seeds 0 --snapshots 2 --swa-epochs 1 --widths 0.07 --project /tmp/study --plot /tmp/study.png
+
 One train.py run per (run length, seed) tracks everything at once: --average ema-images
 power-0.07, --posthoc-ema 20, --swa-epochs 10 --swa-source raw (add --val raw ema-images to a
 run for per-epoch curves of the raw weights and the image EMA: it changes no trained weight). Finished runs are kept
@@ -86,6 +91,7 @@ def train(run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> No
             str(args.swa_epochs),
             "--swa-source",
             "raw",
+            *training_options(args),
             "--project",
             str(run_dir.parent),
             "--name",
@@ -98,6 +104,12 @@ def train(run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> No
         result = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
         sys.exit(f"training {run_dir.name} failed: see {run_dir.parent / f'{run_dir.name}.log'}")
+
+
+def training_options(args: argparse.Namespace) -> list[str]:
+    """train.py's --imgsz, --batch-size and --workers where given (else train.py's defaults)."""
+    given = {"--imgsz": args.imgsz, "--batch-size": args.batch_size, "--workers": args.workers}
+    return [item for option, value in given.items() if value is not None for item in (option, str(value))]
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -249,6 +261,9 @@ def main() -> None:
     parser.add_argument("--swa-epochs", type=int, default=10)
     parser.add_argument("--widths", type=float, nargs="+", default=list(SWEEP_WIDTHS), help="post-hoc sweep")
     parser.add_argument("--data", default="data/shapes.yaml")
+    parser.add_argument("--imgsz", type=int, default=None, help="train.py --imgsz (default: train.py's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="train.py --batch-size (default: train.py's)")
+    parser.add_argument("--workers", type=int, default=None, help="train.py --workers (default: train.py's)")
     parser.add_argument("--project", default="runs/averaging_study")
     parser.add_argument("--plot", default=None, help="where to write the plot (default: PROJECT/averaging_study.png)")
     args = parser.parse_args()

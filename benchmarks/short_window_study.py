@@ -1,7 +1,10 @@
 """The epoch's last, short accumulation window: how far its optimizer step moves the weights, and
 how much of that is weight decay, against a full window's, with three ways of treating it.
 
-    python benchmarks/short_window_study.py [--batch-size 24] [--epochs 2] [--imgsz 320]
+    python benchmarks/short_window_study.py [--batch-size 24] [--epochs 2] [--imgsz 320] [--threads 2]
+
+Smallest run (the CI smoke test): 72 training images, --batch-size 16 --epochs 1 --imgsz 64
+--threads 1 (each epoch a full window of 64 images and a short one of 8).
 
 train.py cuts accumulation windows at the end of each epoch (no gradient crosses an epoch
 boundary, so every epoch-end checkpoint is at a step boundary). When the epoch's micro-batches
@@ -116,8 +119,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--weights", default="", help="start from this checkpoint's raw weights (default: scratch)")
+    parser.add_argument("--threads", type=int, default=2, help="torch's CPU threads (the docstring's table: 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     seed_everything(0)
     data = load_dataset_config(args.data)
     hyp = load_hyp("scratch-low.yaml")
