@@ -50,6 +50,8 @@ from utils.errors import UserError, run_cli
 from utils.eval.plots import plot_posthoc_sweep
 from utils.image_size import check_image_size
 from utils.log import LOGGER, setup_logging
+from utils.option_checks import check_range, warn_no_effect
+from utils.output_paths import check_output_file
 from utils.train.as_trained import val_loader_as_trained
 from utils.train.averaging import (
     RECALIBRATION_IMAGES,
@@ -59,6 +61,7 @@ from utils.train.averaging import (
     resolve_coefficients,
 )
 from utils.train.ema import power_exponent
+from utils.train.posthoc import SNAPSHOT_FOLDER
 from utils.train.posthoc_sweep import (
     BN_MODES,
     SWEEP_WIDTHS,
@@ -91,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", choices=("ema", "model"), default="ema", help="average the EMA or the raw weights")
     p.add_argument("--out", required=True, help="where to write the averaged checkpoint")
     p.add_argument(
+        "--names-from",
+        default=None,
+        metavar="FILE",
+        help="--weights whose class names differ (spelling, say) but mean the same classes in the same order: "
+        "ship FILE's names (one of --weights); without it, checkpoints must name the same classes in the same order",
+    )
+    p.add_argument(
         "--strict",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -120,11 +130,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def shipped_names(checkpoints: list[dict], paths: list[str], names_from: str | None, kept: list[str]) -> list[str]:
+    """The class names of the average: those every checkpoint gives (same names, same order), or with
+    `names_from` (one of `paths`) that file's; a difference without it is a UserError naming the first.
+    Another class count is left to the tensor check: with --no-strict the first file's head, and
+    names, are `kept`."""
+    names = [list(c.get("names") or []) for c in checkpoints]
+    if names_from is not None:
+        chosen = next((i for i, path in enumerate(paths) if Path(path).resolve() == Path(names_from).resolve()), None)
+        if chosen is None:
+            raise UserError(f"--names-from {names_from} is not one of --weights: give the file whose names to ship")
+        if any(len(n) != len(names[chosen]) for n in names):
+            counts = ", ".join(f"{path}: {len(n)}" for path, n in zip(paths, names))
+            raise UserError(f"--names-from: the checkpoints detect different numbers of classes ({counts})")
+        if any(n != names[chosen] for n in names):
+            LOGGER.warning(f"WARNING: the checkpoints name their classes differently; the average ships {names_from}'s")
+        return names[chosen]
+    for path, other in zip(paths[1:], names[1:]):
+        if other == names[0] or (kept and len(other) != len(names[0])):
+            continue
+        if len(other) != len(names[0]):
+            difference = f"{len(names[0])} classes against {len(other)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(names[0], other)) if a != b)
+            difference = f"class {i} is '{names[0][i]}' in {paths[0]} but '{other[i]}' in {path}"
+            if sorted(other) == sorted(names[0]):
+                difference += " (the same names in another order)"
+        raise UserError(
+            f"{paths[0]} and {path} do not describe the same classes: {difference}; their weights mean different "
+            "things. Average checkpoints trained on the same classes, or, if these are the same classes spelled "
+            "differently, give --names-from FILE to ship FILE's names"
+        )
+    return names[0]
+
+
 def average_checkpoints(
-    checkpoints: list[dict], paths: list[str], coefficients: list[float], source: str, strict: bool
+    checkpoints: list[dict],
+    paths: list[str],
+    coefficients: list[float],
+    source: str,
+    strict: bool,
+    names_from: str | None = None,
 ) -> tuple[dict, list[str]]:
-    """An average-kind checkpoint of the first file's model and metadata holding the averaged
-    weights, and the tensors kept from the first file because they differ (with --no-strict)."""
+    """An average-kind checkpoint of the first file's model and metadata (the class names of
+    shipped_names) holding the averaged weights, and the tensors kept from the first file because
+    they differ (with --no-strict)."""
     states = []
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint.get(source) is None:
@@ -136,6 +186,7 @@ def average_checkpoints(
             )
         states.append(checkpoint[source])
     averaged, kept = average_state_dicts(states, coefficients, strict=strict, labels=paths)
+    names = shipped_names(checkpoints, paths, names_from, kept)
     recipe = ", ".join(f"{p} x {c:g}" for p, c in zip(paths, coefficients))
     description = f"average of {source} weights: {recipe}"
     if kept:
@@ -146,14 +197,31 @@ def average_checkpoints(
         description,
         averaged={"weights": list(paths), "coefficients": coefficients, "source": source, "kept_from_first": kept},
     )
+    result["names"] = names
     return result, kept
 
 
 def check_mode_options(opt: argparse.Namespace) -> None:
-    """Refuse options of the other mode: --weights averages checkpoints, --posthoc a run's snapshots;
-    and a negative --bn-images."""
+    """Refuse options of the other mode (--weights averages checkpoints, --posthoc a run's snapshots)
+    and values out of range; warn about options that act on nothing."""
     if opt.bn_images is not None and opt.bn_images < 0:
         raise UserError(f"--bn-images {opt.bn_images}: a number of images, or 0 for all of the train split")
+    check_range("--at-epoch", opt.at_epoch, 0, meaning="an epoch of the run, counted from 0")
+    check_range("--imgsz", opt.imgsz, 1, meaning="pixels")
+    for width in opt.sigma_rel or ():
+        try:
+            power_exponent(width)
+        except UserError as error:
+            raise UserError(f"--sigma-rel {width:g}: {error}") from None
+    if opt.posthoc is not None and opt.bn != "recalibrate":
+        warn_no_effect(
+            {
+                "--imgsz": opt.imgsz is not None,
+                "--batch-size": opt.batch_size is not None,
+                "--bn-images": opt.bn_images is not None,
+            },
+            "they size the training batches of --bn recalibrate",
+        )
     if opt.posthoc is not None and opt.weights:
         raise UserError("give --weights (checkpoints to average) or --posthoc (a run's snapshots), not both")
     if opt.posthoc is not None:
@@ -161,6 +229,7 @@ def check_mode_options(opt: argparse.Namespace) -> None:
             "--coef": opt.coef is not None,
             "--source": opt.source != "ema",
             "--recalibrate-bn": opt.recalibrate_bn,
+            "--names-from": opt.names_from is not None,
         }
         given["--no-strict"] = not opt.strict
         other = "--weights"
@@ -177,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     setup_logging()
     check_mode_options(opt)
+    check_out(opt)
     if opt.posthoc is not None:
         return posthoc(opt)
     if not opt.weights or len(opt.weights) < 2:
@@ -194,11 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             f"WARNING: --recalibrate-bn was not given, so {options} went unused: BatchNorm statistics stay averaged"
         )
     out = Path(opt.out)
-    if any(out.resolve() == Path(path).resolve() for path in opt.weights):
-        raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
     coefficients = resolve_coefficients(opt.coef, len(opt.weights))
     checkpoints = [load_checkpoint(path, mmap=True) for path in opt.weights]  # only --source's tensors are read
-    result, kept = average_checkpoints(checkpoints, opt.weights, coefficients, opt.source, opt.strict)
+    result, kept = average_checkpoints(checkpoints, opt.weights, coefficients, opt.source, opt.strict, opt.names_from)
     if kept:
         LOGGER.warning(
             f"WARNING: {len(kept)} tensor(s) differ between the checkpoints and were kept from "
@@ -212,6 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     write_output(out, result)
     LOGGER.info(f"{result['source']}\nSaved {opt.out}")
     return 0
+
+
+def check_out(opt: argparse.Namespace) -> None:
+    """Before any work: --out can be written, and is not a checkpoint this command reads."""
+    out = Path(opt.out)
+    if opt.posthoc is None:
+        if any(out.resolve() == Path(path).resolve() for path in opt.weights or ()):
+            raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
+        check_output_file(out, f"--out {opt.out}")
+        return
+    run_dir = Path(opt.posthoc).parent.parent if Path(opt.posthoc).is_file() else Path(opt.posthoc)
+    weights = run_dir / "weights"
+    check_output_file(out, f"--out {opt.out}", files=[weights / "last.pt"], trees=[weights / SNAPSHOT_FOLDER])
 
 
 def write_output(out: Path, checkpoint: dict) -> None:

@@ -17,11 +17,13 @@ import argparse
 import time
 from pathlib import Path
 
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 from utils.infer.predictor import Detector
 from utils.infer.sources import Frame, open_source
 from utils.infer.video_writer import VideoWriter
 from utils.log import LOGGER, setup_logging
+from utils.option_checks import check_class_ids, check_detection_options, check_range, warn_no_effect
+from utils.output_paths import check_run_dir
 from utils.precision import AUTO_FOR_INFERENCE, add_amp_arguments
 from utils.run_dir import add_run_dir_arguments, next_run_dir
 
@@ -44,6 +46,28 @@ def unused_name(path: Path, used: set[Path]) -> Path:
         candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     used.add(candidate)
     return candidate
+
+
+def check_options(opt: argparse.Namespace) -> None:
+    """Refuse values out of range and warn about options that act on nothing, before the model loads."""
+    check_detection_options(opt.conf_thres, opt.iou_thres, opt.max_det, opt.imgsz)
+    check_range("--line-thickness", opt.line_thickness, 1, meaning="pixels")
+    if any(c < 0 for c in opt.classes or ()):
+        raise UserError(f"--classes {' '.join(map(str, opt.classes))}: class ids are not negative")
+    warn_no_effect(
+        {"--save-conf": opt.save_conf and not opt.save_txt},
+        "it adds confidences to --save-txt's labels, and --save-txt is off",
+    )
+    warn_no_effect(
+        {
+            "--line-thickness": opt.line_thickness is not None,
+            "--hide-labels": opt.hide_labels,
+            "--hide-conf": opt.hide_conf,
+        }
+        if opt.nosave
+        else {"--hide-conf": opt.hide_conf and opt.hide_labels},
+        "--nosave draws no images" if opt.nosave else "--hide-labels hides the captions, confidences and all",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     """detect.py's command line: detect, draw and save for every image and video frame of the source."""
     opt = parse_args(argv)
     setup_logging()
+    check_options(opt)
+    check_run_dir(opt.project, opt.name, opt.exist_ok)  # before the model loads; the inputs once the source opens
     detector = Detector(
         opt.weights,
         device=opt.device,
@@ -106,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         amp=opt.amp,
         trust_pickle=opt.trust_pickle,
     )
+    check_class_ids(opt.classes, detector.names)
     plot_options = {"line_width": opt.line_thickness, "hide_labels": opt.hide_labels, "hide_conf": opt.hide_conf}
     num_frames = num_detections = 0
     label_files: set[Path] = set()
     # A source that cannot be opened fails here, before any output is made.
     with open_source(opt.source, opt.vid_stride) as frames, VideoWriter() as videos:
+        check_run_dir(opt.project, opt.name, opt.exist_ok, frames.files, frames.folders)
         run_dir = next_run_dir(Path(opt.project), opt.name, opt.exist_ok)
         started = time.perf_counter()
         for frame in frames:

@@ -5,7 +5,7 @@
     python export.py --weights best.pt --include onnx --half --device 0  # fp16, CUDA only
 
 Exports the checkpoint's EMA weights (--raw: the model weights), BatchNorm fused, in eval mode,
-next to the checkpoint: best.pt -> best.onnx, best.torchscript (best-raw.* with --raw). Each file
+next to the checkpoint (or into --out-dir): best.pt -> best.onnx, best.torchscript (best-raw.* with --raw). Each file
 takes one input "images" (B, 3, H, W), RGB in [0, 1], and gives one output "output0", the head's
 decoded (B, N, 5 + nc) or (B, N, 4 + nc) tensor as PyTorch's eval mode returns it, and carries
 its class names, stride, input size and origin as metadata (utils/export/metadata.py).
@@ -24,10 +24,12 @@ from utils.device import select_device
 from utils.errors import UserError, run_cli
 from utils.export.graph import DecodedOutput, example_images
 from utils.export.metadata import EXPORT_SUFFIXES, export_metadata
-from utils.export.onnx_export import DEFAULT_OPSET, export_onnx
+from utils.export.onnx_export import DEFAULT_OPSET, ONNX_MAX_OPSET, ONNX_MIN_OPSET, export_onnx
 from utils.export.torchscript_export import export_torchscript
-from utils.image_size import exact_image_size, round_image_size
+from utils.image_size import check_batch_fits, exact_image_size, round_image_size
 from utils.log import LOGGER, setup_logging
+from utils.option_checks import check_range, warn_no_effect
+from utils.output_paths import check_writable_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cpu (default: a TorchScript trace runs on the device type it was made on) or a cuda device, i.e. 0 "
         "(needed for --half)",
     )
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="folder to write the exports into (made if missing; default: the folder of --weights)",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset version (default {DEFAULT_OPSET})")
     p.add_argument(
         "--trust-pickle",
@@ -76,9 +83,20 @@ def requested_formats(include: list[str]) -> list[str]:
     return formats
 
 
-def export_path(weights: Path, fmt: str, raw: bool) -> Path:
-    """Where a format's file goes: next to the checkpoint, best.pt -> best.onnx (best-raw.onnx for --raw)."""
-    return weights.with_name(weights.stem + ("-raw" if raw else "") + EXPORT_SUFFIXES[fmt])
+def export_path(weights: Path, fmt: str, raw: bool, out_dir: str | None = None) -> Path:
+    """Where a format's file goes: into --out-dir, else next to the checkpoint; best.pt -> best.onnx
+    (best-raw.onnx for --raw)."""
+    return Path(out_dir or weights.parent) / (weights.stem + ("-raw" if raw else "") + EXPORT_SUFFIXES[fmt])
+
+
+def check_export_paths(opt: argparse.Namespace, formats: list[str]) -> None:
+    """Before any work: the folder the exports go to can be written, and no export is --weights itself."""
+    folder = Path(opt.out_dir or Path(opt.weights).parent)
+    what = f"--out-dir {folder}" if opt.out_dir else f"{folder} (the folder of --weights; --out-dir writes elsewhere)"
+    check_writable_folder(folder, what)
+    for fmt in formats:
+        if export_path(Path(opt.weights), fmt, opt.raw, opt.out_dir).resolve() == Path(opt.weights).resolve():
+            raise UserError(f"the {fmt} export would be written over --weights {opt.weights}: give --out-dir")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     setup_logging()
     formats = requested_formats(opt.include)
+    check_export_paths(opt, formats)
     if opt.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if "onnx" in formats:
+        check_range("--opset", opt.opset, ONNX_MIN_OPSET, ONNX_MAX_OPSET, meaning="the ONNX opsets torch can write")
+    else:
+        warn_no_effect({f"--opset {opt.opset}": opt.opset != DEFAULT_OPSET}, "only --include onnx has an opset")
     device = select_device(opt.device)
     if opt.half and device.type != "cuda":
         raise UserError(
@@ -103,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         img_size = (size, size)
     else:
         img_size = exact_image_size(opt.imgsz, stride)
+    # as train.py and detect.py refuse it: a size whose batch cannot fit fails here, not in the allocator
+    check_batch_fits(
+        model, img_size, opt.batch_size, device, option=f"--imgsz {' '.join(map(str, opt.imgsz or img_size))}"
+    )
     source = f"{opt.weights} ({describe_kind(checkpoint)})"
     metadata = export_metadata(checkpoint, model, img_size, opt.batch_size, opt.dynamic, opt.half, weights, source)
     graph, example = DecodedOutput(model), example_images(opt.batch_size, img_size, device, opt.half)
@@ -112,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         f"input {shape}{tuple(example.shape)} {'fp16' if opt.half else 'fp32'}"
     )
 
+    Path(opt.out_dir or ".").mkdir(parents=True, exist_ok=True)
     for fmt in formats:
-        path, started = export_path(Path(opt.weights), fmt, opt.raw), time.perf_counter()
+        path, started = export_path(Path(opt.weights), fmt, opt.raw, opt.out_dir), time.perf_counter()
         if fmt == "onnx":
             export_onnx(graph, example, path, metadata, opt.dynamic, opt.opset)
         else:
             export_torchscript(graph, example, path, metadata, opt.dynamic)
         LOGGER.info(f"{fmt}: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s)")
-    example_file = export_path(Path(opt.weights), formats[0], opt.raw)
+    example_file = export_path(Path(opt.weights), formats[0], opt.raw, opt.out_dir)
     LOGGER.info(
         f"Use it: python val.py --weights {example_file} --data DATA.yaml, "
         f"or python detect.py --weights {example_file} --source IMAGES"

@@ -23,6 +23,7 @@ from utils.run_dir import add_run_dir_arguments
 from utils.stop_signals import Preempted
 from utils.train.autobatch import out_of_memory_message
 from utils.train.averaging import RECALIBRATION_IMAGES
+from utils.train.config import AUTOBATCH_FRACTION
 from utils.train.ema import check_average_name, check_validated_name
 from utils.train.lookahead import LookaheadAction
 from utils.train.loop import train
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--autobatch-fraction",
         type=float,
-        default=0.6,
+        default=AUTOBATCH_FRACTION,
         help="with --batch-size -1: the share of the device's free memory (CPU: available memory) a step may fill",
     )
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train and val image size (pixels)")
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default=False,
-        help="resume the newest run under --project, or the given last.pt",
+        help="resume the newest run under --project, or the given last.pt (or run folder: its weights/last.pt)",
     )
     p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
     p.add_argument(
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="max dataloader workers (default: 8, capped by cores)")
     add_run_dir_arguments(p, "runs/train")
     p.add_argument("--cos-lr", action="store_true", help="cosine learning-rate schedule")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon, in [0, 1)")
     p.add_argument("--patience", type=int, default=100, help="early stopping: epochs without improvement (0: off)")
     p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: first N, or a list of indices")
     p.add_argument("--save-period", type=int, default=-1, help="also save epochN.pt every N epochs (< 1: off)")

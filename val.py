@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from utils.config_files import resolve_config_path
 from utils.data.config import load_dataset_config
 from utils.data.labels import write_data_report
 from utils.data.loader import build_val_loader, validation_batch_size
@@ -21,8 +22,12 @@ from utils.eval.evaluate import evaluate, results_table, save_validation_plots
 from utils.hyp import load_hyp
 from utils.infer.backends import inference_image_size, load_weights
 from utils.log import LOGGER, setup_logging
+from utils.option_checks import check_detection_options
+from utils.output_paths import check_run_dir
 from utils.precision import AUTO_FOR_INFERENCE, add_amp_arguments, describe
 from utils.run_dir import add_run_dir_arguments, next_run_dir
+
+DEFAULT_DATA = "data/shapes.yaml"  # the embedded dataset, generated on first use
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="checkpoint (.pt) written by train.py, or an export.py file (.onnx, .torchscript)",
     )
-    parser.add_argument("--data", default="data/shapes.yaml", help="dataset YAML")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"dataset YAML (default: the one the checkpoint was trained on, else {DEFAULT_DATA})",
+    )
     parser.add_argument(
         "--imgsz",
         "--img",
@@ -82,12 +91,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def dataset_to_evaluate(given: str | None, recorded: str | None, weights: str) -> str:
+    """--data, else the dataset the checkpoint was trained on (said, as it is not the default), else
+    DEFAULT_DATA; a recorded dataset not found from here is a UserError asking for --data."""
+    if given:
+        return given
+    if not recorded:
+        LOGGER.info(f"--data not given and {weights} records no dataset: evaluating on {DEFAULT_DATA}")
+        return DEFAULT_DATA
+    if not resolve_config_path(recorded, "data").is_file():
+        raise UserError(
+            f"--data not given, and {recorded}, the dataset {weights} was trained on, is not found from here: "
+            "give --data"
+        )
+    LOGGER.info(f"--data not given: evaluating on {recorded}, the dataset {weights} was trained on")
+    return recorded
+
+
 def main(argv: list[str] | None = None) -> int:
     """val.py's command line: evaluate a checkpoint on a split and print the table."""
     opt = parse_args(argv)
     setup_logging()
     if (opt.batch_size is not None and opt.batch_size < 1) or opt.workers < 0:
         raise UserError("--batch-size must be at least 1, --workers not negative")
+    check_detection_options(opt.conf_thres, opt.iou_thres, opt.max_det, opt.imgsz)
+    saves = not opt.no_plots or opt.save_json
+    if saves:  # the dataset's folders once its YAML is read
+        check_run_dir(opt.project, opt.name, opt.exist_ok, [opt.weights])
     device = select_device(opt.device)
     loaded = load_weights(opt.weights, device, raw=opt.raw, trust_pickle=opt.trust_pickle)
     model = loaded.model
@@ -97,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{opt.weights} takes {fixed_shape[1]}x{fixed_shape[2]} inputs only, and val.py letterboxes to "
             "squares or rectangular batches: export it square (--imgsz S) or with --dynamic to validate it"
         )
-    data = load_dataset_config(opt.data)
+    data = load_dataset_config(dataset_to_evaluate(opt.data, loaded.data, opt.weights))
+    if saves:
+        check_run_dir(
+            opt.project, opt.name, opt.exist_ok, [opt.weights, data.source], [*data.train, *data.val, *data.test]
+        )
     # By default as train.py validated: its --single-cls, batch, size and precision, so its results.csv row
     # is reproduced exactly.
     single_cls = opt.single_cls or loaded.single_cls
@@ -116,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     if not split:
         raise UserError(f"{data.source} defines no {opt.task} split")
     names = list(model.names)
-    saves = not opt.no_plots or opt.save_json
     loader = build_val_loader(
         split,
         data.nc,

@@ -24,7 +24,7 @@ from models.anchor_free_head import AnchorFreeDetect
 from models.attention import C2PSA
 from models.blocks import C3, SPPF, Bottleneck, C2f, C3k, C3k2, Concat, Conv, DWConv
 from models.head import Detect
-from utils.config_files import read_yaml, resolve_config_path
+from utils.config_files import REPO_ROOT, read_yaml, resolve_config_path
 from utils.errors import UserError
 from utils.log import LOGGER
 
@@ -71,11 +71,29 @@ def read_model_yaml(name_or_path: str | Path) -> dict:
         unscaled = resolve_config_path(path.with_name(match[1] + match[3] + path.suffix), "models")
         if unscaled.exists():
             path, scale = unscaled, match[2]
+    if not path.exists():
+        raise UserError(
+            f"no model YAML {name_or_path}: give a path, or one of the shipped models: {', '.join(shipped_models())}"
+        )
     cfg = read_yaml(path, "model YAML")
     if isinstance(cfg, dict) and isinstance(cfg.get("scales"), dict):
         cfg["scale"] = _choose_scale(cfg, scale, path)
     validate_model_config(cfg, source=str(path))
     return cfg
+
+
+def shipped_models() -> list[str]:
+    """The names models/ answers to: yolov5s.yaml, and for a YAML with scales its name at each scale
+    (yolov8.yaml -> yolov8{n,s,m,l,x}.yaml; yolov5u.yaml -> yolov5{n,s,m,l,x}u.yaml)."""
+    names = []
+    for path in sorted((REPO_ROOT / "models").glob("*.yaml")):
+        cfg = read_yaml(path, "model YAML")
+        scales = cfg.get("scales") if isinstance(cfg, dict) else None
+        if isinstance(scales, dict) and (match := re.fullmatch(r"(.*?\d+)(.*)", path.stem)):
+            names.append(f"{match[1]}{{{','.join(map(str, scales))}}}{match[2]}.yaml")
+        else:
+            names.append(path.name)
+    return names
 
 
 def _choose_scale(cfg: dict, scale: str | None, path: Path) -> object:

@@ -256,9 +256,11 @@ def test_power_ema_weighs_steps_by_its_profile():
 def test_average_names():
     assert check_average_name("power-0.050") == "power-0.05"
     assert check_average_name("ema-images") == "ema-images"
-    for bad in ("power-0.5", "power-x", "ema", "swa"):
+    for bad in ("power-x", "ema", "swa"):
         with pytest.raises(UserError, match="unknown average"):
             check_average_name(bad)
+    with pytest.raises(UserError, match=r"average 'power-0.5': a power EMA's relative width must be in \(0, 0.2887\)"):
+        check_average_name("power-0.5")
     assert tracked_names(("ema-steps",), ("raw", "power-0.07"), posthoc=True) == (
         "ema-steps",
         "power-0.07",

@@ -47,12 +47,12 @@ def test_scratch_low_has_yolov5_values():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"lr0": None}, "lr0 must be a non-negative number"),
-        ({"mosaic": 1.5}, "mosaic is a probability"),
+        ({"lr0": None}, "lr0 must be a finite number"),
+        ({"mosaic": 1.5}, "mosaic must be in [0, 1] (a probability)"),
         ({"lr_zero": 0.01}, "unknown key(s) lr_zero"),
         ({"anchors": 3}, "automatic anchor fitting"),
         ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
-        ({"close_mosaic": 2.5}, "close_mosaic is a number of epochs"),
+        ({"close_mosaic": 2.5}, "close_mosaic is a whole number (a number of epochs)"),
         ({"ema_warmup": "linear"}, "ema_warmup must be one of exponential, tensorflow, got 'linear'"),
         ({"ema_warmup": 1}, "ema_warmup must be one of exponential, tensorflow, got 1"),
     ],

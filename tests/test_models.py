@@ -155,7 +155,7 @@ def test_unparseable_and_missing_yaml(tmp_path):
     path = write_yaml(tmp_path, "nc: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         read_model_yaml(path)
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="no model YAML .*absent.yaml: give a path, or one of the shipped models"):
         read_model_yaml(tmp_path / "absent.yaml")
 
 

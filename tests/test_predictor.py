@@ -129,7 +129,7 @@ def test_inputs_the_api_refuses(detector, tmp_path):
         detector(tmp_path / "broken.jpg")
     with pytest.raises(UserError, match="missing.jpg does not exist"):
         detector(tmp_path / "missing.jpg")
-    with pytest.raises(TypeError, match="must be uint8"):
-        detector(np.zeros((32, 32, 3), dtype=np.float32))
+    with pytest.raises(UserError, match="NaN or infinity"):  # tests/test_image_inputs.py has the rest
+        detector(np.full((32, 32, 3), np.nan, dtype=np.float32))
     with pytest.raises(TypeError, match="expected a file path, a numpy array or a PIL image"):
         detector(torch.zeros(3, 32, 32))

@@ -33,7 +33,7 @@ from utils.train.results import results_row
         (["--freeze", "25"], "would freeze the Detect head (layer 24)"),
         (["--workers", "-1"], "must not be negative"),
         (["--hyp", "no_such_hyp.yaml"], "cannot read hyperparameter file"),
-        (["--cfg", "no_such_model.yaml"], "cannot read model YAML"),
+        (["--cfg", "no_such_model.yaml"], "no model YAML no_such_model.yaml: give a path, or one of the shipped"),
         (["--weights", "no_such.pt"], "does not exist"),
         (["--raw"], "--raw picks the raw weights of the --weights checkpoint; give --weights too"),
         (["--swa-epochs", "2"], "--swa-epochs 2 must be between 0 and --epochs 1"),
@@ -255,7 +255,7 @@ def test_the_run_configuration_is_frozen_and_recorded_with_its_types(tiny_run):
     [
         (("--no-ema", "--ema", "images"), "--no-ema turns the EMA off"),
         (("--posthoc-ema", "1"), "at least 2"),
-        (("--average", "power-0.9"), "unknown average 'power-0.9'"),
+        (("--average", "power-0.9"), "average 'power-0.9': a power EMA's relative width must be in"),
         (("--val", "ema-hours"), "unknown average 'ema-hours'"),
     ],
 )

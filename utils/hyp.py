@@ -3,10 +3,12 @@ few of ours with defaults, validated once."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from utils.config_files import read_yaml, resolve_config_path
 from utils.errors import UserError
+from utils.option_checks import in_interval, interval
 
 # Keys every hyp file has, whichever the head.
 REQUIRED_KEYS = (
@@ -70,8 +72,51 @@ OPTIONAL_DEFAULTS = {
 # Ours, optional, with no default: AdamW's beta1 from --optimizer auto (else the hyp's momentum).
 OPTIONAL_KEYS = ("auto_momentum",)
 INTEGER_KEYS = ("close_mosaic", "graft_bins")  # counts
-CHOICE_KEYS = {"ema_warmup": ("exponential", "tensorflow")}  # words; every other value is a float
+CHOICE_KEYS = {"ema_warmup": ("exponential", "tensorflow")}  # words; every other value is a finite number
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
+INF = math.inf
+# Every numeric key's range: (low, high, low included, high included, what the value is).
+PROBABILITY = (0.0, 1.0, True, True, "a probability")
+FRACTION_BELOW_1 = (0.0, 1.0, True, False, "a momentum")
+GAIN = (0.0, INF, True, False, "a loss gain")
+RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "lr0": (0.0, INF, False, False, "the initial learning rate"),
+    "lrf": (0.0, 1.0, True, True, "the final learning rate as a fraction of lr0"),
+    "momentum": FRACTION_BELOW_1,
+    "weight_decay": (0.0, 1.0, True, False, "a weight decay"),
+    "warmup_epochs": (0.0, INF, True, False, "epochs (fractions ok)"),
+    "warmup_momentum": FRACTION_BELOW_1,
+    "warmup_bias_lr": (0.0, INF, True, False, "a learning rate"),
+    "box": GAIN,
+    "cls": GAIN,
+    "obj": GAIN,
+    "dfl": GAIN,
+    "cls_pw": (0.0, INF, False, False, "a BCE positive weight"),
+    "obj_pw": (0.0, INF, False, False, "a BCE positive weight"),
+    "iou_t": (0.0, 1.0, True, True, "an IoU"),
+    # a target matches an anchor when max(wh / anchor, anchor / wh) < anchor_t, a ratio of at least 1
+    "anchor_t": (1.0, INF, False, False, "a size ratio; at most 1 matches no anchor"),
+    "fl_gamma": (0.0, INF, True, False, "a focal loss exponent (0: plain BCE)"),
+    "hsv_h": (0.0, 1.0, True, True, "a gain fraction"),
+    "hsv_s": (0.0, 1.0, True, True, "a gain fraction"),
+    "hsv_v": (0.0, 1.0, True, True, "a gain fraction"),
+    "degrees": (0.0, 180.0, True, True, "a rotation in +/- degrees"),
+    "translate": (0.0, 1.0, True, True, "a translation in +/- image fractions"),
+    "scale": (0.0, 1.0, True, False, "a scale gain 1 +/- scale, which must stay above 0"),
+    "shear": (0.0, 90.0, True, False, "a shear in +/- degrees"),
+    "perspective": (0.0, 0.001, True, True, "a perspective fraction (YOLOv5's range)"),
+    **dict.fromkeys(PROBABILITY_KEYS, PROBABILITY),
+    "ema_decay": (0.0, 1.0, False, False, "a decay"),
+    "ema_tau": (0.0, INF, False, False, "optimizer steps"),
+    "ema_half_life": (0.0, INF, False, False, "a number of images"),
+    "ema_ramp": (0.0, INF, False, False, "a share of the images seen"),
+    "close_mosaic": (0.0, INF, True, False, "a number of epochs"),
+    "auto_lr0": (0.0, INF, False, False, "AdamW's learning rate"),
+    "auto_momentum": (0.0, 1.0, True, False, "AdamW's beta1"),
+    "graft_a": (0.0, 1.0, False, True, "the share kept stays within 0.5 +- graft_a / 2"),
+    "graft_c": (0.0, INF, False, False, "an entropy gain"),
+    "graft_bins": (2.0, INF, True, False, "a number of histogram bins"),
+}
 
 
 def head_family(anchor_free: bool) -> str:
@@ -122,21 +167,20 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
                     f"hyperparameter file {source}: {key} must be one of {', '.join(CHOICE_KEYS[key])}, got {value!r}"
                 )
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise UserError(f"hyperparameter file {source}: {key} must be a non-negative number, got {value!r}")
-        if key in PROBABILITY_KEYS and value > 1:
-            raise UserError(f"hyperparameter file {source}: {key} is a probability, got {value}")
-    if hyp["close_mosaic"] != int(hyp["close_mosaic"]):
-        raise UserError(f"hyperparameter file {source}: close_mosaic is a number of epochs, got {hyp['close_mosaic']}")
-    if not 0 < hyp["ema_decay"] < 1 or hyp["ema_tau"] <= 0:
-        raise UserError(f"hyperparameter file {source}: ema_decay must be in (0, 1) and ema_tau > 0")
-    if not 0 < hyp["graft_a"] <= 1 or hyp["graft_c"] <= 0:
-        raise UserError(
-            f"hyperparameter file {source}: graft_a must be in (0, 1] (the share kept stays within 0.5 +- graft_a / 2) "
-            "and graft_c above 0"
-        )
-    if hyp["graft_bins"] < 2 or hyp["graft_bins"] != int(hyp["graft_bins"]):
-        raise UserError(f"hyperparameter file {source}: graft_bins is a number of histogram bins, at least 2")
-    if hyp["ema_half_life"] <= 0:
-        raise UserError(f"hyperparameter file {source}: ema_half_life is a number of images, above 0")
+        check_hyp_value(key, value, source)
     return {k: v if k in CHOICE_KEYS else int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}
+
+
+def check_hyp_value(key: str, value: object, source: str) -> None:
+    """UserError unless `value` is a finite number in RANGES[key] (a whole one for INTEGER_KEYS): a NaN
+    would pass any comparison and end the run an epoch later."""
+    low, high, low_in, high_in, meaning = RANGES[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UserError(f"hyperparameter file {source}: {key} must be a finite number ({meaning}), got {value!r}")
+    if key in INTEGER_KEYS and value != int(value):
+        raise UserError(f"hyperparameter file {source}: {key} is a whole number ({meaning}), got {value}")
+    if not in_interval(value, low, high, low_in, high_in):
+        raise UserError(
+            f"hyperparameter file {source}: {key} must be in {interval(low, high, low_in, high_in)} ({meaning}), "
+            f"got {value:g}"
+        )

@@ -40,21 +40,34 @@ def check_image_size(
     if img_size < stride:
         raise UserError(f"--imgsz {img_size} is smaller than the model's stride {stride}: use at least {stride}")
     given, img_size = img_size, round_image_size(img_size, stride)
-    if batch_size is None:
-        return img_size
-    largest_output = largest_output_per_pixel(model, probe_size=2 * stride)
-    needed = (3 + largest_output) * img_size**2 * batch_size * 4  # the float input: 3 per pixel
+    if batch_size is not None:
+        check_batch_fits(model, (img_size, img_size), batch_size, device, processes, option=f"--imgsz {given}")
+    return img_size
+
+
+def check_batch_fits(
+    model: nn.Module,
+    size_hw: tuple[int, int],
+    batch_size: int,
+    device: torch.device | None,
+    processes: int = 1,
+    option: str = "--imgsz",
+) -> None:
+    """Refuse an inference batch of (height, width) images that cannot fit in the memory of `device`
+    (shared by `processes` alike), by a lower bound: the input and the largest layer output, fp32.
+    `option` names the value in the message."""
+    largest_output = largest_output_per_pixel(model, probe_size=2 * int(model.stride.max()))
+    needed = (3 + largest_output) * size_hw[0] * size_hw[1] * batch_size * 4  # the float input: 3 per pixel
     available = available_memory_bytes(device)
     available = available // processes if available is not None else None
     if available is not None and needed > available:
         raise UserError(
-            f"--imgsz {given} needs at least {needed / 2**30:,.0f} GiB for one batch of {batch_size} (input and "
+            f"{option} needs at least {needed / 2**30:,.0f} GiB for one batch of {batch_size} (input and "
             f"largest layer output, fp32), but {available / 2**30:,.1f} GiB are available on {device}"
             + (f" to each of its {processes} processes" if processes > 1 else "")
             + ": use a smaller --imgsz"
             + (" or --batch-size" if batch_size > 1 else "")
         )
-    return img_size
 
 
 @torch.no_grad()

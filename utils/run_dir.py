@@ -92,12 +92,23 @@ def newest_last_checkpoint(search_dir: Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
+def resumable_file(path: Path) -> Path:
+    """--resume PATH: the file, or for a run folder (or its weights/ folder) the last.pt in it."""
+    if not path.is_dir():
+        return path
+    for candidate in (path / "weights" / "last.pt", path / "last.pt"):
+        if candidate.is_file():
+            LOGGER.info(f"--resume {path} is a folder: resuming its {candidate.relative_to(path)}")
+            return candidate
+    raise UserError(f"--resume {path} is a folder without weights/last.pt: give a run folder or the checkpoint's path")
+
+
 def checkpoint_to_resume(resume: str | bool, project: Path, world: World) -> Path:
     """--resume's checkpoint: the path given, or for a bare --resume the newest last.pt under
     --project as global rank 0 finds it (it writes the checkpoints; the other machines' disks may
     hold none, or older ones). Every rank must be able to read it."""
     if not isinstance(resume, bool):
-        return Path(resume)
+        return resumable_file(Path(resume))
     path = world.decided_by_main(lambda: newest_last_checkpoint(project))
     readable = world.gathered(path.is_file())
     lacking = [rank for rank, found in enumerate(readable) if not found]

@@ -403,10 +403,17 @@ def transfer_matching_weights(
 ) -> tuple[int, int]:
     """Load the checkpoint's EMA weights (else its model weights; `weights`='model': the model
     weights) wherever name and shape match. Returns (tensors transferred, tensors in the model)."""
+    matched = matching_weights(model, checkpoint, exclude, weights)
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(model.state_dict())
+
+
+def matching_weights(
+    model: torch.nn.Module, checkpoint: dict, exclude: tuple[str, ...] = (), weights: str = "ema"
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (as transfer_matching_weights picks them) whose name and shape the model has."""
     source = (checkpoint.get("model") if weights == "model" else checkpoint.get("ema") or checkpoint.get("model")) or {}
     own = model.state_dict()
-    matched = {
+    return {
         k: v for k, v in source.items() if k in own and own[k].shape == v.shape and not any(x in k for x in exclude)
     }
-    model.load_state_dict(matched, strict=False)
-    return len(matched), len(own)

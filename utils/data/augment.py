@@ -25,7 +25,7 @@ def letterbox(
     ratio = min(shape_hw[0] / h, shape_hw[1] / w)
     if not scaleup:
         ratio = min(ratio, 1.0)  # only shrink: upscaling does not help validation mAP
-    new_w, new_h = round(w * ratio), round(h * ratio)
+    new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))  # a 1xN image keeps its one pixel row
     pad_w, pad_h = shape_hw[1] - new_w, shape_hw[0] - new_h
     if auto:
         pad_w, pad_h = pad_w % stride, pad_h % stride

@@ -19,6 +19,7 @@ from utils.errors import UserError
 from utils.export.graph import INPUT_NAME, OUTPUT_NAME, DecodedOutput
 from utils.export.metadata import add_onnx_metadata
 
+ONNX_MIN_OPSET, ONNX_MAX_OPSET = 7, 23  # what torch.onnx writes (torch.onnx._constants, torch 2.x)
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest native opset; onnxruntime has run it since 1.14
 
 

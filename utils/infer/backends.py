@@ -104,6 +104,7 @@ class LoadedWeights:
     batch_per_process: int
     single_cls: bool
     hyp: dict | None
+    data: str | None = None  # the dataset YAML the run trained on, as its opt.yaml gives it (a checkpoint's)
 
     def precision(self, device: torch.device, requested: str | None, *, batch_size: int, img_size: int) -> Precision:
         """The autocast to run with: --amp `requested` where given, else as the run trained
@@ -171,6 +172,7 @@ def load_weights(
         batch_per_process(checkpoint),
         bool(training_option(checkpoint, "single_cls", False)),
         checkpoint.get("hyp") or None,
+        training_option(checkpoint, "data"),
     )
 
 

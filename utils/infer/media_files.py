@@ -34,25 +34,38 @@ def media_files(entry: str, where: str) -> list[Path]:
     """The images and videos `entry` names, sorted: a file, a folder (its files, not its subfolders)
     or a glob pattern (** recurses). `where` prefixes the error: "--source x" or a list file's line."""
     path = Path(entry)
-    if has_glob_pattern(entry):
-        files = [Path(p) for p in glob.glob(entry, recursive=True)]
-    elif path.is_dir():
-        files = list(path.iterdir())
-    elif path.is_file():
-        if not (is_image(path) or is_video(path)):
+    try:
+        if has_glob_pattern(entry):
+            files = [Path(p) for p in glob.glob(entry, recursive=True)]
+        elif path.is_dir():
+            files = list(path.iterdir())
+        elif path.is_file():
+            if not (is_image(path) or is_video(path)):
+                raise UserError(
+                    f"{where} is neither an image ({' '.join(IMAGE_SUFFIXES)}) nor a video ({' '.join(VIDEO_SUFFIXES)})"
+                )
+            return [path]
+        else:
             raise UserError(
-                f"{where} is neither an image ({' '.join(IMAGE_SUFFIXES)}) nor a video ({' '.join(VIDEO_SUFFIXES)})"
+                f"{where} does not exist (expected an image, a video, a folder, a glob pattern, "
+                "a webcam index, a stream URL or a .streams file)"
             )
-        return [path]
-    else:
-        raise UserError(
-            f"{where} does not exist (expected an image, a video, a folder, a glob pattern, "
-            "a webcam index, a stream URL or a .streams file)"
-        )
-    found = sorted(p for p in files if (is_image(p) or is_video(p)) and p.is_file())
+        found = sorted(p for p in files if (is_image(p) or is_video(p)) and p.is_file())
+    except OSError as error:  # a folder without read or search permission, a dead network mount
+        raise UserError(f"{where}: cannot list it ({error.strerror or error})") from None
     if not found:
         raise UserError(f"{where}: no images or videos in it ({' '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})")
     return found
+
+
+def read_folders(entry: str) -> list[Path]:
+    """The folders `entry` reads whole: a folder it names, or the folder a glob pattern searches up to its
+    first pattern character when the pattern reaches into subfolders (a/**/*.jpg, a/*/b.jpg: a)."""
+    if not has_glob_pattern(entry):
+        return [Path(entry)] if Path(entry).is_dir() else []
+    parts = Path(entry).parts
+    first = next(i for i, part in enumerate(parts) if has_glob_pattern(part))
+    return [Path(*parts[:first]) if first else Path(".")] if first < len(parts) - 1 else []
 
 
 def _collision_key(name: Path) -> str:
@@ -88,6 +101,14 @@ def file_output_names(files: list[Path]) -> list[Path]:
     names = [p.relative_to(root) for p in absolute]
     outputs = [n.with_suffix(OUTPUT_VIDEO_SUFFIX) if is_video(n) else n for n in names]
     return unique_names(outputs, [output != name for output, name in zip(outputs, names)])
+
+
+def batch_output_names(paths: list[str | None]) -> list[Path]:
+    """The names the results of one batch are saved as, none shared: a file's as detect.py names it
+    (file_output_names), an array's or PIL image's image0.jpg, image1.jpg, ... by its place in the batch."""
+    file_names = iter(file_output_names([Path(p) for p in paths if p is not None]) if any(paths) else [])
+    names = [Path(f"image{i}.jpg") if p is None else next(file_names) for i, p in enumerate(paths)]
+    return unique_names(names, [p is None for p in paths])
 
 
 def stream_output_name(entry: str) -> Path:

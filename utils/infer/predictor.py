@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from utils.boxes import letterbox_to_original
 from utils.data.augment import PAD_VALUE, letterbox
-from utils.data.decode import read_image_rgb
+from utils.data.decode import pil_to_rgb, pixels_to_rgb, read_image_rgb
 from utils.device import autocast, parameter_dtype, select_device, to_model_input
 from utils.errors import UserError
 from utils.eval.nms import default_iou_threshold, non_max_suppression
 from utils.infer.backends import ExportedModel, inference_image_size, load_weights
 from utils.infer.capture import URL_PREFIXES
+from utils.infer.media_files import batch_output_names
 from utils.infer.results import Results
 from utils.precision import describe
 
@@ -32,10 +33,11 @@ class Detector:
         results = detector(["a.jpg", rgb_array, pil_image])    # one Results per image
         results[0].boxes_xyxy, results[0].scores, results[0].classes, results[0].save("out/")
 
-    Numpy arrays are (H, W, 3) uint8 RGB (a grayscale (H, W) or RGBA array is converted; OpenCV's
-    BGR images need `[..., ::-1]`). Each image is letterboxed to `imgsz` (its longer side; padded
-    to the stride, or to the fixed shape of a static export) and the boxes come back in its own
-    pixels after NMS.
+    Arrays and PIL images are decoded by the rule a file follows (utils/data/decode.py): numpy arrays
+    are (H, W) or (H, W, 1) grey, (H, W, 3) RGB or (H, W, 4) RGBA, uint8, uint16, bool or float
+    (0-1 or 0-255); OpenCV's BGR images need `[..., ::-1]`. PIL images may be in any mode. Each image
+    is letterboxed to `imgsz` (its longer side; padded to the stride, or to the fixed shape of a static
+    export) and the boxes come back in its own pixels after NMS.
     """
 
     def __init__(
@@ -110,12 +112,13 @@ class Detector:
             objectness=not self.model.anchor_free,
         )
         results = []
-        for rgb, (_, scale_xy, pad_xy), det, path in zip(
-            images_rgb, boxed, detections, paths or [None] * len(images_rgb)
+        paths = paths or [None] * len(images_rgb)
+        for rgb, (_, scale_xy, pad_xy), det, path, name in zip(
+            images_rgb, boxed, detections, paths, batch_output_names(paths)
         ):
             det = det.float().cpu()
             det[:, :4] = letterbox_to_original(det[:, :4], rgb.shape[:2], scale_xy, pad_xy)
-            results.append(Results(rgb, det.numpy(), self.names, path))
+            results.append(Results(rgb, det.numpy(), self.names, path, name))
         return results
 
     def _letterbox(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
@@ -134,13 +137,7 @@ def as_rgb(image: ImageInput) -> tuple[np.ndarray, str | None]:
             raise UserError(f"{image}: not a readable image" if Path(image).is_file() else f"{image} does not exist")
         return rgb, str(image)
     if isinstance(image, Image.Image):
-        return np.ascontiguousarray(ImageOps.exif_transpose(image).convert("RGB")), None
+        return pil_to_rgb(image), None
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"numpy images must be uint8 (0-255), got {image.dtype}")
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise TypeError(f"numpy images must be (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) gray; got {image.shape}")
-        return np.ascontiguousarray(image[..., :3]), None
+        return pixels_to_rgb(image), None
     raise TypeError(f"expected a file path, a numpy array or a PIL image, got {type(image).__name__}")

@@ -10,6 +10,7 @@ import numpy as np
 
 from utils.boxes import xyxy_to_xywhn
 from utils.eval.plots import class_colour, draw_box
+from utils.output_paths import check_holds_no_inputs, check_writable_folder
 
 
 @dataclass
@@ -17,12 +18,14 @@ class Results:
     """Detections on one image, in its original pixels.
 
     detections: (n, 6) float32 x1, y1, x2, y2, score, class; image_rgb: (H, W, 3) uint8 RGB;
-    path: the file it came from (None for an array or a video frame)."""
+    path: the file it came from (None for an array or a video frame); output_name: the name save() gives
+    it, unique in its batch (media_files.batch_output_names, detect.py's rule)."""
 
     image_rgb: np.ndarray
     detections: np.ndarray
     names: list[str]
     path: str | None = None
+    output_name: Path | None = None
 
     def __len__(self) -> int:
         return len(self.detections)
@@ -64,11 +67,19 @@ class Results:
         return canvas
 
     def save(self, folder: str | Path, name: str | None = None, **plot_options) -> Path:
-        """Write the annotated image into `folder` (made if missing) as `name` (default: the source
-        file's name, else image.jpg) and return its path. plot_options: those of plot()."""
-        path = Path(folder) / (name or (Path(self.path).name if self.path else "image.jpg"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(path), self.plot(**plot_options)):
+        """Write the annotated image into `folder` (made if missing) as `name` (default: output_name, else
+        the source file's name, else image0.jpg) and return its path; a folder that holds the source
+        image, or cannot be written, is a UserError. plot_options: those of plot()."""
+        default = self.output_name or (Path(self.path).name if self.path else "image0.jpg")
+        path = Path(folder) / (name or default)
+        check_holds_no_inputs(folder, f"Results.save: {folder}", [self.path] if self.path else [])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written = cv2.imwrite(str(path), self.plot(**plot_options))
+        except OSError:
+            written = False
+        if not written:
+            check_writable_folder(path.parent, f"Results.save: {path.parent}")
             raise OSError(f"could not write {path} (is its suffix an image format OpenCV writes?)")
         return path
 

@@ -26,6 +26,7 @@ from utils.infer.media_files import (
     is_image,
     is_video,
     media_files,
+    read_folders,
     stream_output_name,
     unique_names,
 )
@@ -52,11 +53,14 @@ class Frame:
 
 class FrameSource:
     """The frames of one --source, in order; made by open_source. An iterator (read it once); close(),
-    or leaving a `with` block, releases every capture and stops the stream threads."""
+    or leaving a `with` block, releases every capture and stops the stream threads. files: the files it
+    reads; folders: those it reads whole (what no output may be written over or into)."""
 
     def __init__(self, frames: Iterator[Frame], release: Callable[[], None]) -> None:
         self._frames = frames
         self._release = release
+        self.files: list[Path] = []
+        self.folders: list[Path] = []
 
     def __iter__(self) -> FrameSource:
         return self
@@ -100,9 +104,13 @@ def open_source(source: str, vid_stride: int = 1, timeout_s: float = DEFAULT_TIM
         paths = [e for _, e in entries]
         lines = [f"{where}, line {n}: {redact_url(e) if is_url(e) else e}" for n, e in entries]
         if path.suffix.lower() == STREAMS_SUFFIX or any(e.isdigit() or is_url(e) for e in paths):
-            return _open_streams(paths, lines, vid_stride, timeout_s)
+            opened_streams = _open_streams(paths, lines, vid_stride, timeout_s)
+            opened_streams.files = [path] + [Path(e) for e in paths if Path(e).is_file()]
+            return opened_streams
         files = [f for entry, line in zip(paths, lines) for f in media_files(entry, line)]
-        return _open_files(files, vid_stride, {})
+        listed = _open_files(files, vid_stride, {})
+        listed.files, listed.folders = [path, *files], [f for entry in paths for f in read_folders(entry)]
+        return listed
     files = media_files(source, where)
     opened: dict[Path, cv2.VideoCapture] = {}
     if files == [path] and is_video(path):  # the one video the user named: fail now if it cannot be read
@@ -110,7 +118,9 @@ def open_source(source: str, vid_stride: int = 1, timeout_s: float = DEFAULT_TIM
         if capture is None:
             raise UserError(f"{where}: cannot read the video (damaged, or a codec this OpenCV build lacks)")
         opened[path] = capture
-    return _open_files(files, vid_stride, opened)
+    frame_source = _open_files(files, vid_stride, opened)
+    frame_source.files, frame_source.folders = files, read_folders(source)
+    return frame_source
 
 
 def _list_entries(list_file: Path, where: str) -> list[tuple[int, str]]:

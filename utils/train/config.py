@@ -18,6 +18,7 @@ from utils.data.labels import list_image_files
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
+from utils.option_checks import check_range
 from utils.precision import DTYPES, Precision
 from utils.train.averaging import RECALIBRATION_IMAGES
 from utils.train.ema import tracked_names
@@ -30,6 +31,7 @@ SINGLE_CLASS_NAME = "item"
 # default would change what the run does: the value that gives its behaviour from before.
 BEFORE_THEY_EXISTED = {"bn_images": 0}  # SWA / SWAP recomputed BatchNorm on all of the train split
 AUTO_BATCH = -1  # --batch-size -1: measured and chosen (utils/train/autobatch.py), then recorded as a number
+AUTOBATCH_FRACTION = 0.6  # --autobatch-fraction's default
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,23 @@ def check_options(opt: TrainOptions, world: World) -> None:
         raise UserError(f"--swa-epochs {opt.swa_epochs} must be between 0 and --epochs {opt.epochs}")
     if opt.bn_images < 0:
         raise UserError(f"--bn-images {opt.bn_images}: a number of images, or 0 for all of the train split")
+    check_range(
+        "--label-smoothing",
+        opt.label_smoothing,
+        0,
+        1,
+        high_in=False,
+        meaning="the share of a target spread over both classes: at 1 every target is 0.5, above it they invert",
+    )
+    check_range("--save-interval", opt.save_interval, 0, meaning="minutes between mid-epoch last.pt writes; 0: off")
+    check_range("--seed", opt.seed, 0, 2**32 - world.size, meaning="NumPy's seeds, plus the rank with --graft")
+    if opt.trust_pickle and not opt.weights:
+        LOGGER.warning("WARNING: --trust-pickle only acts on a --weights file; ignored")
+    if opt.autobatch_fraction != AUTOBATCH_FRACTION and opt.batch_size != AUTO_BATCH:
+        LOGGER.warning(
+            f"WARNING: --autobatch-fraction {opt.autobatch_fraction:g} only acts with --batch-size -1 (AutoBatch); "
+            "ignored"
+        )
     if opt.raw and not opt.weights:
         raise UserError("--raw picks the raw weights of the --weights checkpoint; give --weights too")
     if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:

@@ -200,11 +200,14 @@ def check_average_name(name: str) -> str:
     match = re.fullmatch(rf"{POWER_PREFIX}([0-9.]+(?:e-?[0-9]+)?)", name)
     try:
         width = float(match.group(1)) if match else None
-        if width is not None:
+    except ValueError:
+        width = None
+    if width is not None:
+        try:
             power_exponent(width)
-            return power_name(width)
-    except (ValueError, UserError):
-        pass
+        except UserError as error:  # a power EMA, of a width none has
+            raise UserError(f"average '{name}': {error}") from None
+        return power_name(width)
     raise UserError(
         f"unknown average '{name}': the averages a run can track are {EMA_STEPS} (YOLOv5's step ramp), "
         f"{EMA_IMAGES} (half-life in images) and power-S (a power-function EMA of relative width S, e.g. power-0.05)"

@@ -54,20 +54,36 @@ class PosthocRun:
             return cls(run_dir, load_checkpoint(last_path, mmap=True), snapshots, latest.updates, latest.epoch)
         updates = next((s.updates for s in snapshots if s.epoch == at_epoch), None)
         if updates is None:
-            updates = updates_at_epoch(run_dir / "results.csv", at_epoch)
+            updates = updates_at_epoch(run_dir / "results.csv", at_epoch, {s.epoch for s in snapshots})
         return cls(run_dir, load_checkpoint(last_path, mmap=True), snapshots, updates, at_epoch)
 
 
-def updates_at_epoch(csv_path: Path, epoch: int) -> int:
-    """The EMA's update count (the optimizer steps taken) at the end of `epoch`, from results.csv."""
+def updates_at_epoch(csv_path: Path, epoch: int, snapshot_epochs: set[int] = frozenset()) -> int:
+    """The EMA's update count (the optimizer steps taken) at the end of `epoch`, from results.csv;
+    UserError listing the epochs there are (those of results.csv and of the snapshots)."""
     rows = []
     if csv_path.is_file():
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
     updates = next((int(float(r["ema/updates"])) for r in rows if int(r["epoch"]) == epoch), None)
     if updates is None:
-        raise UserError(f"epoch {epoch}: {csv_path} has no row for it")
+        epochs = sorted({int(r["epoch"]) for r in rows} | set(snapshot_epochs))
+        raise UserError(
+            f"--at-epoch {epoch}: no snapshot of that epoch, and {csv_path} has no row for it; the run has "
+            f"epochs {epoch_ranges(epochs)}"
+        )
     return updates
+
+
+def epoch_ranges(epochs: list[int]) -> str:
+    """Sorted epochs as '0-4, 7, 9-12' ('none' when empty)."""
+    spans: list[list[int]] = []
+    for e in epochs:
+        if spans and e == spans[-1][1] + 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans) or "none"
 
 
 def reconstructed_checkpoint(run: PosthocRun, sigma_rel: float) -> dict:

@@ -12,8 +12,15 @@ from pathlib import Path
 import yaml
 
 from models.yolo import DetectionModel, build_model
-from utils.checkpoint.format import describe_kind, load_checkpoint, training_state, transfer_matching_weights
+from utils.checkpoint.format import (
+    describe_kind,
+    load_checkpoint,
+    matching_weights,
+    training_state,
+    transfer_matching_weights,
+)
 from utils.data.config import DatasetConfig, load_dataset_config
+from utils.data.file_record import record_data_files
 from utils.data.labels import write_data_report
 from utils.data.loader import build_train_dataset, build_val_loader, validation_batch_size
 from utils.device import select_device
@@ -22,6 +29,7 @@ from utils.errors import UserError
 from utils.hyp import default_hyp_path, load_hyp
 from utils.image_size import check_image_size
 from utils.log import LOGGER
+from utils.output_paths import check_run_dir, check_writable_folder
 from utils.precision import log_choice
 from utils.run_dir import RunDirLock, checkpoint_to_resume, next_run_dir, run_dir_of
 from utils.train.autoanchor import autoanchor
@@ -49,7 +57,7 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     """The run train.py's command line asks for, ready to train (under torchrun: in every
     process, each of which finds the same options, data and checkpoint); None when a resumed
     run has already finished. `defaults`: the command line's default values."""
-    resumed = state = home = group_device = None
+    resumed = state = home = group_device = resumed_path = None
     if args.resume:
         if not isinstance(args.resume, str) and world.distributed:  # rank 0 picks the checkpoint: join the group
             group_device = select_device(args.device)
@@ -69,7 +77,7 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     opt = options_for_run(args, defaults, resumed, placement_from_command_line=home is None)
     position = LoopState.from_state_dict(state["loop"]) if state is not None else LoopState()
     if resumed is not None and (resumed.get("finished") or position.epoch >= opt.epochs):
-        LOGGER.info(f"{args.resume} is from a finished run ({position.epoch} epochs); nothing to resume")
+        LOGGER.info(f"{resumed_path} is from a finished run ({position.epoch} epochs); nothing to resume")
         return None
     check_options(opt, world)
     if resumed is None and opt.graft_hyp and opt.hyp:  # (a resumed run's opt.hyp is the default's path)
@@ -88,6 +96,7 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     seed_everything(seed)
     with local_main_first(world):  # the embedded dataset is generated once per machine
         data = load_dataset_config(opt.data)
+    world.decided_by_main(lambda: check_run_folder(opt, data, home, resumed_path))
     model = model_for_run(opt, data, resumed)
     if resumed is not None:  # processes training separately: ranks 1.. read their own state and hyp (--graft-hyp)
         alone = training_alone(opt.swap_epoch, opt.graft, position.epoch, world)
@@ -97,6 +106,8 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         opt = replace(opt, hyp=opt.hyp or default_hyp_path(model.anchor_free))
     if model.anchor_free and opt.label_smoothing:
         raise UserError("--label-smoothing applies to YOLOv5's anchor-based loss; the anchor-free loss has none")
+    if model.anchor_free and opt.noautoanchor:
+        LOGGER.warning("WARNING: --noautoanchor only acts on anchor-based models; this one has no anchors: ignored")
     if model.needs_anchor_fit and opt.noautoanchor:
         raise UserError(
             f"the model YAML gives `anchors: {model.yaml['anchors']}`, a count: the anchors must be fitted to the "
@@ -168,11 +179,22 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
     run_dir = lock = None
     if world.is_main:  # only rank 0 writes in the run folder
         run_dir, lock = open_run_dir(config, home, position)
-        write_data_report(
-            run_dir / "data_report.txt", [("train", train_dataset.scan), ("val", val_loader.dataset.scan)]
-        )
+        scans = [("train", train_dataset.scan), ("val", val_loader.dataset.scan)]
+        write_data_report(run_dir / "data_report.txt", scans)
+        record_data_files(run_dir, scans, resumed=home is not None)
     run_dir = world.from_main(run_dir)
     return TrainingRun(config, model, train_dataset, val_loader, run_dir, world, device, run_dir_lock=lock, state=state)
+
+
+def check_run_folder(opt: TrainOptions, data: DatasetConfig, home: Path | None, resumed: Path | None) -> None:
+    """Before any work, on rank 0 (which writes): a resumed run's own folder can be written; a new run's
+    --project/--name can be made and written in, and holds and lies in none of the run's inputs."""
+    if home is not None:
+        for folder in (home, home / "weights"):  # results.csv and plots; the checkpoints
+            check_writable_folder(folder, f"the run folder {home} (--resume continues in it)")
+        return
+    files = [p for p in (opt.weights, opt.cfg, opt.hyp, *opt.graft_hyp, resumed, data.source) if p]
+    check_run_dir(opt.project, opt.name, opt.exist_ok, files, [*data.train, *data.val, *data.test])
 
 
 def load_process_hyp(opt: TrainOptions, world: World, anchor_free: bool) -> dict:
@@ -243,6 +265,7 @@ def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | Non
                 "optimizer and an EMA starting from them"
             )
             trained_nc = initial["model_yaml"].get("nc")
+            warn_partial_transfer(opt, model, initial, weights, classes_differ=trained_nc not in (None, nc))
             if trained_nc is not None and trained_nc != nc:
                 restarted = (
                     "the class branch's layers sized by the class count start afresh; the box branch and DFL "
@@ -260,6 +283,26 @@ def model_for_run(opt: TrainOptions, data: DatasetConfig, checkpoint: dict | Non
         )
     freeze_layers(model, frozen)
     return model
+
+
+def warn_partial_transfer(
+    opt: TrainOptions, model: DetectionModel, initial: dict, weights: str, classes_differ: bool
+) -> None:
+    """Warn when --weights leaves tensors untransferred that a class count change does not explain
+    (those of the Detect head): a --cfg of another architecture or scale starts mostly from scratch."""
+    matched = matching_weights(model, initial, exclude=("anchors",) if opt.cfg else (), weights=weights)
+    head = f"model.{len(model.model) - 1}."
+    own = model.state_dict()
+    unexplained = [
+        k for k in own if k not in matched and "anchors" not in k and not (classes_differ and k.startswith(head))
+    ]
+    if unexplained:
+        architecture = f"--cfg {opt.cfg}" if opt.cfg else "the model"
+        LOGGER.warning(
+            f"WARNING: only {len(matched)}/{len(own)} tensors ({len(matched) / len(own):.0%}) came from {opt.weights}; "
+            f"{len(unexplained)} of {architecture} differ in name or shape and start from scratch (first: "
+            f"{', '.join(unexplained[:3])}). Is it the architecture and scale {opt.weights} was trained as?"
+        )
 
 
 def freeze_layers(model: DetectionModel, layers: list[int]) -> None:

@@ -431,10 +431,12 @@ class TrainingRun:
     def stop_if_diverging(self) -> None:
         """Stop after --max-bad-steps skipped steps in a row (the last good checkpoint is kept)."""
         if self.loop.bad_streak >= self.config.opt.max_bad_steps:
+            report = self.run_dir / "data_report.txt" if self.run_dir is not None else None
+            data = f"the data (see {report})" if report is not None and report.is_file() else "the labels"
             raise TrainingStopped(
                 f"{self.loop.bad_streak} optimizer steps in a row had a non-finite loss or gradient, so training "
                 f"stopped; no such value reached the weights or a checkpoint. Last good checkpoint: "
-                f"{self._last_checkpoint_name()}. Try a lower lr0, --amp off, or check the data (see data_report.txt)"
+                f"{self._last_checkpoint_name()}. Try a lower lr0, --amp off, or check {data}"
             )
 
     def stop_signal(self, signals: StopSignals) -> int | None:

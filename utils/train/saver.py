@@ -36,16 +36,25 @@ class CheckpointWriter:
         _check_finite(checkpoint)
         data = serialise(checkpoint)  # once, however many files get it
         targets = ([self.best_path] if best else []) + ([self.weights_dir / copy_name] if copy_name else [])
+        written: list[Path] = []
         for path in targets + [self.last_path]:
             try:
                 atomic_write(path, data)
+                written.append(path)
             except OSError as error:
-                kept = (
-                    f"the previous {self.last_path} is intact; free space or fix permissions, then continue "
-                    f"with: python train.py --resume {self.last_path}"
-                    if self.last_path.exists()
-                    else "no checkpoint of this run exists yet"
-                )
+                if self.last_path.exists():
+                    kept = (
+                        f"the previous {self.last_path} is intact; free space or fix permissions, then continue "
+                        f"with: python train.py --resume {self.last_path}"
+                    )
+                elif written:  # best.pt / epochN.pt of this epoch are whole training checkpoints
+                    kept = (
+                        f"{' and '.join(map(str, written))} of this epoch {'were' if len(written) > 1 else 'was'} "
+                        f"written whole; free space or fix permissions, then continue with: python train.py "
+                        f"--resume {written[0]}"
+                    )
+                else:
+                    kept = "no checkpoint of this run exists yet"
                 raise TrainingStopped(
                     f"could not write {path} ({error.strerror or error}); training stopped: {kept}"
                 ) from None

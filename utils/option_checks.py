@@ -1,0 +1,65 @@
+"""Range checks shared by the scripts' options and the hyp file: a value must be finite and inside
+its interval, else one UserError that names the option, the value and the interval."""
+
+from __future__ import annotations
+
+import math
+
+from utils.errors import UserError
+from utils.log import LOGGER
+
+
+def interval(low: float, high: float = math.inf, low_in: bool = True, high_in: bool = True) -> str:
+    """[low, high], (low, high), ... as written in the messages; an infinite end is open."""
+    left = "[" if low_in and math.isfinite(low) else "("
+    right = "]" if high_in and math.isfinite(high) else ")"
+    return f"{left}{low:g}, {high:g}{right}"
+
+
+def in_interval(value: float, low: float, high: float = math.inf, low_in: bool = True, high_in: bool = True) -> bool:
+    """Whether `value` is finite and inside the interval (a NaN is inside none)."""
+    if not math.isfinite(value):
+        return False
+    return (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+
+
+def check_range(
+    option: str,
+    value: float | None,
+    low: float,
+    high: float = math.inf,
+    low_in: bool = True,
+    high_in: bool = True,
+    meaning: str = "",
+) -> None:
+    """UserError '--option VALUE: must be in [low, high] (meaning)' unless `value` (None: not given,
+    nothing to check) is finite and inside the interval."""
+    if value is None or in_interval(value, low, high, low_in, high_in):
+        return
+    why = f" ({meaning})" if meaning else ""
+    raise UserError(f"{option} {value:g}: must be in {interval(low, high, low_in, high_in)}{why}")
+
+
+def warn_no_effect(given: dict[str, bool], reason: str) -> None:
+    """One warning naming the options given (those whose value is True) that `reason` makes act on nothing."""
+    names = [name for name, was_given in given.items() if was_given]
+    if names:
+        LOGGER.warning(f"WARNING: {' '.join(names)} {'has' if len(names) == 1 else 'have'} no effect: {reason}")
+
+
+def check_detection_options(conf_thres: float, iou_thres: float | None, max_det: int, imgsz: int | None) -> None:
+    """val.py's and detect.py's shared options: thresholds in [0, 1], at least one detection, a positive size."""
+    check_range("--conf-thres", conf_thres, 0, 1, meaning="a confidence")
+    check_range("--iou-thres", iou_thres, 0, 1, meaning="an IoU")
+    check_range("--max-det", max_det, 1, meaning="detections kept per image; 0 would keep none")
+    check_range("--imgsz", imgsz, 1, meaning="pixels")
+
+
+def check_class_ids(classes: list[int] | None, names: list[str]) -> None:
+    """--classes: ids the model detects (0 .. nc - 1), else UserError listing them."""
+    unknown = [c for c in classes or () if not 0 <= c < len(names)]
+    if unknown:
+        listed = ", ".join(f"{i} {name}" for i, name in enumerate(names[:20])) + (", ..." if len(names) > 20 else "")
+        raise UserError(
+            f"--classes {' '.join(map(str, unknown))}: the model detects classes 0 to {len(names) - 1} ({listed})"
+        )
