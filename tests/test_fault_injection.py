@@ -94,7 +94,9 @@ def small_dataset(tmp_path_factory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("data"), num_train=48, num_val=8, seed=4)
 
 
-@pytest.mark.parametrize("cfg", ["yolov5n.yaml", "yolo11n.yaml", "yolov5nu.yaml"])
+# The anchor-based head and the anchor-free one (YOLOv5u, with Lookahead); YOLO11's blocks add no state
+# of their own to a checkpoint, and test_stop_signals.py stops yolov5n at random moments as well.
+@pytest.mark.parametrize("cfg", ["yolov5n.yaml", "yolov5nu.yaml"])
 def test_killed_at_random_moments_and_resumed_equals_uninterrupted(small_dataset, tmp_path, cfg):
     reference = subprocess.run(
         train_command(small_dataset, tmp_path, "straight", cfg),

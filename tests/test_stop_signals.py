@@ -55,10 +55,10 @@ def signal_on_call(monkeypatch, name: str, call: int, signum: int) -> None:
 
 
 # 16 images in micro-batches of 4: 4 per epoch; to_model_input runs once per micro-batch, evaluate once per epoch.
+# The two moments a random signal rarely hits; the random test below lands inside epochs.
 @pytest.mark.parametrize(
     ("moment", "name", "call", "signum", "stopped_at"),
     [
-        ("inside an epoch's second micro-batch", "to_model_input", 2, signal.SIGTERM, None),
         ("inside an epoch's last micro-batch", "to_model_input", 4, signal.SIGUSR1, (0, 4)),
         ("while validating", "evaluate", 1, signal.SIGTERM, (1, 0)),
     ],
@@ -73,10 +73,7 @@ def test_a_stop_signal_writes_last_pt_there_and_resume_equals_straight(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     last = tmp_path / "exp" / "weights" / "last.pt"
     position = load_checkpoint(last)["loop"]
-    if stopped_at is None:  # the step under way finished: the window's last micro-batch, still in epoch 0
-        assert position["epoch"] == 0 and 2 <= position["batch"] < 4 and position["window"] == 0
-    else:
-        assert (position["epoch"], position["batch"]) == stopped_at
+    assert (position["epoch"], position["batch"]) == stopped_at and position["window"] == 0
     name = signal.Signals(signum).name
     assert f"{name} received: finishing this optimizer step, then writing last.pt" in log
     assert f"{name}: training stopped at epoch {position['epoch']}" in log
