@@ -243,6 +243,8 @@ def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
 def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs, tiny_dataset, tmp_path, ddp_cfg):
     """torchrun and its workers ended after the first checkpoint, written mid-epoch (a checkpoint
     at every step), then torchrun --resume: each rank continues at its place."""
+    if ddp_cfg == "yolov5n.yaml":
+        pytest.skip("test_stop_signals.py stops yolov5n under torchrun at random moments and resumes it bit for bit")
     ddp_dir = ddp_and_single_runs[0]
     command = torchrun(
         "--data",

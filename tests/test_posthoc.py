@@ -129,8 +129,8 @@ def test_sweep_writes_the_best_and_val_reproduces_its_row(posthoc_run, tiny_data
 
 
 @pytest.mark.slow
-def test_posthoc_refusals(posthoc_run, tiny_dataset, tmp_path):
-    plain = train(tmp_path, tiny_dataset)
+def test_posthoc_refusals(posthoc_run, tiny_run, tiny_dataset, tmp_path):
+    plain = tiny_run  # a run without snapshots
     cases = [
         (("--posthoc", str(plain), "--sigma-rel", "0.1"), "no post-hoc EMA snapshots"),
         (("--posthoc", str(tmp_path / "nowhere"), "--sigma-rel", "0.1"), "not a run folder"),

@@ -144,7 +144,7 @@ def command(launcher: str, data: Path, project: Path, name: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+@pytest.mark.parametrize("launcher", ["torchrun"])  # one process: test_fault_injection.py, among SIGKILLs
 def test_sigterm_at_random_moments_then_resume_equals_an_uninterrupted_run(small_dataset, tmp_path, launcher):
     straight = Run(command(launcher, small_dataset, tmp_path, "straight"), group=False)
     assert straight.process.wait(timeout=600) == 0, straight.output
@@ -152,7 +152,7 @@ def test_sigterm_at_random_moments_then_resume_equals_an_uninterrupted_run(small
 
     rng, last = random.Random(3), tmp_path / "killed" / "weights" / "last.pt"
     run, stops = Run(command(launcher, small_dataset, tmp_path, "killed"), group=launcher == "python"), []
-    for _ in range(3):
+    for _ in range(2):
         run.wait_for_training()
         time.sleep(rng.uniform(0.0, 2.0))
         status = run.stop()
