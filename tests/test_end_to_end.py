@@ -185,7 +185,7 @@ def test_resuming_a_finished_run_says_so(trained_run):
 def test_kill_and_resume_equals_uninterrupted(trained_run, tiny_dataset, tmp_path, cfg):
     """SIGKILL after the first epoch's checkpoint, then --resume: same EMA, updates and results as straight through."""
     if cfg == "yolov5n.yaml":
-        pytest.skip("test_stop_signals.py stops yolov5n before and after an epoch's validation and resumes it bit for bit")
+        pytest.skip("test_stop_signals.py stops yolov5n around an epoch's validation and resumes it bit for bit")
     command = [
         sys.executable,
         str(REPO_ROOT / "train.py"),
