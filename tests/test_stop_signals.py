@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -84,28 +83,26 @@ def test_a_stop_signal_writes_last_pt_there_and_resume_equals_straight(
     assert_same_training(load(last), straight_run)
 
 
-# Random moments, as a cluster sends them: to a process and its DataLoader workers (Slurm signals
-# every process of a job), or to torchrun, which passes it on to its workers.
+# Random moments under torchrun, which passes SIGTERM on to its workers (one process, its workers
+# signalled too, as Slurm signals every process of a job: test_fault_injection.py, among SIGKILLs).
 
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
-    """48 train / 8 val images: 12 micro-batches of 4 an epoch."""
+    """48 train / 8 val images: 6 micro-batches of 8 (4 per process) an epoch."""
     return make_shapes_dataset(tmp_path_factory.mktemp("data"), num_train=48, num_val=8, seed=4)
 
 
 class Run:
-    """A train.py process whose output is read as it comes, to signal it once it trains."""
+    """A torchrun launch of train.py whose output is read as it comes, to signal it once it trains."""
 
-    def __init__(self, command: list[str], group: bool):
-        self.group = group
+    def __init__(self, *args: str):
         self.process = subprocess.Popen(
-            command,
+            torchrun(*args),
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            start_new_session=True,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
         )
         self.lines: list[str] = []
@@ -118,13 +115,14 @@ class Run:
             assert time.time() < deadline, "training did not start"
             time.sleep(0.05)
 
-    def stop(self) -> int:
+    def stop(self) -> None:
+        """SIGTERM to torchrun's agent, which passes it on; returns once all have ended."""
         if self.process.poll() is None:
-            if self.group:
-                os.killpg(self.process.pid, signal.SIGTERM)  # the process and its DataLoader workers
-            else:
-                self.process.send_signal(signal.SIGTERM)  # torchrun's agent
-        status = self.process.wait(timeout=300)
+            self.process.send_signal(signal.SIGTERM)
+        self.wait()
+
+    def wait(self) -> int:
+        status = self.process.wait(timeout=600)
         self.reader.join(timeout=10)
         return status
 
@@ -133,45 +131,34 @@ class Run:
         return "".join(self.lines)
 
 
-def command(launcher: str, data: Path, project: Path, name: str) -> list[str]:
-    args = [
+def new_run(data: Path, project: Path, name: str) -> tuple[str, ...]:
+    return (
         *("--data", str(data), "--epochs", "3", "--imgsz", "64", "--workers", "1", "--deterministic", "--no-plots"),
-        *("--project", str(project), "--name", name, "--exist-ok"),
-    ]
-    if launcher == "torchrun":
-        return torchrun(*args, "--batch-size", "8")
-    return [sys.executable, str(REPO_ROOT / "train.py"), *args, "--batch-size", "4"]
+        *("--batch-size", "8", "--project", str(project), "--name", name, "--exist-ok"),
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun"])  # one process: test_fault_injection.py, among SIGKILLs
-def test_sigterm_at_random_moments_then_resume_equals_an_uninterrupted_run(small_dataset, tmp_path, launcher):
-    straight = Run(command(launcher, small_dataset, tmp_path, "straight"), group=False)
-    assert straight.process.wait(timeout=600) == 0, straight.output
-    straight.reader.join(timeout=10)
+def test_sigterm_at_random_moments_under_torchrun_then_resume_equals_an_uninterrupted_run(small_dataset, tmp_path):
+    straight = Run(*new_run(small_dataset, tmp_path, "straight"))
+    assert straight.wait() == 0, straight.output
 
     rng, last = random.Random(3), tmp_path / "killed" / "weights" / "last.pt"
-    run, stops = Run(command(launcher, small_dataset, tmp_path, "killed"), group=launcher == "python"), []
+    run, stops = Run(*new_run(small_dataset, tmp_path, "killed")), []
     for _ in range(2):
         run.wait_for_training()
         time.sleep(rng.uniform(0.0, 2.0))
-        status = run.stop()
-        stopped = "training stopped at epoch" in run.output
-        if launcher == "python" and stopped:
-            assert status == 128 + signal.SIGTERM, run.output
+        run.stop()
         if not last.exists():  # stopped before the first step: nothing to resume
-            run = Run(command(launcher, small_dataset, tmp_path, "killed"), group=launcher == "python")
+            run = Run(*new_run(small_dataset, tmp_path, "killed"))
             continue
         position = load_checkpoint(last)["loop"]
+        stopped = "training stopped at epoch" in run.output
         stops.append((position["epoch"], position["batch"], stopped))
         if stopped:
             assert f"SIGTERM: training stopped at epoch {position['epoch']}" in run.output
-        resume = ["--resume", str(last)]
-        run = Run(
-            torchrun(*resume) if launcher == "torchrun" else [sys.executable, str(REPO_ROOT / "train.py"), *resume],
-            group=launcher == "python",
-        )
-    assert run.process.wait(timeout=600) == 0, run.output
+        run = Run("--resume", str(last))
+    assert run.wait() == 0, run.output
     print(f"stopped at (epoch, batch, by the signal): {stops}")
     assert any(by_signal for *_, by_signal in stops), f"no signal landed while training: {stops}"
     assert_same_training(load(last), load(tmp_path / "straight" / "weights" / "last.pt"))

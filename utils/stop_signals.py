@@ -11,6 +11,7 @@ first, however it exits."""
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import signal
 import threading
@@ -65,17 +66,12 @@ def ignore_stop_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-_ending_workers = False
-
-
+@functools.cache  # registered once
 def end_workers_at_exit() -> None:
     """Have this process end its daemonic child processes (DataLoader workers) with SIGKILL when it
     exits, before multiprocessing's own exit handler ends them with SIGTERM, which they ignore, and
-    waits for them. Registered once; atexit runs the handlers registered last first."""
-    global _ending_workers
-    if not _ending_workers:
-        atexit.register(_kill_daemonic_children)
-        _ending_workers = True
+    waits for them (atexit runs the handlers registered last first)."""
+    atexit.register(_kill_daemonic_children)
 
 
 def _kill_daemonic_children() -> None:

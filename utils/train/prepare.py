@@ -45,6 +45,7 @@ from utils.train.config import (
     weights_dtype,
 )
 from utils.train.loop_state import LoopState
+from utils.train.plan import log_plan
 from utils.train.precision import recorded_precision, training_precision
 from utils.train.rng import seed_everything, use_deterministic_algorithms
 from utils.train.run import TrainingRun
@@ -183,7 +184,10 @@ def prepare_run(args: argparse.Namespace, defaults: dict, world: World) -> Train
         write_data_report(run_dir / "data_report.txt", scans)
         record_data_files(run_dir, scans, resumed=home is not None)
     run_dir = world.from_main(run_dir)
-    return TrainingRun(config, model, train_dataset, val_loader, run_dir, world, device, run_dir_lock=lock, state=state)
+    run = TrainingRun(config, model, train_dataset, val_loader, run_dir, world, device, run_dir_lock=lock, state=state)
+    if world.is_main:
+        log_plan(run, train_dataset, new_run=state is None)
+    return run
 
 
 def check_run_folder(opt: TrainOptions, data: DatasetConfig, home: Path | None, resumed: Path | None) -> None:

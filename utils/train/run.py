@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -25,9 +24,8 @@ from utils.data.loader import build_train_loader, val_shard_loader
 from utils.dist import World
 from utils.errors import TrainingStopped, UserError
 from utils.eval.evaluate import EvalResult, results_table
-from utils.eval.plots import plot_image_batch, plot_labels
+from utils.eval.plots import plot_image_batch
 from utils.log import LOGGER, interactive
-from utils.precision import describe
 from utils.run_dir import RunDirLock
 from utils.stop_signals import Preempted, StopSignals, signal_name
 from utils.train.config import RunConfig, run_precision
@@ -35,8 +33,6 @@ from utils.train.criterion import build_criterion
 from utils.train.ema import (
     EMA_IMAGES,
     EMA_STEPS,
-    TENSORFLOW_WARMUP,
-    ImageEMA,
     UniformAverage,
     WeightAverage,
     build_average,
@@ -45,7 +41,7 @@ from utils.train.ema import (
 from utils.train.grafting import graft_from_next_process
 from utils.train.lookahead import Lookahead
 from utils.train.loop_state import LoopState
-from utils.train.optim import DECAY_GROUP, TrainSchedule, build_optimizer, optimizer_steps
+from utils.train.optim import DECAY_GROUP, TrainSchedule, build_optimizer
 from utils.train.posthoc import SNAPSHOT_FOLDER, SnapshotWriter
 from utils.train.results import RunLogger, results_row
 from utils.train.rng import restore_rng_state, rng_state
@@ -189,82 +185,6 @@ class TrainingRun:
         self._finite_window: torch.Tensor | None = None  # on the device: every loss of this window was finite
         self.logger = RunLogger(run_dir, self.loop.epoch) if world.is_main else None
         self.saver = CheckpointWriter(run_dir / "weights", opt.save_interval) if world.is_main else None
-        if world.is_main:
-            self.log_plan(train_dataset, new_run=state is None)
-
-    def log_plan(self, train_dataset: DetectionDataset, new_run: bool) -> None:
-        """Say what the run will do (and draw its labels once): EMA horizon, precision, batches."""
-        opt, loop = self.config.opt, self.loop
-        if self.plots and new_run:
-            plot_labels(np.concatenate(train_dataset.labels), list(self.config.names), self.run_dir / "labels.jpg")
-        planned_steps = optimizer_steps(opt.epochs - loop.epoch, self.batches_per_epoch, opt.batch_size)
-        if opt.no_ema:
-            weights = "Lookahead's slow weights" if opt.lookahead and opt.lookahead_ema == "slow" else "the raw weights"
-            LOGGER.info(f"--no-ema: no weight averaging; {weights} are validated and saved as 'ema' too")
-        elif isinstance(self.ema, ImageEMA):
-            images_per_epoch = len(train_dataset)
-            final = self.ema.images + (opt.epochs - loop.epoch) * images_per_epoch
-            half_life = min(self.ema.half_life, self.ema.ramp * final)
-            LOGGER.info(
-                f"EMA: half-life {self.ema.half_life:g} images, at most {self.ema.ramp:g} of the images seen; "
-                f"about {final} images by the end, where the half-life is {half_life:.0f} images "
-                f"({half_life / images_per_epoch:.2g} epochs)"
-            )
-        else:
-            ema = self.ema
-            final_decay = ema.decay_after(ema.updates + planned_steps)
-            ramp = (
-                "with TensorFlow's warmup min(decay, (1 + n) / (10 + n))"
-                if ema.warmup == TENSORFLOW_WARMUP
-                else f"ramped over tau={ema.tau:g} updates"
-            )
-            LOGGER.info(
-                f"EMA: decay {ema.decay} {ramp}; about {planned_steps} more "
-                f"optimizer steps are planned, ending near d={final_decay:.3g}"
-                + (
-                    " (the average stays close to the raw weights; --ema images averages over a share of "
-                    "the images seen instead: see the README's 'Choosing the averaging')"
-                    if final_decay < 0.5
-                    else ""
-                )
-            )
-        if opt.graft:
-            LOGGER.info(
-                f"Filter grafting: {self.world.size} processes each train a network of their own on all of the train "
-                f"split (seed "
-                f"{opt.seed} + rank{', hyp files ' + ' '.join(opt.graft_hyp) if opt.graft_hyp else ''}); after each "
-                "epoch each grafts the next one's into its own. Rank 0's network is validated and saved"
-            )
-        if opt.swap_epoch:
-            LOGGER.info(
-                f"SWAP: the {self.world.size} processes train as one until epoch {opt.swap_epoch}, then each alone; "
-                "their average is written to weights/swap.pt at the end"
-            )
-        if opt.lookahead:
-            k, alpha = opt.lookahead
-            LOGGER.info(
-                f"Lookahead: every {k} optimizer steps the slow weights move {alpha:g} of the way to the fast "
-                f"ones, which restart from them; the EMA averages the {opt.lookahead_ema} weights"
-            )
-        if opt.noval and opt.patience:
-            LOGGER.info(
-                "--noval: only the last epoch is validated, so best.pt is written then and --patience "
-                "(early stopping) has nothing to compare"
-            )
-        ranks = (
-            f" in each of {self.world.size} processes"
-            if opt.graft
-            else f" over {self.world.size} processes ({self.config.batch_per_process} each"
-            f"{', SyncBatchNorm' if opt.sync_bn else ''})"
-            if self.world.distributed
-            else ""
-        )
-        LOGGER.info(
-            f"{describe(self.config.precision, self.weights_dtype)} on {self.device}; batch "
-            f"{opt.batch_size}{ranks} x {self.schedule.full_accumulate} accumulated, {self.batches_per_epoch} "
-            f"batches per epoch, {len(self.val_loader.dataset)} val images\n"
-            f"Logging to {self.run_dir}; training for {opt.epochs} epochs..."
-        )
 
     # What a checkpoint keeps
 
