@@ -66,6 +66,7 @@ from utils.train.posthoc_sweep import (
     BN_MODES,
     SWEEP_WIDTHS,
     PosthocRun,
+    posthoc_run_dir,
     prepared_model,
     reconstructed_checkpoint,
     sweep,
@@ -290,8 +291,7 @@ def check_out(opt: argparse.Namespace) -> None:
             raise UserError(f"--out {opt.out} is one of the --weights: write the average to a new file")
         check_output_file(out, f"--out {opt.out}")
         return
-    run_dir = Path(opt.posthoc).parent.parent if Path(opt.posthoc).is_file() else Path(opt.posthoc)
-    weights = run_dir / "weights"
+    weights = posthoc_run_dir(opt.posthoc) / "weights"
     check_output_file(out, f"--out {opt.out}", files=[weights / "last.pt"], trees=[weights / SNAPSHOT_FOLDER])
 
 

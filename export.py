@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         f"input {shape}{tuple(example.shape)} {'fp16' if opt.half else 'fp32'}"
     )
 
-    Path(opt.out_dir or ".").mkdir(parents=True, exist_ok=True)
+    if opt.out_dir:
+        Path(opt.out_dir).mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         path, started = export_path(Path(opt.weights), fmt, opt.raw, opt.out_dir), time.perf_counter()
         if fmt == "onnx":

@@ -1,6 +1,6 @@
 """Mistakes after training get a clear answer: averaging checkpoints of different classes is refused
 (unless --names-from says whose names to ship), and the messages of resume, val.py, model names,
-average names, --at-epoch, a full disk and diverging training say what is true and what to do."""
+--at-epoch, a full disk and diverging training say what is true and what to do."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import val
 from models.yolo import build_model
 from utils.errors import TrainingStopped, UserError
 from utils.train import saver as saver_module
-from utils.train.ema import check_average_name
 from utils.train.posthoc_sweep import updates_at_epoch
 from utils.train.run import TrainingRun
 from utils.train.saver import CheckpointWriter
@@ -139,13 +138,6 @@ def test_an_unknown_model_name_lists_the_shipped_models_and_scales():
     message = str(error.value)
     assert "no model YAML yolov9s.yaml: give a path, or one of the shipped models:" in message
     assert "yolov5s.yaml" in message and "yolov8{n,s,m,l,x}.yaml" in message and "yolov5{n,s,m,l,x}u.yaml" in message
-
-
-def test_a_power_average_of_a_width_out_of_range_says_so():
-    with pytest.raises(UserError) as error:
-        check_average_name("power-0.5")
-    assert "unknown" not in str(error.value)
-    assert "average 'power-0.5': a power EMA's relative width must be in (0, 0.2887), got 0.5" in str(error.value)
 
 
 def test_a_missing_at_epoch_lists_the_epochs_there_are(tmp_path):

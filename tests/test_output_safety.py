@@ -94,7 +94,7 @@ def detector(tiny_run) -> Detector:
     return Detector(tiny_run / "weights" / "best.pt", conf_thres=0.0, max_det=1)
 
 
-def detect_args(tiny_run: Path, source: Path, project: Path, *extra: str) -> list[str]:
+def detect_args(tiny_run: Path, source: Path, project: Path) -> list[str]:
     return ["--weights", str(tiny_run / "weights" / "best.pt"), "--source", str(source), "--project", str(project)]
 
 

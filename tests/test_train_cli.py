@@ -40,6 +40,10 @@ from utils.train.results import results_row
         (["--cfg", "yolo11n.yaml", "--label-smoothing", "0.1"], "the anchor-free loss has none"),
         (["--cfg", "yolo11n.yaml", "--hyp", "scratch-low.yaml"], "missing dfl, which the anchor-free head's loss"),
         (["--cfg", "yolo11n.yaml", "--freeze", "24"], "would freeze the Detect head (layer 23)"),
+        (["--label-smoothing", "1.5"], "--label-smoothing 1.5: must be in [0, 1)"),
+        (["--label-smoothing", "nan"], "--label-smoothing nan: must be in [0, 1)"),
+        (["--save-interval", "nan"], "--save-interval nan: must be in [0, inf)"),
+        (["--seed", "-1"], "--seed -1: must be in [0, "),
     ],
 )
 def test_bad_options_leave_no_run_folder(tiny_dataset, tmp_path, extra, message):

@@ -77,15 +77,15 @@ PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur",
 INF = math.inf
 # Every numeric key's range: (low, high, low included, high included, what the value is).
 PROBABILITY = (0.0, 1.0, True, True, "a probability")
-FRACTION_BELOW_1 = (0.0, 1.0, True, False, "a momentum")
+MOMENTUM = (0.0, 1.0, True, False, "a momentum")
 GAIN = (0.0, INF, True, False, "a loss gain")
 RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "lr0": (0.0, INF, False, False, "the initial learning rate"),
     "lrf": (0.0, 1.0, True, True, "the final learning rate as a fraction of lr0"),
-    "momentum": FRACTION_BELOW_1,
+    "momentum": MOMENTUM,
     "weight_decay": (0.0, 1.0, True, False, "a weight decay"),
     "warmup_epochs": (0.0, INF, True, False, "epochs (fractions ok)"),
-    "warmup_momentum": FRACTION_BELOW_1,
+    "warmup_momentum": MOMENTUM,
     "warmup_bias_lr": (0.0, INF, True, False, "a learning rate"),
     "box": GAIN,
     "cls": GAIN,

@@ -40,7 +40,8 @@ def check_holds_no_inputs(
     holds or lies in one of `trees` (folders it reads whole: a second run would read this one's outputs)."""
     out = Path(folder).resolve()
     for path in files:
-        if out == Path(path).resolve() or out in Path(path).resolve().parents:
+        resolved = Path(path).resolve()
+        if out == resolved or out in resolved.parents:
             raise UserError(
                 f"{what} holds the input {path}: its results would be written over or beside the inputs; "
                 "write them elsewhere"
@@ -52,14 +53,6 @@ def check_holds_no_inputs(
                 f"{what} lies in or holds {tree}, which is read as an input: a later run would read these "
                 "results as inputs; write them elsewhere"
             )
-
-
-def check_output_folder(
-    folder: str | Path, what: str, files: Iterable[str | Path] = (), trees: Iterable[str | Path] = ()
-) -> None:
-    """Both checks on an output folder, before any work."""
-    check_writable_folder(folder, what)
-    check_holds_no_inputs(folder, what, files, trees)
 
 
 def check_run_dir(
@@ -74,7 +67,8 @@ def check_run_dir(
     then only `project` must be writable and `trees` apply."""
     folder = Path(project) / name
     if exist_ok:
-        check_output_folder(folder, f"--project/--name {folder}", files, trees)
+        check_writable_folder(folder, f"--project/--name {folder}")
+        check_holds_no_inputs(folder, f"--project/--name {folder}", files, trees)
     else:
         check_writable_folder(project, f"--project {project}")
         check_holds_no_inputs(folder, f"--project/--name {folder}", (), trees)

@@ -205,8 +205,8 @@ def check_options(opt: TrainOptions, world: World) -> None:
         )
     if opt.raw and not opt.weights:
         raise UserError("--raw picks the raw weights of the --weights checkpoint; give --weights too")
-    if opt.workers < 0 or opt.patience < 0 or opt.save_interval < 0 or opt.max_bad_steps < 1:
-        raise UserError("--workers, --patience and --save-interval must not be negative, --max-bad-steps at least 1")
+    if opt.workers < 0 or opt.patience < 0 or opt.max_bad_steps < 1:
+        raise UserError("--workers and --patience must not be negative, --max-bad-steps at least 1")
     if any(f < 0 for f in opt.freeze):
         raise UserError("--freeze takes layer counts or indices, which are not negative")
     if opt.sync_bn and not world.distributed:

@@ -42,9 +42,7 @@ class PosthocRun:
     def open(cls, path: str | Path, at_epoch: int | None = None) -> PosthocRun:
         """The run of folder `path` (or of its weights/last.pt), at its last snapshot or at the end
         of `at_epoch` (from a snapshot of that epoch, else the run's results.csv 'ema/updates')."""
-        run_dir = Path(path)
-        if run_dir.is_file():
-            run_dir = run_dir.parent.parent
+        run_dir = posthoc_run_dir(path)
         last_path = run_dir / "weights" / "last.pt"
         if not last_path.is_file():
             raise UserError(f"{path} is not a run folder: it has no weights/last.pt")
@@ -56,6 +54,12 @@ class PosthocRun:
         if updates is None:
             updates = updates_at_epoch(run_dir / "results.csv", at_epoch, {s.epoch for s in snapshots})
         return cls(run_dir, load_checkpoint(last_path, mmap=True), snapshots, updates, at_epoch)
+
+
+def posthoc_run_dir(path: str | Path) -> Path:
+    """The run folder --posthoc names: the folder given, or the run of the weights/last.pt given."""
+    path = Path(path)
+    return path.parent.parent if path.is_file() else path
 
 
 def updates_at_epoch(csv_path: Path, epoch: int, snapshot_epochs: set[int] = frozenset()) -> int:
