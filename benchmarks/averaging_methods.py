@@ -40,6 +40,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.train_options import add_training_arguments, training_options  # noqa: E402
 from utils.checkpoint.format import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
@@ -92,12 +93,6 @@ def command(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.N
         "--device",
         args.device,
     ]
-
-
-def training_options(args: argparse.Namespace) -> list[str]:
-    """train.py's --imgsz, --batch-size and --workers where given (else train.py's defaults)."""
-    given = {"--imgsz": args.imgsz, "--batch-size": args.batch_size, "--workers": args.workers}
-    return [item for option, value in given.items() if value is not None for item in (option, str(value))]
 
 
 def train(method: str, run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> float:
@@ -202,9 +197,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", default="data/shapes.yaml")
-    parser.add_argument("--imgsz", type=int, default=None, help="train.py --imgsz (default: train.py's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="train.py --batch-size (default: train.py's)")
-    parser.add_argument("--workers", type=int, default=None, help="train.py --workers (default: train.py's)")
+    add_training_arguments(parser)
     parser.add_argument("--project", default="runs/averaging_methods")
     parser.add_argument("--device", default="cpu", help="device of every run (a 2-process run needs 2 GPUs)")
     parser.add_argument("--timing-epochs", type=int, default=3, help="length of each method's timing run")

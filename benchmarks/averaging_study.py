@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.state_dicts import relative_difference  # noqa: E402
+from benchmarks.train_options import add_training_arguments, training_options  # noqa: E402
 from utils.checkpoint.format import averaged_checkpoint, load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
@@ -104,12 +105,6 @@ def train(run_dir: Path, epochs: int, seed: int, args: argparse.Namespace) -> No
         result = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
         sys.exit(f"training {run_dir.name} failed: see {run_dir.parent / f'{run_dir.name}.log'}")
-
-
-def training_options(args: argparse.Namespace) -> list[str]:
-    """train.py's --imgsz, --batch-size and --workers where given (else train.py's defaults)."""
-    given = {"--imgsz": args.imgsz, "--batch-size": args.batch_size, "--workers": args.workers}
-    return [item for option, value in given.items() if value is not None for item in (option, str(value))]
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -261,9 +256,7 @@ def main() -> None:
     parser.add_argument("--swa-epochs", type=int, default=10)
     parser.add_argument("--widths", type=float, nargs="+", default=list(SWEEP_WIDTHS), help="post-hoc sweep")
     parser.add_argument("--data", default="data/shapes.yaml")
-    parser.add_argument("--imgsz", type=int, default=None, help="train.py --imgsz (default: train.py's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="train.py --batch-size (default: train.py's)")
-    parser.add_argument("--workers", type=int, default=None, help="train.py --workers (default: train.py's)")
+    add_training_arguments(parser)
     parser.add_argument("--project", default="runs/averaging_study")
     parser.add_argument("--plot", default=None, help="where to write the plot (default: PROJECT/averaging_study.png)")
     args = parser.parse_args()

@@ -38,6 +38,14 @@ class FakeClock:
         return dict(self.ms)
 
 
+@pytest.fixture(autouse=True)
+def verdict_cache(monkeypatch, tmp_path):
+    """A cache folder of the test's own: a verdict another test cached would answer in place of its faked clock."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def bf16_cpu(monkeypatch):
     """A CPU with bfloat16 kernels, whatever this one has."""
@@ -73,7 +81,7 @@ def test_bf16_must_win_clearly_fp32_being_the_more_exact(bf16_cpu, monkeypatch):
     assert choose_precision("auto", CPU, timing()).amp == "off"
 
 
-def test_a_verdict_is_cached_per_cpu_model_batch_and_size(bf16_cpu, monkeypatch, precision_cache):
+def test_a_verdict_is_cached_per_cpu_model_batch_and_size(bf16_cpu, monkeypatch, verdict_cache):
     clock = fake_clock(monkeypatch, fp32=538.0, bf16=412.0)
     first = choose_precision("auto", CPU, timing(batch=8, img_size=96))
     again = choose_precision("auto", CPU, timing(batch=8, img_size=96))
@@ -84,7 +92,7 @@ def test_a_verdict_is_cached_per_cpu_model_batch_and_size(bf16_cpu, monkeypatch,
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another share of the machine
     choose_precision("auto", CPU, timing(batch=8, img_size=96))
     assert clock.calls == 4
-    verdicts = json.loads((precision_cache / "precision.json").read_text())["verdicts"]
+    verdicts = json.loads((verdict_cache / "precision.json").read_text())["verdicts"]
     assert {v["key"]["batch"] for v in verdicts.values()} >= {4, 8}
 
 
@@ -184,7 +192,6 @@ def test_train_chooses_logs_and_records_and_val_and_detect_follow(
     trains in the faster, says why, records it in opt.yaml and its checkpoints, and val.py and
     detect.py use it by default."""
     clock = fake_clock(monkeypatch, fp32=fp32, bf16=bf16)
-    monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))  # no verdict from another test
     assert train.main(tiny_train_args(tiny_dataset, tmp_path, "--epochs", "1")) == 0
     log = capsys.readouterr().out
     described = {"off": "fp32", "bf16": "bfloat16 autocast"}[amp]
