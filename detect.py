@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from utils.errors import UserError, run_cli
+from utils.infer.media_files import numbered
 from utils.infer.predictor import Detector
 from utils.infer.sources import Frame, open_source
 from utils.infer.video_writer import VideoWriter
@@ -40,10 +41,7 @@ def label_name(frame: Frame) -> Path:
 def unused_name(path: Path, used: set[Path]) -> Path:
     """`path`, or path_2, path_3, ... when this run already wrote it (an image clip_3.jpg beside frame 3
     of clip.mp4), recorded in `used`."""
-    candidate, n = path, 1
-    while candidate in used:
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    candidate = numbered(path, used.__contains__)
     used.add(candidate)
     return candidate
 
@@ -126,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         conf_thres=opt.conf_thres,
         iou_thres=opt.iou_thres,
         max_det=opt.max_det,
-        classes=opt.classes,
         agnostic_nms=opt.agnostic_nms,
         raw=opt.raw,
         amp=opt.amp,
         trust_pickle=opt.trust_pickle,
     )
-    check_class_ids(opt.classes, detector.names)
+    check_class_ids(opt.classes, detector.names)  # named as the command line names them, then set
+    detector.classes = opt.classes
     plot_options = {"line_width": opt.line_thickness, "hide_labels": opt.hide_labels, "hide_conf": opt.hide_conf}
     num_frames = num_detections = 0
     label_files: set[Path] = set()

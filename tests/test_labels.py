@@ -182,14 +182,15 @@ def test_user_files_are_never_modified(planted):
     root = planted.parent.parent
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     scan_labels(list_image_files([planted])[0], 3, cache_path_for(list_image_files([planted])[0]))
-    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".cache"}
-    assert after == before
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before  # nothing changed, nothing added: the cache lies in the cache folder
 
 
-def test_cache_is_reused_and_invalidated(planted, monkeypatch):
+def test_cache_is_reused_and_invalidated(planted, monkeypatch, tmp_path):
+    monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))
     files = list_image_files([planted])[0]
     cache = cache_path_for(files)
-    assert cache == planted.parent.parent / "labels" / "train.cache"
+    assert cache.parent == tmp_path / "cache" / "labels" and cache.name.startswith("labels-train-")
     first = scan_labels(files, 3, cache)
     assert cache.exists()
 
@@ -207,10 +208,18 @@ def test_cache_is_reused_and_invalidated(planted, monkeypatch):
     assert len(changed.labels[changed.image_files.index(planted / "good0.jpg")]) == 3
 
 
-def test_unwritable_cache_location_still_scans(planted, caplog):
+def test_each_label_folder_has_its_own_cache(tmp_path, monkeypatch):
+    """Two datasets with the same split names (or one dataset copied) never share a cache."""
+    monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))
+    first, second = (cache_path_for([tmp_path / name / "images" / "train" / "a.jpg"]) for name in ("one", "two"))
+    assert first != second and first.parent == second.parent == tmp_path / "cache" / "labels"
+
+
+def test_unwritable_cache_location_still_scans(planted, caplog, tmp_path):
     caplog.set_level("INFO")
     files = list_image_files([planted])[0]
-    cache = planted.parent.parent / "labels" / "no_such_dir" / "train.cache"
+    (tmp_path / "a_file").write_text("")
+    cache = tmp_path / "a_file" / "labels" / "train.cache"  # its folder cannot be made
     scan = scan_labels(files, 3, cache)
     assert scan.num_found == 8 and not cache.exists()
     assert "label cache not written" in caplog.text

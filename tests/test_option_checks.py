@@ -130,6 +130,38 @@ def test_detect_refuses_classes_the_model_lacks(tiny_run, one_image, tmp_path):
         detect.main([*argv, "--project", str(tmp_path / "runs"), "--classes", "0", "7"])
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"conf_thres": 1.5}, "conf_thres 1.5: must be in [0, 1] (a confidence)"),
+        ({"conf_thres": math.nan}, "conf_thres nan: must be in [0, 1]"),
+        ({"conf_thres": "0.5"}, "conf_thres '0.5': must be a number in [0, 1]"),
+        ({"iou_thres": -0.1}, "iou_thres -0.1: must be in [0, 1] (an IoU)"),
+        ({"max_det": 0}, "max_det 0: must be in [1, inf)"),
+        ({"imgsz": 0}, "imgsz 0: must be in [1, inf) (pixels)"),
+        ({"classes": [0, 7]}, "classes 7: the model detects classes 0 to 5 (0 circle, 1 triangle"),
+        ({"classes": -1}, "classes -1: the model detects classes 0 to 5"),
+    ],
+)
+def test_the_python_api_checks_its_options_as_detect_py_does(tiny_run, options, message):
+    """Detector(...) and torch.hub's custom(...) refuse what detect.py refuses, named as the API names it."""
+    import hubconf
+    from utils.infer.predictor import Detector
+
+    for make in (Detector, hubconf.custom):
+        with pytest.raises(UserError) as error:
+            make(str(tiny_run / "weights" / "best.pt"), **options)
+        assert message in str(error.value)
+
+
+def test_the_python_api_takes_one_class_as_an_int(tiny_run, one_image):
+    from utils.infer.predictor import Detector
+
+    detector = Detector(tiny_run / "weights" / "best.pt", classes=2, conf_thres=0.0)
+    (result,) = detector(next(one_image.iterdir()))
+    assert detector.classes == [2] and set(result.classes.tolist()) <= {2}
+
+
 def test_detect_warns_about_options_without_effect(tiny_run, one_image, tmp_path, capsys):
     argv = ["--weights", str(tiny_run / "weights" / "best.pt"), "--source", str(one_image)]
     detect.main([*argv, "--project", str(tmp_path / "runs"), "--save-conf", "--nosave", "--hide-conf"])

@@ -190,6 +190,20 @@ def test_results_save_keeps_same_named_files_from_different_folders_apart(detect
     assert not np.array_equal(cv2.imread(str(saved[0])), cv2.imread(str(saved[1])))
 
 
+def test_results_save_never_replaces_a_file_by_a_default_name(detector, images, tmp_path):
+    """Two calls of one script save arrays (both image0.jpg by their place in the batch) into one folder
+    that already holds a file of the user's by that name: every image is kept, the user's file too."""
+    rgb = [cv2.imread(str(p))[..., ::-1].copy() for p in sorted(images.glob("*.jpg"))]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "image0.jpg").write_bytes(b"the user's own")
+    saved = [detector(image)[0].save(out) for image in rgb]
+    assert [p.name for p in saved] == ["image0_2.jpg", "image0_3.jpg"]
+    assert (out / "image0.jpg").read_bytes() == b"the user's own"
+    assert [cv2.imread(str(p)).shape for p in saved] == [image.shape for image in rgb]
+    assert detector(rgb[0])[0].save(out, "image0.jpg") == out / "image0.jpg"  # a name given is the name used
+
+
 # 6. Output locations that cannot be written: one clear error before any work.
 
 
@@ -276,3 +290,47 @@ def test_a_failed_write_reports_its_own_error_not_its_clean_ups(tmp_path, monkey
         if mounted.returncode == 0:
             subprocess.run(["umount", str(folder)], check=True)
     assert raised.value.errno == errno.EROFS and raised.value.__context__ is None  # the write's own error
+
+
+# The rule as a whole: every command, on a world of the user's files it runs in.
+
+
+def changed_paths(before: dict[str, bytes], after: dict[str, bytes]) -> set[str]:
+    return {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+
+
+def test_no_command_writes_outside_its_run_folder_or_the_files_it_names(tiny_dataset, tiny_run, tmp_path, monkeypatch):
+    """train, val (with --save-json), detect, export (beside the weights and with --out-dir) and
+    average, run in a folder of the user's dataset, weights and images, each with its cwd and $HOME
+    there: every file added or changed lies in the command's run folder or is a file it names (an
+    export beside --weights, YOLOv5's rule; average's --out), or in the project's cache folder."""
+    world = tmp_path / "world"
+    shutil.copytree(Path(yaml.safe_load(tiny_dataset.read_text())["path"]), world / "dataset")
+    (world / "data.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load(tiny_dataset.read_text()), "path": str(world / "dataset")})
+    )
+    (world / "weights").mkdir()
+    for name in ("best.pt", "epoch0.pt", "epoch1.pt"):
+        shutil.copy(tiny_run / "weights" / name, world / "weights")
+    shutil.copytree(world / "dataset" / "images" / "val", world / "images")
+    monkeypatch.chdir(world)
+    monkeypatch.setenv("HOME", str(world / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(world / "cache"))
+    weights = "weights/best.pt"
+    commands = [
+        (train.main, [*tiny_train_args(Path("data.yaml"), Path("runs/train")), "--epochs", "1"], ["runs/train/exp"]),
+        (val.main, ["--weights", weights, "--data", "data.yaml", "--project", "runs/val", "--save-json"], ["runs/val"]),
+        (detect.main, ["--weights", weights, "--source", "images", "--project", "runs/d", "--save-txt"], ["runs/d"]),
+        (export.main, ["--weights", weights], ["weights/best.torchscript"]),
+        (export.main, ["--weights", weights, "--out-dir", "exports"], ["exports/best.torchscript"]),
+        (average.main, ["--weights", "weights/epoch0.pt", "weights/epoch1.pt", "--out", "avg.pt"], ["avg.pt"]),
+    ]
+    for command, args, allowed in commands:
+        before = contents(world)
+        assert command(args) == 0, args
+        changed = changed_paths(before, contents(world))
+        assert changed, args  # the command wrote something: the audit saw it
+        outside = {p for p in changed if not any(p == a or p.startswith(f"{a}/") for a in [*allowed, "cache"])}
+        assert not outside, (args, sorted(outside))
+    assert any((world / "cache" / "labels").iterdir())  # the label caches went to the cache folder

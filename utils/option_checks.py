@@ -4,6 +4,7 @@ its interval, else one UserError that names the option, the value and the interv
 from __future__ import annotations
 
 import math
+import numbers
 
 from utils.errors import UserError
 from utils.log import LOGGER
@@ -33,10 +34,12 @@ def check_range(
     meaning: str = "",
 ) -> None:
     """UserError '--option VALUE: must be in [low, high] (meaning)' unless `value` (None: not given,
-    nothing to check) is finite and inside the interval."""
+    nothing to check) is finite and inside the interval; one that is no number (from the Python API) too."""
+    why = f" ({meaning})" if meaning else ""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise UserError(f"{option} {value!r}: must be a number in {interval(low, high, low_in, high_in)}{why}")
     if value is None or in_interval(value, low, high, low_in, high_in):
         return
-    why = f" ({meaning})" if meaning else ""
     raise UserError(f"{option} {value:g}: must be in {interval(low, high, low_in, high_in)}{why}")
 
 
@@ -47,19 +50,28 @@ def warn_no_effect(given: dict[str, bool], reason: str) -> None:
         LOGGER.warning(f"WARNING: {' '.join(names)} {'has' if len(names) == 1 else 'have'} no effect: {reason}")
 
 
-def check_detection_options(conf_thres: float, iou_thres: float | None, max_det: int, imgsz: int | None) -> None:
-    """val.py's and detect.py's shared options: thresholds in [0, 1], at least one detection, a positive size."""
-    check_range("--conf-thres", conf_thres, 0, 1, meaning="a confidence")
-    check_range("--iou-thres", iou_thres, 0, 1, meaning="an IoU")
-    check_range("--max-det", max_det, 1, meaning="detections kept per image; 0 would keep none")
-    check_range("--imgsz", imgsz, 1, meaning="pixels")
+def option_name(option: str, api: bool) -> str:
+    """'--conf-thres' as the command line spells it, or 'conf_thres' as the Python API does."""
+    return option.removeprefix("--").replace("-", "_") if api else option
 
 
-def check_class_ids(classes: list[int] | None, names: list[str]) -> None:
+def check_detection_options(
+    conf_thres: float, iou_thres: float | None, max_det: int, imgsz: int | None, api: bool = False
+) -> None:
+    """val.py's, detect.py's and the Detector's shared options (named as the API names them when `api`):
+    thresholds in [0, 1], at least one detection, a positive size."""
+    check_range(option_name("--conf-thres", api), conf_thres, 0, 1, meaning="a confidence")
+    check_range(option_name("--iou-thres", api), iou_thres, 0, 1, meaning="an IoU")
+    check_range(option_name("--max-det", api), max_det, 1, meaning="detections kept per image; 0 would keep none")
+    check_range(option_name("--imgsz", api), imgsz, 1, meaning="pixels")
+
+
+def check_class_ids(classes: list[int] | None, names: list[str], api: bool = False) -> None:
     """--classes: ids the model detects (0 .. nc - 1), else UserError listing them."""
     unknown = [c for c in classes or () if not 0 <= c < len(names)]
     if unknown:
         listed = ", ".join(f"{i} {name}" for i, name in enumerate(names[:20])) + (", ..." if len(names) > 20 else "")
         raise UserError(
-            f"--classes {' '.join(map(str, unknown))}: the model detects classes 0 to {len(names) - 1} ({listed})"
+            f"{option_name('--classes', api)} {' '.join(map(str, unknown))}: "
+            f"the model detects classes 0 to {len(names) - 1} ({listed})"
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from utils.atomic_write import atomic_write
+from utils.cache_dir import cache_dir
 from utils.device import autocast, parameter_dtype
 from utils.errors import UserError
 from utils.log import LOGGER
@@ -268,13 +268,6 @@ def _model_digest(model_yaml: dict) -> str:
     if isinstance(anchors, list):
         described["anchors"] = [len(level) // 2 for level in anchors]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    """The user's cache folder for this project."""
-    if os.environ.get("EMA_YOLO_CACHE_DIR"):
-        return Path(os.environ["EMA_YOLO_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ema-yolo"
 
 
 class VerdictCache:

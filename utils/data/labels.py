@@ -4,8 +4,8 @@ Each image is checked once (readable, a supported format, at least 10 px, not tr
 its YOLO label file (`cls cx cy w h` per line, normalised; polygon rows are reduced to their
 box). A problem either skips the image (corrupt) or is repaired in memory (duplicate rows
 dropped, boxes overflowing the image by at most 1% clipped); the user's files are never
-touched. The result is cached beside the labels folder, keyed by a hash of the file list,
-sizes, modification times and the class count, so later runs skip the scan.
+touched. The result is cached in the project's cache folder (utils/cache_dir.py), keyed by a hash
+of the file list, sizes, modification times and the class count, so later runs skip the scan.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.atomic_write import atomic_write
+from utils.cache_dir import cache_file_for
 from utils.errors import UserError
 from utils.log import LOGGER, interactive
 
@@ -311,10 +312,11 @@ def _read_cache(cache_path: Path, key: str) -> dict | None:
 
 
 def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
-    """Atomic write beside the labels; a read-only dataset folder only costs a rescan next time."""
+    """Atomic write; a cache folder that cannot be written only costs a rescan next time."""
     buffer = io.BytesIO()
     np.savez(buffer, key=np.array(key), **cached)
     try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache_path, buffer.getvalue())
     except OSError as error:
         LOGGER.info(
@@ -323,9 +325,9 @@ def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
 
 
 def cache_path_for(image_files: list[Path]) -> Path:
-    """YOLOv5's place for the cache: labels/<split>.cache beside the split's label folder."""
-    label_dir = label_path_for(image_files[0]).parent
-    return label_dir.with_suffix(".cache")
+    """The split's label cache, in the project's cache folder (not beside the labels, as YOLOv5
+    keeps it: no command writes into a dataset folder), keyed by the split's label folder."""
+    return cache_file_for(label_path_for(image_files[0]).parent, "labels", ".cache")
 
 
 def scan_split(

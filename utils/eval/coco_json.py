@@ -160,7 +160,7 @@ def cached_ground_truth(
     fallback_dir: Path,
 ) -> Path:
     """The COCO ground truth written once beside the label cache (keyed like it), or into fallback_dir
-    when the dataset folder is read-only."""
+    (the run folder) when the cache folder cannot be written."""
     key = f"{GT_FORMAT_VERSION}-{dataset.scan_key}-{dataset.single_cls}-{cat_ids[:3]}"
     candidates = (cache_path, fallback_dir / cache_path.name)
     for path in candidates:
@@ -177,6 +177,7 @@ def cached_ground_truth(
     ).encode()
     for path in candidates:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, content)
             return path
         except OSError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -82,14 +83,18 @@ def unique_names(names: list[Path], renamed: list[bool] | None = None) -> list[P
     taken: set[str] = set()
     unique = list(names)
     for i in order:
-        name = candidate = names[i]
-        n = 1
-        while _collision_key(candidate) in taken:
-            n += 1
-            candidate = name.with_name(f"{name.stem}_{n}{name.suffix}")
-        taken.add(_collision_key(candidate))
-        unique[i] = candidate
+        unique[i] = numbered(names[i], lambda candidate: _collision_key(candidate) in taken)
+        taken.add(_collision_key(unique[i]))
     return unique
+
+
+def numbered(path: Path, taken: Callable[[Path], bool]) -> Path:
+    """`path`, or the first of path_2, path_3, ... (the number before the suffix) that is not `taken`."""
+    candidate, n = path, 1
+    while taken(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
 
 
 def file_output_names(files: list[Path]) -> list[Path]:

@@ -20,6 +20,7 @@ from utils.infer.backends import ExportedModel, inference_image_size, load_weigh
 from utils.infer.capture import URL_PREFIXES
 from utils.infer.media_files import batch_output_names
 from utils.infer.results import Results
+from utils.option_checks import check_class_ids, check_detection_options
 from utils.precision import describe
 
 # What Detector() accepts as one image.
@@ -37,7 +38,8 @@ class Detector:
     are (H, W) or (H, W, 1) grey, (H, W, 3) RGB or (H, W, 4) RGBA, uint8, uint16, bool or float
     (0-1 or 0-255); OpenCV's BGR images need `[..., ::-1]`. PIL images may be in any mode. Each image
     is letterboxed to `imgsz` (its longer side; padded to the stride, or to the fixed shape of a static
-    export) and the boxes come back in its own pixels after NMS.
+    export) and the boxes come back in its own pixels after NMS. Options are checked as detect.py's
+    are: thresholds in [0, 1], max_det at least 1, classes the model detects (an int or a list).
     """
 
     def __init__(
@@ -55,9 +57,12 @@ class Detector:
         amp: str | bool | None = None,
         trust_pickle: bool = False,
     ):
+        check_detection_options(conf_thres, iou_thres, max_det, imgsz, api=True)
+        classes = [classes] if isinstance(classes, int) else None if classes is None else list(classes)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         loaded = load_weights(weights, self.device, raw=raw, fuse=True, trust_pickle=trust_pickle)
         self.model, self.names = loaded.model, list(loaded.model.names)
+        check_class_ids(classes, self.names, api=True)
         self.stride = int(self.model.stride.max())
         fixed = self.model.fixed_shape if isinstance(self.model, ExportedModel) else None
         self.fixed_shape = fixed[1:] if fixed else None  # (H, W) of a static export

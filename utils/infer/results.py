@@ -10,6 +10,7 @@ import numpy as np
 
 from utils.boxes import xyxy_to_xywhn
 from utils.eval.plots import class_colour, draw_box
+from utils.infer.media_files import numbered
 from utils.output_paths import check_holds_no_inputs, check_writable_folder
 
 
@@ -68,10 +69,11 @@ class Results:
 
     def save(self, folder: str | Path, name: str | None = None, **plot_options) -> Path:
         """Write the annotated image into `folder` (made if missing) as `name` (default: output_name, else
-        the source file's name, else image0.jpg) and return its path; a folder that holds the source
-        image, or cannot be written, is a UserError. plot_options: those of plot()."""
+        the source file's name, else image0.jpg; a default name never replaces a file already there, but
+        becomes image0_2.jpg, ...) and return its path; a folder that holds the source image, or cannot
+        be written, is a UserError. plot_options: those of plot()."""
         default = self.output_name or (Path(self.path).name if self.path else "image0.jpg")
-        path = Path(folder) / (name or default)
+        path = Path(folder) / name if name else numbered(Path(folder) / default, Path.exists)
         check_holds_no_inputs(folder, f"Results.save: {folder}", [self.path] if self.path else [])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
