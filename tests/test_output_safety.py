@@ -160,14 +160,6 @@ def test_resuming_into_a_read_only_run_folder_is_one_clear_error(tiny_run, tmp_p
     assert contents(run) == before
 
 
-def test_average_posthoc_refuses_out_over_the_runs_checkpoint(tiny_run):
-    last = tiny_run / "weights" / "last.pt"
-    before = last.read_bytes()
-    with pytest.raises(UserError, match=f"--out {last} is the input {last}: write to a new file"):
-        average.main(["--posthoc", str(tiny_run), "--sigma-rel", "0.05", "--out", str(last)])
-    assert last.read_bytes() == before
-
-
 # 4. Results of one batch never share a file: detect.py's naming rule (utils/infer/media_files.py).
 
 

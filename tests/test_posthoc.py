@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import average as average_cli
 from tests.conftest import REPO_ROOT, tiny_train_args
 from tests.test_ema import Marker, step_weights
 from utils.errors import UserError
@@ -143,6 +144,11 @@ def test_posthoc_refusals(posthoc_run, tiny_run, tiny_dataset, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "x.pt").exists()
     snapshot = posthoc_run / "weights" / "posthoc" / "epoch0003.pt"
+    for read in (posthoc_run / "weights" / "last.pt", snapshot):  # --out over an input of the run: refused
+        before = read.read_bytes()
+        with pytest.raises(UserError, match=f"--out {re.escape(str(read))} (is the input|lies in .*read as an input)"):
+            average_cli.main(["--posthoc", str(posthoc_run), "--sigma-rel", "0.05", "--out", str(read)])
+        assert read.read_bytes() == before
     result = run_tool("val.py", "--weights", str(snapshot), "--data", str(tiny_dataset), "--no-plots")
     assert result.returncode == 2 and "post-hoc EMA snapshot" in result.stderr
 
