@@ -148,13 +148,12 @@ def augment_hsv(
     if not (hue_gain or sat_gain or value_gain):
         return image_rgb
     gains = rng.uniform(-1, 1, 3) * (hue_gain, sat_gain, value_gain) + 1
-    hue, sat, val = cv2.split(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2HSV))
     x = np.arange(256, dtype=np.float32)
     lut_hue = ((x * gains[0]) % 180).astype(np.uint8)
     lut_sat = np.clip(x * gains[1], 0, 255).astype(np.uint8)
     lut_val = np.clip(x * gains[2], 0, 255).astype(np.uint8)
-    hsv = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    lut = np.stack((lut_hue, lut_sat, lut_val), axis=1)[None]  # (1, 256, 3): one table per channel
+    return cv2.cvtColor(cv2.LUT(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2HSV), lut), cv2.COLOR_HSV2RGB)
 
 
 def flip_left_right(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +161,7 @@ def flip_left_right(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     width = image.shape[1]
     labels = labels.copy()
     labels[:, [1, 3]] = width - labels[:, [3, 1]]
-    return np.ascontiguousarray(image[:, ::-1]), labels
+    return cv2.flip(image, 1), labels  # ~10x faster than copying numpy's reversed view
 
 
 def flip_up_down(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +169,7 @@ def flip_up_down(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     height = image.shape[0]
     labels = labels.copy()
     labels[:, [2, 4]] = height - labels[:, [4, 2]]
-    return np.ascontiguousarray(image[::-1]), labels
+    return cv2.flip(image, 0), labels
 
 
 def pixel_augmentations(hyp: dict) -> A.Compose:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 
 import cv2
@@ -66,11 +67,9 @@ class DetectionDataset(Dataset):
     ):
         self.img_size, self.hyp, self.augment, self.seed = img_size, hyp, augment, seed
         self.mosaic_until_epoch = mosaic_until_epoch
-        self.image_files, self.labels, self.shapes = list(scan.image_files), list(scan.labels), scan.shapes
+        self.table = scan.table.single_class() if single_cls else scan.table  # flat: see utils/data/image_table.py
         self.scan_key, self.single_cls = scan.cache_key, single_cls
         self.scan = scan  # its counts and messages, for the run's data report
-        if single_cls:
-            self.labels = [np.concatenate((np.zeros_like(lb[:, :1]), lb[:, 1:]), axis=1) for lb in self.labels]
         self.batch_shapes: np.ndarray | None = None
         if rect:
             self._sort_by_aspect_ratio(batch_size, stride)
@@ -79,14 +78,34 @@ class DetectionDataset(Dataset):
         self.ram_cache: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return len(self.image_files)
+        return len(self.table)
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """(N, 2) original (height, width) of each image."""
+        return self.table.shapes
+
+    @property
+    def image_files(self) -> list[Path]:
+        """Every image's path (a new list: index with image_file(i) in loops)."""
+        return self.table.paths()
+
+    @property
+    def labels(self) -> list[np.ndarray]:
+        """Every image's (n, 5) labels (a new list: index with labels_of(i) in loops)."""
+        return self.table.label_list()
+
+    def image_file(self, index: int) -> Path:
+        return self.table.path(index)
+
+    def labels_of(self, index: int) -> np.ndarray:
+        """(n, 5) float32 [class, cx, cy, w, h] normalised (a view: copy before changing it)."""
+        return self.table.labels(index)
 
     def _sort_by_aspect_ratio(self, batch_size: int, stride: int) -> None:
         aspect = self.shapes[:, 0] / self.shapes[:, 1]  # h / w
         order = aspect.argsort(kind="stable")
-        self.image_files = [self.image_files[i] for i in order]
-        self.labels = [self.labels[i] for i in order]
-        self.shapes, aspect = self.shapes[order], aspect[order]
+        self.table, aspect = self.table.take(order), aspect[order]
         num_batches = math.ceil(len(order) / batch_size)
         shapes = np.ones((num_batches, 2))
         for b in range(num_batches):
@@ -127,14 +146,11 @@ class DetectionDataset(Dataset):
             raise ValueError("a rectangular (validation) dataset is not cached: its batches are fixed")
         for i in indices:
             self.scan.skip(
-                self.image_files[i],
+                self.image_file(i),
                 UNDECODABLE_IMAGE,
-                f"{self.image_files[i]}: passed the scan but cannot be decoded (skipped)",
+                f"{self.image_file(i)}: passed the scan but cannot be decoded (skipped)",
             )
-        kept = sorted(set(range(len(self))) - set(indices))
-        self.image_files = [self.image_files[i] for i in kept]
-        self.labels = [self.labels[i] for i in kept]
-        self.shapes = self.shapes[kept]
+        self.table = self.table.take(sorted(set(range(len(self))) - set(indices)))
         LOGGER.warning(
             f"WARNING: {len(indices)} image(s) passed the scan but cannot be decoded and were skipped "
             f"(the first: {self.scan.messages[-len(indices)][1]})"
@@ -148,7 +164,7 @@ class DetectionDataset(Dataset):
 
     def _read_resized(self, index: int) -> np.ndarray | None:
         """RGB image with its long side resized to img_size (None if it cannot be decoded)."""
-        image = read_image_rgb(self.image_files[index])
+        image = read_image_rgb(self.image_file(index))
         if image is None:
             return None
         h, w = image.shape[:2]
@@ -166,14 +182,14 @@ class DetectionDataset(Dataset):
         image = self._read_resized(index)
         if image is None:  # it decoded when the scan (and its cache) last saw it: changed since
             raise UserError(
-                f"cannot decode image {self.image_files[index]}, which the dataset scan accepted: was it "
+                f"cannot decode image {self.image_file(index)}, which the dataset scan accepted: was it "
                 "changed during the run? Restore it (or remove it) and resume"
             )
         return image
 
     def _pixel_labels(self, index: int, width: float, height: float, pad_x: float = 0, pad_y: float = 0) -> np.ndarray:
         """Labels of `index` as (n, 5) [class, x1, y1, x2, y2] on an image drawn at width x height."""
-        labels = self.labels[index]
+        labels = self.labels_of(index)
         return np.concatenate((labels[:, :1], xywhn_to_xyxy(labels[:, 1:], width, height, pad_x, pad_y)), axis=1)
 
     def _load_mosaic(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +267,7 @@ class DetectionDataset(Dataset):
     def original_boxes_xyxy(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Ground truth of `index` in original-image pixels (float64): boxes (n, 4), classes (n,)."""
         h0, w0 = self.shapes[index]
-        labels = self.labels[index].astype(np.float64)
+        labels = self.labels_of(index).astype(np.float64)
         cx, cy, w, h = labels[:, 1] * w0, labels[:, 2] * h0, labels[:, 3] * w0, labels[:, 4] * h0
         return np.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), axis=1), labels[:, 0].astype(np.int64)
 

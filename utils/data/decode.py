@@ -18,6 +18,8 @@ from PIL import Image, ImageOps
 
 from utils.errors import UserError
 
+# OpenCV >= 4.10 decodes straight to RGB (the same pixels as BGR then cvtColor, one copy fewer)
+RGB_FLAG = (cv2.IMREAD_COLOR_RGB,) if hasattr(cv2, "IMREAD_COLOR_RGB") else ()
 HIGH_DEPTH_MODES = ("I", "F")  # with I;16*: PIL modes whose pixels are not 8-bit, converted by the rule
 
 
@@ -28,9 +30,9 @@ def read_image_rgb(path: Path) -> np.ndarray | None:
     what OpenCV refuses (EXIF-rotated TIFFs, some TIFF compressions with the OpenCV wheels of PyPI,
     float and 32-bit integer TIFFs), so an image the scan accepted is never lost to a decoder
     difference; its pixels follow the rule of pil_to_rgb."""
-    image = cv2.imread(str(path))  # 16-bit files come back as their high byte, as pixels_to_rgb does
+    image = cv2.imread(str(path), *RGB_FLAG)  # 16-bit files come back as their high byte, as pixels_to_rgb does
     if image is not None and image.size:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image if RGB_FLAG else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     try:
         with Image.open(path) as pil_image:
             return pil_to_rgb(pil_image)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from utils.atomic_write import atomic_write
 from utils.cache_dir import cache_file_for
+from utils.data.image_table import ImageTable
 from utils.errors import UserError
 from utils.log import LOGGER, interactive
 
@@ -108,9 +109,7 @@ def label_path_for(image_file: Path) -> Path:
 class LabelScan:
     """Verified images of one split: those kept, their labels and original sizes, and the counts."""
 
-    image_files: list[Path]
-    labels: list[np.ndarray]  # per image (n, 5) float32 [class, cx, cy, w, h], normalised
-    shapes: np.ndarray  # (N, 2) int original (height, width), EXIF orientation applied
+    table: ImageTable  # paths, labels (n, 5) float32 [class, cx, cy, w, h] normalised, original (height, width)
     num_found: int = 0
     num_missing: int = 0
     num_empty: int = 0
@@ -118,6 +117,19 @@ class LabelScan:
     cache_key: str = ""  # hash of the files and settings scanned
     messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # FOUND, MISSING or EMPTY per kept image
+
+    @property
+    def image_files(self) -> list[Path]:
+        return self.table.paths()
+
+    @property
+    def labels(self) -> list[np.ndarray]:
+        return self.table.label_list()
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """(N, 2) original (height, width), EXIF orientation applied."""
+        return self.table.shapes
 
     def skip(self, image_file: Path, kind: str, message: str) -> None:
         """Count a kept image as corrupt after all (it cannot be decoded when loaded)."""
@@ -276,12 +288,13 @@ def scan_labels(
         }
         if cache_path:
             _write_cache(cache_path, key, cached)
-    status, offsets = cached["status"], np.concatenate(([0], np.cumsum(cached["counts"])))
+    status = cached["status"]
     keep = np.flatnonzero(status != CORRUPT)
+    table = ImageTable.from_flat(
+        [os.fsencode(p) for p in image_files], cached["labels"], cached["counts"], cached["shapes"]
+    )
     return LabelScan(
-        image_files=[image_files[i] for i in keep],
-        labels=[cached["labels"][offsets[i] : offsets[i + 1]] for i in keep],
-        shapes=cached["shapes"][keep],
+        table=table if len(keep) == len(table) else table.take(keep),
         num_found=int((status == FOUND).sum()),
         num_missing=int((status == MISSING).sum()),
         num_empty=int((status == EMPTY).sum()),

@@ -226,7 +226,7 @@ def cross_check_with_pycocotools(
     records = [
         record
         for index, det in sorted(predictions.items())
-        for record in prediction_records(ids[dataset.image_files[index]], det[:, :4], det[:, 4], det[:, 5], cat_ids)
+        for record in prediction_records(ids[dataset.image_file(index)], det[:, :4], det[:, 4], det[:, 5], cat_ids)
     ]
     write_json(run_dir / "predictions.json", records)
     official = data.root / "annotations" / "instances_val2017.json"

@@ -137,7 +137,7 @@ def evaluate(
         for index, boxes, scores, classes in in_original:
             gt_boxes, gt_classes = dataset.original_boxes_xyxy(index)
             evaluator.add_image(
-                boxes, scores, classes, gt_boxes, gt_classes, image_id=coco_ids[dataset.image_files[index]]
+                boxes, scores, classes, gt_boxes, gt_classes, image_id=coco_ids[dataset.image_file(index)]
             )
             if confusion is not None:
                 confusion.add_image(

@@ -1,0 +1,148 @@
+"""The data path made faster and leaner (issue 29) gives the samples it gave before, bit for bit:
+each sample of DetectionDataset against the pipeline as it was written before (kept here as the
+oracle: per-image lists, BGR decoding then cvtColor, numpy flips, HSV through split and merge),
+over a few hundred (epoch, index) keys with every augmentation switched on often."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
+from utils.data.augment import letterbox, mixup, mosaic_canvas, pixel_augmentations, random_perspective
+from utils.data.config import load_dataset_config
+from utils.data.dataset import SAMPLE_STREAM, DetectionDataset
+from utils.data.labels import list_image_files, scan_labels
+from utils.hyp import load_hyp
+
+
+class Oracle:
+    """The sample pipeline before issue 29, on plain lists."""
+
+    def __init__(self, files, labels, shapes, img_size, hyp, seed, mosaic_until_epoch, batch_shapes=None, batch=0):
+        self.files, self.labels, self.shapes = files, labels, shapes
+        self.img_size, self.hyp, self.seed, self.mosaic_until_epoch = img_size, hyp, seed, mosaic_until_epoch
+        self.batch_shapes, self.batch_size = batch_shapes, batch
+        self.pixel_augment = pixel_augmentations(hyp)
+
+    def load_image(self, index, augment=True):
+        image = cv2.cvtColor(cv2.imread(str(self.files[index])), cv2.COLOR_BGR2RGB)
+        h, w = image.shape[:2]
+        ratio = self.img_size / max(h, w)
+        new_h, new_w = max(1, round(h * ratio)), max(1, round(w * ratio))
+        if (new_h, new_w) != (h, w):
+            shrink_for_val = not augment and new_w < w
+            image = cv2.resize(
+                image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink_for_val else cv2.INTER_LINEAR
+            )
+        return image
+
+    def pixel_labels(self, index, width, height, pad_x=0, pad_y=0):
+        labels = self.labels[index]
+        return np.concatenate((labels[:, :1], xywhn_to_xyxy(labels[:, 1:], width, height, pad_x, pad_y)), axis=1)
+
+    def perspective(self, image, labels, rng, border=(0, 0)):
+        h = self.hyp
+        return random_perspective(
+            image, labels, rng, h["degrees"], h["translate"], h["scale"], h["shear"], h["perspective"], border
+        )
+
+    def mosaic(self, index, rng):
+        indices = [index, *rng.integers(0, len(self.files), size=3).tolist()]
+        images = [self.load_image(i) for i in indices]
+        labels = [self.pixel_labels(i, im.shape[1], im.shape[0]) for i, im in zip(indices, images)]
+        canvas, canvas_labels = mosaic_canvas(images, labels, self.img_size, rng)
+        border = -self.img_size // 2
+        return self.perspective(canvas, canvas_labels, rng, border=(border, border))
+
+    @staticmethod
+    def hsv(image, rng, hue_gain, sat_gain, value_gain):
+        gains = rng.uniform(-1, 1, 3) * (hue_gain, sat_gain, value_gain) + 1
+        hue, sat, val = cv2.split(cv2.cvtColor(image, cv2.COLOR_RGB2HSV))
+        x = np.arange(256, dtype=np.float32)
+        lut_hue = ((x * gains[0]) % 180).astype(np.uint8)
+        lut_sat = np.clip(x * gains[1], 0, 255).astype(np.uint8)
+        lut_val = np.clip(x * gains[2], 0, 255).astype(np.uint8)
+        hsv = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    def __getitem__(self, key, augment=True):
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index))
+        hyp = self.hyp
+        if augment and rng.random() < hyp["mosaic"] and epoch < self.mosaic_until_epoch:
+            image, labels = self.mosaic(index, rng)
+            if rng.random() < hyp["mixup"]:
+                image2, labels2 = self.mosaic(int(rng.integers(0, len(self.files))), rng)
+                image, labels = mixup(image, labels, image2, labels2, rng)
+        else:
+            image = self.load_image(index, augment)
+            h, w = image.shape[:2]
+            shape = tuple(self.batch_shapes[index // self.batch_size]) if self.batch_shapes is not None else None
+            image, (rx, ry), (px, py) = letterbox(image, shape or (self.img_size,) * 2, scaleup=augment)
+            labels = self.pixel_labels(index, w * rx, h * ry, px, py)
+            if augment:
+                image, labels = self.perspective(image, labels, rng)
+        if augment:
+            self.pixel_augment.set_random_seed(int(rng.integers(2**31)))
+            image = self.pixel_augment(image=image)["image"]
+            image = self.hsv(image, rng, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
+            if rng.random() < hyp["flipud"]:
+                image, labels = np.ascontiguousarray(image[::-1]), labels.copy()
+                labels[:, [2, 4]] = image.shape[0] - labels[:, [4, 2]]
+            if rng.random() < hyp["fliplr"]:
+                image, labels = np.ascontiguousarray(image[:, ::-1]), labels.copy()
+                labels[:, [1, 3]] = image.shape[1] - labels[:, [3, 1]]
+        height, width = image.shape[:2]
+        targets = np.concatenate((labels[:, :1], xyxy_to_xywhn(labels[:, 1:], width, height)), axis=1)
+        return np.ascontiguousarray(image.transpose(2, 0, 1)), targets.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def scan(tiny_dataset):
+    data = load_dataset_config(str(tiny_dataset))
+    return scan_labels(list_image_files(data.train)[0], data.nc, cache_path=None)
+
+
+def every_augmentation_often() -> dict:
+    hyp = load_hyp(None)
+    hyp.update(mixup=0.5, flipud=0.5, degrees=10.0, shear=2.0, blur=0.3, median_blur=0.3, to_gray=0.3, clahe=0.3)
+    return hyp
+
+
+@pytest.mark.parametrize("img_size", [96, 160])
+def test_training_samples_equal_the_pipeline_before(scan, img_size):
+    hyp = every_augmentation_often()
+    dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=3, mosaic_until_epoch=14)
+    oracle = Oracle(scan.image_files, scan.labels, scan.shapes, img_size, hyp, 3, 14)
+    keys = [(epoch, index) for epoch in range(18) for index in range(len(dataset))]  # 288: the last 4 epochs plain
+    for key in keys:
+        image, targets, index, _ = dataset[key]
+        expected_image, expected_targets = oracle[key]
+        assert index == key[1] and torch.equal(image, torch.from_numpy(expected_image)), key
+        assert torch.equal(targets[:, 1:], torch.from_numpy(expected_targets)), key
+
+
+def test_validation_samples_equal_the_pipeline_before(scan):
+    hyp = load_hyp(None)
+    dataset = DetectionDataset(scan, 96, hyp, augment=False, rect=True, batch_size=4)
+    order = (scan.shapes[:, 0] / scan.shapes[:, 1]).argsort(kind="stable")
+    oracle = Oracle(
+        [scan.image_files[i] for i in order],
+        [scan.labels[i] for i in order],
+        scan.shapes[order],
+        96,
+        hyp,
+        0,
+        0,
+        dataset.batch_shapes,
+        4,
+    )
+    for index in range(len(dataset)):
+        image, targets, _, _ = dataset[(0, index)]
+        expected_image, expected_targets = oracle.__getitem__((0, index), augment=False)
+        assert torch.equal(image, torch.from_numpy(expected_image)) and torch.equal(
+            targets[:, 1:], torch.from_numpy(expected_targets)
+        ), index

@@ -1,0 +1,103 @@
+"""A split's per-image data (path, labels, original size) as a few flat numpy arrays.
+
+A list of N Paths and N label arrays is 2N Python objects of ~250 bytes each, and a forked
+DataLoader worker that only reads them still copies the pages it touches, since reading an
+object writes its reference count: a worker's private memory grows towards the whole list over
+an epoch (pytorch/pytorch#13246). Here paths are one byte buffer and labels one (M, 5) array,
+each with offsets: ~(path length + 20 x boxes + 24) bytes an image, nothing per image for a
+worker to copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+
+
+def _gather(flat: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows offsets[i]:offsets[i + 1] of `flat` for each of `indices`, back to back, and their offsets."""
+    lengths = np.diff(offsets)[indices]
+    new_offsets = _offsets(lengths)
+    rows = np.repeat(offsets[:-1][indices] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return flat[rows], new_offsets
+
+
+def _common_folder(paths: list[bytes]) -> bytes:
+    """The folder (with its trailing separator) that every path starts with, letter for letter; b"" if none."""
+    try:
+        folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else b""
+    except ValueError:  # absolute and relative paths mixed
+        return b""
+    prefix = os.path.join(folder, b"") if folder else b""
+    return prefix if all(p.startswith(prefix) for p in paths) else b""
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """Paths, labels ((n, 5) float32 [class, cx, cy, w, h] normalised per image) and original
+    (height, width) of N images."""
+
+    prefix: bytes  # the folder every path starts with (os.fsencode'd, with its separator), stored once
+    path_bytes: np.ndarray  # uint8: the rest of every path, back to back
+    path_offsets: np.ndarray  # int64 (N + 1,): path i is path_bytes[path_offsets[i] : path_offsets[i + 1]]
+    boxes: np.ndarray  # float32 (M, 5): every label row, image after image
+    box_offsets: np.ndarray  # int64 (N + 1,)
+    shapes: np.ndarray  # int64 (N, 2) original (height, width)
+
+    @classmethod
+    def from_lists(cls, paths: list[Path], labels: list[np.ndarray], shapes: np.ndarray) -> ImageTable:
+        encoded = [os.fsencode(p) for p in paths]
+        return cls.from_flat(
+            encoded, np.concatenate([*labels, np.zeros((0, 5), np.float32)]), [len(lb) for lb in labels], shapes
+        )
+
+    @classmethod
+    def from_flat(cls, encoded_paths: list[bytes], boxes: np.ndarray, counts, shapes: np.ndarray) -> ImageTable:
+        """From encoded paths, every label row back to back and the number of rows of each image."""
+        prefix = _common_folder(encoded_paths)
+        rests = [p[len(prefix) :] for p in encoded_paths]
+        return cls(
+            prefix,
+            np.frombuffer(b"".join(rests), np.uint8).copy(),
+            _offsets(np.array([len(p) for p in rests], np.int64)),
+            np.ascontiguousarray(boxes, np.float32).reshape(-1, 5),
+            _offsets(np.asarray(counts, np.int64)),
+            np.asarray(shapes, np.int64).reshape(-1, 2),
+        )
+
+    def __len__(self) -> int:
+        return len(self.path_offsets) - 1
+
+    def path(self, index: int) -> Path:
+        rest = self.path_bytes[self.path_offsets[index] : self.path_offsets[index + 1]].tobytes()
+        return Path(os.fsdecode(self.prefix + rest))
+
+    def labels(self, index: int) -> np.ndarray:
+        """The (n, 5) label rows of image `index` (a view: copy before changing it)."""
+        return self.boxes[self.box_offsets[index] : self.box_offsets[index + 1]]
+
+    def paths(self) -> list[Path]:
+        return [self.path(i) for i in range(len(self))]
+
+    def label_list(self) -> list[np.ndarray]:
+        return [self.labels(i) for i in range(len(self))]
+
+    def take(self, indices) -> ImageTable:
+        """The images `indices`, in that order."""
+        indices = np.asarray(indices, np.int64)
+        path_bytes, path_offsets = _gather(self.path_bytes, self.path_offsets, indices)
+        boxes, box_offsets = _gather(self.boxes, self.box_offsets, indices)
+        return ImageTable(self.prefix, path_bytes, path_offsets, boxes, box_offsets, self.shapes[indices])
+
+    def single_class(self) -> ImageTable:
+        """Every label of class 0 (--single-cls)."""
+        boxes = self.boxes.copy()
+        boxes[:, 0] = 0
+        return ImageTable(self.prefix, self.path_bytes, self.path_offsets, boxes, self.box_offsets, self.shapes)
