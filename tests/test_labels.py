@@ -306,3 +306,16 @@ def test_writers_of_one_cache_at_once_leave_one_whole_cache(tmp_path, monkeypatc
         writer = int(str(data["key"]).removeprefix("key"))
         assert np.array_equal(data["labels"], np.full((200_000 * (writer + 1), 5), writer, np.float32))
         assert np.array_equal(data["status"], np.full(1000 * (writer + 1), writer, np.int8))
+
+
+def test_a_scan_shared_out_to_processes_equals_one_in_this_process(planted, monkeypatch):
+    """A large split is verified in chunks by a process per core: the same scan, in the same order,
+    every planted problem counted and reported as one process finds them."""
+    files = list_image_files([planted])[0]
+    whole = scan_labels(files, 3, cache_path=None)
+    monkeypatch.setattr(labels_module, "SCAN_CHUNK", 3)
+    monkeypatch.setattr(labels_module, "usable_cpu_count", lambda: 2)
+    shared = scan_labels(files, 3, cache_path=None)
+    assert shared.summary() == whole.summary() and shared.messages == whole.messages
+    assert shared.image_files == whole.image_files and np.array_equal(shared.shapes, whole.shapes)
+    assert all(np.array_equal(a, b) for a, b in zip(shared.labels, whole.labels))

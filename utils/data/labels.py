@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing as mp
 import os
 import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +30,12 @@ from utils.cache_dir import cache_file_for
 from utils.data.image_table import ImageTable
 from utils.errors import UserError
 from utils.log import LOGGER, interactive
+from utils.resources import usable_cpu_count
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
+SCAN_CHUNK = 1024  # images verified per task; a split of more is shared out to a process per core
 CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
 ROUNDING_SLACK = 1e-5  # overflow from rounding labels to 6 decimals: accepted as written
 CACHE_VERSION = 6  # bump whenever verification changes: old caches are then rescanned
@@ -78,7 +82,7 @@ def list_image_files(sources: tuple[Path, ...] | list[Path]) -> tuple[list[Path]
                 unreadable.append(f"{error.filename}: unreadable folder ({error.strerror})")
 
             for folder, _, names in os.walk(source, onerror=note, followlinks=True):
-                files += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+                files += [Path(folder, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
         elif source.suffix == ".txt" and source.is_file():
             for line in source.read_text().splitlines():
                 line = line.strip()
@@ -89,7 +93,7 @@ def list_image_files(sources: tuple[Path, ...] | list[Path]) -> tuple[list[Path]
             files.append(source)
         else:
             raise UserError(f"{source} is not a folder, an image-list .txt or an image")
-    files = sorted(set(files))
+    files = sorted(set(files), key=lambda path: path.parts)  # Path's own order, compared in C
     if not files:
         raise UserError(f"no images found in {', '.join(str(s) for s in sources)}")
     return files, unreadable
@@ -97,12 +101,17 @@ def list_image_files(sources: tuple[Path, ...] | list[Path]) -> tuple[list[Path]
 
 def label_path_for(image_file: Path) -> Path:
     """YOLO layout: .../images/x/name.jpg -> .../labels/x/name.txt (the last 'images' folder)."""
-    parts = list(image_file.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
+    return Path(_label_path(os.fspath(image_file)))
+
+
+def _label_path(image_file: str) -> str:
+    """label_path_for on strings (a scan makes one per image: Path objects cost 10x more)."""
+    folder, name = os.path.split(image_file)
+    marked = f"{os.sep}{folder}{os.sep}"  # every folder name between separators, the first one too
+    at = marked.rfind(f"{os.sep}images{os.sep}")
+    if at >= 0:
+        marked = f"{marked[:at]}{os.sep}labels{os.sep}{marked[at + 8 :]}"
+    return os.path.join(marked[1:-1], os.path.splitext(name)[0] + ".txt")
 
 
 @dataclass
@@ -168,8 +177,9 @@ class Verified:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (kind, message)
 
 
-def verify_image_and_label(image_file: Path, label_file: Path, num_classes: int) -> Verified:
+def verify_image_and_label(image_file: Path, label_file: Path | str, num_classes: int) -> Verified:
     """Check one image and its YOLO label file; repairs happen on the returned labels only."""
+    label_file = Path(label_file)
 
     def corrupt(kind: str, message: str) -> Verified:
         return Verified(CORRUPT, np.zeros((0, 5), np.float32), (0, 0), [(kind, message)])
@@ -249,35 +259,55 @@ def _row_to_box(values: list[float]) -> list[float]:
     return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
-def _files_hash(image_files: list[Path], label_files: list[Path], num_classes: int) -> str:
+def _files_hash(image_files: list[Path], label_files: list[str], num_classes: int) -> str:
     digest = hashlib.sha256(f"{CACHE_VERSION} {num_classes}".encode())
     for path in image_files + label_files:
         try:
-            stat = path.stat()
+            stat = os.stat(path)
             digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         except OSError:
             digest.update(f"{path}\0missing\n".encode())
     return digest.hexdigest()
 
 
+def _verify_chunk(job: tuple[list[Path], list[str], int, int]) -> list[Verified]:
+    image_files, label_files, num_classes, threads = job
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(verify_image_and_label, image_files, label_files, [num_classes] * len(image_files)))
+
+
 def scan_labels(
     image_files: list[Path], num_classes: int, cache_path: Path | None, prefix: str = "", threads: int = 8
 ) -> LabelScan:
     """Verify every image/label pair, reading and writing the cache at `cache_path` if given."""
-    label_files = [label_path_for(p) for p in image_files]
+    label_files = [_label_path(os.fspath(p)) for p in image_files]
     key = _files_hash(image_files, label_files, num_classes)
     cached = _read_cache(cache_path, key) if cache_path else None
     if cached is None:
-        with ThreadPoolExecutor(threads) as pool:
-            results = list(
-                tqdm(
-                    pool.map(verify_image_and_label, image_files, label_files, [num_classes] * len(image_files)),
-                    total=len(image_files),
+        chunks = [
+            (image_files[start : start + SCAN_CHUNK], label_files[start : start + SCAN_CHUNK], num_classes, threads)
+            for start in range(0, len(image_files), SCAN_CHUNK)
+        ]
+        processes = min(usable_cpu_count(), len(chunks))
+        # PIL's header parsing holds the GIL: a large split is shared out to a process per core
+        # (each reading through threads, for files on a slow disk); a small one stays in this one.
+        with (
+            ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"))
+            if processes > 1
+            else nullcontext() as pool
+        ):
+            verified = pool.map(_verify_chunk, chunks) if pool else map(_verify_chunk, chunks)
+            results = [
+                result
+                for chunk in tqdm(
+                    verified,
+                    total=len(chunks),
                     desc=f"{prefix}scanning {len(image_files)} images",
                     leave=False,
                     disable=not interactive(),
                 )
-            )
+                for result in chunk
+            ]
         cached = {
             "status": np.array([r.status for r in results], dtype=np.int8),
             "shapes": np.array([r.shape for r in results], dtype=np.int64).reshape(-1, 2),
@@ -372,9 +402,9 @@ def scan_split(
             f"{prefix}WARNING: {scan.problems[BAD_CLASS]} label files use class ids outside 0..{num_classes - 1}; "
             "check that names in the dataset YAML lists every class"
         )
-    if not scan.image_files:
+    if not len(scan.table):
         raise UserError(f"{prefix}no usable images in {', '.join(str(s) for s in sources)}")
-    if not any(len(labels) for labels in scan.labels):
+    if not len(scan.table.boxes):
         where = missing_labels_hint(scan)
         if needs_labels:
             raise UserError(
