@@ -190,7 +190,7 @@ def test_cache_is_reused_and_invalidated(planted, monkeypatch, tmp_path):
     monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))
     files = list_image_files([planted])[0]
     cache = cache_path_for(files)
-    assert cache.parent == tmp_path / "cache" / "labels" and cache.name.startswith("labels-train-")
+    assert cache.parent == tmp_path / "cache" / "labels" and cache.name.startswith(f"{tmp_path.name}-train-")
     first = scan_labels(files, 3, cache)
     assert cache.exists()
 

@@ -18,9 +18,10 @@ def cache_dir() -> Path:
 
 
 def cache_file_for(folder: Path, kind: str, suffix: str) -> Path:
-    """The cache file of `kind` for `folder`: named after the folder's last two parts, for a person
-    reading the cache folder, and a digest of its absolute path, so two datasets never share one."""
+    """The cache file of `kind` for `folder`: named after the folder's last parts (a YOLO label folder
+    .../coco/labels/train2017 as coco-train2017), for a person reading the cache folder, and a digest
+    of its absolute path, so two datasets never share one."""
     folder = folder.absolute()
     digest = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    readable = "-".join(part for part in (folder.parent.name, folder.name) if part)
-    return cache_dir() / kind / f"{readable}-{digest}{suffix}"
+    readable = "-".join(part for part in folder.parts[-3:] if part not in (kind, folder.anchor))
+    return cache_dir() / kind / (f"{readable}-{digest}{suffix}" if readable else f"{digest}{suffix}")
