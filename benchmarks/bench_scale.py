@@ -149,7 +149,7 @@ def table(results: dict[str, dict]) -> str:
         "| label scan, cold (s) | " + " | ".join(f"{r['scan_cold']['seconds']:.1f}" for r in results.values()) + " |",
         "| label scan, warm (s) | " + " | ".join(f"{r['scan_warm']['seconds']:.2f}" for r in results.values()) + " |",
         "| label cache (MB) | "
-        + " | ".join(f"{r['scan_warm']['cache_bytes'] / 1e6:.1f}" for r in results.values())
+        + " | ".join(f"{r['scan_warm']['cache_bytes'] / 1e6:.3g}" for r in results.values())
         + " |",
         "| dataset bytes per image | "
         + " | ".join(f"{r['memory']['bytes_per_image']:.0f}" for r in results.values())

@@ -352,3 +352,34 @@ def test_bench_accuracy(run_benchmark, reference_venv, tiny_dataset, tmp_path):
         assert re.fullmatch(r"\d+ s, epoch 1 \(\d+\.\d\d of its time\)", rows[name][-1]), rows[name]
     assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 0
     assert set(json.loads((tmp_path / "runs.json").read_text())) == set(rows)  # the reference runs kept too
+
+
+def scale_table(printed: str, columns: list[str]) -> dict[str, list[str]]:
+    header = next(line for line in printed.splitlines() if line.startswith("| measure "))
+    assert [cell.strip() for cell in header.strip("|").split("|")][1:] == columns
+    return {row[0]: row[1:] for row in table(printed, "| measure ")}
+
+
+def test_bench_scale_ours(run_benchmark, tmp_path):
+    printed = run_benchmark(
+        "bench_scale.py", "--root", str(tmp_path / "coco_like"), "--images", "40", "--items", "32",
+        "--items-2-workers", "16", "--imgsz", "64", "--workdir", str(tmp_path / "work"),
+    )  # fmt: skip
+    rows = scale_table(printed, ["ours"])
+    for measure in ("label scan, cold (s)", "label cache (MB)", "dataset bytes per image", "loader images/s, 1 worker"):
+        assert number(rows[measure][0]) > 0, measure
+    assert "MiB" in rows["worker private, warm-up -> end of 1-worker run"][0]  # read inside the worker
+    figures = json.loads((tmp_path / "work" / "bench_scale.json").read_text())
+    assert figures["cpu"]["model"] and figures["results"]["ours"]["scan_warm"]["warm"] is True
+    assert not figures["results"]["ours"]["scan_cold"]["warm"]
+
+
+def test_bench_scale_against_the_real_packages(run_benchmark, real_venv, tmp_path):
+    printed = run_benchmark(
+        "bench_scale.py", "--root", str(tmp_path / "coco_like"), "--images", "40", "--items", "32",
+        "--items-2-workers", "16", "--imgsz", "64", "--workdir", str(tmp_path / "work"), "--ref-venv", str(real_venv),
+    )  # fmt: skip
+    rows = scale_table(printed, ["ours", "yolov5", "ultralytics"])
+    assert all(number(cell) > 0 for cell in rows["dataset bytes per image"])
+    assert rows["loader images/s, 1 worker"][1].endswith("(1.00x)")  # yolov5 is the base
+    assert not list((tmp_path / "coco_like" / "labels").glob("*.cache"))  # the references' caches stay outside
