@@ -61,6 +61,125 @@ def torchrun(*args: str) -> list[str]:
     ]
 
 
+def torchrun_on_node(node_rank: int, port: int, *args: str) -> list[str]:
+    """Machine `node_rank`'s launch of train.py on two machines of one process each: torchrun's
+    static rendezvous at 127.0.0.1:`port`, which makes node rank 0 global rank 0 (c10d's would
+    number the machines itself, here by process id)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--node-rank",
+        str(node_rank),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(REPO_ROOT / "train.py"),
+        *args,
+    ]
+
+
+class Node:
+    """A machine of a torchrun launch over several, simulated on this one: its own working folder,
+    HOME, temporary and cache folders under `root`; each launch's output in a file beside `root`."""
+
+    def __init__(self, root: Path):
+        self.root, self.launches = root, 0
+        self.work, self.home, self.tmp, self.cache = (root / name for name in ("work", "home", "tmp", "cache"))
+        for folder in (self.work, self.home, self.tmp, self.cache):
+            folder.mkdir(parents=True)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, command: list[str]) -> None:
+        self.launches += 1
+        with open(self.log, "w") as log:  # the child holds its own copy of the file
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.work,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a process group of its own, to kill
+                env={
+                    **os.environ,
+                    "HOME": str(self.home),
+                    "TMPDIR": str(self.tmp),
+                    "EMA_YOLO_CACHE_DIR": str(self.cache),
+                    "OMP_NUM_THREADS": "1",
+                    "PYTHONUNBUFFERED": "1",
+                },
+            )
+
+    @property
+    def log(self) -> Path:
+        return self.root.parent / f"{self.root.name}-launch{self.launches}.log"
+
+    @property
+    def output(self) -> str:
+        """The latest launch's output (torchrun's and its workers')."""
+        return self.log.read_text()
+
+    def wait(self, timeout: float = 600) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def running(self) -> list[int]:
+        """The ids of the machine's processes still running (all carry its HOME in their environment)."""
+        return processes_with(f"HOME={self.home}")
+
+    def left_running(self, grace: float = 30) -> list[int]:
+        """The machine's processes still running `grace` seconds from now, or none sooner."""
+        deadline = time.time() + grace
+        while (running := self.running()) and time.time() < deadline:
+            time.sleep(0.1)
+        return running
+
+    def kill(self) -> None:
+        """SIGKILL to the machine's processes, as when it dies: the process groups of torchrun's agent
+        and of the workers it starts in sessions of their own (their DataLoader workers with them).
+        Returns once the agent is gone."""
+        for _ in range(3):  # again, for a process started while the others were being found
+            groups = set()
+            for pid in self.running():
+                with contextlib.suppress(ProcessLookupError):
+                    groups.add(os.getpgid(pid))
+            groups.discard(os.getpgrp())  # never the test's own
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(timeout=60)
+
+    def files(self) -> list[Path]:
+        """The files in the machine's working folder, HOME and cache folder."""
+        return sorted(p for folder in (self.work, self.home, self.cache) for p in folder.rglob("*") if p.is_file())
+
+
+def processes_with(entry: str) -> list[int]:
+    """The ids of this user's processes whose environment holds `entry` ("NAME=value"; Linux's /proc)."""
+    found, wanted = [], entry.encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):  # ended meanwhile, or another user's
+            if wanted in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+    return found
+
+
+def wait_for_checkpoint(last: Path, wanted, running: subprocess.Popen, timeout: float = 300) -> dict:
+    """The checkpoint in `last` once its loop state satisfies `wanted`, while `running` runs."""
+    deadline = time.time() + timeout
+    while running.poll() is None and time.time() < deadline:
+        if last.exists():  # written atomically: always a whole file
+            checkpoint = torch.load(io.BytesIO(last.read_bytes()), weights_only=True)
+            if wanted(checkpoint["loop"]):
+                return checkpoint
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint in {last} as waited for (the run has ended: {running.poll() is not None})")
+
+
 def run_command(command: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(
         command,

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,15 @@ from models.parse import read_model_yaml
 from models.yolo import DetectionModel
 from tests.conftest import REPO_ROOT, make_shapes_dataset, run_script
 from tests.processes import (
+    Node,
+    free_port,
     in_two_processes,
-    interrupted_checkpoint,
     load,
-    put_back,
     relative_differences,
     run_command,
     torchrun,
+    torchrun_on_node,
+    wait_for_checkpoint,
 )
 from utils.data import loader as loader_module
 from utils.data.config import load_dataset_config
@@ -40,9 +43,6 @@ from utils.hyp import load_hyp
 from utils.run_dir import checkpoint_to_resume
 from utils.train.criterion import build_criterion
 from utils.train.sync_bn import CPUSyncBatchNorm, convert_sync_batchnorm
-
-MODELS = ("yolov5n.yaml", "yolo11n.yaml")  # both heads
-
 
 MODELS = ("yolov5n.yaml", "yolo11n.yaml")  # both heads
 
@@ -239,40 +239,73 @@ def test_two_processes_end_with_the_single_process_ema(ddp_and_single_runs):
     assert max(relative_differences(ddp_swa["module"], single_swa["module"]).values()) < AGREEMENT
 
 
+@pytest.fixture
+def two_machines(tmp_path) -> Iterator[list[Node]]:
+    """Two machines simulated on this one (their own working folders, HOMEs, temporary and cache
+    folders); whatever they still run is killed at the end."""
+    nodes = [Node(tmp_path / f"node{rank}") for rank in range(2)]
+    yield nodes
+    for node in nodes:
+        node.kill()
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The files of a run folder, but TensorBoard's event files (named after the time and the process)."""
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if not p.name.startswith("events.out."))
+
+
+def launch_on(nodes: list[Node], *args: str) -> None:
+    port = free_port()
+    for rank, node in enumerate(nodes):
+        node.start(torchrun_on_node(rank, port, *args))
+
+
 @pytest.mark.slow
-def test_killed_two_process_run_resumes_to_the_same_weights(ddp_and_single_runs, tiny_dataset, tmp_path, ddp_cfg):
-    """torchrun and its workers ended after the first checkpoint, written mid-epoch (a checkpoint
-    at every step), then torchrun --resume: each rank continues at its place."""
+def test_two_machines_killed_mid_epoch_resume_to_the_one_machine_weights(
+    ddp_and_single_runs, tiny_dataset, tmp_path, ddp_cfg, two_machines
+):
+    """README's command for two machines (torchrun --nnodes 2 --node-rank 0|1 --master-addr ...),
+    one process each, the run folder on the shared disk (an absolute --project). A checkpoint at
+    every step; once one is written mid-epoch, node 1 dies (SIGKILL to its torchrun and worker), node
+    0's worker fails at its next collective, and both machines are launched again with --resume.
+    Each rank continues at its place, and the run ends with one machine's two processes' weights
+    and results.csv, bit for bit: node 1 trains on rank 1's shard (RANK, not its LOCAL_RANK 0,
+    which would give it rank 0's), and the two shards make up each global batch as they do on one
+    machine, where they give one process's EMA (test_two_processes_end_with_the_single_process_ema).
+    Global rank 0 alone writes: nothing of the run lands in either machine's working folder, nor
+    in node 1's HOME or cache folder. No process of either machine is left behind."""
     if ddp_cfg == "yolov5n.yaml":
         pytest.skip("test_stop_signals.py stops yolov5n under torchrun at random moments and resumes it bit for bit")
     ddp_dir = ddp_and_single_runs[0]
-    command = torchrun(
-        "--data",
-        str(tiny_dataset),
-        "--epochs",
-        "3",
-        *DDP_TINY,
-        "--cfg",
-        ddp_cfg,
-        "--save-interval",
-        "1e-6",
-        "--project",
-        str(tmp_path),
-        "--name",
-        "killed",
+    nodes, project = two_machines, tmp_path / "shared" / "runs"
+    last = project / "exp" / "weights" / "last.pt"
+    launch_on(
+        nodes,
+        *("--data", str(tiny_dataset), "--epochs", "3", *DDP_TINY, "--cfg", ddp_cfg),
+        *("--save-interval", "1e-6", "--project", str(project)),
     )
-    last = tmp_path / "killed" / "weights" / "last.pt"
-    put_back(interrupted_checkpoint(command, last, lambda loop: loop["batch"] > 0), last.parent)
-    interrupted = load(last)
-    print(f"resuming from the checkpoint at epoch {interrupted['loop']['epoch']}, batch {interrupted['loop']['batch']}")
+    wait_for_checkpoint(last, lambda loop: loop["batch"] > 0, nodes[0].process)
+    nodes[1].kill()
+    assert nodes[0].wait(timeout=120) != 0, nodes[0].output  # its worker failed: the other machine is gone
+    assert nodes[0].left_running() == nodes[1].left_running() == []
 
-    resumed = run_command(torchrun("--resume", str(last)))
-    assert "Resuming" in resumed.stdout and "epoch 0 of 3, batch 1" in resumed.stdout, resumed.stdout
+    launch_on(nodes, "--resume", str(last))
+    assert [node.wait() for node in nodes] == [0, 0], nodes[0].output + nodes[1].output
+    # mid-epoch (2 global batches an epoch): rank 0 wrote no later checkpoint once node 1 was gone
+    assert "Resuming" in nodes[0].output and "epoch 0 of 3, batch 1" in nodes[0].output, nodes[0].output
     final, straight = load(last), load(ddp_dir / "weights" / "last.pt")
     assert final["updates"] == straight["updates"] and final["epoch"] == straight["epoch"] == 2
-    for state in ("ema", "model"):  # the issue asks for 1e-6; float64 and --deterministic give bit equality
+    for state in ("ema", "model"):  # the issue asks for 1e-8; float64 and --deterministic give bit equality
         for key, tensor in straight[state].items():
             assert torch.equal(final[state][key], tensor), (state, key)
+    assert (project / "exp" / "results.csv").read_text() == (ddp_dir / "results.csv").read_text()
+
+    assert [p.name for p in project.iterdir()] == ["exp"] and run_files(project / "exp") == run_files(ddp_dir)
+    # In the machines' working folders, HOMEs and cache folders: rank 0's label caches in node 0's, and
+    # matplotlib's font list (every process that imports it caches it under HOME), nothing else.
+    written = [p for node in nodes for p in node.files() if "matplotlib" not in p.relative_to(node.root).parts]
+    assert written and all(p.is_relative_to(nodes[0].cache / "labels") for p in written), written
+    assert nodes[0].left_running() == nodes[1].left_running() == []
 
 
 @pytest.mark.slow
