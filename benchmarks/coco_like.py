@@ -125,8 +125,12 @@ def write_image(root: Path, split: str, split_id: int, index: int, seed: int, ti
     bw, bh = (boxes[:, 3] - boxes[:, 1]) / width, (boxes[:, 4] - boxes[:, 2]) / height
     rows = zip(boxes[:, 0], cx, cy, bw, bh)
     label.write_text("".join(f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in rows))
-    # the image last, so an image on disk always has its label
-    (root / "images" / split / f"{stem}.jpg").write_bytes(encoded.tobytes())
+    # the image last, so an image on disk always has its label; renamed into place, so a killed run
+    # leaves no half-written JPEG
+    image_path = root / "images" / split / f"{stem}.jpg"
+    partial = image_path.with_suffix(".partial")
+    partial.write_bytes(encoded.tobytes())
+    os.replace(partial, image_path)
 
 
 def _write_chunk(root: Path, split: str, split_id: int, indices: list[int], seed: int) -> int:
@@ -145,8 +149,12 @@ def generate(root: Path, num_train: int = COCO_TRAIN, num_val: int | None = None
     wanted = {"format": FORMAT_VERSION, "train": num_train, "val": num_val, "seed": seed}
     marker = root / MARKER
     data_yaml = root / "data.yaml"
-    if marker.exists() and json.loads(marker.read_text()) == wanted:
-        return data_yaml
+    if marker.exists():
+        if json.loads(marker.read_text()) == wanted:
+            return data_yaml
+        raise SystemExit(
+            f"{root} holds a generated dataset of other parameters ({marker.read_text()}): give another folder"
+        )
     counts = dict(zip((s for s, _ in SPLITS), (num_train, num_val)))
     workers = usable_cpu_count()
     with ProcessPoolExecutor(workers) as pool:
@@ -179,5 +187,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -125,7 +125,7 @@ def cache_files(impl: str, data_yaml: Path) -> list[Path]:
         return [labels / (train_images(data_yaml).name + ".cache")]
     from utils.data.labels import cache_path_for
 
-    return [cache_path_for([train_images(data_yaml) / "x.jpg"])]
+    return [cache_path_for([train_images(data_yaml)])]
 
 
 # --- the measures ------------------------------------------------------------------------------
@@ -203,7 +203,8 @@ def measure_loader(args: argparse.Namespace) -> dict:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    sys.path.insert(0, str(REPO))
+    if args.impl == "ours":  # never ahead of a reference package's own modules
+        sys.path.insert(0, str(REPO))
     for module in MODULES[args.impl]:
         importlib.import_module(module)
     measure = {"scan": measure_scan, "memory": measure_memory, "loader": measure_loader}[args.measure]

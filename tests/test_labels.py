@@ -181,7 +181,7 @@ def test_scan_split_reports_every_file(planted, tmp_path, caplog):
 def test_user_files_are_never_modified(planted):
     root = planted.parent.parent
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    scan_labels(list_image_files([planted])[0], 3, cache_path_for(list_image_files([planted])[0]))
+    scan_labels(list_image_files([planted])[0], 3, cache_path_for([planted]))
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert after == before  # nothing changed, nothing added: the cache lies in the cache folder
 
@@ -189,7 +189,7 @@ def test_user_files_are_never_modified(planted):
 def test_cache_is_reused_and_invalidated(planted, monkeypatch, tmp_path):
     monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))
     files = list_image_files([planted])[0]
-    cache = cache_path_for(files)
+    cache = cache_path_for([planted])
     assert cache.parent == tmp_path / "cache" / "labels" and cache.name.startswith(f"{tmp_path.name}-train-")
     first = scan_labels(files, 3, cache)
     assert cache.exists()
@@ -208,11 +208,15 @@ def test_cache_is_reused_and_invalidated(planted, monkeypatch, tmp_path):
     assert len(changed.labels[changed.image_files.index(planted / "good0.jpg")]) == 3
 
 
-def test_each_label_folder_has_its_own_cache(tmp_path, monkeypatch):
-    """Two datasets with the same split names (or one dataset copied) never share a cache."""
+def test_each_split_has_its_own_cache(tmp_path, monkeypatch):
+    """Two datasets with the same split names (or one dataset copied), and two image lists of one
+    folder of images (YOLOv5's autosplit), never share a cache."""
     monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))
-    first, second = (cache_path_for([tmp_path / name / "images" / "train" / "a.jpg"]) for name in ("one", "two"))
+    first, second = (cache_path_for([tmp_path / name / "images" / "train"]) for name in ("one", "two"))
     assert first != second and first.parent == second.parent == tmp_path / "cache" / "labels"
+    assert first.name.startswith("one-train-")
+    lists = [cache_path_for([tmp_path / "d" / f"autosplit_{split}.txt"]) for split in ("train", "val")]
+    assert lists[0] != lists[1]
 
 
 def test_unwritable_cache_location_still_scans(planted, caplog, tmp_path):
@@ -258,7 +262,7 @@ def test_a_split_without_boxes_is_refused_for_training_and_flagged_for_validatio
 def test_a_damaged_cache_is_scanned_again_with_one_warning(planted, caplog, damage):
     """A cache cut short (a full disk, a killed copy) is named in one warning, scanned again and rewritten."""
     files = list_image_files([planted])[0]
-    cache = cache_path_for(files)
+    cache = cache_path_for([planted])
     first = scan_labels(files, 3, cache)
     whole = cache.read_bytes()
     cache.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])

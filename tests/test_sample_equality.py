@@ -14,7 +14,7 @@ from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
 from utils.data.augment import letterbox, mixup, mosaic_canvas, pixel_augmentations, random_perspective
 from utils.data.config import load_dataset_config
 from utils.data.dataset import SAMPLE_STREAM, DetectionDataset
-from utils.data.labels import list_image_files, scan_labels
+from utils.data.labels import label_path_for, list_image_files, scan_labels, verify_image_and_label
 from utils.hyp import load_hyp
 
 
@@ -106,16 +106,25 @@ def scan(tiny_dataset):
     return scan_labels(list_image_files(data.train)[0], data.nc, cache_path=None)
 
 
+def oracle_lists(tiny_dataset) -> tuple[list, list, np.ndarray]:
+    """The split's files, labels and sizes as the oracle's own lists, verified one by one (not read
+    back from the ImageTable under test)."""
+    data = load_dataset_config(str(tiny_dataset))
+    files = list_image_files(data.train)[0]
+    verified = [verify_image_and_label(f, label_path_for(f), data.nc) for f in files]
+    return files, [v.labels for v in verified], np.array([v.shape for v in verified])
+
+
 def every_augmentation_often() -> dict:
     hyp = load_hyp(None)
     hyp.update(mixup=0.5, flipud=0.5, degrees=10.0, shear=2.0, blur=0.3, median_blur=0.3, to_gray=0.3, clahe=0.3)
     return hyp
 
 
-def test_training_samples_equal_the_pipeline_before(scan, img_size=96):  # 64x128 images: resized, letterboxed
+def test_training_samples_equal_the_pipeline_before(scan, tiny_dataset, img_size=96):  # 64x128: resized, padded
     hyp = every_augmentation_often()
     dataset = DetectionDataset(scan, img_size, hyp, augment=True, seed=3, mosaic_until_epoch=14)
-    oracle = Oracle(scan.image_files, scan.labels, scan.shapes, img_size, hyp, 3, 14)
+    oracle = Oracle(*oracle_lists(tiny_dataset), img_size, hyp, 3, 14)
     keys = [(epoch, index) for epoch in range(18) for index in range(len(dataset))]  # 288: the last 4 epochs plain
     for key in keys:
         image, targets, index, _ = dataset[key]
@@ -124,20 +133,13 @@ def test_training_samples_equal_the_pipeline_before(scan, img_size=96):  # 64x12
         assert torch.equal(targets[:, 1:], torch.from_numpy(expected_targets)), key
 
 
-def test_validation_samples_equal_the_pipeline_before(scan):
+def test_validation_samples_equal_the_pipeline_before(scan, tiny_dataset):
     hyp = load_hyp(None)
     dataset = DetectionDataset(scan, 96, hyp, augment=False, rect=True, batch_size=4)
-    order = (scan.shapes[:, 0] / scan.shapes[:, 1]).argsort(kind="stable")
+    files, labels, shapes = oracle_lists(tiny_dataset)
+    order = (shapes[:, 0] / shapes[:, 1]).argsort(kind="stable")
     oracle = Oracle(
-        [scan.image_files[i] for i in order],
-        [scan.labels[i] for i in order],
-        scan.shapes[order],
-        96,
-        hyp,
-        0,
-        0,
-        dataset.batch_shapes,
-        4,
+        [files[i] for i in order], [labels[i] for i in order], shapes[order], 96, hyp, 0, 0, dataset.batch_shapes, 4
     )
     for index in range(len(dataset)):
         image, targets, _, _ = dataset[(0, index)]

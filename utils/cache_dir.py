@@ -17,11 +17,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ema-yolo"
 
 
-def cache_file_for(folder: Path, kind: str, suffix: str) -> Path:
-    """The cache file of `kind` for `folder`: named after the folder's last parts (a YOLO label folder
-    .../coco/labels/train2017 as coco-train2017), for a person reading the cache folder, and a digest
-    of its absolute path, so two datasets never share one."""
-    folder = folder.absolute()
-    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    readable = "-".join(part for part in folder.parts[-3:] if part not in (kind, folder.anchor))
+def cache_file_for(sources: list[Path], kind: str, suffix: str, generic: tuple[str, ...] = ()) -> Path:
+    """The cache file of `kind` for what `sources` name (a split's image folders or lists): named after
+    the first one's last parts, less `generic` folder names (.../coco/images/train2017 as
+    coco-train2017), for a person reading the cache folder, and a digest of all their absolute paths,
+    so two splits or datasets never share one."""
+    absolute = [os.path.normpath(Path(s).absolute()) for s in sources]
+    digest = hashlib.sha256(b"\0".join(os.fsencode(s) for s in absolute)).hexdigest()[:12]
+    parts = Path(absolute[0]).parts[-3:] if absolute else ()
+    readable = "-".join(p for p in parts if p not in (*generic, os.sep)).replace(".", "_")[:100]
     return cache_dir() / kind / (f"{readable}-{digest}{suffix}" if readable else f"{digest}{suffix}")

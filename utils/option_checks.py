@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 
 from utils.errors import UserError
 from utils.log import LOGGER
@@ -64,6 +65,20 @@ def check_detection_options(
     check_range(option_name("--iou-thres", api), iou_thres, 0, 1, meaning="an IoU")
     check_range(option_name("--max-det", api), max_det, 1, meaning="detections kept per image; 0 would keep none")
     check_range(option_name("--imgsz", api), imgsz, 1, meaning="pixels")
+
+
+def class_id_list(classes) -> list[int] | None:
+    """The Python API's `classes`: None, one class id or a sequence of them, as a list; anything else
+    (a bool, a float, a string) is a UserError rather than a filter that silently keeps nothing."""
+    if classes is None:
+        return None
+    items = [classes] if isinstance(classes, numbers.Integral) else classes
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise UserError(f"classes {classes!r}: give a class id or a list of them")
+    items = list(items)
+    if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in items) or isinstance(classes, bool):
+        raise UserError(f"classes {classes!r}: class ids are integers")
+    return [int(c) for c in items]
 
 
 def check_class_ids(classes: list[int] | None, names: list[str], api: bool = False) -> None:

@@ -156,7 +156,7 @@ class DetectionDataset(Dataset):
             f"(the first: {self.scan.messages[-len(indices)][1]})"
         )
         if not len(self):
-            raise UserError(f"no image of {self.scan.image_files[0].parent} can be decoded")
+            raise UserError(f"no image of {self.scan.table.path(0).parent} can be decoded")
 
     def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
         ratio = self.img_size / max(h, w)

@@ -53,13 +53,16 @@ class ImageTable:
 
     @classmethod
     def from_lists(cls, paths: list[Path], labels: list[np.ndarray], shapes: np.ndarray) -> ImageTable:
+        """From a path, an (n, 5) label array and a (height, width) per image."""
         encoded = [os.fsencode(p) for p in paths]
         return cls.from_flat(
             encoded, np.concatenate([*labels, np.zeros((0, 5), np.float32)]), [len(lb) for lb in labels], shapes
         )
 
     @classmethod
-    def from_flat(cls, encoded_paths: list[bytes], boxes: np.ndarray, counts, shapes: np.ndarray) -> ImageTable:
+    def from_flat(
+        cls, encoded_paths: list[bytes], boxes: np.ndarray, counts: np.ndarray | list[int], shapes: np.ndarray
+    ) -> ImageTable:
         """From encoded paths, every label row back to back and the number of rows of each image."""
         prefix = _common_folder(encoded_paths)
         rests = [p[len(prefix) :] for p in encoded_paths]
@@ -76,6 +79,7 @@ class ImageTable:
         return len(self.path_offsets) - 1
 
     def path(self, index: int) -> Path:
+        """Image `index`'s path."""
         rest = self.path_bytes[self.path_offsets[index] : self.path_offsets[index + 1]].tobytes()
         return Path(os.fsdecode(self.prefix + rest))
 
@@ -84,12 +88,14 @@ class ImageTable:
         return self.boxes[self.box_offsets[index] : self.box_offsets[index + 1]]
 
     def paths(self) -> list[Path]:
+        """Every image's path, as a new list."""
         return [self.path(i) for i in range(len(self))]
 
     def label_list(self) -> list[np.ndarray]:
+        """Every image's labels (views), as a new list."""
         return [self.labels(i) for i in range(len(self))]
 
-    def take(self, indices) -> ImageTable:
+    def take(self, indices: np.ndarray | list[int]) -> ImageTable:
         """The images `indices`, in that order."""
         indices = np.asarray(indices, np.int64)
         path_bytes, path_offsets = _gather(self.path_bytes, self.path_offsets, indices)

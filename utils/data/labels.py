@@ -89,6 +89,7 @@ def list_image_paths(sources: tuple[Path, ...] | list[Path]) -> tuple[list[str],
                 unreadable.append(f"{error.filename}: unreadable folder ({error.strerror})")
 
             for folder, _, names in os.walk(str(source), onerror=note, followlinks=True):  # str(Path): normalised
+                folder = "" if folder == os.curdir else folder.removeprefix(os.curdir + os.sep)  # as Path('.') / n
                 files += [os.path.join(folder, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
         elif source.suffix == ".txt" and source.is_file():
             for line in source.read_text().splitlines():
@@ -136,6 +137,7 @@ class LabelScan:
     num_empty: int = 0
     num_corrupt: int = 0
     cache_key: str = ""  # hash of the files and settings scanned
+    cache_path: Path | None = None  # where the scan is cached (None: not cached)
     messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # FOUND, MISSING or EMPTY per kept image
 
@@ -276,13 +278,13 @@ def _files_hash(image_files: list[Path] | list[str], label_files: list[str], num
     for path in image_files + label_files:
         try:
             stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
         except OSError:
-            digest.update(f"{path}\0missing\n".encode())
+            digest.update(f"{path}\0missing\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
-def _verify_chunk(job: tuple[list[Path], list[str], int, int]) -> list[Verified]:
+def _verify_chunk(job: tuple[list[Path] | list[str], list[str], int, int]) -> list[Verified]:
     image_files, label_files, num_classes, threads = job
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(verify_image_and_label, image_files, label_files, [num_classes] * len(image_files)))
@@ -303,8 +305,9 @@ def scan_labels(
         processes = min(usable_cpu_count(), len(chunks))
         # PIL's header parsing holds the GIL: a large split is shared out to a process per core
         # (each reading through threads, for files on a slow disk); a small one stays in this one.
+        # forkserver: a fork of this process (torch's and gloo's threads) could deadlock.
         with (
-            ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"))
+            ProcessPoolExecutor(processes, mp_context=mp.get_context("forkserver"))
             if processes > 1
             else nullcontext() as pool
         ):
@@ -337,6 +340,7 @@ def scan_labels(
     )
     return LabelScan(
         table=table if len(keep) == len(table) else table.take(keep),
+        cache_path=cache_path,
         num_found=int((status == FOUND).sum()),
         num_missing=int((status == MISSING).sum()),
         num_empty=int((status == EMPTY).sum()),
@@ -379,10 +383,12 @@ def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
         )
 
 
-def cache_path_for(image_files: list[Path]) -> Path:
-    """The split's label cache, in the project's cache folder (not beside the labels, as YOLOv5
-    keeps it: no command writes into a dataset folder), keyed by the split's label folder."""
-    return cache_file_for(label_path_for(image_files[0]).parent, "labels", ".cache")
+def cache_path_for(sources: tuple[Path, ...] | list[Path]) -> Path:
+    """The label cache of a split listed from `sources` (its image folders, image-list files or
+    images), in the project's cache folder: not beside the labels, as YOLOv5 keeps it, since no
+    command writes into a dataset folder; keyed by the sources, so two lists of one folder of
+    images (YOLOv5's autosplit) keep a cache each."""
+    return cache_file_for(list(sources), "labels", ".cache", generic=("images", "labels"))
 
 
 def scan_split(
@@ -399,7 +405,7 @@ def scan_split(
     single labelled box when `needs_labels` (training on it would learn nothing); a split to
     validate on without boxes is only warned about, as its mAP means nothing."""
     image_files, unreadable_folders = list_image_paths(sources)
-    scan = scan_labels(image_files, num_classes, cache_path_for([Path(image_files[0])]), prefix=prefix)
+    scan = scan_labels(image_files, num_classes, cache_path_for(sources), prefix=prefix)
     scan.messages = [(UNREADABLE_FOLDER, m) for m in unreadable_folders] + scan.messages
     LOGGER.info(f"{prefix}{scan.summary()}")
     for _, message in scan.messages[:max_messages]:

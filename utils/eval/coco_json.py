@@ -14,7 +14,6 @@ from pycocotools.cocoeval import COCOeval
 from utils.atomic_write import atomic_write
 from utils.data.config import DatasetConfig
 from utils.data.dataset import DetectionDataset
-from utils.data.labels import cache_path_for
 from utils.eval.metrics import DetectionMetrics
 from utils.log import LOGGER
 
@@ -230,12 +229,11 @@ def cross_check_with_pycocotools(
     ]
     write_json(run_dir / "predictions.json", records)
     official = data.root / "annotations" / "instances_val2017.json"
+    beside_scan = dataset.scan.cache_path or run_dir / "labels.cache"  # a scan not cached: the run folder
     gt_path = (
         official
         if is_coco and official.exists()
-        else cached_ground_truth(
-            dataset, ids, cat_ids, names, cache_path_for(dataset.image_files).with_suffix(".coco.json"), run_dir
-        )
+        else cached_ground_truth(dataset, ids, cat_ids, names, beside_scan.with_suffix(".coco.json"), run_dir)
     )
     checked = pycocotools_stats(gt_path, records, sorted(ids.values()))
     if checked is None:

@@ -3,6 +3,7 @@ or an export once, then call it on image files, numpy arrays or PIL images, one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from utils.infer.backends import ExportedModel, inference_image_size, load_weigh
 from utils.infer.capture import URL_PREFIXES
 from utils.infer.media_files import batch_output_names
 from utils.infer.results import Results
-from utils.option_checks import check_class_ids, check_detection_options
+from utils.option_checks import check_class_ids, check_detection_options, class_id_list
 from utils.precision import describe
 
 # What Detector() accepts as one image.
@@ -51,14 +52,14 @@ class Detector:
         conf_thres: float = 0.25,
         iou_thres: float | None = None,
         max_det: int = 1000,
-        classes: list[int] | None = None,
+        classes: int | Sequence[int] | None = None,
         agnostic_nms: bool = False,
         raw: bool = False,
         amp: str | bool | None = None,
         trust_pickle: bool = False,
     ):
         check_detection_options(conf_thres, iou_thres, max_det, imgsz, api=True)
-        classes = [classes] if isinstance(classes, int) else None if classes is None else list(classes)
+        classes = class_id_list(classes)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         loaded = load_weights(weights, self.device, raw=raw, fuse=True, trust_pickle=trust_pickle)
         self.model, self.names = loaded.model, list(loaded.model.names)
