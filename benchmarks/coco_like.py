@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -157,7 +158,8 @@ def generate(root: Path, num_train: int = COCO_TRAIN, num_val: int | None = None
         )
     counts = dict(zip((s for s, _ in SPLITS), (num_train, num_val)))
     workers = usable_cpu_count()
-    with ProcessPoolExecutor(workers) as pool:
+    # forkserver: a fork of a process with threads (a test run's, say) can deadlock in the child
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver")) as pool:
         jobs = []
         for split, split_id in SPLITS:
             for kind in ("images", "labels"):
