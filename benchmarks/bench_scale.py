@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ref-venv", type=Path, default=None, help="venv with yolov5 and ultralytics (else ours only)")
     p.add_argument("--workdir", type=Path, default=Path("runs/bench_scale"))
     p.add_argument("--items", type=int, default=10_000, help="images through the 1-worker loader")
-    p.add_argument("--items-2-workers", type=int, default=2_000, help="images through the 2-worker loader")
+    p.add_argument("--items-2-workers", type=int, default=2_000, help="images through the 2-worker loader (0: none)")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--json", type=Path, default=None, help="default: WORKDIR/bench_scale.json")
     return p.parse_args()
@@ -126,7 +126,7 @@ def measure(runner: Runner, root: Path, opt: argparse.Namespace) -> dict:
     figures["scan_warm"] = runner("scan")
     figures["memory"] = runner("memory")
     log = runner.workdir / f"memory_{runner.impl}.jsonl"
-    for workers, items in ((1, opt.items), (2, opt.items_2_workers)):
+    for workers, items in [(1, opt.items)] + ([(2, opt.items_2_workers)] if opt.items_2_workers else []):
         log.unlink(missing_ok=True)
         drop_from_page_cache(folders)
         options = ("--workers", str(workers), "--items", str(items), "--imgsz", str(opt.imgsz))
@@ -157,6 +157,8 @@ def table(results: dict[str, dict]) -> str:
     ]
     for workers in (1, 2):
         key = f"loader_{workers}"
+        if key not in next(iter(results.values())):  # --items-2-workers 0
+            continue
         cells = []
         for r in results.values():
             speed = r[key]["images_per_s"]

@@ -363,9 +363,10 @@ def scale_table(printed: str, columns: list[str]) -> dict[str, list[str]]:
 def test_bench_scale_ours(run_benchmark, tmp_path):
     printed = run_benchmark(
         "bench_scale.py", "--root", str(tmp_path / "coco_like"), "--images", "40", "--items", "32",
-        "--items-2-workers", "16", "--imgsz", "64", "--workdir", str(tmp_path / "work"),
+        "--items-2-workers", "0", "--imgsz", "64", "--workdir", str(tmp_path / "work"),
     )  # fmt: skip
     rows = scale_table(printed, ["ours"])
+    assert "loader images/s, 2 workers" not in rows  # --items-2-workers 0: that run left out (CI time)
     for measure in ("label scan, cold (s)", "label cache (MB)", "dataset bytes per image", "loader images/s, 1 worker"):
         assert number(rows[measure][0]) > 0, measure
     assert "MiB" in rows["worker private, warm-up -> end of 1-worker run"][0]  # read inside the worker

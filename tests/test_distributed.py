@@ -312,11 +312,13 @@ def test_two_machines_killed_mid_epoch_resume_to_the_one_machine_weights(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", ["ddp-to-ddp", "ddp-to-single", "single-to-ddp"])
-def test_resume_after_the_first_epoch(ddp_and_single_runs, tmp_path, direction):
+def test_resume_after_the_first_epoch(ddp_and_single_runs, tmp_path, direction, ddp_cfg):
     """The checkpoint written at the end of the first epoch resumes under torchrun to the
     uninterrupted 2-process run's weights, and across process counts (2 -> 1, 1 -> 2) to the run
     of the other kind (same global batch, so same steps). Two processes resume a bare --resume too:
     rank 0 finds the checkpoint under --project."""
+    if ddp_cfg == "yolov5n.yaml":
+        pytest.skip("the resume is the model's state whatever its head: yolo11n's checks it (CI time)")
     runs = dict(zip(("ddp", "single"), ddp_and_single_runs))
     source, target = direction.split("-to-")
     last = tmp_path / "exp" / "weights" / "last.pt"
@@ -337,9 +339,11 @@ def test_resume_after_the_first_epoch(ddp_and_single_runs, tmp_path, direction):
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, tiny_dataset, tmp_path):
+def test_two_process_checkpoint_evaluates_in_one_process(ddp_and_single_runs, tiny_dataset, tmp_path, ddp_cfg):
     """val.py (one process) on the torchrun run's last.pt (float64 weights) prints the mAP rank 0
     logged for it, and detect.py runs it."""
+    if ddp_cfg == "yolov5n.yaml":
+        pytest.skip("a torchrun checkpoint loads as one whatever its head: yolo11n's checks it (CI time)")
     ddp_dir = ddp_and_single_runs[0]
     detected = run_script(
         "detect.py",

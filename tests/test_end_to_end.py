@@ -186,6 +186,8 @@ def test_kill_and_resume_equals_uninterrupted(trained_run, tiny_dataset, tmp_pat
     """SIGKILL after the first epoch's checkpoint, then --resume: same EMA, updates and results as straight through."""
     if cfg == "yolov5n.yaml":
         pytest.skip("test_stop_signals.py stops yolov5n around an epoch's validation and resumes it bit for bit")
+    if cfg == "yolov5nu.yaml":
+        pytest.skip("test_fault_injection.py kills yolov5nu at random moments and resumes it bit for bit")
     command = [
         sys.executable,
         str(REPO_ROOT / "train.py"),

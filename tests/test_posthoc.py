@@ -45,8 +45,8 @@ def reconstruction_error(snapshot_count: int, steps: int = 600, at: int | None =
     snapshots, target = [], None
     for k in range(steps):
         model.set_step(k)
-        for average in (*stored, direct):
-            average.update(model, 16)
+        for tracked in (*stored, direct):
+            tracked.update(model, 16)
         if k + 1 in due and k + 1 <= at:
             snapshots += [(a.gamma, a.updates, a.module.w.clone()) for a in stored]
         if k + 1 == at:
