@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import NamedTuple
 
 import cv2
@@ -28,6 +27,7 @@ from utils.data.augment import (
     random_perspective,
 )
 from utils.data.decode import read_image_rgb
+from utils.data.image_table import TableView
 from utils.data.labels import UNDECODABLE_IMAGE, LabelScan
 from utils.device import available_memory_bytes
 from utils.errors import UserError
@@ -44,7 +44,7 @@ class Batch(NamedTuple):
     letterbox: torch.Tensor  # (B, 4) float64 scale_x, scale_y, pad_x, pad_y: original -> network input
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(TableView, Dataset):
     """Images and YOLO labels of one split, with YOLOv5's training augmentation when `augment`.
 
     With `rect` (validation), images are ordered by aspect ratio and each batch is
@@ -79,28 +79,6 @@ class DetectionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.table)
-
-    @property
-    def shapes(self) -> np.ndarray:
-        """(N, 2) original (height, width) of each image."""
-        return self.table.shapes
-
-    @property
-    def image_files(self) -> list[Path]:
-        """Every image's path (a new list: index with image_file(i) in loops)."""
-        return self.table.paths()
-
-    @property
-    def labels(self) -> list[np.ndarray]:
-        """Every image's (n, 5) labels (a new list: index with labels_of(i) in loops)."""
-        return self.table.label_list()
-
-    def image_file(self, index: int) -> Path:
-        return self.table.path(index)
-
-    def labels_of(self, index: int) -> np.ndarray:
-        """(n, 5) float32 [class, cx, cy, w, h] normalised (a view: copy before changing it)."""
-        return self.table.labels(index)
 
     def _sort_by_aspect_ratio(self, batch_size: int, stride: int) -> None:
         aspect = self.shapes[:, 0] / self.shapes[:, 1]  # h / w

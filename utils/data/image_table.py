@@ -107,3 +107,30 @@ class ImageTable:
         boxes = self.boxes.copy()
         boxes[:, 0] = 0
         return ImageTable(self.prefix, self.path_bytes, self.path_offsets, boxes, self.box_offsets, self.shapes)
+
+
+class TableView:
+    """What a split's holders (LabelScan, DetectionDataset) read from their `table`: one image's path
+    and labels, and the whole lists (new lists: index with image_file(i) and labels_of(i) in loops)."""
+
+    table: ImageTable
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """(N, 2) original (height, width), EXIF orientation applied."""
+        return self.table.shapes
+
+    @property
+    def image_files(self) -> list[Path]:
+        return self.table.paths()
+
+    @property
+    def labels(self) -> list[np.ndarray]:
+        return self.table.label_list()
+
+    def image_file(self, index: int) -> Path:
+        return self.table.path(index)
+
+    def labels_of(self, index: int) -> np.ndarray:
+        """(n, 5) float32 [class, cx, cy, w, h] normalised (a view: copy before changing it)."""
+        return self.table.labels(index)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from utils.atomic_write import atomic_write
 from utils.cache_dir import cache_file_for
-from utils.data.image_table import ImageTable
+from utils.data.image_table import ImageTable, TableView
 from utils.errors import UserError
 from utils.log import LOGGER, interactive
 from utils.resources import usable_cpu_count
@@ -128,7 +128,7 @@ def _label_path(image_file: str) -> str:
 
 
 @dataclass
-class LabelScan:
+class LabelScan(TableView):
     """Verified images of one split: those kept, their labels and original sizes, and the counts."""
 
     table: ImageTable  # paths, labels (n, 5) float32 [class, cx, cy, w, h] normalised, original (height, width)
@@ -140,19 +140,6 @@ class LabelScan:
     cache_path: Path | None = None  # where the scan is cached (None: not cached)
     messages: list[tuple[str, str]] = field(default_factory=list)  # (problem kind, message) per affected file
     status: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # FOUND, MISSING or EMPTY per kept image
-
-    @property
-    def image_files(self) -> list[Path]:
-        return self.table.paths()
-
-    @property
-    def labels(self) -> list[np.ndarray]:
-        return self.table.label_list()
-
-    @property
-    def shapes(self) -> np.ndarray:
-        """(N, 2) original (height, width), EXIF orientation applied."""
-        return self.table.shapes
 
     def skip(self, image_file: Path, kind: str, message: str) -> None:
         """Count a kept image as corrupt after all (it cannot be decoded when loaded)."""
