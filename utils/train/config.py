@@ -14,7 +14,7 @@ import torch
 
 from utils.checkpoint.format import trained_amp
 from utils.data.config import DatasetConfig
-from utils.data.labels import list_image_files
+from utils.data.labels import list_image_paths
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER
@@ -266,7 +266,7 @@ def choose_optimizer(opt: TrainOptions, hyp: dict, data: DatasetConfig) -> tuple
     optimizer steps, once, and the result recorded in opt.yaml, hyp.yaml and every checkpoint."""
     if opt.optimizer != "auto":
         return opt.optimizer, hyp
-    batches_per_epoch = math.ceil(len(list_image_files(data.train)[0]) / opt.batch_size)
+    batches_per_epoch = math.ceil(len(list_image_paths(data.train)[0]) / opt.batch_size)
     planned_steps = optimizer_steps(opt.epochs, batches_per_epoch, opt.batch_size)
     name, hyp = resolve_auto_optimizer(opt.optimizer, hyp, planned_steps)
     LOGGER.info(
