@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.references import reference_dataset, reference_environment, timed_run  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
-from utils.data.labels import list_image_files  # noqa: E402
+from utils.data.labels import list_image_paths  # noqa: E402
 
 MILESTONES = (10, 20, 30)
 
@@ -201,7 +201,7 @@ def main() -> None:
         (runs_dir / folder).mkdir(parents=True)
         results[name] = timed_run(name, command, runs_dir / folder, env if needs_env else None)
         store.write_text(json.dumps(results))
-    train_images = len(list_image_files(load_dataset_config(args.data).train)[0])
+    train_images = len(list_image_paths(load_dataset_config(args.data).train)[0])
     print_table(results, train_images, args)
     plot(results, args.workdir / "accuracy_vs_time.png")
     print(f"\nplot: {args.workdir / 'accuracy_vs_time.png'}; runs: {runs_dir}")

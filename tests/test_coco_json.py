@@ -9,7 +9,7 @@ from PIL import Image
 
 from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
-from utils.data.labels import label_path_for, list_image_files, scan_labels
+from utils.data.labels import label_path_for, list_image_paths, scan_labels
 from utils.eval.coco_json import (
     COCO80_TO_91,
     cached_ground_truth,
@@ -40,7 +40,7 @@ def test_coco_category_mapping():
 def test_ground_truth_matches_the_label_files(tiny_dataset, tmp_path):
     """The COCO annotations equal boxes computed here straight from the .txt files and image sizes."""
     data = load_dataset_config(tiny_dataset)
-    scan = scan_labels(list_image_files(data.val)[0], data.nc, cache_path=None)
+    scan = scan_labels(list_image_paths(data.val)[0], data.nc, cache_path=None)
     dataset = DetectionDataset(scan, 64, load_hyp("scratch-low.yaml"), augment=False)
     ids = image_ids(dataset.image_files)
     coco = ground_truth(dataset, ids, category_ids(data.nc, is_coco=False), list(data.names))
@@ -61,7 +61,7 @@ def test_ground_truth_matches_the_label_files(tiny_dataset, tmp_path):
 
 def test_ground_truth_scores_perfectly_against_itself(tiny_dataset, tmp_path):
     data = load_dataset_config(tiny_dataset)
-    scan = scan_labels(list_image_files(data.val)[0], data.nc, cache_path=None)
+    scan = scan_labels(list_image_paths(data.val)[0], data.nc, cache_path=None)
     dataset = DetectionDataset(scan, 64, load_hyp("scratch-low.yaml"), augment=False)
     ids = image_ids(dataset.image_files)
     cat_ids = category_ids(data.nc, is_coco=False)

@@ -18,7 +18,7 @@ from utils.boxes import letterbox_to_original, xywhn_to_xyxy
 from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
 from utils.data.decode import read_image_rgb
-from utils.data.labels import list_image_files, scan_labels
+from utils.data.labels import list_image_paths, scan_labels
 from utils.data.loader import BatchShard, EpochSampler, build_dataloader
 from utils.hyp import load_hyp
 
@@ -26,7 +26,7 @@ from utils.hyp import load_hyp
 @pytest.fixture(scope="module")
 def train_scan(tiny_dataset):
     data = load_dataset_config(tiny_dataset)
-    return scan_labels(list_image_files(data.train)[0], data.nc, cache_path=None)
+    return scan_labels(list_image_paths(data.train)[0], data.nc, cache_path=None)
 
 
 def all_batches(loader, epoch):
@@ -174,9 +174,9 @@ def test_images_the_scan_accepted_but_no_decoder_reads_are_skipped_and_counted(t
     source = Path(yaml.safe_load(tiny_dataset.read_text())["path"])
     root = tmp_path / "copy"
     shutil.copytree(source, root, ignore=shutil.ignore_patterns("*.cache", "*.json"))
-    files = list_image_files([root / "images" / "train"])[0]
+    files = list_image_paths([root / "images" / "train"])[0]
     scan = scan_labels(files, 6, cache_path=None)
-    files[3].write_bytes(b"\xff\xd8\xff" + b"\x00" * 64)  # damaged after the scan
+    Path(files[3]).write_bytes(b"\xff\xd8\xff" + b"\x00" * 64)  # damaged after the scan
     found = scan.num_found + scan.num_empty
     dataset = DetectionDataset(scan, 64, load_hyp("scratch-low.yaml"), augment=True)
     assert dataset.cache_images_in_ram()
@@ -202,7 +202,7 @@ def test_training_reads_exif_tiffs_and_skips_truncated_bmps(tiny_dataset, tmp_pa
     (root / "labels" / "train" / "cut.txt").write_text("0 0.5 0.5 0.4 0.4\n")
     data = tmp_path / "mixed.yaml"
     data.write_text(yaml.safe_dump({**yaml.safe_load(tiny_dataset.read_text()), "path": str(root)}))
-    scan = scan_labels(list_image_files([root / "images" / "train"])[0], 6, cache_path=None)
+    scan = scan_labels(list_image_paths([root / "images" / "train"])[0], 6, cache_path=None)
     assert scan.num_corrupt == 1 and root / "images" / "train" / "rotated.tif" in scan.image_files
     assert any("cut.bmp" in message for _, message in scan.messages)
     assert train.main(tiny_train_args(data, tmp_path / "runs", "--epochs", "1")) == 0

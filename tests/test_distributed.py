@@ -35,7 +35,7 @@ from tests.processes import (
 )
 from utils.data import loader as loader_module
 from utils.data.config import load_dataset_config
-from utils.data.labels import list_image_files, scan_labels
+from utils.data.labels import list_image_paths, scan_labels
 from utils.data.loader import build_train_dataset
 from utils.dist import World
 from utils.errors import UserError
@@ -393,7 +393,7 @@ def _rank_0_decides(rank: int, world_size: int, tmp_path: Path, data_yaml: Path)
     data = load_dataset_config(str(data_yaml))
     hyp = load_hyp(None, anchor_free=False)
     dataset = build_train_dataset(data, hyp, img_size=64, seed=0, single_cls=False, cache="off", epochs=1, world=world)
-    files = list_image_files(data.train)[0]
+    files = list_image_paths(data.train)[0]
     expected = scan_labels(files, data.nc, cache_path=None)
     assert dataset.scan.image_files == expected.image_files and dataset.scan.summary() == expected.summary()
     assert all(np.array_equal(a, b) for a, b in zip(dataset.scan.labels, expected.labels))

@@ -14,7 +14,7 @@ from utils.data import labels as labels_module
 from utils.data.labels import (
     cache_path_for,
     label_path_for,
-    list_image_files,
+    list_image_paths,
     scan_labels,
     scan_split,
     write_data_report,
@@ -104,7 +104,7 @@ def planted(tmp_path) -> Path:
 
 
 def test_every_kind_is_counted_and_named(planted):
-    files, unreadable = list_image_files([planted])
+    files, unreadable = list_image_paths([planted])
     scan = scan_labels(files, num_classes=3, cache_path=None)
     corrupt = [
         v[2]
@@ -138,7 +138,7 @@ def test_every_kind_is_counted_and_named(planted):
 
 
 def test_summary_line_counts_each_problem(planted):
-    scan = scan_labels(list_image_files([planted])[0], 3, cache_path=None)
+    scan = scan_labels(list_image_paths([planted])[0], 3, cache_path=None)
     summary = scan.summary()
     assert summary.startswith("25 images, 8 labels found, 1 missing, 1 empty, 15 corrupt (skipped); skipped: ")
     assert "2 class id out of range" in summary and "1 truncated image" in summary
@@ -156,8 +156,8 @@ def test_unreadable_folder_is_counted(planted, monkeypatch):
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    files, unreadable = list_image_files([planted])
-    assert not any(p.parent == blocked for p in files)
+    files, unreadable = list_image_paths([planted])
+    assert not any(Path(p).parent == blocked for p in files)
     assert len(unreadable) == 1 and str(blocked) in unreadable[0] and "Permission denied" in unreadable[0]
 
 
@@ -181,14 +181,14 @@ def test_scan_split_reports_every_file(planted, tmp_path, caplog):
 def test_user_files_are_never_modified(planted):
     root = planted.parent.parent
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    scan_labels(list_image_files([planted])[0], 3, cache_path_for([planted]))
+    scan_labels(list_image_paths([planted])[0], 3, cache_path_for([planted]))
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert after == before  # nothing changed, nothing added: the cache lies in the cache folder
 
 
 def test_cache_is_reused_and_invalidated(planted, monkeypatch, tmp_path):
     monkeypatch.setenv("EMA_YOLO_CACHE_DIR", str(tmp_path / "cache"))
-    files = list_image_files([planted])[0]
+    files = list_image_paths([planted])[0]
     cache = cache_path_for([planted])
     assert cache.parent == tmp_path / "cache" / "labels" and cache.name.startswith(f"{tmp_path.name}-train-")
     first = scan_labels(files, 3, cache)
@@ -221,7 +221,7 @@ def test_each_split_has_its_own_cache(tmp_path, monkeypatch):
 
 def test_unwritable_cache_location_still_scans(planted, caplog, tmp_path):
     caplog.set_level("INFO")
-    files = list_image_files([planted])[0]
+    files = list_image_paths([planted])[0]
     (tmp_path / "a_file").write_text("")
     cache = tmp_path / "a_file" / "labels" / "train.cache"  # its folder cannot be made
     scan = scan_labels(files, 3, cache)
@@ -232,11 +232,11 @@ def test_unwritable_cache_location_still_scans(planted, caplog, tmp_path):
 def test_image_list_txt_and_errors(tmp_path, planted):
     listing = tmp_path / "list.txt"
     listing.write_text("images/train/good0.jpg\n\n" + str(planted / "good1.jpg") + "\n")
-    assert list_image_files([listing])[0] == sorted([planted / "good0.jpg", planted / "good1.jpg"])
+    assert list_image_paths([listing])[0] == [str(planted / "good0.jpg"), str(planted / "good1.jpg")]
     with pytest.raises(UserError, match="no images found"):
-        list_image_files([tmp_path / "labels"])
+        list_image_paths([tmp_path / "labels"])
     with pytest.raises(UserError, match="is not a folder"):
-        list_image_files([tmp_path / "absent"])
+        list_image_paths([tmp_path / "absent"])
 
 
 def test_label_path_uses_the_last_images_folder():
@@ -261,7 +261,7 @@ def test_a_split_without_boxes_is_refused_for_training_and_flagged_for_validatio
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_a_damaged_cache_is_scanned_again_with_one_warning(planted, caplog, damage):
     """A cache cut short (a full disk, a killed copy) is named in one warning, scanned again and rewritten."""
-    files = list_image_files([planted])[0]
+    files = list_image_paths([planted])[0]
     cache = cache_path_for([planted])
     first = scan_labels(files, 3, cache)
     whole = cache.read_bytes()
@@ -315,7 +315,7 @@ def test_writers_of_one_cache_at_once_leave_one_whole_cache(tmp_path, monkeypatc
 def test_a_scan_shared_out_to_processes_equals_one_in_this_process(planted, monkeypatch):
     """A large split is verified in chunks by a process per core: the same scan, in the same order,
     every planted problem counted and reported as one process finds them."""
-    files = list_image_files([planted])[0]
+    files = list_image_paths([planted])[0]
     whole = scan_labels(files, 3, cache_path=None)
     monkeypatch.setattr(labels_module, "SCAN_CHUNK", 3)
     monkeypatch.setattr(labels_module, "usable_cpu_count", lambda: 2)

@@ -14,7 +14,7 @@ from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
 from utils.data.augment import letterbox, mixup, mosaic_canvas, pixel_augmentations, random_perspective
 from utils.data.config import load_dataset_config
 from utils.data.dataset import SAMPLE_STREAM, DetectionDataset
-from utils.data.labels import label_path_for, list_image_files, scan_labels, verify_image_and_label
+from utils.data.labels import label_path_for, list_image_paths, scan_labels, verify_image_and_label
 from utils.hyp import load_hyp
 
 
@@ -103,14 +103,14 @@ class Oracle:
 @pytest.fixture(scope="module")
 def scan(tiny_dataset):
     data = load_dataset_config(str(tiny_dataset))
-    return scan_labels(list_image_files(data.train)[0], data.nc, cache_path=None)
+    return scan_labels(list_image_paths(data.train)[0], data.nc, cache_path=None)
 
 
 def oracle_lists(tiny_dataset) -> tuple[list, list, np.ndarray]:
     """The split's files, labels and sizes as the oracle's own lists, verified one by one (not read
     back from the ImageTable under test)."""
     data = load_dataset_config(str(tiny_dataset))
-    files = list_image_files(data.train)[0]
+    files = list_image_paths(data.train)[0]
     verified = [verify_image_and_label(f, label_path_for(f), data.nc) for f in files]
     return files, [v.labels for v in verified], np.array([v.shape for v in verified])
 

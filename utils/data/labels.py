@@ -70,16 +70,10 @@ REPAIRS = (DUPLICATES, CLIPPED)
 UNREADABLE_FOLDER = "unreadable folder"
 
 
-def list_image_files(sources: tuple[Path, ...] | list[Path]) -> tuple[list[Path], list[str]]:
-    """Image files from folders (searched recursively), image-list .txt files or single images,
-    and a message for each folder that could not be read (those are skipped, not fatal)."""
-    files, unreadable = list_image_paths(sources)
-    return [Path(f) for f in files], unreadable
-
-
 def list_image_paths(sources: tuple[Path, ...] | list[Path]) -> tuple[list[str], list[str]]:
-    """list_image_files as strings, in the same order (a split of 100k images lists 10x faster
-    without a Path object per file)."""
+    """Image files from folders (searched recursively), image-list .txt files or single images,
+    as path strings in Path order (a split of 100k images lists 10x faster without a Path object
+    per file), and a message for each folder that could not be read (skipped, not fatal)."""
     files: list[str] = []
     unreadable: list[str] = []
     for source in sources:

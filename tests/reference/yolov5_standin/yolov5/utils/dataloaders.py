@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from utils.data.decode import read_image_rgb
-from utils.data.labels import label_path_for, list_image_files
+from utils.data.labels import label_path_for, list_image_paths
 
 
 class FolderDataset(torch.utils.data.Dataset):
     def __init__(self, folder: str, imgsz: int):
-        self.files, _ = list_image_files([Path(folder)])
+        self.files = [Path(f) for f in list_image_paths([Path(folder)])[0]]
         self.imgsz = imgsz
 
     def __len__(self) -> int:
