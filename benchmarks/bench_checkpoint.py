@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.yolo import build_model  # noqa: E402
 from utils.checkpoint.format import load_checkpoint, save_checkpoint, training_checkpoint  # noqa: E402
 from utils.hyp import load_hyp  # noqa: E402
+from utils.peak_memory import PeakMemory  # noqa: E402
 from utils.train.ema import EMA_IMAGES, EMA_STEPS, ModelEMA, UniformAverage, build_average, posthoc_names  # noqa: E402
 from utils.train.optim import build_optimizer  # noqa: E402
 from utils.train.run import state_of  # noqa: E402
@@ -54,20 +55,13 @@ def checkpoint_for(cfg: str, all_averages: bool = False) -> dict:
     )
 
 
-def _kib(field: str) -> int:
-    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def write_memory(path: Path, checkpoint: dict) -> int:
-    """Bytes the write adds at its peak: VmHWM (reset first through clear_refs) minus VmRSS before."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS to the current RSS
-    before = _kib("VmRSS")
+    """Bytes the write adds at its peak: the resident set's peak during it minus the RSS before."""
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    before = memory.in_use()
     save_checkpoint(path, checkpoint)
-    return _kib("VmHWM") - before
+    return memory.peak() - before
 
 
 def main() -> None:

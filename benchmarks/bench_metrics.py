@@ -4,7 +4,9 @@ on seeded synthetic detections, and print a table of times, speed-ups and the mA
     python benchmarks/bench_metrics.py [--images 5000] [--preds 100] [--classes 80] [--seed 0]
 
 COCO objects (and the result lists they load) are built before the clocks start: the reference times
-cover evaluate() + accumulate() only. Ours covers add_image for every image + compute().
+cover evaluate() + accumulate() only. Ours covers add_image for every image + compute(). Memory is
+what each adds at its peak (resident set, utils/peak_memory.py), building the COCO objects included
+for the references.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.eval.metrics import DetectionEvaluator  # noqa: E402
+from utils.peak_memory import PeakMemory  # noqa: E402
 
 IMAGE_SIZE = 640
 GT_PER_IMAGE = 7  # Poisson mean
@@ -96,6 +100,15 @@ def run_ours(images: list[tuple], num_classes: int) -> tuple[float, float, float
     return time.perf_counter() - start, metrics.map50, metrics.map50_95
 
 
+def with_peak_memory(run, *args) -> tuple:
+    """run(*args)'s result and the memory it added at its peak (resident set, bytes)."""
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    before = memory.in_use()
+    result = run(*args)
+    return (*result, memory.peak() - before)
+
+
 def run_reference(coco_cls: type, eval_cls: type, dataset: dict, results: list[dict]) -> tuple[float, float, float]:
     """COCO objects built untimed; evaluate() + accumulate() timed; summarize() for the stats."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -127,23 +140,29 @@ def main() -> int:
         f"{args.classes} classes, seed {args.seed}"
     )
 
-    rows = {"pycocotools COCOeval": run_reference(COCO, COCOeval, dataset, results)}
+    rows = {"pycocotools COCOeval": with_peak_memory(run_reference, COCO, COCOeval, dataset, results)}
     try:
         import faster_coco_eval
 
-        rows[f"faster-coco-eval {faster_coco_eval.__version__}"] = run_reference(
-            faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster, dataset, results
+        rows[f"faster-coco-eval {faster_coco_eval.__version__}"] = with_peak_memory(
+            run_reference, faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster, dataset, results
         )
     except ImportError:
         print("faster-coco-eval not installed: skipped")
-    rows["ours (utils/eval/metrics.py)"] = run_ours(images, args.classes)
+    rows["ours (utils/eval/metrics.py)"] = with_peak_memory(run_ours, images, args.classes)
 
-    reference_time, reference_map50, reference_map = rows["pycocotools COCOeval"]
-    print(f"\n| {'method':<26} | {'time (s)':>8} | {'speed-up':>8} | {'mAP50':>10} | {'mAP50-95':>10} |")
-    print(f"|{'-' * 28}|{'-' * 9}:|{'-' * 9}:|{'-' * 11}:|{'-' * 11}:|")
-    for name, (elapsed, map50, map50_95) in rows.items():
-        print(f"| {name:<26} | {elapsed:8.2f} | {reference_time / elapsed:7.1f}x | {map50:10.6f} | {map50_95:10.6f} |")
-    _, ours_map50, ours_map = rows["ours (utils/eval/metrics.py)"]
+    reference_time, reference_map50, reference_map, _ = rows["pycocotools COCOeval"]
+    print(
+        f"\n| {'method':<26} | {'time (s)':>8} | {'speed-up':>8} | {'memory (MB)':>11} | {'mAP50':>10} "
+        f"| {'mAP50-95':>10} |"
+    )
+    print(f"|{'-' * 28}|{'-' * 9}:|{'-' * 9}:|{'-' * 12}:|{'-' * 11}:|{'-' * 11}:|")
+    for name, (elapsed, map50, map50_95, memory) in rows.items():
+        print(
+            f"| {name:<26} | {elapsed:8.2f} | {reference_time / elapsed:7.1f}x | {memory / 1e6:11.0f} "
+            f"| {map50:10.6f} | {map50_95:10.6f} |"
+        )
+    _, ours_map50, ours_map, _ = rows["ours (utils/eval/metrics.py)"]
     print(f"\nours - pycocotools: mAP50 {ours_map50 - reference_map50:+.3e}, mAP50-95 {ours_map - reference_map:+.3e}")
     return 0
 

@@ -14,7 +14,10 @@ references run by the reference venv's python, never imported here), on the same
   the files dropped from the page cache first (posix_fadvise DONTNEED after a sync: no root
   needed): images/s with 1 worker over --items images, and the worker's memory after its
   warm-up and at the end (VmRSS, and private bytes: the copy-on-read growth of the dataset's
-  Python objects shows there); then images/s with 2 workers.
+  Python objects shows there); then images/s with 2 workers;
+- ours only: the seconds from `python train.py` to its first optimizer step (label caches warm),
+  and from `--resume` of a checkpoint at 90% of an epoch to its first step
+  (benchmarks/first_step.py; --first-step-cfg, at --imgsz with a batch of 16, no image cache).
 
 The references read the dataset through symlinks from a folder of their own under --workdir, so
 their label caches (which both name labels/train2017.cache) neither clash nor enter --root.
@@ -37,6 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.coco_like import COCO_TRAIN, generate  # noqa: E402
+from benchmarks.first_step import first_steps  # noqa: E402
 from benchmarks.references import reference_environment  # noqa: E402
 from utils.resources import usable_cpu_count  # noqa: E402
 
@@ -53,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--items", type=int, default=10_000, help="images through the 1-worker loader")
     p.add_argument("--items-2-workers", type=int, default=2_000, help="images through the 2-worker loader (0: none)")
     p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--first-step-cfg", default="yolov5n.yaml", help="the model train.py's first-step times use")
     p.add_argument("--json", type=Path, default=None, help="default: WORKDIR/bench_scale.json")
     return p.parse_args()
 
@@ -165,6 +170,11 @@ def table(results: dict[str, dict]) -> str:
             ratio = f" ({speed / base[key]['images_per_s']:.2f}x)" if base else ""
             cells.append(f"{speed:.1f}{ratio}")
         rows.append(f"| loader images/s, {workers} worker{'s' * (workers > 1)} | " + " | ".join(cells) + " |")
+    first = results["ours"].get("first_step")
+    if first:
+        others = " | -" * (len(results) - 1)
+        rows.append(f"| train.py to its first optimizer step (s) | {first['fresh_s']:.1f}{others} |")
+        rows.append(f"| --resume at 90% of an epoch to its first step (s) | {first['resume_90_s']:.1f}{others} |")
     for key, name in (("rss", "VmRSS"), ("private", "private")):
         rows.append(
             f"| worker {name}, warm-up -> end of 1-worker run | "
@@ -192,6 +202,10 @@ def main() -> None:
     for runner in runners:
         print(f"measuring {runner.impl} ...", flush=True)
         results[runner.impl] = measure(runner, root, opt)
+    print("measuring train.py's first steps ...", flush=True)
+    results["ours"]["first_step"] = first_steps(
+        data_yaml, workdir, ours_env, cfg=opt.first_step_cfg, imgsz=opt.imgsz, batch=16
+    )
     report = {
         "cpu": cpu(),
         "platform": platform.platform(),

@@ -117,7 +117,8 @@ def test_bench_metrics_ours_equals_pycocotools(run_benchmark):
     printed = run_benchmark("bench_metrics.py", "--images", "20", "--preds", "10", "--classes", "3")
     rows = {row[0]: row for row in table(printed, "| method ")}
     reference, ours = rows["pycocotools COCOeval"], rows["ours (utils/eval/metrics.py)"]
-    assert number(reference[3]) > 0 and ours[3:] == reference[3:]  # mAP50, mAP50-95 to 6 decimals
+    assert number(reference[4]) > 0 and ours[4:] == reference[4:]  # mAP50, mAP50-95 to 6 decimals
+    assert number(ours[3]) >= 0 and number(reference[3]) >= 0  # memory (MB)
 
 
 def test_bench_bn_recalibration(run_benchmark, tiny_run):
@@ -371,7 +372,10 @@ def test_bench_scale_ours(run_benchmark, tmp_path):
     for measure in ("label scan, cold (s)", "label cache (MB)", "dataset bytes per image", "loader images/s, 1 worker"):
         assert number(rows[measure][0]) > 0, measure
     assert "MiB" in rows["worker private, warm-up -> end of 1-worker run"][0]  # read inside the worker
+    for measure in ("train.py to its first optimizer step (s)", "--resume at 90% of an epoch to its first step (s)"):
+        assert number(rows[measure][0]) > 0, measure
     figures = json.loads((tmp_path / "work" / "bench_scale.json").read_text())
+    assert figures["results"]["ours"]["first_step"]["resume_batch"] == 2  # of 3 batches of 16: 40 images
     assert figures["cpu"]["model"] and figures["results"]["ours"]["scan_warm"]["warm"] is True
     assert not figures["results"]["ours"]["scan_cold"]["warm"]
 
