@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--items", type=int, default=2000, help="loader: images to load after the warm-up")
     p.add_argument("--warmup", type=int, default=4, help="loader: batches before timing starts")
     p.add_argument("--memory-log", type=Path, help="loader: where workers append their memory readings")
+    p.add_argument("--mosaic-pool", type=int, default=None, help="ours: the hyp's mosaic_pool instead of its default")
     return p.parse_args()
 
 
@@ -65,15 +66,18 @@ def ours(args: argparse.Namespace, loader: bool):
     from utils.data.config import load_dataset_config
     from utils.data.dataset import DetectionDataset
     from utils.data.labels import scan_split
-    from utils.data.loader import build_dataloader
+    from utils.data.loader import build_train_loader
     from utils.hyp import load_hyp
 
     data = load_dataset_config(str(args.data))
     scan = scan_split(data.train, data.nc, prefix="train: ")
-    dataset = DetectionDataset(scan, args.imgsz, load_hyp(None), augment=True, seed=0)
+    hyp = load_hyp(None)
+    if args.mosaic_pool is not None:
+        hyp["mosaic_pool"] = args.mosaic_pool
+    dataset = DetectionDataset(scan, args.imgsz, hyp, augment=True, seed=0)
     if not loader:
         return dataset, None
-    return dataset, build_dataloader(dataset, args.batch, args.workers, shuffle=True, seed=0)
+    return dataset, build_train_loader(dataset, batch_size=args.batch, workers=args.workers, seed=0, pin_memory=False)
 
 
 def yolov5(args: argparse.Namespace, loader: bool):
@@ -174,7 +178,7 @@ def measure_loader(args: argparse.Namespace) -> dict:
     def probed(self, index):  # runs in the worker (fork): its own memory, after every `every` items
         item = plain(self, index)
         probed.count += 1
-        if probed.count % every == 0:
+        if log is not None and probed.count % every == 0:
             with open(log, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "items": probed.count, **memory_of_this_process()}) + "\n")
         return item
@@ -190,7 +194,7 @@ def measure_loader(args: argparse.Namespace) -> dict:
         batch = next(batches)
         images += len(batch[0]) if args.impl != "ultralytics" else len(batch["img"])
     seconds = time.perf_counter() - started
-    readings = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    readings = [json.loads(line) for line in log.read_text().splitlines()] if log and log.exists() else []
     workers = {}
     for r in readings:
         workers.setdefault(r["pid"], []).append(r)

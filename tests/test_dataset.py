@@ -34,11 +34,12 @@ def all_batches(loader, epoch):
     return list(loader)
 
 
-def test_batches_do_not_depend_on_worker_count(train_scan):
+@pytest.mark.parametrize("pool", [0, 4])
+def test_batches_do_not_depend_on_worker_count(train_scan, pool):
     hyp = {**load_hyp("scratch-high.yaml"), "blur": 0.5, "to_gray": 0.5}  # exercise every random branch
     dataset = DetectionDataset(train_scan, 96, hyp, augment=True, seed=3)
-    reference = all_batches(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3), epoch=2)
-    with_workers = all_batches(build_dataloader(dataset, 4, workers=2, shuffle=True, seed=3), epoch=2)
+    reference = all_batches(build_dataloader(dataset, 4, workers=0, shuffle=True, seed=3, mosaic_pool=pool), epoch=2)
+    with_workers = all_batches(build_dataloader(dataset, 4, workers=2, shuffle=True, seed=3, mosaic_pool=pool), epoch=2)
     for a, b in zip(reference, with_workers):
         assert (
             torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and torch.equal(a.indices, b.indices)
@@ -70,6 +71,68 @@ def test_batch_shards_share_out_one_process_batches_whole(ranks):
     assert [len(BatchShard(10, 4, rank, ranks)) for rank in range(ranks)] == [len(s) for s in shards]
     assert [shards[b % ranks][b // ranks] for b in range(len(one_process))] == one_process
     assert sum(len(s) for s in shards) == len(one_process) == 3
+
+
+@pytest.mark.parametrize("world, per_rank, pool", [(1, 8, 4), (2, 4, 4), (3, 4, 2), (2, 8, 8), (4, 2, 4)])
+def test_mosaic_pools_partition_the_order_and_are_the_same_for_any_number_of_processes(world, per_rank, pool):
+    """Keys carry their mosaic pool: consecutive runs of the epoch's order (the last one takes the
+    remainder), the same whatever the number of processes sharing a global batch; each global batch
+    holds the same images as one process's, each rank a contiguous part of it, so a pool lies in
+    one rank's batch when its size divides the rank's batch (not so for 4 ranks of 2: then a worker
+    decodes the pool's other images itself)."""
+    one = EpochSampler(50, shuffle=True, seed=1, batch_size=per_rank * world, mosaic_pool=pool)
+    one.set_epoch(3)
+    keys = list(one)
+    order = [i for _, i, _ in keys]
+    assert sorted(order) == list(range(50)) and [i for _, i in EpochSampler(50, True, seed=1, batch_size=8)] != []
+    pools = [keys[p][2] for p in range(0, 50, pool)][: 50 // pool]
+    assert [i for p in pools for i in p] == order and all(len(p) == pool for p in pools[:-1])
+    assert pool <= len(pools[-1]) < 2 * pool
+    assert all(i in p for _, i, p in keys)
+    ranks = [
+        EpochSampler(50, shuffle=True, seed=1, rank=r, world_size=world, batch_size=per_rank, mosaic_pool=pool)
+        for r in range(world)
+    ]
+    for r in ranks:
+        r.set_epoch(3)
+    shares = [[list(b) for b in torch.utils.data.BatchSampler(r, per_rank, False)] for r in ranks]
+    pooled = {i: p for _, i, p in keys}
+    for step, global_batch in enumerate(torch.utils.data.BatchSampler(keys, per_rank * world, False)):
+        together = [key for rank in shares for key in rank[step]]  # ranks pad their last batch by wrapping
+        assert {i for _, i, _ in global_batch} <= {i for _, i, _ in together}
+        assert all(p == pooled[i] for _, i, p in together)
+        if per_rank % pool == 0 and len(global_batch) == per_rank * world:
+            for rank in shares:
+                held = {i for _, i, _ in rank[step]}
+                assert all(set(p) <= held for _, _, p in rank[step] if p != pools[-1])  # the last: remainder
+
+
+def test_a_batch_decodes_each_of_its_images_once_and_takes_partners_from_the_pools(train_scan, monkeypatch):
+    """With mosaic pools, a batch's mosaics are made of the images of its own pools, each decoded
+    once (without pools, partners from the whole split: about 4 decodes a sample on a large split);
+    the images it hands out are left unchanged."""
+    dataset = DetectionDataset(train_scan, 96, load_hyp("scratch-low.yaml"), augment=True, seed=0)
+    decoded, read = [], dataset._read_resized
+
+    def counting(index):
+        decoded.append(index)
+        image = read(index)
+        image.flags.writeable = False  # an augmentation writing into a shared image fails here
+        return image
+
+    monkeypatch.setattr(dataset, "_read_resized", counting)
+    loader = build_dataloader(dataset, 8, workers=0, shuffle=True, seed=0, mosaic_pool=4)
+    loader.sampler.set_epoch(0)
+    batches = list(loader.batch_sampler)
+    for keys in batches:
+        decoded.clear()
+        dataset.__getitems__(keys)
+        assert sorted(decoded) == sorted({i for _, _, pool in keys for i in pool})
+    keys = [(0, i) for i in range(8)]
+    decoded.clear()
+    dataset.__getitems__(keys)
+    assert set(decoded) - set(range(8)) and len(decoded) == len(set(decoded))  # partners from the whole split
+    assert dataset.batch_images is None  # nothing held between batches
 
 
 def test_ranks_that_are_runs_of_their_own_each_take_the_whole_split():

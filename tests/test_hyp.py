@@ -53,6 +53,8 @@ def test_scratch_low_has_yolov5_values():
         ({"anchors": 3}, "automatic anchor fitting"),
         ({"ema_decay": 1.0}, "ema_decay must be in (0, 1)"),
         ({"close_mosaic": 2.5}, "close_mosaic is a whole number (a number of epochs)"),
+        ({"mosaic_pool": 1}, "mosaic_pool 1 leaves a mosaic no other image to take"),
+        ({"mosaic_pool": -16}, "mosaic_pool must be in [0, inf)"),
         ({"ema_warmup": "linear"}, "ema_warmup must be one of exponential, tensorflow, got 'linear'"),
         ({"ema_warmup": 1}, "ema_warmup must be one of exponential, tensorflow, got 1"),
     ],
@@ -82,5 +84,6 @@ def test_values_keep_their_types(tmp_path):
     loaded = load_hyp(path)
     assert loaded["close_mosaic"] == 10 and type(loaded["close_mosaic"]) is int
     assert loaded["ema_warmup"] == "exponential"
-    assert type(loaded["graft_bins"]) is int
-    assert all(type(v) is float for k, v in loaded.items() if k not in ("close_mosaic", "graft_bins", "ema_warmup"))
+    assert type(loaded["graft_bins"]) is int and type(loaded["mosaic_pool"]) is int
+    counts = ("close_mosaic", "mosaic_pool", "graft_bins")
+    assert all(type(v) is float for k, v in loaded.items() if k not in (*counts, "ema_warmup"))

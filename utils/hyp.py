@@ -62,6 +62,10 @@ OPTIONAL_DEFAULTS = {
     "ema_half_life": 443000.0,
     "ema_ramp": 0.05,
     "close_mosaic": 0,
+    # A mosaic's three partners come from a pool of this many images of the epoch's order (the
+    # sampler keeps a pool inside one batch: each image is decoded once, not four times); 0 draws
+    # them from the whole split, as YOLOv5 does (and as runs from before this key resume).
+    "mosaic_pool": 16,
     "auto_lr0": 0.003,
     # train.py --graft (filter grafting, Meng et al. 2020): alpha = graft_a / pi * arctan(graft_c * (H_own -
     # H_other)) + 0.5, H the entropy of a layer's weights over graft_bins bins; the authors' constants.
@@ -71,7 +75,7 @@ OPTIONAL_DEFAULTS = {
 }
 # Ours, optional, with no default: AdamW's beta1 from --optimizer auto (else the hyp's momentum).
 OPTIONAL_KEYS = ("auto_momentum",)
-INTEGER_KEYS = ("close_mosaic", "graft_bins")  # counts
+INTEGER_KEYS = ("close_mosaic", "mosaic_pool", "graft_bins")  # counts
 CHOICE_KEYS = {"ema_warmup": ("exponential", "tensorflow")}  # words; every other value is a finite number
 PROBABILITY_KEYS = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste", "blur", "median_blur", "to_gray", "clahe")
 INF = math.inf
@@ -111,6 +115,7 @@ RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "ema_half_life": (0.0, INF, False, False, "a number of images"),
     "ema_ramp": (0.0, INF, False, False, "a share of the images seen"),
     "close_mosaic": (0.0, INF, True, False, "a number of epochs"),
+    "mosaic_pool": (0.0, INF, True, False, "a number of images, 0 for the whole split"),
     "auto_lr0": (0.0, INF, False, False, "AdamW's learning rate"),
     "auto_momentum": (0.0, 1.0, True, False, "AdamW's beta1"),
     "graft_a": (0.0, 1.0, False, True, "the share kept stays within 0.5 +- graft_a / 2"),
@@ -168,6 +173,11 @@ def validate_hyp(raw: object, source: str, anchor_free: bool = False) -> dict:
                 )
             continue
         check_hyp_value(key, value, source)
+    if hyp["mosaic_pool"] == 1:
+        raise UserError(
+            f"hyperparameter file {source}: mosaic_pool 1 leaves a mosaic no other image to take: give 0 "
+            "(partners from the whole split) or a pool of at least 2 images"
+        )
     return {k: v if k in CHOICE_KEYS else int(v) if k in INTEGER_KEYS else float(v) for k, v in hyp.items()}
 
 

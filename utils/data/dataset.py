@@ -2,6 +2,10 @@
 
 Reproducibility: every random draw of a sample (mosaic partners, augmentation) comes from a
 generator seeded by (seed, epoch, index), the key the sampler of utils/data/loader.py yields.
+A key may end with a pool of indices (the hyp's mosaic_pool): the mosaic partners are then drawn
+from the pool's other images instead of the whole split. The sampler's pools lie inside a batch,
+and a batch (__getitems__) decodes each of its images once, so a mosaic sample costs about one
+JPEG decode instead of four.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class DetectionDataset(TableView, Dataset):
         self.pixel_augment = pixel_augmentations(hyp) if augment else None
         self.use_pixel_augment = augment and any(hyp[k] > 0 for k in ("blur", "median_blur", "to_gray", "clahe"))
         self.ram_cache: list[np.ndarray] | None = None
+        self.batch_images: dict[int, np.ndarray] | None = None  # within __getitems__: decoded once per batch
 
     def __len__(self) -> int:
         return len(self.table)
@@ -155,14 +160,20 @@ class DetectionDataset(TableView, Dataset):
         return image
 
     def load_image(self, index: int) -> np.ndarray:
+        """The image resized for training (its long side img_size), never modified by the caller: a
+        RAM cache, and a batch's images (__getitems__), hand out the same array again."""
         if self.ram_cache is not None:
             return self.ram_cache[index]
+        if self.batch_images is not None and index in self.batch_images:
+            return self.batch_images[index]
         image = self._read_resized(index)
         if image is None:  # it decoded when the scan (and its cache) last saw it: changed since
             raise UserError(
                 f"cannot decode image {self.image_file(index)}, which the dataset scan accepted: was it "
                 "changed during the run? Restore it (or remove it) and resume"
             )
+        if self.batch_images is not None:
+            self.batch_images[index] = image
         return image
 
     def _pixel_labels(self, index: int, width: float, height: float, pad_x: float = 0, pad_y: float = 0) -> np.ndarray:
@@ -170,8 +181,18 @@ class DetectionDataset(TableView, Dataset):
         labels = self.labels_of(index)
         return np.concatenate((labels[:, :1], xywhn_to_xyxy(labels[:, 1:], width, height, pad_x, pad_y)), axis=1)
 
-    def _load_mosaic(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        indices = [index, *rng.integers(0, len(self), size=3).tolist()]
+    def _partners(self, index: int, count: int, rng: np.random.Generator, pool: tuple[int, ...]) -> list[int]:
+        """`count` images to mosaic with `index`: drawn from the whole split (YOLOv5's draw), or
+        from the other images of its pool."""
+        if not pool:
+            return rng.integers(0, len(self), size=count).tolist()
+        others = [i for i in pool if i != index] or [index]
+        return [others[j] for j in rng.integers(0, len(others), size=count).tolist()]
+
+    def _load_mosaic(
+        self, index: int, rng: np.random.Generator, pool: tuple[int, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        indices = [index, *self._partners(index, 3, rng, pool)]
         images, labels = [], []
         for i in indices:
             image = self.load_image(i)
@@ -197,19 +218,30 @@ class DetectionDataset(TableView, Dataset):
             border=border,
         )
 
-    def __getitem__(self, key: tuple[int, ...] | int) -> tuple[torch.Tensor, torch.Tensor, int, tuple[float, ...]]:
+    def __getitems__(self, keys: list) -> list[tuple]:
+        """A batch's samples (the DataLoader's batched fetch), each image decoded once for all of them."""
+        self.batch_images = {}
+        try:
+            return [self[key] for key in keys]
+        finally:
+            self.batch_images = None
+
+    def __getitem__(self, key: tuple | int) -> tuple[torch.Tensor, torch.Tensor, int, tuple[float, ...]]:
         """(epoch, index) -> (image (3, H, W) uint8 RGB, targets (n, 6), index,
         letterbox (scale_x, scale_y, pad_x, pad_y)). A key (epoch, index, stream) draws the
-        augmentation from a stream of its own (a process training separately under torchrun)."""
+        augmentation from a stream of its own (a process training separately under torchrun); a
+        key ending with a tuple of indices draws the mosaic partners from that pool."""
         epoch, index, *stream = key if isinstance(key, tuple) else (0, key)
+        pool = stream.pop() if stream and isinstance(stream[-1], tuple) else ()
         rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index, *stream))
         hyp = self.hyp
         letterbox_info = (1.0, 1.0, 0.0, 0.0)
         mosaic_open = self.mosaic_until_epoch is None or epoch < self.mosaic_until_epoch
         if self.augment and rng.random() < hyp["mosaic"] and mosaic_open:
-            image, labels = self._load_mosaic(index, rng)
+            image, labels = self._load_mosaic(index, rng, pool)
             if rng.random() < hyp["mixup"]:
-                image2, labels2 = self._load_mosaic(int(rng.integers(0, len(self))), rng)
+                (other,) = self._partners(index, 1, rng, pool)
+                image2, labels2 = self._load_mosaic(other, rng, pool)
                 image, labels = mixup(image, labels, image2, labels2, rng)
         else:
             image = self.load_image(index)

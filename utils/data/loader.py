@@ -1,8 +1,9 @@
 """Loaders: the epoch-seeded sampler, and the training and validation DataLoaders of a dataset.
 
-Reproducibility: the sampler yields (epoch, index) keys, and every random draw of a sample
-comes from a generator seeded by (seed, epoch, index) (see utils/data/dataset.py), so the data
-a run sees depends on neither the number of workers nor a resume.
+Reproducibility: the sampler yields (epoch, index) keys (and the sample's mosaic pool), and every
+random draw of a sample comes from a generator seeded by (seed, epoch, index) (see
+utils/data/dataset.py), so the data a run sees depends on neither the number of workers, nor the
+number of processes sharing each global batch, nor a resume.
 """
 
 from __future__ import annotations
@@ -27,18 +28,33 @@ from utils.stop_signals import end_workers_at_exit, ignore_stop_signals
 class EpochSampler(Sampler):
     """Yields (epoch, index) keys; the shuffled order is a function of (seed, epoch) alone.
 
-    With several ranks each takes every world_size-th key of the same order (padded by
-    wrapping around so all ranks get the same count). Ranks training separately (set_epoch's
-    `independent`) each take theirs from an order of their own, a function of (seed, epoch,
-    rank), and their keys (epoch, index, stream) draw augmentations of their own too. `whole`:
-    each rank takes every key of its own order (ranks that are runs of their own: --graft).
+    With several ranks each takes its share of every global batch of `batch_size` keys per rank
+    (a contiguous part of it: rank r the r-th), the order padded by wrapping around so all ranks
+    get the same count. Ranks training separately (set_epoch's `independent`) each take theirs
+    from an order of their own, a function of (seed, epoch, rank), and their keys (epoch, index,
+    stream) draw augmentations of their own too. `whole`: each rank takes every key of its own
+    order (ranks that are runs of their own: --graft).
+
+    `mosaic_pool` G > 0: the order's positions are grouped into pools of G (the last pool takes
+    the remainder too), and each key ends with its pool's indices (a tuple): the dataset draws
+    the sample's mosaic partners from them (utils/data/dataset.py). A pool lies inside one batch
+    of one rank when G divides `batch_size`, so a worker decodes each image of its batch once.
     """
 
     def __init__(
-        self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, whole: bool = False
+        self,
+        num_samples: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        whole: bool = False,
+        batch_size: int = 1,
+        mosaic_pool: int = 0,
     ):
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size, self.whole = rank, world_size, whole
+        self.batch_size, self.mosaic_pool = batch_size, mosaic_pool
         self.epoch, self.skip, self.independent = 0, 0, False
 
     def set_epoch(self, epoch: int, skip: int = 0, independent: bool = False) -> None:
@@ -61,14 +77,36 @@ class EpochSampler(Sampler):
         """0 for ranks sharing one order, 1 + rank for a rank on its own."""
         return 1 + self.rank if self.own else 0
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.epoch_order()
-        if not self.whole:
-            per_rank = math.ceil(len(order) / self.world_size)
-            order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
-        order = order[self.skip :]
-        own = (self.stream,) if self.own else ()
-        return iter([(self.epoch, int(i), *own) for i in order])
+    def positions(self) -> np.ndarray:
+        """This rank's positions in the epoch's order, before the skip: its contiguous share of
+        each global batch of the order padded to an equal count per rank (all of it when whole)."""
+        if self.whole or self.world_size == 1:
+            return np.arange(self.num_samples)
+        world, per_rank = self.world_size, math.ceil(self.num_samples / self.world_size)
+        padded = np.resize(np.arange(self.num_samples), per_rank * world)  # wraps around
+        global_batch, own = self.batch_size * world, []
+        for start in range(0, len(padded), global_batch):
+            share = min(global_batch, len(padded) - start) // world  # the last global batch: an equal part each
+            own.append(padded[start + self.rank * share : start + (self.rank + 1) * share])
+        return np.concatenate(own)
+
+    def __iter__(self) -> Iterator[tuple]:
+        order, own = self.epoch_order(), ((self.stream,) if self.own else ())
+        positions = self.positions()[self.skip :]
+        if not self.mosaic_pool:
+            return iter([(self.epoch, int(order[p]), *own) for p in positions])
+        return self._pooled_keys(order, positions, own)
+
+    def _pooled_keys(self, order: np.ndarray, positions: np.ndarray, own: tuple) -> Iterator[tuple]:
+        size = self.mosaic_pool
+        last = max(len(order) // size - 1, 0)  # the last pool takes the remainder
+        pool_id, pool = -1, ()
+        for p in positions.tolist():
+            number = min(p // size, last)
+            if number != pool_id:
+                end = len(order) if number == last else (number + 1) * size
+                pool_id, pool = number, tuple(order[number * size : end].tolist())
+            yield (self.epoch, int(order[p]), *own, pool)
 
     def __len__(self) -> int:
         return (self.num_samples if self.whole else math.ceil(self.num_samples / self.world_size)) - self.skip
@@ -107,13 +145,23 @@ def build_dataloader(
     world_size: int = 1,
     processes_per_machine: int = 1,
     whole: bool = False,
+    mosaic_pool: int = 0,
 ) -> DataLoader:
     """DataLoader over `dataset` (this rank's share of it, or all of it when `whole`) with an
-    EpochSampler; call loader.sampler.set_epoch(e) every epoch. The CPUs this process may use (its
-    container's quota too) are shared by the machine's processes."""
+    EpochSampler (its `mosaic_pool`: see there); call loader.sampler.set_epoch(e) every epoch. The
+    CPUs this process may use (its container's quota too) are shared by the machine's processes."""
     cores = max(usable_cpu_count() // processes_per_machine, 1)
     workers = min(workers, cores, batch_size if batch_size > 1 else 0)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, whole=whole)
+    sampler = EpochSampler(
+        len(dataset),
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        whole=whole,
+        batch_size=batch_size,
+        mosaic_pool=mosaic_pool,
+    )
     return _data_loader(dataset, workers, pin_memory, batch_size=batch_size, sampler=sampler)
 
 
@@ -181,7 +229,9 @@ def build_train_loader(
 ) -> DataLoader:
     """The training loader over `dataset`. Under torchrun it yields this rank's
     batch_size / world.size images of each global batch; with `whole` (ranks that are runs of
-    their own: --graft) batches of batch_size from all of the split, in this rank's own order."""
+    their own: --graft) batches of batch_size from all of the split, in this rank's own order.
+    Mosaic partners come from pools of the hyp's mosaic_pool images (a run whose hyp predates the
+    key: 0, from the whole split as YOLOv5 draws them)."""
     return build_dataloader(
         dataset,
         batch_size if whole else per_process_batch(batch_size, world.size),
@@ -193,6 +243,7 @@ def build_train_loader(
         world_size=world.size,
         processes_per_machine=world.local_size,
         whole=whole,
+        mosaic_pool=int(dataset.hyp.get("mosaic_pool", 0)),
     )
 
 
