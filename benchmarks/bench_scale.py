@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--items", type=int, default=10_000, help="images through the 1-worker loader")
     p.add_argument("--items-2-workers", type=int, default=2_000, help="images through the 2-worker loader (0: none)")
     p.add_argument(
-        "--items-yolov5-draw", type=int, default=2_000, help="ours with mosaic_pool 0 (YOLOv5's draw), 1 worker"
+        "--items-yolov5-draw", type=int, default=2_000, help="ours, mosaic_pool 0 (YOLOv5's draw), 1 worker (0: none)"
     )
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--first-step-cfg", default="yolov5n.yaml", help="the model train.py's first-step times use")
@@ -140,7 +140,7 @@ def measure(runner: Runner, root: Path, opt: argparse.Namespace) -> dict:
         drop_from_page_cache(folders)
         options = ("--workers", str(workers), "--items", str(items), "--imgsz", str(opt.imgsz))
         figures[f"loader_{workers}"] = runner("loader", *options, "--memory-log", str(log))
-    if runner.impl == "ours":  # and with YOLOv5's draw of mosaic partners from the whole split
+    if runner.impl == "ours" and opt.items_yolov5_draw:  # with YOLOv5's draw of partners from the whole split
         drop_from_page_cache(folders)
         options = ("--workers", "1", "--items", str(opt.items_yolov5_draw), "--imgsz", str(opt.imgsz))
         figures["loader_1_pool0"] = runner("loader", *options, "--mosaic-pool", "0")
@@ -178,7 +178,7 @@ def table(results: dict[str, dict]) -> str:
             ratio = f" ({speed / base[key]['images_per_s']:.2f}x)" if base else ""
             cells.append(f"{speed:.1f}{ratio}")
         rows.append(f"| loader images/s, {workers} worker{'s' * (workers > 1)} | " + " | ".join(cells) + " |")
-        if workers == 1:
+        if workers == 1 and "loader_1_pool0" in results["ours"]:
             speed, others = results["ours"]["loader_1_pool0"]["images_per_s"], " | -" * (len(results) - 1)
             ratio = f" ({speed / base[key]['images_per_s']:.2f}x)" if base else ""
             rows.append(

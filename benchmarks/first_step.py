@@ -30,11 +30,12 @@ sys.path.insert(0, str(REPO))
 from utils.checkpoint.format import load_checkpoint, save_checkpoint  # noqa: E402
 
 # The progress bar's description, written at optimizer steps only: "0/0  cpu  0.1157  0.0423 ...".
-FIRST_STEP = re.compile(r"\b\d+/\d+\s+(?:cpu|[0-9.]+G)\s+[0-9.]+(?:e[-+]?\d+)?\s")
+FIRST_STEP = re.compile(r"\b\d+/\d+\s+(?:cpu|[0-9.]+G)\s+(?:[0-9.]+(?:e[-+]?\d+)?|nan|inf)\s")
 
 
-def _until_first_step(command: list[str], env: dict, timeout_s: float) -> tuple[float, subprocess.Popen, str]:
-    """Start `command` on a pseudo-terminal; seconds until its first optimizer step's progress line."""
+def _until_first_step(command: list[str], env: dict, timeout_s: float) -> tuple[float, subprocess.Popen, int]:
+    """Start `command` on a pseudo-terminal: the seconds until its first optimizer step's progress
+    line, the process (a session of its own) and the terminal's end to hand to _stop."""
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # a new one is 0 columns wide
     started = time.perf_counter()
@@ -52,18 +53,31 @@ def _until_first_step(command: list[str], env: dict, timeout_s: float) -> tuple[
                 except OSError:  # the terminal closed: the process ended
                     break
                 if FIRST_STEP.search(output):
-                    return time.perf_counter() - started, process, output
+                    return time.perf_counter() - started, process, primary
             elif process.poll() is not None:
                 break
-        process.kill()
         raise SystemExit(f"no optimizer step of {' '.join(command)} within {timeout_s:.0f} s:\n{output[-3000:]}")
+    except BaseException:
+        _stop(process, primary, signal.SIGKILL)
+        raise
+
+
+def _stop(process: subprocess.Popen, terminal: int, signum: int) -> None:
+    """Send `signum` to the process's session, read its terminal until it exits (a closed terminal
+    would fail its next write), and close it."""
+    try:
+        os.killpg(process.pid, signum)
+        while process.poll() is None:
+            if select.select([terminal], [], [], 1.0)[0]:
+                try:
+                    os.read(terminal, 65536)
+                except OSError:
+                    break
+        process.wait(timeout=600)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
     finally:
-        os.close(primary)
-
-
-def _stop(process: subprocess.Popen, signum: int) -> None:
-    os.killpg(process.pid, signum)
-    process.wait(timeout=600)
+        os.close(terminal)
 
 
 def first_steps(data_yaml: Path, workdir: Path, env: dict, *, cfg: str, imgsz: int, batch: int) -> dict:
@@ -76,8 +90,8 @@ def first_steps(data_yaml: Path, workdir: Path, env: dict, *, cfg: str, imgsz: i
     train = [sys.executable, "train.py", *common]
     figures = {}
     for name in ("warm_up", "fresh"):  # the first writes the label caches of both splits
-        seconds, process, _ = _until_first_step([*train, "--name", name], env, timeout_s=3600)
-        _stop(process, signal.SIGTERM)  # last.pt after the step under way
+        seconds, process, terminal = _until_first_step([*train, "--name", name], env, timeout_s=3600)
+        _stop(process, terminal, signal.SIGTERM)  # last.pt after the step under way
         figures[f"{name}_s"] = seconds
     run_dir = project / "fresh"
     checkpoint = load_checkpoint(run_dir / "weights" / "last.pt")
@@ -85,9 +99,9 @@ def first_steps(data_yaml: Path, workdir: Path, env: dict, *, cfg: str, imgsz: i
     batches = math.ceil(images / batch)
     checkpoint["loop"]["batch"] = int(0.9 * batches)
     save_checkpoint(run_dir / "weights" / "last.pt", checkpoint)
-    seconds, process, _ = _until_first_step(
+    seconds, process, terminal = _until_first_step(
         [sys.executable, "train.py", "--resume", str(run_dir / "weights" / "last.pt")], env, timeout_s=3600
     )
-    _stop(process, signal.SIGKILL)
+    _stop(process, terminal, signal.SIGKILL)
     del figures["warm_up_s"]
     return {**figures, "resume_90_s": seconds, "resume_batch": int(0.9 * batches), "batches_per_epoch": batches}

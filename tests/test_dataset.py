@@ -109,8 +109,8 @@ def test_mosaic_pools_partition_the_order_and_are_the_same_for_any_number_of_pro
 
 def test_a_batch_decodes_each_of_its_images_once_and_takes_partners_from_the_pools(train_scan, monkeypatch):
     """With mosaic pools, a batch's mosaics are made of the images of its own pools, each decoded
-    once (without pools, partners from the whole split: about 4 decodes a sample on a large split);
-    the images it hands out are left unchanged."""
+    once (without pools: partners from the whole split, 4 decodes a mosaic sample); the images it
+    hands out are left unchanged."""
     dataset = DetectionDataset(train_scan, 96, load_hyp("scratch-low.yaml"), augment=True, seed=0)
     decoded, read = [], dataset._read_resized
 
@@ -128,10 +128,14 @@ def test_a_batch_decodes_each_of_its_images_once_and_takes_partners_from_the_poo
         decoded.clear()
         dataset.__getitems__(keys)
         assert sorted(decoded) == sorted({i for _, _, pool in keys for i in pool})
+    pool = tuple(range(4, 20))
+    for seed in range(50):  # three distinct other images of the pool, as YOLOv5's draw almost always gives
+        partners = dataset._partners(7, 3, np.random.default_rng(seed), pool)
+        assert len(set(partners)) == 3 and 7 not in partners and set(partners) <= set(pool)
     keys = [(0, i) for i in range(8)]
     decoded.clear()
     dataset.__getitems__(keys)
-    assert set(decoded) - set(range(8)) and len(decoded) == len(set(decoded))  # partners from the whole split
+    assert len(decoded) == 4 * len(keys) and set(decoded) - set(range(8))  # YOLOv5's draw: 4 decodes a mosaic
     assert dataset.batch_images is None  # nothing held between batches
 
 

@@ -183,10 +183,12 @@ class DetectionDataset(TableView, Dataset):
 
     def _partners(self, index: int, count: int, rng: np.random.Generator, pool: tuple[int, ...]) -> list[int]:
         """`count` images to mosaic with `index`: drawn from the whole split (YOLOv5's draw), or
-        from the other images of its pool."""
+        distinct ones from the other images of its pool."""
         if not pool:
             return rng.integers(0, len(self), size=count).tolist()
         others = [i for i in pool if i != index] or [index]
+        if len(others) >= count:  # distinct, as a draw from a whole split almost always is
+            return [others[j] for j in rng.choice(len(others), size=count, replace=False).tolist()]
         return [others[j] for j in rng.integers(0, len(others), size=count).tolist()]
 
     def _load_mosaic(
@@ -218,9 +220,11 @@ class DetectionDataset(TableView, Dataset):
             border=border,
         )
 
-    def __getitems__(self, keys: list) -> list[tuple]:
-        """A batch's samples (the DataLoader's batched fetch), each image decoded once for all of them."""
-        self.batch_images = {}
+    def __getitems__(self, keys: list[tuple]) -> list[tuple]:
+        """A batch's samples (the DataLoader's batched fetch); with mosaic pools, each image decoded
+        once for all of them (without, a batch holds no more than one sample's images at a time)."""
+        pooled = any(isinstance(key, tuple) and isinstance(key[-1], tuple) for key in keys)
+        self.batch_images = {} if pooled else None
         try:
             return [self[key] for key in keys]
         finally:

@@ -84,29 +84,31 @@ class EpochSampler(Sampler):
             return np.arange(self.num_samples)
         world, per_rank = self.world_size, math.ceil(self.num_samples / self.world_size)
         padded = np.resize(np.arange(self.num_samples), per_rank * world)  # wraps around
-        global_batch, own = self.batch_size * world, []
+        global_batch, parts = self.batch_size * world, []
         for start in range(0, len(padded), global_batch):
             share = min(global_batch, len(padded) - start) // world  # the last global batch: an equal part each
-            own.append(padded[start + self.rank * share : start + (self.rank + 1) * share])
-        return np.concatenate(own)
+            parts.append(padded[start + self.rank * share : start + (self.rank + 1) * share])
+        return np.concatenate(parts)
 
     def __iter__(self) -> Iterator[tuple]:
-        order, own = self.epoch_order(), ((self.stream,) if self.own else ())
+        order, stream = self.epoch_order(), ((self.stream,) if self.own else ())
         positions = self.positions()[self.skip :]
         if not self.mosaic_pool:
-            return iter([(self.epoch, int(order[p]), *own) for p in positions])
-        return self._pooled_keys(order, positions, own)
+            return iter([(self.epoch, int(order[p]), *stream) for p in positions])
+        return self._pooled_keys(order, positions, stream)
 
-    def _pooled_keys(self, order: np.ndarray, positions: np.ndarray, own: tuple) -> Iterator[tuple]:
+    def _pooled_keys(self, order: np.ndarray, positions: np.ndarray, stream: tuple) -> Iterator[tuple]:
+        """The keys at `positions` of `order`, each ending with its pool's indices (made lazily: a
+        tuple per pool, not per key, and none for the epoch's whole order at once)."""
         size = self.mosaic_pool
-        last = max(len(order) // size - 1, 0)  # the last pool takes the remainder
-        pool_id, pool = -1, ()
-        for p in positions.tolist():
-            number = min(p // size, last)
-            if number != pool_id:
-                end = len(order) if number == last else (number + 1) * size
-                pool_id, pool = number, tuple(order[number * size : end].tolist())
-            yield (self.epoch, int(order[p]), *own, pool)
+        last_pool = max(len(order) // size - 1, 0)  # it takes the remainder
+        current, pool = -1, ()
+        for position in positions.tolist():
+            which = min(position // size, last_pool)
+            if which != current:
+                end = len(order) if which == last_pool else (which + 1) * size
+                current, pool = which, tuple(order[which * size : end].tolist())
+            yield (self.epoch, int(order[position]), *stream, pool)
 
     def __len__(self) -> int:
         return (self.num_samples if self.whole else math.ceil(self.num_samples / self.world_size)) - self.skip
@@ -243,8 +245,13 @@ def build_train_loader(
         world_size=world.size,
         processes_per_machine=world.local_size,
         whole=whole,
-        mosaic_pool=int(dataset.hyp.get("mosaic_pool", 0)),
+        mosaic_pool=mosaic_pool_of(dataset.hyp),
     )
+
+
+def mosaic_pool_of(hyp: dict) -> int:
+    """The hyp's mosaic_pool; 0 (YOLOv5's draw from the whole split) for a run whose hyp predates it."""
+    return int(hyp.get("mosaic_pool", 0))
 
 
 def validation_batch_size(train_batch_per_process: int) -> int:

@@ -14,7 +14,7 @@ from torch.optim.swa_utils import update_bn
 from utils.checkpoint.format import batch_per_process, image_size, trained_amp, training_option
 from utils.data.config import DatasetConfig
 from utils.data.dataset import DetectionDataset
-from utils.data.loader import build_dataloader, build_train_dataset
+from utils.data.loader import build_dataloader, build_train_dataset, mosaic_pool_of
 from utils.device import autocast, parameter_dtype, to_model_input
 from utils.errors import UserError
 from utils.precision import Precision, inference_precision
@@ -142,7 +142,9 @@ def recalibrate_on_training_batches(
     statistics of plain letterboxed images shift every layer's normalisation away from what the
     next layer learned (shapes dataset, benchmarks/averaging_study.py's setting: mAP@0.5:0.95
     0.231 with plain images against 0.248 with these)."""
-    loader = build_dataloader(dataset, batch_size, workers, shuffle=True, seed=seed)
+    loader = build_dataloader(
+        dataset, batch_size, workers, shuffle=True, seed=seed, mosaic_pool=mosaic_pool_of(dataset.hyp)
+    )
     loader.sampler.set_epoch(max(epoch, 0))
     batches = itertools.islice(loader, math.ceil(max_images / batch_size)) if max_images else loader
     return recalibrate_batchnorm(model, batches, device, amp_dtype)
