@@ -98,6 +98,19 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def single_malloc_arena() -> None:
+    """Make the threads glibc starts from now on share the malloc arenas there are: a DataLoader
+    worker's decode and augmentation buffers otherwise pile up in arenas of their own (measured on
+    one worker, 640 px mosaics: +300 MB within its first 600 samples, then flat; +30 to 60 MB with
+    this, at the same speed; the mmap-threshold settings flatten it too but cost 20-30%)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, 1)
+
+
 def _malloc_trim() -> None:
     libc = _libc()
     if libc is not None:

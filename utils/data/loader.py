@@ -21,6 +21,7 @@ from utils.data.config import DatasetConfig
 from utils.data.dataset import ORDER_STREAM, DetectionDataset, collate
 from utils.data.labels import scan_split
 from utils.dist import World, per_process_batch
+from utils.peak_memory import single_malloc_arena
 from utils.resources import usable_cpu_count
 from utils.stop_signals import end_workers_at_exit, ignore_stop_signals
 
@@ -133,6 +134,7 @@ class BatchShard(Sampler):
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(0)  # one worker, one core: OpenCV's own threads only add contention
     torch.set_num_threads(1)
+    single_malloc_arena()  # a worker's image buffers reused, not piled up per thread
     ignore_stop_signals()  # a cluster's SIGTERM to every process: the main process finishes its step first
 
 
