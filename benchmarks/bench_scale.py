@@ -62,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--first-step-cfg", default="yolov5n.yaml", help="the model train.py's first-step times use")
+    p.add_argument("--no-first-step", action="store_true", help="leave out train.py's first-step times")
     p.add_argument("--json", type=Path, default=None, help="default: WORKDIR/bench_scale.json")
     return p.parse_args()
 
@@ -216,10 +217,11 @@ def main() -> None:
     for runner in runners:
         print(f"measuring {runner.impl} ...", flush=True)
         results[runner.impl] = measure(runner, root, opt)
-    print("measuring train.py's first steps ...", flush=True)
-    results["ours"]["first_step"] = first_steps(
-        data_yaml, workdir, ours_env, cfg=opt.first_step_cfg, imgsz=opt.imgsz, batch=16
-    )
+    if not opt.no_first_step:
+        print("measuring train.py's first steps ...", flush=True)
+        results["ours"]["first_step"] = first_steps(
+            data_yaml, workdir, ours_env, cfg=opt.first_step_cfg, imgsz=opt.imgsz, batch=16
+        )
     report = {
         "cpu": cpu(),
         "platform": platform.platform(),

@@ -19,7 +19,7 @@ from utils.checkpoint.format import FORMAT, FORMAT_VERSION, model_from_checkpoin
 from utils.config_files import resolve_config_path
 from utils.data.config import load_dataset_config
 from utils.data.dataset import Batch
-from utils.data.loader import build_dataloader, build_train_dataset, build_val_loader
+from utils.data.loader import build_dataloader, build_train_dataset, build_val_loader, mosaic_pool_of
 from utils.data.synthetic_shapes import CLASS_NAMES
 from utils.device import autocast, to_model_input
 from utils.errors import UserError
@@ -255,6 +255,7 @@ def last_epoch_order(data, hyp: dict):
         batch_size=4,
         workers=0,
         shuffle=True,
+        mosaic_pool=mosaic_pool_of(hyp),
     )
     loader.sampler.set_epoch(2)
     return loader

@@ -128,7 +128,7 @@ def test_averaging_methods_trains_the_default_run(tiny_dataset, tmp_path):
     train.py's options (SWAP's and grafting's torchrun runs: test_distributed_separate.py)."""
     result = run_script(
         "benchmarks/averaging_methods.py", "--data", str(tiny_dataset), *TINY_TRAINING,
-        "--methods", "default", "--seeds", "0", "--epochs", "2", "--timing-epochs", "2",
+        "--methods", "default", "--seeds", "0", "--epochs", "1", "--timing-epochs", "1",
         "--project", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:] + logs(tmp_path)
