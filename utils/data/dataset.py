@@ -223,8 +223,7 @@ class DetectionDataset(TableView, Dataset):
     def __getitems__(self, keys: list[tuple]) -> list[tuple]:
         """A batch's samples (the DataLoader's batched fetch); with mosaic pools, each image decoded
         once for all of them (without, a batch holds no more than one sample's images at a time)."""
-        pooled = any(isinstance(key, tuple) and isinstance(key[-1], tuple) for key in keys)
-        self.batch_images = {} if pooled else None
+        self.batch_images = {} if any(mosaic_pool_of_key(key) for key in keys) else None
         try:
             return [self[key] for key in keys]
         finally:
@@ -235,8 +234,8 @@ class DetectionDataset(TableView, Dataset):
         letterbox (scale_x, scale_y, pad_x, pad_y)). A key (epoch, index, stream) draws the
         augmentation from a stream of its own (a process training separately under torchrun); a
         key ending with a tuple of indices draws the mosaic partners from that pool."""
-        epoch, index, *stream = key if isinstance(key, tuple) else (0, key)
-        pool = stream.pop() if stream and isinstance(stream[-1], tuple) else ()
+        pool = mosaic_pool_of_key(key)
+        epoch, index, *stream = key[: len(key) - bool(pool)] if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng((self.seed, epoch, SAMPLE_STREAM, index, *stream))
         hyp = self.hyp
         letterbox_info = (1.0, 1.0, 0.0, 0.0)
@@ -284,6 +283,11 @@ class DetectionDataset(TableView, Dataset):
         labels = self.labels_of(index).astype(np.float64)
         cx, cy, w, h = labels[:, 1] * w0, labels[:, 2] * h0, labels[:, 3] * w0, labels[:, 4] * h0
         return np.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), axis=1), labels[:, 0].astype(np.int64)
+
+
+def mosaic_pool_of_key(key: tuple | int) -> tuple[int, ...]:
+    """The pool a sampler key ends with (utils/data/loader.py's mosaic_pool), else ()."""
+    return key[-1] if isinstance(key, tuple) and isinstance(key[-1], tuple) else ()
 
 
 def collate(samples: list[tuple]) -> Batch:
