@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.references import reference_dataset, reference_environment, timed_run  # noqa: E402
 from utils.data.config import load_dataset_config  # noqa: E402
-from utils.data.labels import list_image_paths  # noqa: E402
+from utils.data.listing import list_image_paths  # noqa: E402
 
 MILESTONES = (10, 20, 30)
 

@@ -127,7 +127,7 @@ def cache_files(impl: str, data_yaml: Path) -> list[Path]:
     labels = train_images(data_yaml).parent.parent / "labels"
     if impl != "ours":
         return [labels / (train_images(data_yaml).name + ".cache")]
-    from utils.data.labels import cache_path_for
+    from utils.data.label_cache import cache_path_for
 
     return [cache_path_for([train_images(data_yaml)])]
 

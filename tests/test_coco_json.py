@@ -9,7 +9,8 @@ from PIL import Image
 
 from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
-from utils.data.labels import label_path_for, list_image_paths, scan_labels
+from utils.data.labels import scan_labels
+from utils.data.listing import label_path_for, list_image_paths
 from utils.eval.coco_json import (
     COCO80_TO_91,
     cached_ground_truth,

@@ -18,7 +18,8 @@ from utils.boxes import letterbox_to_original, xywhn_to_xyxy
 from utils.data.config import load_dataset_config
 from utils.data.dataset import DetectionDataset
 from utils.data.decode import read_image_rgb
-from utils.data.labels import list_image_paths, scan_labels
+from utils.data.labels import scan_labels
+from utils.data.listing import list_image_paths
 from utils.data.loader import BatchShard, EpochSampler, build_dataloader
 from utils.hyp import load_hyp
 

@@ -35,7 +35,8 @@ from tests.processes import (
 )
 from utils.data import loader as loader_module
 from utils.data.config import load_dataset_config
-from utils.data.labels import list_image_paths, scan_labels
+from utils.data.labels import scan_labels
+from utils.data.listing import list_image_paths
 from utils.data.loader import build_train_dataset
 from utils.dist import World
 from utils.errors import UserError

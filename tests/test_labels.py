@@ -10,15 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
+from utils.data import label_cache
 from utils.data import labels as labels_module
-from utils.data.labels import (
-    cache_path_for,
-    label_path_for,
-    list_image_paths,
-    scan_labels,
-    scan_split,
-    write_data_report,
-)
+from utils.data.label_cache import cache_path_for
+from utils.data.labels import scan_labels, scan_split, write_data_report
+from utils.data.listing import label_path_for, list_image_paths
 from utils.errors import UserError
 
 
@@ -281,13 +277,13 @@ def _write_cache_at_once(cache: Path, writer: int, start) -> None:
         "labels": np.full((200_000 * (writer + 1), 5), writer, np.float32),  # 4-8 MB: the writes overlap
     }
 
-    def not_written(message: str) -> None:  # the only way _write_cache reports a failed write
+    def not_written(message: str) -> None:  # the only way write_cache reports a failed write
         raise AssertionError(message)
 
-    labels_module.LOGGER.info = not_written
+    label_cache.LOGGER.info = not_written
     start.wait()
     for _ in range(3):
-        labels_module._write_cache(cache, f"key{writer}", cached)
+        label_cache.write_cache(cache, f"key{writer}", cached)
     (cache.parent / f"written by {writer}").touch()
 
 

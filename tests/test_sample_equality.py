@@ -14,7 +14,8 @@ from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
 from utils.data.augment import letterbox, mixup, mosaic_canvas, pixel_augmentations, random_perspective
 from utils.data.config import load_dataset_config
 from utils.data.dataset import SAMPLE_STREAM, DetectionDataset
-from utils.data.labels import label_path_for, list_image_paths, scan_labels, verify_image_and_label
+from utils.data.labels import scan_labels, verify_image_and_label
+from utils.data.listing import label_path_for, list_image_paths
 from utils.hyp import load_hyp
 
 

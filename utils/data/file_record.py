@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from utils.atomic_write import atomic_write
-from utils.data.labels import LabelScan, label_path_for
+from utils.data.labels import LabelScan
+from utils.data.listing import label_path_for
 from utils.log import LOGGER
 
 RECORD_NAME = "data_files.txt"

@@ -29,14 +29,13 @@ def _gather(flat: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> tuple
     return flat[rows], new_offsets
 
 
-def _common_folder(paths: list[bytes]) -> bytes:
-    """The folder (with its trailing separator) that every path starts with, letter for letter; b"" if none."""
-    try:
-        folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else b""
-    except ValueError:  # absolute and relative paths mixed
-        return b""
-    prefix = os.path.join(folder, b"") if folder else b""
-    return prefix if all(p.startswith(prefix) for p in paths) else b""
+def _common_folder(paths: list[str]) -> str:
+    """The folder (with its trailing separator) that every path starts with, letter for letter; "" if none."""
+    if not paths:
+        return ""
+    first, last = min(paths), max(paths)  # the common start of all is that of the smallest and the largest
+    common = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), min(len(first), len(last)))
+    return first[: first.rfind(os.sep, 0, common) + 1]
 
 
 @dataclass(frozen=True)
@@ -54,22 +53,27 @@ class ImageTable:
     @classmethod
     def from_lists(cls, paths: list[Path], labels: list[np.ndarray], shapes: np.ndarray) -> ImageTable:
         """From a path, an (n, 5) label array and a (height, width) per image."""
-        encoded = [os.fsencode(p) for p in paths]
         return cls.from_flat(
-            encoded, np.concatenate([*labels, np.zeros((0, 5), np.float32)]), [len(lb) for lb in labels], shapes
+            [os.fspath(p) for p in paths],
+            np.concatenate([*labels, np.zeros((0, 5), np.float32)]),
+            [len(lb) for lb in labels],
+            shapes,
         )
 
     @classmethod
     def from_flat(
-        cls, encoded_paths: list[bytes], boxes: np.ndarray, counts: np.ndarray | list[int], shapes: np.ndarray
+        cls, paths: list[str], boxes: np.ndarray, counts: np.ndarray | list[int], shapes: np.ndarray
     ) -> ImageTable:
-        """From encoded paths, every label row back to back and the number of rows of each image."""
-        prefix = _common_folder(encoded_paths)
-        rests = [p[len(prefix) :] for p in encoded_paths]
+        """From path strings, every label row back to back and the number of rows of each image."""
+        prefix = _common_folder(paths)
+        # One encoding of all the paths, cut at the NULs that no path holds.
+        encoded = np.frombuffer(os.fsencode("\0".join(p[len(prefix) :] for p in paths) + "\0"), np.uint8)
+        ends = np.flatnonzero(encoded == 0)
+        starts = np.concatenate(([0], ends[:-1] + 1))
         return cls(
-            prefix,
-            np.frombuffer(b"".join(rests), np.uint8).copy(),
-            _offsets(np.array([len(p) for p in rests], np.int64)),
+            os.fsencode(prefix),
+            np.delete(encoded, ends),
+            _offsets(ends - starts),
             np.ascontiguousarray(boxes, np.float32).reshape(-1, 5),
             _offsets(np.asarray(counts, np.int64)),
             np.asarray(shapes, np.int64).reshape(-1, 2),

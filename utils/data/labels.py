@@ -1,20 +1,17 @@
-"""Image listing, label verification and the label cache.
+"""Label verification: the scan of a split's images and YOLO label files.
 
 Each image is checked once (readable, a supported format, at least 10 px, not truncated) with
 its YOLO label file (`cls cx cy w h` per line, normalised; polygon rows are reduced to their
 box). A problem either skips the image (corrupt) or is repaired in memory (duplicate rows
 dropped, boxes overflowing the image by at most 1% clipped); the user's files are never
-touched. The result is cached in the project's cache folder (utils/cache_dir.py), keyed by a hash
-of the file list, sizes, modification times and the class count, so later runs skip the scan.
+touched. The result is cached (utils/data/label_cache.py), so later runs skip the scan. Change
+what verification accepts and label_cache.CACHE_VERSION is bumped with it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import multiprocessing as mp
 import os
-import zipfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -25,20 +22,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.atomic_write import atomic_write
-from utils.cache_dir import cache_file_for
 from utils.data.image_table import ImageTable, TableView
+from utils.data.label_cache import cache_path_for, files_key, read_cache, write_cache
+from utils.data.listing import label_path_for, label_paths, list_image_paths
 from utils.errors import UserError
 from utils.log import LOGGER, interactive
 from utils.resources import usable_cpu_count
 
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 IMAGE_FORMATS = ("bmp", "jpeg", "png", "tiff", "webp", "mpo")
 MIN_IMAGE_SIZE = 10
 SCAN_CHUNK = 1024  # images verified per task; a split of more is shared out to a process per core
 CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
 ROUNDING_SLACK = 1e-5  # overflow from rounding labels to 6 decimals: accepted as written
-CACHE_VERSION = 6  # bump whenever verification changes: old caches are then rescanned
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
@@ -68,57 +63,6 @@ DUPLICATES, CLIPPED = "duplicate rows removed", "boxes clipped to the image"
 REPAIRS = (DUPLICATES, CLIPPED)
 # Not an image: a folder the scan could not enter.
 UNREADABLE_FOLDER = "unreadable folder"
-
-
-def list_image_paths(sources: tuple[Path, ...] | list[Path]) -> tuple[list[str], list[str]]:
-    """Image files from folders (searched recursively), image-list .txt files or single images,
-    as path strings in Path order (a split of 100k images lists 10x faster without a Path object
-    per file), and a message for each folder that could not be read (skipped, not fatal)."""
-    files: list[str] = []
-    unreadable: list[str] = []
-    for source in sources:
-        if source.is_dir():
-
-            def note(error: OSError) -> None:
-                unreadable.append(f"{error.filename}: unreadable folder ({error.strerror})")
-
-            for folder, _, names in os.walk(str(source), onerror=note, followlinks=True):  # str(Path): normalised
-                folder = "" if folder == os.curdir else folder.removeprefix(os.curdir + os.sep)  # as Path('.') / n
-                files += [os.path.join(folder, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
-        elif source.suffix == ".txt" and source.is_file():
-            for line in source.read_text().splitlines():
-                line = line.strip()
-                if line:
-                    entry = Path(line)
-                    files.append(str(entry if entry.is_absolute() else (source.parent / entry).resolve()))
-        elif source.suffix.lower() in IMAGE_SUFFIXES and source.is_file():
-            files.append(str(source))
-        else:
-            raise UserError(f"{source} is not a folder, an image-list .txt or an image")
-    files = sorted(set(files), key=_path_order)
-    if not files:
-        raise UserError(f"no images found in {', '.join(str(s) for s in sources)}")
-    return files, unreadable
-
-
-def _path_order(path: str) -> list[str]:
-    """Path's own order (by parts) for normalised path strings: '/a-b/x' after '/a/b'."""
-    return path.split(os.sep)
-
-
-def label_path_for(image_file: Path) -> Path:
-    """YOLO layout: .../images/x/name.jpg -> .../labels/x/name.txt (the last 'images' folder)."""
-    return Path(_label_path(os.fspath(image_file)))
-
-
-def _label_path(image_file: str) -> str:
-    """label_path_for on strings (a scan makes one per image: Path objects cost 10x more)."""
-    folder, name = os.path.split(image_file)
-    marked = f"{os.sep}{folder}{os.sep}"  # every folder name between separators, the first one too
-    at = marked.rfind(f"{os.sep}images{os.sep}")
-    if at >= 0:
-        marked = f"{marked[:at]}{os.sep}labels{os.sep}{marked[at + 8 :]}"
-    return os.path.join(marked[1:-1], os.path.splitext(name)[0] + ".txt")
 
 
 @dataclass
@@ -254,17 +198,6 @@ def _row_to_box(values: list[float]) -> list[float]:
     return [values[0], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
-def _files_hash(image_files: list[Path] | list[str], label_files: list[str], num_classes: int) -> str:
-    digest = hashlib.sha256(f"{CACHE_VERSION} {num_classes}".encode())
-    for path in image_files + label_files:
-        try:
-            stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
-        except OSError:
-            digest.update(f"{path}\0missing\n".encode(errors="surrogateescape"))
-    return digest.hexdigest()
-
-
 def _verify_chunk(job: tuple[list[Path] | list[str], list[str], int, int]) -> list[Verified]:
     image_files, label_files, num_classes, threads = job
     with ThreadPoolExecutor(threads) as pool:
@@ -275,9 +208,10 @@ def scan_labels(
     image_files: list[Path] | list[str], num_classes: int, cache_path: Path | None, prefix: str = "", threads: int = 8
 ) -> LabelScan:
     """Verify every image/label pair, reading and writing the cache at `cache_path` if given."""
-    label_files = [_label_path(os.fspath(p)) for p in image_files]
-    key = _files_hash(image_files, label_files, num_classes)
-    cached = _read_cache(cache_path, key) if cache_path else None
+    image_files = [os.fspath(p) for p in image_files]
+    label_files = label_paths(image_files)
+    key = files_key(image_files, label_files, num_classes)
+    cached = read_cache(cache_path, key) if cache_path else None
     if cached is None:
         chunks = [
             (image_files[start : start + SCAN_CHUNK], label_files[start : start + SCAN_CHUNK], num_classes, threads)
@@ -313,12 +247,10 @@ def scan_labels(
             "problem_messages": np.array([message for r in results for _, message in r.problems], dtype=str),
         }
         if cache_path:
-            _write_cache(cache_path, key, cached)
+            write_cache(cache_path, key, cached)
     status = cached["status"]
     keep = np.flatnonzero(status != CORRUPT)
-    table = ImageTable.from_flat(
-        [os.fsencode(p) for p in image_files], cached["labels"], cached["counts"], cached["shapes"]
-    )
+    table = ImageTable.from_flat(image_files, cached["labels"], cached["counts"], cached["shapes"])
     return LabelScan(
         table=table if len(keep) == len(table) else table.take(keep),
         cache_path=cache_path,
@@ -326,50 +258,10 @@ def scan_labels(
         num_missing=int((status == MISSING).sum()),
         num_empty=int((status == EMPTY).sum()),
         num_corrupt=int((status == CORRUPT).sum()),
-        messages=[(str(k), str(m)) for k, m in zip(cached["problem_kinds"], cached["problem_messages"])],
+        messages=list(zip(cached["problem_kinds"].tolist(), cached["problem_messages"].tolist())),
         cache_key=key,
         status=status[keep],
     )
-
-
-def _read_cache(cache_path: Path, key: str) -> dict | None:
-    """The cached scan for `key`; None (scan again) when the cache is absent, stale, or damaged,
-    which is said in one warning (a write cut short by a full disk or a killed copy)."""
-    try:
-        with np.load(cache_path, allow_pickle=False) as data:
-            if str(data["key"]) != key:
-                return None
-            return {
-                name: data[name]
-                for name in ("status", "shapes", "counts", "labels", "problem_kinds", "problem_messages")
-            }
-    except (FileNotFoundError, KeyError):
-        return None  # absent, or written by a version that stored other fields: stale
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-        LOGGER.warning(f"WARNING: label cache {cache_path} is damaged or unreadable ({reason}); scanning again")
-        return None
-
-
-def _write_cache(cache_path: Path, key: str, cached: dict) -> None:
-    """Atomic write; a cache folder that cannot be written only costs a rescan next time."""
-    buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(key), **cached)
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_path, buffer.getvalue())
-    except OSError as error:
-        LOGGER.info(
-            f"Note: label cache not written to {cache_path} ({error.strerror}); the scan will run again next time"
-        )
-
-
-def cache_path_for(sources: tuple[Path, ...] | list[Path]) -> Path:
-    """The label cache of a split listed from `sources` (its image folders, image-list files or
-    images), in the project's cache folder: not beside the labels, as YOLOv5 keeps it, since no
-    command writes into a dataset folder; keyed by the sources, so two lists of one folder of
-    images (YOLOv5's autosplit) keep a cache each."""
-    return cache_file_for(list(sources), "labels", ".cache", generic=("images", "labels"))
 
 
 def scan_split(

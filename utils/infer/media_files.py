@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from utils.data.labels import IMAGE_SUFFIXES
+from utils.data.listing import IMAGE_SUFFIXES
 from utils.errors import UserError
 
-# The one list of video suffixes (image suffixes are utils/data/labels.IMAGE_SUFFIXES).
+# The one list of video suffixes (image suffixes are utils/data/listing.IMAGE_SUFFIXES).
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts", ".gif")
 OUTPUT_VIDEO_SUFFIX = ".mp4"  # every video result is written as mp4v in .mp4, whatever the input's container
 MAX_NAME_CHARS = 80

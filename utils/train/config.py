@@ -14,7 +14,7 @@ import torch
 
 from utils.checkpoint.format import trained_amp
 from utils.data.config import DatasetConfig
-from utils.data.labels import list_image_paths
+from utils.data.listing import list_image_paths
 from utils.dist import World, per_process_batch
 from utils.errors import UserError
 from utils.log import LOGGER

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from utils.data.decode import read_image_rgb
-from utils.data.labels import label_path_for, list_image_paths
+from utils.data.listing import label_path_for, list_image_paths
 
 
 class FolderDataset(torch.utils.data.Dataset):
