@@ -10,8 +10,9 @@ from utils.data.augment import (
     flip_left_right,
     flip_up_down,
     letterbox,
-    mosaic_canvas,
+    mosaic,
     random_perspective,
+    random_warp,
 )
 
 
@@ -62,14 +63,39 @@ def test_flips_mirror_boxes():
 
 def test_mosaic_places_every_box_on_its_object():
     rng = np.random.default_rng(1)
-    images, labels = zip(*(image_with_box(box=(10 + 5 * k, 8, 40 + 5 * k, 30)) for k in range(4)))
-    canvas, canvas_labels = mosaic_canvas(list(images), list(labels), 100, rng)
-    assert canvas.shape == (200, 200, 3) and len(canvas_labels) == 4
-    visible = [box for box in canvas_labels if box[3] - box[1] > 2 and box[4] - box[2] > 2]
-    assert len(visible) >= 2
-    for _, x1, y1, x2, y2 in visible:
-        patch = canvas[int(y1) : int(y2), int(x1) : int(x2), 0]
-        assert (patch > 128).all()
+    checked = 0
+    for _ in range(10):
+        images, labels = zip(*(image_with_box(box=(10 + 5 * k, 8, 40 + 5 * k, 30)) for k in range(4)))
+        out, out_labels = mosaic(list(images), list(labels), 100, rng, translate=0.1, scale=0.3)
+        assert out.shape == (100, 100, 3) and len(out_labels) <= 4
+        for _, x1, y1, x2, y2 in out_labels:  # inside each kept box, only the bright object (pixels at its edges blend)
+            patch = out[int(y1) + 1 : int(y2) - 1, int(x1) + 1 : int(x2) - 1, 0]
+            assert (patch > 128).all()
+            checked += 1
+    assert checked >= 10
+
+
+def test_a_mosaic_draws_only_what_its_warp_reads_and_equals_the_whole_canvas():
+    """The canvas is drawn only inside the warp's source region: the same output as drawing it all,
+    for affine and perspective warps, at every scale."""
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        images = [rng.integers(0, 256, (int(rng.integers(20, 101)), 100, 3), dtype=np.uint8) for _ in range(4)]
+        labels = [np.zeros((0, 5), np.float32)] * 4
+        options = {"degrees": 20.0, "translate": 0.2, "scale": 0.9, "shear": 5.0, "perspective": 0.001 * (seed % 2)}
+        out, _ = mosaic(images, labels, 100, np.random.default_rng(seed), **options)
+        # The same draws, the whole canvas drawn first (the pixels outside the region made visible).
+        rng = np.random.default_rng(seed)
+        xc, yc = (int(v) for v in rng.uniform(50, 150, size=2))
+        warp = random_warp(rng, (200, 200), border=(-50, -50), **options)
+        whole = np.full((200, 200, 3), PAD_VALUE, np.uint8)
+        for k, image in enumerate(images):
+            h, w = image.shape[:2]
+            x1, y1 = (xc - w, xc)[k % 2], (yc - h, yc)[k // 2]
+            cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x1 + w, 200), min(y1 + h, 200)
+            whole[cy1:cy2, cx1:cx2] = image[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        expected, _ = warp.apply(whole, labels[0])
+        assert np.array_equal(out, expected), seed
 
 
 def test_box_candidates_drop_slivers_and_lost_boxes():

@@ -11,12 +11,99 @@ import pytest
 import torch
 
 from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
-from utils.data.augment import letterbox, mixup, mosaic_canvas, pixel_augmentations, random_perspective
+from utils.data.augment import PAD_VALUE, box_candidates, letterbox, mixup, pixel_augmentations
 from utils.data.config import load_dataset_config
 from utils.data.dataset import SAMPLE_STREAM, DetectionDataset
 from utils.data.labels import scan_labels, verify_image_and_label
 from utils.data.listing import label_path_for, list_image_paths
 from utils.hyp import load_hyp
+
+
+# The whole 2s x 2s mosaic canvas and the warp, as they were written before issue 29.
+def old_random_perspective(
+    image: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    degrees: float = 0.0,
+    translate: float = 0.1,
+    scale: float = 0.5,
+    shear: float = 0.0,
+    perspective: float = 0.0,
+    border: tuple[int, int] = (0, 0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """One random affine (or perspective) warp of the image and its boxes.
+
+    A negative `border` crops: a mosaic canvas of 2s x 2s with border (-s/2, -s/2) comes out s x s.
+    Boxes that become too small, too thin or lose most of their area are dropped.
+    """
+    out_h, out_w = image.shape[0] + 2 * border[0], image.shape[1] + 2 * border[1]
+    centre = np.eye(3)
+    centre[0, 2], centre[1, 2] = -image.shape[1] / 2, -image.shape[0] / 2
+    persp = np.eye(3)
+    persp[2, 0], persp[2, 1] = rng.uniform(-perspective, perspective, size=2)
+    rotate = np.eye(3)
+    angle, gain = rng.uniform(-degrees, degrees), rng.uniform(1 - scale, 1 + scale)
+    rotate[:2] = cv2.getRotationMatrix2D(center=(0, 0), angle=angle, scale=gain)
+    shear_m = np.eye(3)
+    shear_m[0, 1], shear_m[1, 0] = np.tan(np.radians(rng.uniform(-shear, shear, size=2)))
+    move = np.eye(3)
+    move[0, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * out_w
+    move[1, 2] = rng.uniform(0.5 - translate, 0.5 + translate) * out_h
+    matrix = move @ shear_m @ rotate @ persp @ centre  # right to left: centre first
+
+    if perspective:
+        image = cv2.warpPerspective(image, matrix, dsize=(out_w, out_h), borderValue=(PAD_VALUE,) * 3)
+    else:
+        image = cv2.warpAffine(image, matrix[:2], dsize=(out_w, out_h), borderValue=(PAD_VALUE,) * 3)
+
+    if len(labels):
+        corners = np.ones((len(labels) * 4, 3))
+        corners[:, :2] = labels[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(-1, 2)  # x1y1, x2y2, x1y2, x2y1
+        corners = corners @ matrix.T
+        corners = corners[:, :2] / corners[:, 2:3] if perspective else corners[:, :2]
+        corners = corners.reshape(-1, 8)
+        xs, ys = corners[:, 0::2], corners[:, 1::2]
+        boxes = np.stack((xs.min(1), ys.min(1), xs.max(1), ys.max(1)), axis=1)
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, out_w)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, out_h)
+        keep = box_candidates(labels[:, 1:5] * gain, boxes)
+        labels = np.concatenate((labels[keep, :1], boxes[keep]), axis=1).astype(np.float32)
+    return image, labels
+
+
+def old_mosaic_canvas(
+    images: list[np.ndarray], labels: list[np.ndarray], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Place four images around a random centre of a 2size x 2size grey canvas.
+
+    Each image (long side already `size`) touches the centre with one corner: top-left image
+    with its bottom-right corner, and so on. The caller crops with one perspective warp.
+    """
+    canvas = np.full((size * 2, size * 2, 3), PAD_VALUE, dtype=np.uint8)
+    xc, yc = (int(v) for v in rng.uniform(size / 2, 3 * size / 2, size=2))
+    placed = []
+    for k, (image, boxes) in enumerate(zip(images, labels)):
+        h, w = image.shape[:2]
+        if k == 0:  # top left
+            x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+            x1b, y1b = w - (x2a - x1a), h - (y2a - y1a)
+        elif k == 1:  # top right
+            x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, size * 2), yc
+            x1b, y1b = 0, h - (y2a - y1a)
+        elif k == 2:  # bottom left
+            x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(size * 2, yc + h)
+            x1b, y1b = w - (x2a - x1a), 0
+        else:  # bottom right
+            x1a, y1a, x2a, y2a = xc, yc, min(xc + w, size * 2), min(size * 2, yc + h)
+            x1b, y1b = 0, 0
+        canvas[y1a:y2a, x1a:x2a] = image[y1b : y1b + (y2a - y1a), x1b : x1b + (x2a - x1a)]
+        shifted = boxes.copy()
+        shifted[:, [1, 3]] += x1a - x1b
+        shifted[:, [2, 4]] += y1a - y1b
+        placed.append(shifted)
+    all_labels = np.concatenate(placed, axis=0)
+    all_labels[:, 1:] = all_labels[:, 1:].clip(0, 2 * size)
+    return canvas, all_labels
 
 
 class Oracle:
@@ -46,7 +133,7 @@ class Oracle:
 
     def perspective(self, image, labels, rng, border=(0, 0)):
         h = self.hyp
-        return random_perspective(
+        return old_random_perspective(
             image, labels, rng, h["degrees"], h["translate"], h["scale"], h["shear"], h["perspective"], border
         )
 
@@ -54,7 +141,7 @@ class Oracle:
         indices = [index, *rng.integers(0, len(self.files), size=3).tolist()]
         images = [self.load_image(i) for i in indices]
         labels = [self.pixel_labels(i, im.shape[1], im.shape[0]) for i, im in zip(indices, images)]
-        canvas, canvas_labels = mosaic_canvas(images, labels, self.img_size, rng)
+        canvas, canvas_labels = old_mosaic_canvas(images, labels, self.img_size, rng)
         border = -self.img_size // 2
         return self.perspective(canvas, canvas_labels, rng, border=(border, border))
 
