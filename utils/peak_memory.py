@@ -98,17 +98,22 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's upper bound on 64-bit
 
 
-def single_malloc_arena() -> None:
-    """Make the threads glibc starts from now on share the malloc arenas there are: a DataLoader
-    worker's decode and augmentation buffers otherwise pile up in arenas of their own (measured on
-    one worker, 640 px mosaics: +300 MB within its first 600 samples, then flat; +30 to 60 MB with
-    this, at the same speed; the mmap-threshold settings flatten it too but cost 20-30%)."""
+def steady_malloc(large_bytes: int) -> None:
+    """Keep a process that allocates image buffers over and over (a DataLoader worker) at a steady
+    size: its threads share the malloc arenas there are, and blocks of `large_bytes` or more are
+    mapped and unmapped whole, below it kept for reuse. glibc's default raises that threshold to
+    the largest block freed so far, so one mosaic canvas moves every buffer into a heap that then
+    fragments. Measured on one worker, 640 px mosaics, 10,000 samples of COCO-size JPEGs: RSS
+    +71% by default, +8% with the shared arenas alone, +2.4% with both, at the same speed (a
+    threshold under a sample's own size costs 10-20% in page faults)."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_ARENA_MAX, 1)
+        libc.mallopt(M_MMAP_THRESHOLD, min(large_bytes, MMAP_THRESHOLD_MAX))
 
 
 def _malloc_trim() -> None:

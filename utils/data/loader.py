@@ -15,13 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 from utils.data.config import DatasetConfig
 from utils.data.dataset import ORDER_STREAM, DetectionDataset, collate
 from utils.data.labels import scan_split
 from utils.dist import World, per_process_batch
-from utils.peak_memory import single_malloc_arena
+from utils.peak_memory import steady_malloc
 from utils.resources import usable_cpu_count
 from utils.stop_signals import end_workers_at_exit, ignore_stop_signals
 
@@ -134,7 +134,8 @@ class BatchShard(Sampler):
 def _init_worker(_: int) -> None:
     cv2.setNumThreads(0)  # one worker, one core: OpenCV's own threads only add contention
     torch.set_num_threads(1)
-    single_malloc_arena()  # a worker's image buffers reused, not piled up per thread
+    size = get_worker_info().dataset.img_size
+    steady_malloc(2 * size * size * 3)  # samples (size^2 x 3 bytes) reused, 2x2 mosaic canvases mapped
     ignore_stop_signals()  # a cluster's SIGTERM to every process: the main process finishes its step first
 
 
