@@ -17,7 +17,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from utils.boxes import xywhn_to_xyxy, xyxy_to_xywhn
 from utils.data.augment import (
@@ -278,7 +278,7 @@ def collate(samples: list[tuple]) -> Batch:
     for i, t in enumerate(targets):
         t[:, 0] = i  # image index within the batch, for the loss
     return Batch(
-        torch.stack(images),
+        default_collate(list(images)),  # in a worker: stacked straight into shared memory, one copy fewer
         torch.cat(targets, 0),
         torch.tensor(indices),
         torch.tensor(letterbox_info, dtype=torch.float64),
