@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 
-from utils.atomic_write import atomic_write
 from utils.checkpoint.format import (
     averaged_checkpoint,
     batch_per_process,
     image_size,
     load_checkpoint,
     model_from_checkpoint,
-    serialise,
+    save_checkpoint,
     training_option,
 )
 from utils.data.config import DatasetConfig, load_dataset_config
@@ -299,7 +298,7 @@ def write_output(out: Path, checkpoint: dict) -> None:
     """Write --out atomically; a path that cannot be written is a UserError."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, serialise(checkpoint))
+        save_checkpoint(out, checkpoint)
     except OSError as error:
         reason = (
             f"{out.parent} is not a folder"

@@ -36,11 +36,13 @@ Version 1 files (before 'kind') are read as version 2.
 
 from __future__ import annotations
 
-import io
 import pickle
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -227,16 +229,14 @@ def foreign_checkpoint(
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write atomically: a crash at any moment leaves either the old file or the new one."""
-    atomic_write(path, serialise(checkpoint))
+    """Write atomically (a crash at any moment leaves either the old file or the new one), streamed
+    to the file: memory grows by one tensor at most, not by the file's size."""
+    atomic_write(path, writer_of(checkpoint))
 
 
-def serialise(checkpoint: dict) -> bytes:
-    """The file's bytes, in memory once: CPython's getvalue() hands over the buffer torch.save wrote
-    without copying it (measured: peak memory grows by the file's size, not twice that)."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
+def writer_of(checkpoint: dict) -> Callable[[BinaryIO], None]:
+    """For atomic_write: torch.save of `checkpoint` into the open file."""
+    return partial(torch.save, checkpoint)
 
 
 def strip_for_inference(path: Path, metrics: dict[str, float] | None = None) -> tuple[int, int]:
@@ -244,9 +244,8 @@ def strip_for_inference(path: Path, metrics: dict[str, float] | None = None) -> 
     the file's size in bytes before and after. Only the EMA's tensors are read from the file."""
     path = Path(path)
     before = path.stat().st_size
-    data = serialise(stripped_checkpoint(load_checkpoint(path, mmap=True), metrics))
-    atomic_write(path, data)  # the mapping of the old file is gone with the loaded checkpoint
-    return before, len(data)
+    save_checkpoint(path, stripped_checkpoint(load_checkpoint(path, mmap=True), metrics))
+    return before, path.stat().st_size
 
 
 def load_checkpoint(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from utils.atomic_write import atomic_write
-from utils.checkpoint.format import serialise, strip_for_inference
+from utils.atomic_write import atomic_write, copy_of
+from utils.checkpoint.format import strip_for_inference, writer_of
 from utils.errors import TrainingStopped, UserError
 from utils.log import LOGGER
 
@@ -34,12 +34,11 @@ class CheckpointWriter:
 
     def write(self, checkpoint: dict, best: bool = False, copy_name: str | None = None) -> None:
         _check_finite(checkpoint)
-        data = serialise(checkpoint)  # once, however many files get it
         targets = ([self.best_path] if best else []) + ([self.weights_dir / copy_name] if copy_name else [])
         written: list[Path] = []
         for path in targets + [self.last_path]:
-            try:
-                atomic_write(path, data)
+            try:  # serialised once, streamed to the first file (never whole in memory), copied to the others
+                atomic_write(path, copy_of(written[0]) if written else writer_of(checkpoint))
                 written.append(path)
             except OSError as error:
                 if self.last_path.exists():

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.atomic_write import atomic_write
-from utils.checkpoint.format import serialise
+from utils.checkpoint.format import save_checkpoint
 from utils.dist import World, unwrap
 from utils.errors import TrainingStopped, UserError
 
@@ -83,7 +82,7 @@ class ProcessFiles:
             path = self.weights_dir / process_file_name(stem, world.rank, token)
             saved = {"format": PROCESS_FORMAT, "token": token, "rank": world.rank, "state": state}
             try:
-                atomic_write(path, serialise(saved))
+                save_checkpoint(path, saved)
                 self.written, self.stem = path, stem
             except OSError as failure:
                 error = f"{path} ({failure.strerror or failure})"
