@@ -22,6 +22,7 @@ def random_labels(rng: np.random.Generator, count: int) -> list[np.ndarray]:
         [Path("relative/a.jpg"), Path("/absolute/b.jpg")],  # nothing in common
         [Path("/only/one.jpg")],
         [Path("/d/ünïcode €.jpg"), Path("/d/x.jpg")],
+        [],
     ],
 )
 def test_a_table_gives_back_its_lists_and_takes_in_any_order(paths):

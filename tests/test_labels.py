@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.data import label_cache
 from utils.data import labels as labels_module
 from utils.data.label_cache import cache_path_for
 from utils.data.labels import scan_labels, scan_split, write_data_report
@@ -269,43 +267,6 @@ def test_a_damaged_cache_is_scanned_again_with_one_warning(planted, caplog, dama
     assert again.summary() == first.summary() and again.messages == first.messages
     assert all(np.array_equal(a, b) for a, b in zip(again.labels, first.labels))
     assert cache.read_bytes() == whole  # rewritten whole
-
-
-def _write_cache_at_once(cache: Path, writer: int, start) -> None:
-    cached = {
-        "status": np.full(1000 * (writer + 1), writer, np.int8),
-        "labels": np.full((200_000 * (writer + 1), 5), writer, np.float32),  # 4-8 MB: the writes overlap
-    }
-
-    def not_written(message: str) -> None:  # the only way write_cache reports a failed write
-        raise AssertionError(message)
-
-    label_cache.LOGGER.info = not_written
-    start.wait()
-    for _ in range(3):
-        label_cache.write_cache(cache, f"key{writer}", cached)
-    (cache.parent / f"written by {writer}").touch()
-
-
-def test_writers_of_one_cache_at_once_leave_one_whole_cache(tmp_path, monkeypatch):
-    """Two processes write one cache at once, with one pid between them (as in identical containers
-    on a shared filesystem): the cache left is one writer's, whole, and no temporary remains."""
-    monkeypatch.setattr(os, "getpid", lambda: 1)
-    cache = tmp_path / "labels" / "train.cache"
-    cache.parent.mkdir(parents=True)
-    context = mp.get_context("fork")  # the children keep the patched getpid
-    start = context.Barrier(2)
-    writers = [context.Process(target=_write_cache_at_once, args=(cache, i, start)) for i in range(2)]
-    for process in writers:
-        process.start()
-    for process in writers:
-        process.join(60)
-    assert [process.exitcode for process in writers] == [0, 0]
-    assert sorted(p.name for p in cache.parent.iterdir()) == ["train.cache", "written by 0", "written by 1"]
-    with np.load(cache, allow_pickle=False) as data:
-        writer = int(str(data["key"]).removeprefix("key"))
-        assert np.array_equal(data["labels"], np.full((200_000 * (writer + 1), 5), writer, np.float32))
-        assert np.array_equal(data["status"], np.full(1000 * (writer + 1), writer, np.int8))
 
 
 def test_a_scan_shared_out_to_processes_equals_one_in_this_process(planted, monkeypatch):

@@ -154,7 +154,7 @@ def test_a_full_disk_after_best_pt_names_it(tmp_path, monkeypatch):
     """The first epoch's best.pt is written, last.pt is not: best.pt is there to resume, not 'nothing'."""
     real_write = saver_module.atomic_write
 
-    def full_disk_for_last(path: Path, data: bytes) -> None:
+    def full_disk_for_last(path: Path, data) -> None:
         if path.name == "last.pt":
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
@@ -168,6 +168,51 @@ def test_a_full_disk_after_best_pt_names_it(tmp_path, monkeypatch):
     assert "no checkpoint of this run exists" not in message
     assert f"{writer.best_path} of this epoch was written whole" in message
     assert f"python train.py --resume {writer.best_path}" in message
+
+
+class FillingFile:
+    """A file being written on a disk with `room` bytes left: a write past them fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def test_a_disk_that_fills_while_a_checkpoint_streams_stops_training_keeping_the_files_whole(tmp_path, monkeypatch):
+    """torch.save writes into the file as it goes: the disk filling halfway through is the disk's
+    error (not torch's), training stops saying how to continue, and last.pt and best.pt stay whole."""
+    writer = CheckpointWriter(tmp_path / "weights", interval_minutes=0)
+    first = {"model": {"w": torch.zeros(4)}, "ema": {"w": torch.ones(4)}}
+    writer.write(first, best=True)
+    real_open = open
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FillingFile(f, room=100_000) if "x" in mode else f  # atomic_write's temporaries
+
+    monkeypatch.setattr("utils.atomic_write.open", open_on_a_full_disk, raising=False)
+    weights = {"w": torch.arange(1_000_000, dtype=torch.float32)}  # 4 MB: the disk fills halfway
+    with pytest.raises(TrainingStopped) as stopped:
+        writer.write({"model": weights, "ema": weights}, best=True)
+    message = str(stopped.value)
+    assert "No space left on device" in message and f"the previous {writer.last_path} is intact" in message
+    for path in (writer.last_path, writer.best_path):
+        assert torch.equal(torch.load(path, weights_only=True)["ema"]["w"], first["ema"]["w"])
+    assert not list(writer.weights_dir.glob(".*.tmp"))
 
 
 def test_diverging_training_names_data_report_only_when_it_was_written(tmp_path):

@@ -27,7 +27,10 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
     tmp = temporary_name(path)
     try:
         with open(tmp, "xb") as f:  # exclusive: never another writer's temporary
-            data(f) if callable(data) else f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -40,7 +40,6 @@ import pickle
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -235,8 +234,36 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 
 
 def writer_of(checkpoint: dict) -> Callable[[BinaryIO], None]:
-    """For atomic_write: torch.save of `checkpoint` into the open file."""
-    return partial(torch.save, checkpoint)
+    """For atomic_write: torch.save of `checkpoint` into the open file. A write that fails (a full
+    disk) raises its OSError, which torch's zip writer would report as a RuntimeError of its own."""
+
+    def write(f: BinaryIO) -> None:
+        recording = _WriteErrors(f)
+        try:
+            torch.save(checkpoint, recording)
+        except RuntimeError:
+            if recording.error is not None:
+                raise recording.error from None
+            raise
+
+    return write
+
+
+class _WriteErrors:
+    """A file's write() and flush(), keeping the first OSError they raise."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def strip_for_inference(path: Path, metrics: dict[str, float] | None = None) -> tuple[int, int]:
@@ -244,6 +271,8 @@ def strip_for_inference(path: Path, metrics: dict[str, float] | None = None) -> 
     the file's size in bytes before and after. Only the EMA's tensors are read from the file."""
     path = Path(path)
     before = path.stat().st_size
+    # The old file's tensors stream from its mapping into the new file; the rename then replaces
+    # a file still mapped, which POSIX allows (the mapping keeps the old inode until it is dropped).
     save_checkpoint(path, stripped_checkpoint(load_checkpoint(path, mmap=True), metrics))
     return before, path.stat().st_size
 

@@ -67,7 +67,7 @@ class ImageTable:
         """From path strings, every label row back to back and the number of rows of each image."""
         prefix = _common_folder(paths)
         # One encoding of all the paths, cut at the NULs that no path holds.
-        encoded = np.frombuffer(os.fsencode("\0".join(p[len(prefix) :] for p in paths) + "\0"), np.uint8)
+        encoded = np.frombuffer(os.fsencode("".join(p[len(prefix) :] + "\0" for p in paths)), np.uint8)
         ends = np.flatnonzero(encoded == 0)
         starts = np.concatenate(([0], ends[:-1] + 1))
         return cls(

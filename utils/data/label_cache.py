@@ -16,12 +16,12 @@ from utils.atomic_write import atomic_write
 from utils.cache_dir import cache_file_for
 from utils.log import LOGGER
 
-CACHE_VERSION = 7  # bump whenever verification changes: old caches are then rescanned
 FIELDS = ("status", "shapes", "counts", "labels", "problem_kinds", "problem_messages")
 
 
-def files_key(image_files: list[str], label_files: list[str], num_classes: int) -> str:
-    """The cache key: a hash of every path with its size and modification time (-1, -1 when absent)."""
+def files_key(image_files: list[str], label_files: list[str], num_classes: int, version: int) -> str:
+    """The cache key: a hash of the verification's `version`, the class count, and every path with
+    its size and modification time (-1, -1 when absent)."""
     stats = []
     for path in image_files + label_files:
         try:
@@ -29,7 +29,7 @@ def files_key(image_files: list[str], label_files: list[str], num_classes: int) 
             stats.append((stat.st_size, stat.st_mtime_ns))
         except OSError:
             stats.append((-1, -1))
-    digest = hashlib.sha256(f"{CACHE_VERSION} {num_classes} {len(image_files)}\0".encode())
+    digest = hashlib.sha256(f"{version} {num_classes} {len(image_files)}\0".encode())
     digest.update("\0".join(image_files + label_files).encode(errors="surrogateescape"))
     digest.update(np.array(stats, np.int64).tobytes())
     return digest.hexdigest()

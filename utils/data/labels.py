@@ -4,8 +4,7 @@ Each image is checked once (readable, a supported format, at least 10 px, not tr
 its YOLO label file (`cls cx cy w h` per line, normalised; polygon rows are reduced to their
 box). A problem either skips the image (corrupt) or is repaired in memory (duplicate rows
 dropped, boxes overflowing the image by at most 1% clipped); the user's files are never
-touched. The result is cached (utils/data/label_cache.py), so later runs skip the scan. Change
-what verification accepts and label_cache.CACHE_VERSION is bumped with it.
+touched. The result is cached (utils/data/label_cache.py), so later runs skip the scan.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ MIN_IMAGE_SIZE = 10
 SCAN_CHUNK = 1024  # images verified per task; a split of more is shared out to a process per core
 CLIP_TOLERANCE = 0.01  # boxes may overflow the image by this fraction and are clipped; beyond it, corrupt
 ROUNDING_SLACK = 1e-5  # overflow from rounding labels to 6 decimals: accepted as written
+CACHE_VERSION = 7  # bump whenever verification changes: old caches are then rescanned
 # Status of an image after verification.
 FOUND, MISSING, EMPTY, CORRUPT = 0, 1, 2, 3
 
@@ -210,7 +210,7 @@ def scan_labels(
     """Verify every image/label pair, reading and writing the cache at `cache_path` if given."""
     image_files = [os.fspath(p) for p in image_files]
     label_files = label_paths(image_files)
-    key = files_key(image_files, label_files, num_classes)
+    key = files_key(image_files, label_files, num_classes, CACHE_VERSION)
     cached = read_cache(cache_path, key) if cache_path else None
     if cached is None:
         chunks = [

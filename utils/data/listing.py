@@ -14,9 +14,17 @@ from utils.errors import UserError
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
+def _suffix_at(name: str) -> int:
+    """Where os.path.splitext would cut a file name (len(name): no suffix), without its cost: the last
+    dot, unless only dots come before it."""
+    dot = name.rfind(".")
+    if dot > 0 and name[0] != ".":
+        return dot
+    return len(os.path.splitext(name)[0])
+
+
 def _is_image_name(name: str) -> bool:
-    """A file name with an image suffix, as os.path.splitext reads it (leading dots belong to the stem)."""
-    return name.lower().endswith(IMAGE_SUFFIXES) and (name[0] != "." or bool(os.path.splitext(name)[1]))
+    return name.lower().endswith(IMAGE_SUFFIXES) and _suffix_at(name) < len(name)
 
 
 def list_image_paths(sources: tuple[Path, ...] | list[Path]) -> tuple[list[str], list[str]]:
@@ -71,9 +79,7 @@ def label_paths(image_files: list[str]) -> list[str]:
         folder, name = image_file[:cut], image_file[cut:]
         if folder not in folders:
             folders[folder] = _label_folder(folder)
-        dot = name.rfind(".")
-        stem = name[:dot] if dot > 0 and name[0] != "." else os.path.splitext(name)[0]  # splitext, 5x faster
-        labels.append(folders[folder] + stem + ".txt")
+        labels.append(folders[folder] + name[: _suffix_at(name)] + ".txt")
     return labels
 
 
