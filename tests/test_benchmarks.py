@@ -365,12 +365,12 @@ def scale_table(printed: str, columns: list[str]) -> dict[str, list[str]]:
 def test_bench_scale_ours(run_benchmark, tmp_path):
     printed = run_benchmark(
         "bench_scale.py", "--root", str(tmp_path / "coco_like"), "--images", "40", "--items", "32",
-        "--items-2-workers", "0", "--items-yolov5-draw", "0", "--no-first-step", "--imgsz", "64",
+        "--items-2-workers", "0", "--items-pooled", "0", "--no-first-step", "--imgsz", "64",
         "--workdir", str(tmp_path / "work"),
     )  # fmt: skip
     rows = scale_table(printed, ["ours"])
     # Left out for CI time (the run against the real packages below has them): the 2-worker run, ours with
-    # YOLOv5's draw, and train.py's first steps.
+    # mosaic pools, and train.py's first steps.
     assert "loader images/s, 2 workers" not in rows and "train.py to its first optimizer step (s)" not in rows
     for measure in ("label scan, cold (s)", "label cache (MB)", "dataset bytes per image", "loader images/s, 1 worker"):
         assert number(rows[measure][0]) > 0, measure
@@ -383,13 +383,13 @@ def test_bench_scale_ours(run_benchmark, tmp_path):
 def test_bench_scale_against_the_real_packages(run_benchmark, real_venv, tmp_path):
     printed = run_benchmark(
         "bench_scale.py", "--root", str(tmp_path / "coco_like"), "--images", "40", "--items", "32",
-        "--items-2-workers", "16", "--items-yolov5-draw", "16", "--imgsz", "64", "--workdir", str(tmp_path / "work"),
+        "--items-2-workers", "16", "--items-pooled", "16", "--imgsz", "64", "--workdir", str(tmp_path / "work"),
         "--ref-venv", str(real_venv),
     )  # fmt: skip
     rows = scale_table(printed, ["ours", "yolov5", "ultralytics"])
     assert all(number(cell) > 0 for cell in rows["dataset bytes per image"])
     ours_only = (
-        "loader images/s, 1 worker, ours with mosaic_pool 0 (YOLOv5's draw)",
+        "loader images/s, 1 worker, ours with mosaic_pool 16",
         "train.py to its first optimizer step (s)",
         "--resume at 90% of an epoch to its first step (s)",
     )
