@@ -65,7 +65,7 @@ OPTIONAL_DEFAULTS = {
     # 0: a mosaic's three partners are drawn from the whole split, as YOLOv5 does. G > 0: from a
     # pool of G images of the epoch's order, which the sampler keeps inside one batch, so each
     # image is decoded once, not four times (a loader reading from disk 1.6x faster). Opt-in: its
-    # accuracy against YOLOv5's draw is not established (README, "mosaic pools").
+    # accuracy against YOLOv5's draw is not established (README, Hyperparameters).
     "mosaic_pool": 0,
     "auto_lr0": 0.003,
     # train.py --graft (filter grafting, Meng et al. 2020): alpha = graft_a / pi * arctan(graft_c * (H_own -
