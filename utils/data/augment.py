@@ -39,23 +39,14 @@ def letterbox(
 
 
 def random_perspective(
-    image: np.ndarray,
-    labels: np.ndarray,
-    rng: np.random.Generator,
-    degrees: float = 0.0,
-    translate: float = 0.1,
-    scale: float = 0.5,
-    shear: float = 0.0,
-    perspective: float = 0.0,
-    border: tuple[int, int] = (0, 0),
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, **warp_options: float | tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One random affine (or perspective) warp of the image and its boxes.
+    """One random affine (or perspective) warp of the image and its boxes (random_warp's options).
 
     A negative `border` crops: a mosaic canvas of 2s x 2s with border (-s/2, -s/2) comes out s x s.
     Boxes that become too small, too thin or lose most of their area are dropped.
     """
-    warp = random_warp(rng, image.shape[:2], degrees, translate, scale, shear, perspective, border)
-    return warp.apply(image, labels)
+    return random_warp(rng, image.shape[:2], **warp_options).apply(image, labels)
 
 
 @dataclass(frozen=True)
